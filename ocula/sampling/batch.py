@@ -1,0 +1,176 @@
+"""The sampler's per-step input: one typed value with the parameters of every sampling row.
+
+Row i of `SamplingBatch` describes row i of the logits `[S, V]` handed to the sampler. Tensors
+live on the logits' device; the boolean summaries (`all_greedy`, `use_top_k`, ...) are computed on
+the host when the batch is built, so the sampler picks its code path without reading device
+tensors back (no host sync on GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence, Set
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ocula.sampling.params import (
+    DEFAULT_MIN_P,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    SamplingParams,
+)
+
+
+class SamplingRequest(Protocol):
+    """What the batch builder reads from a request (the engine's `Request` satisfies it)."""
+
+    @property
+    def sampling_params(self) -> SamplingParams:
+        """Resolved params (`with_model_defaults` applied); None knobs fall back to globals."""
+        ...
+
+    @property
+    def token_ids(self) -> Sequence[int]:
+        """The prompt followed by every token generated so far."""
+        ...
+
+    @property
+    def num_prompt_tokens(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> Set[int]: ...
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The request's own generator when it has a seed (see `seeded_generator`), else None."""
+        ...
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """The generator a request with `seed` keeps for its whole life (None without a seed).
+
+    Create it once per request on the logits' device and reuse it every step: the sampler draws
+    exactly one [V] row of exponentials from it per step, so the tokens depend only on the seed
+    and the logits, never on the other rows of the batch.
+    """
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters for one step. Every tensor is [S] on the logits' device."""
+
+    temperatures: torch.Tensor  # float32; 0 = greedy
+    top_ps: torch.Tensor  # float32 in (0, 1]; 1 = off
+    top_ks: torch.Tensor  # int64; -1 or 0 = off
+    min_ps: torch.Tensor  # float32 in [0, 1]; 0 = off
+    repetition_penalties: torch.Tensor  # float32 > 0; 1 = off
+    presence_penalties: torch.Tensor  # float32; 0 = off
+    frequency_penalties: torch.Tensor  # float32; 0 = off
+    generators: list[torch.Generator | None]  # per row: its own generator if seeded
+    # Token lists for the penalties. The builder leaves a row's lists empty when that row's
+    # penalties are neutral, so long prompts are not copied for nothing.
+    prompt_token_ids: list[Sequence[int]]  # repetition penalty only
+    output_token_ids: list[Sequence[int]]  # repetition, presence and frequency penalties
+    banned_token_ids: list[Sequence[int]]  # logits set to -inf (EOS/stop ids before min_new_tokens)
+    num_logprobs: int  # largest k requested over the rows (0 if none asked for alternatives)
+    # Host-side summaries of the tensors above; they must agree with them.
+    all_greedy: bool
+    any_greedy: bool
+    use_top_k: bool
+    max_top_k: int  # largest enabled top_k over the rows (0 if none)
+    use_top_p: bool
+    use_min_p: bool
+    use_repetition_penalty: bool
+    use_presence_frequency_penalty: bool
+    any_banned: bool
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.generators)
+
+    @classmethod
+    def from_requests(
+        cls, requests: Sequence[SamplingRequest], device: torch.device
+    ) -> SamplingBatch:
+        """Builds the batch for `requests`, one row each, in order.
+
+        A request whose output is shorter than its `min_new_tokens` has its stop token ids banned,
+        and its EOS ids too unless it ignores EOS.
+        """
+        temperatures, top_ps, top_ks, min_ps = [], [], [], []
+        repetition, presence, frequency = [], [], []
+        prompts: list[Sequence[int]] = []
+        outputs: list[Sequence[int]] = []
+        banned: list[Sequence[int]] = []
+        num_logprobs = 0
+        for request in requests:
+            params = request.sampling_params
+            temperature = _or(params.temperature, DEFAULT_TEMPERATURE)
+            top_k = _or(params.top_k, DEFAULT_TOP_K)
+            rep = _or(params.repetition_penalty, DEFAULT_REPETITION_PENALTY)
+            temperatures.append(temperature)
+            top_ps.append(_or(params.top_p, DEFAULT_TOP_P))
+            top_ks.append(top_k)
+            min_ps.append(_or(params.min_p, DEFAULT_MIN_P))
+            repetition.append(rep)
+            presence.append(params.presence_penalty)
+            frequency.append(params.frequency_penalty)
+
+            token_ids = request.token_ids
+            split = request.num_prompt_tokens
+            uses_output = rep != 1.0 or params.presence_penalty or params.frequency_penalty
+            prompts.append(token_ids[:split] if rep != 1.0 else ())
+            outputs.append(token_ids[split:] if uses_output else ())
+
+            row_banned: list[int] = []
+            if len(token_ids) - split < params.min_new_tokens:
+                row_banned.extend(params.stop_token_ids)
+                if not params.ignore_eos:
+                    row_banned.extend(request.eos_token_ids)
+            banned.append(row_banned)
+            if params.logprobs is not None:
+                num_logprobs = max(num_logprobs, params.logprobs)
+
+        # Two host-to-device copies in all: one for the float parameters, one for top_k.
+        floats = torch.tensor(
+            [temperatures, top_ps, min_ps, repetition, presence, frequency], dtype=torch.float32
+        ).to(device, non_blocking=True)
+        top_ks_device = torch.tensor(top_ks, dtype=torch.int64).to(device, non_blocking=True)
+        greedy_flags = [t == 0 for t in temperatures]
+        sampled_rows = [i for i, greedy in enumerate(greedy_flags) if not greedy]
+        enabled_top_ks = [top_ks[i] for i in sampled_rows if top_ks[i] > 0]
+        return cls(
+            temperatures=floats[0],
+            top_ps=floats[1],
+            top_ks=top_ks_device,
+            min_ps=floats[2],
+            repetition_penalties=floats[3],
+            presence_penalties=floats[4],
+            frequency_penalties=floats[5],
+            generators=[request.generator for request in requests],
+            prompt_token_ids=prompts,
+            output_token_ids=outputs,
+            banned_token_ids=banned,
+            num_logprobs=num_logprobs,
+            all_greedy=all(greedy_flags),
+            any_greedy=any(greedy_flags),
+            use_top_k=bool(enabled_top_ks),
+            max_top_k=max(enabled_top_ks, default=0),
+            use_top_p=any(top_ps[i] < 1.0 for i in sampled_rows),
+            use_min_p=any(min_ps[i] > 0.0 for i in sampled_rows),
+            use_repetition_penalty=any(r != 1.0 for r in repetition),
+            use_presence_frequency_penalty=any(presence) or any(frequency),
+            any_banned=any(banned),
+        )
+
+
+def _or(value: float | int | None, fallback: float | int) -> float | int:
+    return fallback if value is None else value

@@ -1,0 +1,183 @@
+"""The options a user gives for one request: how many tokens, how to sample them, when to stop.
+
+`SamplingParams` is a plain dataclass (no torch) shared by the offline API and the HTTP server,
+which maps LightLLM/OpenAI parameters onto it. The five sampling knobs `temperature`, `top_p`,
+`top_k`, `min_p` and `repetition_penalty` default to None, meaning "not set by the user": the
+engine resolves them once per request with `with_model_defaults` (the model's
+generation_config.json first, then the global fallbacks below). The sampler only ever sees
+resolved values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Global fallbacks for knobs neither the user nor the model's generation config set.
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = -1  # off
+DEFAULT_MIN_P = 0.0  # off
+DEFAULT_REPETITION_PENALTY = 1.0  # off
+
+MAX_LOGPROBS = 20
+_SEED_MIN = -(2**63)  # torch.Generator.manual_seed accepts [-2**63, 2**64 - 1]
+_SEED_MAX = 2**64 - 1
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation options.
+
+    Conventions (vLLM's where the two projects differ):
+    - `temperature == 0` means greedy decoding; top_k/top_p/min_p are then ignored.
+    - `top_k` of -1 or 0 means no top-k filter.
+    - `logprobs = None` returns no logprobs; `logprobs = k` returns the logprob of each sampled
+      token plus the k most likely alternatives (k = 0: the sampled token only).
+    - `min_new_tokens`: EOS and `stop_token_ids` cannot be sampled before that many new tokens.
+    - `stop` strings are checked on the detokenized text by the front end; `stop_token_ids` and
+      EOS (unless `ignore_eos`) by the engine.
+    """
+
+    n: int = 1
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        # OpenAI accepts a single stop string; store every form as a list.
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the (resolved) temperature asks for argmax decoding."""
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first field that is out of range.
+
+        Unresolved knobs (None) are accepted; resolved values are checked.
+        """
+        _check_int("n", self.n)
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        _check_int("max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _check_int("min_new_tokens", self.min_new_tokens)
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be at least 0, got {self.min_new_tokens}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+        if self.temperature is not None:
+            _check_number("temperature", self.temperature)
+            if self.temperature < 0:
+                raise ValueError(f"temperature must be at least 0, got {self.temperature}")
+        if self.top_p is not None:
+            _check_number("top_p", self.top_p)
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k)
+            if self.top_k < -1:
+                raise ValueError(f"top_k must be -1 or 0 (off) or at least 1, got {self.top_k}")
+        if self.min_p is not None:
+            _check_number("min_p", self.min_p)
+            if not 0 <= self.min_p <= 1:
+                raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None:
+            _check_number("repetition_penalty", self.repetition_penalty)
+            if self.repetition_penalty <= 0:
+                raise ValueError(
+                    f"repetition_penalty must be greater than 0, got {self.repetition_penalty}"
+                )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+            if not _SEED_MIN <= self.seed <= _SEED_MAX:
+                raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        for token_id in self.stop_token_ids:
+            _check_int("stop_token_ids", token_id)
+            if token_id < 0:
+                raise ValueError(f"stop_token_ids must be non-negative, got {token_id}")
+
+    def with_model_defaults(self, generation_config: Mapping[str, Any] | None) -> SamplingParams:
+        """A copy whose None knobs are filled in from the model's generation config, then from
+        the global fallbacks. Values the user set are never overridden.
+
+        `generation_config` is the parsed generation_config.json (or None/{} when the model has
+        none). HF's `"do_sample": false` there makes greedy (temperature 0) the default; an absent
+        `do_sample` does not (vLLM's convention: the config's temperature, else 1.0). A top_k of 0
+        from either source is normalized to -1. The result is not validated: call `validate()`.
+        """
+        config = generation_config or {}
+        model_greedy = config.get("do_sample") is False
+
+        def resolve(name: str, fallback: Any) -> Any:
+            user_value = getattr(self, name)
+            if user_value is not None:
+                return user_value
+            model_value = config.get(name)
+            return fallback if model_value is None else model_value
+
+        temperature = self.temperature
+        if temperature is None:
+            temperature = 0.0 if model_greedy else resolve("temperature", DEFAULT_TEMPERATURE)
+        top_k = resolve("top_k", DEFAULT_TOP_K)
+        return dataclasses.replace(
+            self,
+            temperature=temperature,
+            top_p=resolve("top_p", DEFAULT_TOP_P),
+            top_k=-1 if top_k == 0 else top_k,
+            min_p=resolve("min_p", DEFAULT_MIN_P),
+            repetition_penalty=resolve("repetition_penalty", DEFAULT_REPETITION_PENALTY),
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+        )
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value != value:  # NaN compares unequal to itself and would pass every range check
+        raise ValueError(f"{name} must not be NaN")

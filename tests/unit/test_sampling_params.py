@@ -1,0 +1,143 @@
+"""SamplingParams: validation messages and resolution of defaults from a generation config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ocula.sampling import params as params_module
+from ocula.sampling.params import SamplingParams
+
+
+def test_defaults_are_valid() -> None:
+    params = SamplingParams()
+    params.validate()
+    assert params.n == 1 and params.max_new_tokens == 16 and params.min_new_tokens == 0
+    assert params.temperature is None and params.top_k is None
+    assert params.stop == [] and params.stop_token_ids == [] and params.logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field_name"),
+    [
+        ({"n": 0}, "n"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_new_tokens": -1}, "min_new_tokens"),
+        ({"min_new_tokens": 20, "max_new_tokens": 10}, "min_new_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"stop": ["ok", ""]}, "stop"),
+        ({"stop_token_ids": [-3]}, "stop_token_ids"),
+        ({"seed": 2**64}, "seed"),
+        ({"n": True}, "n"),
+    ],
+)
+def test_validate_names_the_bad_field(kwargs: dict, field_name: str) -> None:
+    with pytest.raises(ValueError, match=field_name):
+        SamplingParams(**kwargs).validate()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_k": -1},
+        {"top_k": 0},  # 0 also means off
+        {"top_k": 1},
+        {"temperature": 0.0},
+        {"top_p": 1.0, "min_p": 1.0, "logprobs": 0},
+        {"logprobs": 20, "presence_penalty": -2.0, "frequency_penalty": 2.0},
+        {"min_new_tokens": 16, "max_new_tokens": 16},
+        {"seed": -5},
+    ],
+)
+def test_validate_accepts_boundaries(kwargs: dict) -> None:
+    SamplingParams(**kwargs).validate()
+
+
+def test_single_stop_string_becomes_a_list() -> None:
+    assert SamplingParams(stop="###").stop == ["###"]
+
+
+def test_global_fallbacks_without_generation_config() -> None:
+    for config in (None, {}):
+        params = SamplingParams().with_model_defaults(config)
+        assert params.temperature == 1.0
+        assert params.top_p == 1.0
+        assert params.top_k == -1
+        assert params.min_p == 0.0
+        assert params.repetition_penalty == 1.0
+        params.validate()
+
+
+def test_generation_config_fills_only_unset_fields() -> None:
+    config = {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "min_p": 0.05,
+        "repetition_penalty": 1.05,
+        "max_new_tokens": 999,  # not a sampling knob: ignored
+    }
+    params = SamplingParams(top_p=0.5, seed=3)
+    resolved = params.with_model_defaults(config)
+    assert resolved.temperature == 0.7
+    assert resolved.top_p == 0.5  # the user's value wins
+    assert resolved.top_k == 20
+    assert resolved.min_p == 0.05
+    assert resolved.repetition_penalty == 1.05
+    assert resolved.max_new_tokens == 16 and resolved.seed == 3
+    assert params.temperature is None  # the original is untouched
+
+
+def test_do_sample_false_means_greedy_unless_the_user_sets_temperature() -> None:
+    config = {"do_sample": False, "temperature": 0.6, "top_p": 0.9}
+    resolved = SamplingParams().with_model_defaults(config)
+    assert resolved.temperature == 0.0 and resolved.is_greedy
+    assert SamplingParams(temperature=0.8).with_model_defaults(config).temperature == 0.8
+
+
+def test_absent_do_sample_uses_the_config_temperature() -> None:
+    assert SamplingParams().with_model_defaults({"temperature": 0.6}).temperature == 0.6
+
+
+def test_null_values_and_top_k_zero_fall_back() -> None:
+    resolved = SamplingParams().with_model_defaults({"top_k": 0, "top_p": None})
+    assert resolved.top_k == -1
+    assert resolved.top_p == 1.0
+    assert SamplingParams(top_k=0).with_model_defaults({"top_k": 40}).top_k == -1
+
+
+def test_copy_does_not_share_lists() -> None:
+    params = SamplingParams(stop=["a"], stop_token_ids=[7])
+    resolved = params.with_model_defaults({})
+    resolved.stop.append("b")
+    resolved.stop_token_ids.append(8)
+    assert params.stop == ["a"] and params.stop_token_ids == [7]
+
+
+def test_module_needs_no_torch() -> None:
+    # Loads the file on its own (package __init__ files may import torch for other reasons).
+    code = (
+        "import importlib.util, sys\n"
+        "sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        f"spec = importlib.util.spec_from_file_location('params', {str(params_module.__file__)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['params'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "module.SamplingParams(temperature=0.5).validate()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
