@@ -1,0 +1,165 @@
+"""Blocks shared by the Llama-family decoders (Llama, Mistral, Qwen2, InternLM2).
+
+Each model keeps its own module names for the outer tree and maps its checkpoint names onto these
+blocks' fused projections in its `packed_modules_mapping`. All TP lives in the layers: the blocks
+hold only this rank's heads and MLP columns, and contain no collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from ocula.distributed.parallel_group import ParallelGroup
+from ocula.engine.forward_batch import ForwardBatch
+from ocula.layers.activation import SiluAndMul
+from ocula.layers.attention import Attention, AttentionBackend
+from ocula.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ocula.layers.norm import RMSNorm
+from ocula.layers.rotary import RotaryEmbedding, apply_rotary
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, head_dim / 2] of this step's positions
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def num_kv_heads_of(config: PretrainedConfig) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def sliding_window_of(config: PretrainedConfig, layer_id: int) -> int | None:
+    """The attention window of one layer, as transformers decides it.
+
+    With `layer_types` (Qwen2, newer configs) only "sliding_attention" layers slide; without it
+    (Mistral) a set `sliding_window` applies to every layer.
+    """
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_id] == "sliding_attention" else None
+    return window
+
+
+class SelfAttention(nn.Module):
+    """Fused q/k/v projection, rotary embedding, paged attention and output projection."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layer_id: int,
+        tp: ParallelGroup,
+        qkv_bias: bool,
+        out_bias: bool,
+        backend: AttentionBackend | None = None,
+    ) -> None:
+        super().__init__()
+        head_dim = head_dim_of(config)
+        num_heads = config.num_attention_heads
+        self.head_dim = head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, num_heads, num_kv_heads_of(config), qkv_bias, tp
+        )
+        self.o_proj = RowParallelLinear(num_heads * head_dim, config.hidden_size, out_bias, tp)
+        self.attn = Attention(
+            self.qkv_proj.num_heads_per_rank,
+            self.qkv_proj.num_kv_heads_per_rank,
+            head_dim,
+            head_dim**-0.5,
+            layer_id,
+            sliding_window_of(config, layer_id),
+            backend,
+        )
+
+    def forward(self, hidden: torch.Tensor, rope: Rope, batch: ForwardBatch) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
+        q = apply_rotary(q.view(num_tokens, -1, self.head_dim), *rope)
+        k = apply_rotary(k.view(num_tokens, -1, self.head_dim), *rope)
+        v = v.view(num_tokens, -1, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, batch))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one column-parallel matmul."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str,
+        bias: bool,
+        tp: ParallelGroup,
+    ) -> None:
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(
+                f"only silu gated MLPs are supported, the config asks for {hidden_act!r}"
+            )
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size, intermediate_size], bias, tp
+        )
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+def pre_norm_residual_step(
+    attention_norm: RMSNorm,
+    attention: SelfAttention,
+    mlp_norm: RMSNorm,
+    mlp: GatedMLP,
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    rope: Rope,
+    batch: ForwardBatch,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm decoder layer with the residual carried separately.
+
+    Invariant: the layer's true output is `hidden + residual`; the add is deferred into the next
+    norm (fused), which computes it exactly as the unfused reference would.
+    """
+    if residual is None:
+        residual = hidden
+        hidden = attention_norm(hidden)
+    else:
+        hidden, residual = attention_norm(hidden, residual)
+    hidden = attention(hidden, rope, batch)
+    hidden, residual = mlp_norm(hidden, residual)
+    return mlp(hidden), residual
+
+
+def embed_with_splice(embed_tokens: nn.Module, batch: ForwardBatch) -> torch.Tensor:
+    """Token embeddings [T, hidden], with `batch.spliced_embeds` written over `spliced_rows`."""
+    hidden = embed_tokens(batch.input_ids)
+    if batch.spliced_embeds is not None:
+        if batch.spliced_rows is None:
+            raise ValueError("spliced_embeds is set but spliced_rows is not")
+        hidden = hidden.index_copy(0, batch.spliced_rows, batch.spliced_embeds.to(hidden.dtype))
+    return hidden
+
+
+def run_decoder(
+    embed_tokens: nn.Module,
+    layers: Sequence[nn.Module],
+    final_norm: RMSNorm,
+    rotary: RotaryEmbedding,
+    batch: ForwardBatch,
+) -> torch.Tensor:
+    """Embedding, every layer (called as `layer(hidden, residual, rope, batch)`), final norm."""
+    hidden = embed_with_splice(embed_tokens, batch)
+    rope = rotary.lookup(batch.positions, hidden.dtype)
+    residual = None
+    for layer in layers:
+        hidden, residual = layer(hidden, residual, rope, batch)
+    if residual is None:
+        return final_norm(hidden)
+    return final_norm(hidden, residual)[0]

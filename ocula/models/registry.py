@@ -1,0 +1,32 @@
+"""Architecture name (config.architectures[0]) -> Ocula model class, imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+from transformers import PretrainedConfig
+
+TEXT_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": "ocula.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "ocula.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "ocula.models.llama:LlamaForCausalLM",
+    "InternLM2ForCausalLM": "ocula.models.internlm2:InternLM2ForCausalLM",
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(TEXT_MODELS)
+
+
+def resolve_model_class(config: PretrainedConfig) -> type[nn.Module]:
+    """The class that implements the first architecture in `config.architectures` we support."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    for name in architectures:
+        if name in TEXT_MODELS:
+            module_name, class_name = TEXT_MODELS[name].split(":")
+            return getattr(importlib.import_module(module_name), class_name)
+    raise ValueError(
+        f"unsupported model architecture {architectures or '(none in config.json)'}; "
+        f"supported: {', '.join(supported_architectures())}"
+    )
