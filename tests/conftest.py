@@ -1,5 +1,29 @@
-"""Shared pytest configuration. Fixtures that build tiny checkpoints live in tests/helpers."""
+"""Fixtures shared by every test package: tiny checkpoints (built once per session), the real
+Qwen2 tokenizer, and the converted default model (opt-in, see tests/helpers/default_model.py)."""
 
-import torch
+from __future__ import annotations
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.tiny_models import make_tiny_checkpoint
+
+pytest_plugins = ["tests.helpers.qwen_tokenizer"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """tiny_checkpoint(arch, **overrides) -> folder; identical requests share one folder."""
+    built: dict[str, Path] = {}
+
+    def build(arch: str, **overrides: Any) -> Path:
+        key = json.dumps([arch, overrides], sort_keys=True)
+        if key not in built:
+            built[key] = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(arch), **overrides)
+        return built[key]
+
+    return build

@@ -20,7 +20,6 @@ from ocula.engine.detokenizer import (
 )
 
 # Session fixtures `qwen_tokenizer` and `qwen_tokenizer_dir`, defined once for all modules.
-pytest_plugins = ["tests.helpers.qwen_tokenizer"]
 
 TEXTS = [
     "Hello, world! Plain ASCII with  double spaces and a tab\tand\nnewlines.\n",

@@ -12,7 +12,6 @@ from ocula.engine.detokenizer import IncrementalDetokenizer
 from ocula.engine.stop_strings import StopStringMatcher
 
 # Session fixtures `qwen_tokenizer` and `qwen_tokenizer_dir`, defined once for all modules.
-pytest_plugins = ["tests.helpers.qwen_tokenizer"]
 
 
 def reference_cut(text: str, stop: list[str], include_stop_str: bool) -> tuple[str, str | None]:

@@ -1,0 +1,138 @@
+"""The engine core: a scheduler and a model runner stepping in a loop, in token ids only.
+
+Text, tokenizers and stop strings are the front's business (`LLMEngine` in-process, the HTTP
+server's front process later); the core sees `Request`s in and `TokenUpdate`s out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ocula.config import EngineArgs
+from ocula.engine.model_runner import ModelRunner
+from ocula.engine.outputs import TokenUpdate
+from ocula.engine.prefix_cache import RadixCache
+from ocula.engine.request import Request
+from ocula.engine.scheduler import Scheduler
+from ocula.engine.slot_allocator import SlotAllocator
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejectedError(ValueError):
+    """A request the engine can never serve as asked (the message says why)."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_capacity: int
+    kv_free: int
+    prefix_cache_tokens: int
+    prefix_cache_evictable: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+class EngineCore:
+    def __init__(
+        self,
+        args: EngineArgs,
+        model_dir: Path,
+        model_config: object,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.args = args
+        batch_max_tokens = args.effective_batch_max_tokens
+        self.runner = ModelRunner(
+            model_dir,
+            model_config,
+            dtype,
+            device,
+            max_rows=args.running_max_req_size,
+            max_req_total_len=args.max_req_total_len,
+            batch_max_tokens=batch_max_tokens,
+            mem_fraction=args.mem_fraction,
+            max_total_token_num=args.max_total_token_num,
+            seed=args.seed,
+        )
+        model_limit = self.runner.model.max_context_len()
+        self.max_req_total_len = min(args.max_req_total_len, model_limit)
+        if model_limit < args.max_req_total_len:
+            logger.info(
+                "requests are limited to %d tokens, the model's context length "
+                "(--max_req_total_len is %d)",
+                model_limit,
+                args.max_req_total_len,
+            )
+        self.allocator = SlotAllocator(self.runner.kv_pool.num_slots)
+        self.prefix_cache = RadixCache(
+            self.allocator, enabled=not args.disable_dynamic_prompt_cache
+        )
+        self.scheduler = Scheduler(
+            self.allocator,
+            self.prefix_cache,
+            batch_max_tokens=batch_max_tokens,
+            chunked_prefill_size=None
+            if args.disable_chunked_prefill
+            else args.chunked_prefill_size,
+            running_max_req_size=args.running_max_req_size,
+            max_req_total_len=self.max_req_total_len,
+        )
+
+    def add_request(self, request: Request) -> None:
+        """Queues a request; raises RequestRejectedError if it can never fit."""
+        prompt_len = request.num_prompt_tokens
+        max_new = request.sampling_params.max_new_tokens
+        if prompt_len == 0:
+            raise RequestRejectedError("the prompt is empty: at least one token is needed")
+        limit = self.max_req_total_len
+        if prompt_len + max_new > limit:
+            raise RequestRejectedError(
+                f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new}: together "
+                f"{prompt_len + max_new}, over the limit of {limit} tokens (--max_req_total_len "
+                "or the model's context length)"
+            )
+        capacity = self.allocator.capacity
+        if prompt_len + max_new > capacity:
+            raise RequestRejectedError(
+                f"the request needs up to {prompt_len + max_new} KV cache tokens but the cache "
+                f"holds {capacity} (--max_total_token_num / --mem_fraction)"
+            )
+        if self.args.disable_chunked_prefill and prompt_len > self.scheduler.batch_max_tokens:
+            raise RequestRejectedError(
+                f"the prompt has {prompt_len} tokens, more than --batch_max_tokens "
+                f"({self.scheduler.batch_max_tokens}) with chunked prefill disabled"
+            )
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        return self.scheduler.abort_request(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[TokenUpdate]:
+        """Runs one forward of whatever the scheduler picks; [] when there is nothing to do."""
+        plan = self.scheduler.schedule()
+        sampled = self.runner.execute(plan)
+        return self.scheduler.update(plan, sampled)
+
+    def stats(self) -> EngineStats:
+        cache = self.prefix_cache
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_capacity=self.allocator.capacity,
+            kv_free=self.allocator.num_free,
+            prefix_cache_tokens=cache.total_size,
+            prefix_cache_evictable=cache.evictable_size,
+            prefix_cache_hit_rate=cache.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+        )

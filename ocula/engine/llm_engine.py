@@ -1,0 +1,133 @@
+"""The engine in one process: tokenizer and output processing in front of an `EngineCore`.
+
+This is what the offline `LLM` API drives, and the same core the server runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from ocula.config import EngineArgs
+from ocula.engine.engine_core import EngineCore, EngineStats
+from ocula.engine.output_processor import RequestGroup, SequenceStream, child_request_id
+from ocula.engine.outputs import RequestOutput
+from ocula.engine.request import Request
+from ocula.models.hf_config import load_text_config, torch_dtype_of
+from ocula.sampling.params import SamplingParams
+from ocula.utils.device import pick_device, pick_dtype
+from ocula.utils.tokenizer import load_generation_config, load_tokenizer, resolve_eos_token_ids
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        args.validate()
+        if args.model_dir is None:
+            from ocula.default_model import default_model_dir
+
+            model_dir = default_model_dir()
+        else:
+            model_dir = Path(args.model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} has no config.json: not a model folder")
+        self.args = args
+        self.model_dir = model_dir
+        self.tokenizer = load_tokenizer(model_dir, args.tokenizer_mode, args.trust_remote_code)
+        self.model_config = load_text_config(model_dir)
+        self.generation_config = load_generation_config(model_dir)
+        self.eos_token_ids = resolve_eos_token_ids(
+            args.eos_id, self.generation_config, self.model_config, self.tokenizer
+        )
+        self.device = pick_device(args.device)
+        self.dtype = pick_dtype(args.data_type, torch_dtype_of(self.model_config), self.device)
+        logger.info("loading %s on %s in %s", model_dir, self.device, self.dtype)
+        self.core = EngineCore(args, model_dir, self.model_config, self.dtype, self.device)
+        self._groups: dict[str, RequestGroup] = {}
+        self._sequences: dict[str, tuple[RequestGroup, SequenceStream]] = {}
+
+    # -- requests -----------------------------------------------------------------------------
+    def resolve_params(self, params: SamplingParams | None) -> SamplingParams:
+        params = params or SamplingParams()
+        params.validate()
+        return params.with_model_defaults(self.generation_config)
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        return list(prompt)
+
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
+    ) -> None:
+        """Queues a prompt. Raises ValueError (RequestRejectedError included) for a bad request."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = self.resolve_params(params)
+        prompt_ids = self.tokenize(prompt)
+        group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, prompt_ids)
+        children = []
+        for index in range(params.n):
+            child_params = params
+            if params.seed is not None and params.n > 1:
+                child_params = dataclasses.replace(params, seed=params.seed + index)
+            child_id = child_request_id(request_id, index, params.n)
+            children.append(Request(child_id, prompt_ids, child_params, self.eos_token_ids))
+            group.sequences.append(SequenceStream(index, self.tokenizer, prompt_ids, child_params))
+        added = []
+        try:
+            for child in children:
+                self.core.add_request(child)
+                added.append(child)
+        except ValueError:
+            for child in added:
+                self.core.abort_request(child.request_id)
+            raise
+        self._groups[request_id] = group
+        for child, stream in zip(children, group.sequences, strict=True):
+            self._sequences[child.request_id] = (group, stream)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for index, stream in enumerate(group.sequences):
+            child_id = child_request_id(request_id, index, len(group.sequences))
+            self.core.abort_request(child_id)
+            self._sequences.pop(child_id, None)
+            if not stream.finished:
+                stream.abort()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    # -- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns the outputs of the requests that finished in it."""
+        finished: list[RequestOutput] = []
+        for update in self.core.step():
+            entry = self._sequences.get(update.request_id)
+            if entry is None:
+                continue
+            group, stream = entry
+            stream.apply(update)
+            if not stream.finished:
+                continue
+            del self._sequences[update.request_id]
+            if update.finish_reason is None:  # a stop string ended it: the core still runs it
+                self.core.abort_request(update.request_id)
+            if group.finished:
+                del self._groups[group.request_id]
+                finished.append(group.output())
+        return finished
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()

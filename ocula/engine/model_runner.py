@@ -1,0 +1,215 @@
+"""Runs a `StepPlan` on the device: builds the `ForwardBatch`, runs the model, samples.
+
+The runner owns everything that lives on the device: the weights, the KV pool and the slot table
+(`slot_table[row, j]` is the KV slot of token j of the request in that row). It keeps a small
+sampling state per request (options, seeded generator, token history for penalties) that the
+plan creates with `new_requests` and drops with `finished_request_ids`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
+from ocula.engine.forward_batch import ForwardBatch
+from ocula.engine.kv_pool import KVCachePool
+from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
+from ocula.models.loader import load_model
+from ocula.sampling.batch import SamplingBatch, seeded_generator
+from ocula.sampling.params import SamplingParams
+from ocula.sampling.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class RequestSamplingState:
+    """What the runner keeps per request to sample it (a `SamplingRequest` for the sampler)."""
+
+    sampling_params: SamplingParams  # resolved
+    token_ids: list[int]  # prompt, then every sampled token
+    num_prompt_tokens: int
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        model_config: object,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_rows: int,
+        max_req_total_len: int,
+        batch_max_tokens: int,
+        mem_fraction: float,
+        max_total_token_num: int | None,
+        seed: int = 0,
+        tp: ParallelGroup = SINGLE_RANK,
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.model = load_model(model_dir, model_config, dtype, device, tp)
+        num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
+        bytes_per_token = KVCachePool.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
+        num_slots = max_total_token_num or self._size_kv_pool(
+            bytes_per_token, batch_max_tokens, mem_fraction
+        )
+        self.kv_pool = KVCachePool(num_layers, num_slots, num_kv_heads, head_dim, dtype, device)
+        logger.info(
+            "KV cache: %d tokens (%.2f GiB, %d bytes per token)",
+            num_slots,
+            num_slots * bytes_per_token / (1 << 30),
+            bytes_per_token,
+        )
+        # A request never holds more slots than the pool has, so no row needs to be longer.
+        table_width = min(max_req_total_len, num_slots)
+        self.slot_table = torch.zeros((max_rows, table_width), dtype=torch.int32, device=device)
+        default_generator = torch.Generator(device=device)
+        default_generator.manual_seed(seed)
+        self.sampler = Sampler(default_generator)
+        self._states: dict[str, RequestSamplingState] = {}
+
+    # -- sizing -------------------------------------------------------------------------------
+    def _size_kv_pool(
+        self, bytes_per_token: int, batch_max_tokens: int, mem_fraction: float
+    ) -> int:
+        if self.device.type != "cuda":
+            return max(1, CPU_DEFAULT_KV_BYTES // bytes_per_token)
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak_activation = self._measure_activation_peak(batch_max_tokens)
+        used = total - free
+        budget = total * mem_fraction - used - peak_activation
+        if budget < bytes_per_token:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB in use, activation "
+                f"peak {peak_activation / 2**30:.1f} GiB, --mem_fraction {mem_fraction} of "
+                f"{total / 2**30:.1f} GiB; raise --mem_fraction or lower --batch_max_tokens"
+            )
+        return int(budget // bytes_per_token)
+
+    @torch.inference_mode()
+    def _measure_activation_peak(self, num_tokens: int) -> int:
+        """Bytes a forward of `num_tokens` prompt tokens needs beyond the weights."""
+        num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
+        scratch = KVCachePool(
+            num_layers, num_tokens, num_kv_heads, head_dim, self.dtype, self.device
+        )
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        table = torch.arange(1, num_tokens + 1, dtype=torch.int32, device=self.device)[None, :]
+        batch = ForwardBatch(
+            input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=self.device),
+            # Positions wrap at the model's context length: only the shapes matter here.
+            positions=torch.arange(num_tokens, device=self.device) % self.model.max_context_len(),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            slot_table=table,
+            table_rows=torch.zeros(1, dtype=torch.int64, device=self.device),
+            out_slots=table[0],
+            logits_indices=torch.tensor([num_tokens - 1], device=self.device),
+            kv_pool=scratch,
+            query_lens_cpu=[num_tokens],
+            seq_lens_cpu=[num_tokens],
+        )
+        hidden = self.model(batch)
+        self.model.compute_logits(hidden[batch.logits_indices])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del scratch, batch, hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    # -- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[SampledToken]:
+        for request_id in plan.finished_request_ids:
+            self._states.pop(request_id, None)
+        for new in plan.new_requests:
+            self._states[new.request_id] = self._new_state(new)
+        writes = plan.table_writes.flatten()
+        if writes is not None:
+            rows, cols, slots = (t.to(self.device, non_blocking=True) for t in writes)
+            self.slot_table[rows, cols] = slots.to(torch.int32)
+        if plan.is_empty:
+            return []
+        batch = self._build_batch(plan)
+        hidden = self.model(batch)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        return self._sample(plan, logits)
+
+    def _new_state(self, new: NewRequestData) -> RequestSamplingState:
+        return RequestSamplingState(
+            new.sampling_params,
+            list(new.prompt_token_ids),
+            len(new.prompt_token_ids),
+            new.eos_token_ids,
+            seeded_generator(new.sampling_params.seed, self.device),
+        )
+
+    def _build_batch(self, plan: StepPlan) -> ForwardBatch:
+        query_lens = [s.num_new_tokens for s in plan.sequences]
+        seq_lens = [s.start + s.num_new_tokens for s in plan.sequences]
+        token_ids: list[int] = []
+        positions: list[int] = []
+        token_rows: list[int] = []
+        for seq in plan.sequences:
+            token_ids.extend(seq.token_ids)
+            positions.extend(range(seq.start, seq.start + seq.num_new_tokens))
+            token_rows.extend([seq.table_row] * seq.num_new_tokens)
+        cu = torch.tensor([0, *query_lens], dtype=torch.int64).cumsum(0)
+        sampling_ends = [int(cu[i + 1]) - 1 for i, s in enumerate(plan.sequences) if s.samples]
+
+        def to_device(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        positions_dev = to_device(positions)
+        return ForwardBatch(
+            input_ids=to_device(token_ids),
+            positions=positions_dev,
+            query_start_loc=cu.to(torch.int32).to(self.device, non_blocking=True),
+            seq_lens=to_device(seq_lens, torch.int32),
+            slot_table=self.slot_table,
+            table_rows=to_device([s.table_row for s in plan.sequences]),
+            out_slots=self.slot_table[to_device(token_rows), positions_dev],
+            logits_indices=to_device(sampling_ends),
+            kv_pool=self.kv_pool,
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[SampledToken]:
+        sampling_seqs = [s for s in plan.sequences if s.samples]
+        states = [self._states[s.request_id] for s in sampling_seqs]
+        batch = SamplingBatch.from_requests(states, device=self.device)
+        result = self.sampler(logits, batch)
+        token_ids = result.token_ids.tolist()
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        top_ids = top_vals = None
+        if result.top_logprob_ids is not None:
+            top_ids = result.top_logprob_ids.tolist()
+            top_vals = result.top_logprobs.tolist()
+        sampled: list[SampledToken] = []
+        for i, (seq, state) in enumerate(zip(sampling_seqs, states, strict=True)):
+            state.token_ids.append(token_ids[i])
+            wanted = state.sampling_params.logprobs
+            top = None
+            if wanted and top_ids is not None:
+                top = list(zip(top_ids[i][:wanted], top_vals[i][:wanted], strict=True))
+            sampled.append(
+                SampledToken(
+                    seq.request_id,
+                    token_ids[i],
+                    logprobs[i] if (logprobs is not None and wanted is not None) else None,
+                    top,
+                )
+            )
+        return sampled

@@ -1,0 +1,103 @@
+"""Turns the core's token updates into text: incremental detokenization, stop strings, `n`.
+
+Used by the in-process engine and by the HTTP server's front alike. A request with `n > 1` runs
+as `n` child sequences in the core (ids `"{request_id}/{i}"`); the group reports once all its
+children are done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ocula.engine.detokenizer import IncrementalDetokenizer
+from ocula.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob, TokenUpdate
+from ocula.engine.request import FinishReason
+from ocula.engine.stop_strings import StopStringMatcher
+from ocula.sampling.params import SamplingParams
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}/{index}"
+
+
+class SequenceStream:
+    """Text state of one generated sequence."""
+
+    def __init__(self, index: int, tokenizer: Any, prompt_ids: list[int], params: SamplingParams):
+        self.index = index
+        self.params = params
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        self.stop_matcher = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_cached_tokens = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def apply(self, update: TokenUpdate) -> str:
+        """Adds one token; returns the text that became final. Sets `finish_reason` when the
+        sequence ended, including on a stop string (the caller then aborts it in the core)."""
+        self.token_ids.append(update.token_id)
+        self.num_cached_tokens = update.num_cached_tokens
+        if self.logprobs is not None and update.logprob is not None:
+            self.logprobs.append(
+                TokenLogprob(update.token_id, update.logprob, update.top_logprobs or [])
+            )
+        new_text = self.detokenizer.push([update.token_id])
+        if update.finish_reason is not None:
+            new_text += self.detokenizer.flush()
+        emitted, stopped = self.stop_matcher.feed(new_text)
+        if stopped:
+            self.finish_reason = FinishReason.STOP.value
+            self.stop_reason = self.stop_matcher.matched_stop
+        elif update.finish_reason is not None:
+            emitted += self.stop_matcher.flush()
+            self.finish_reason = str(
+                update.finish_reason.value
+                if hasattr(update.finish_reason, "value")
+                else update.finish_reason
+            )
+            self.stop_reason = update.stop_reason
+        self.text += emitted
+        return emitted
+
+    def abort(self) -> None:
+        self.finish_reason = FinishReason.ABORT.value
+
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(
+            self.index,
+            self.text,
+            list(self.token_ids),
+            self.finish_reason,
+            self.stop_reason,
+            self.logprobs,
+        )
+
+
+@dataclass
+class RequestGroup:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[SequenceStream] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.sequences)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            [s.completion() for s in self.sequences],
+            self.finished,
+            num_cached_tokens=max((s.num_cached_tokens for s in self.sequences), default=0),
+        )

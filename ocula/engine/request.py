@@ -1,0 +1,127 @@
+"""The request object that flows through the engine and owns its counters and KV slots."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+from ocula.sampling.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens or the request length limit
+    ABORT = "abort"  # cancelled by the client or the server
+
+
+class Request:
+    """One sequence being generated.
+
+    Invariants the scheduler maintains:
+    - `token_ids` is the prompt followed by every generated token.
+    - the K/V of `token_ids[:num_computed_tokens]` are in the pool, at `kv_slots[:num_computed_tokens]`
+      (the request holds exactly that many slots);
+    - the first `num_tree_tokens` of those slots belong to the prefix cache and are locked through
+      `prefix_node`; the rest belong to the request and are freed or handed to the cache when it
+      stops running.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: frozenset[int],
+        cache_key_overrides: dict[int, Hashable] | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ())
+        # Prefix-cache key of position i is token_ids[i] unless overridden (image spans are keyed
+        # by the image's hash, never by their placeholder token ids).
+        self.cache_key_overrides = cache_key_overrides or {}
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: int | str | None = None
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
+        self.num_preemptions = 0
+        self.table_row: int | None = None
+        self.prefix_node: Any = None
+        self.num_tree_tokens = 0
+        self.prefill_cached = False  # computed tokens handed to the prefix cache since admission
+        self._kv_slots = torch.empty(0, dtype=torch.int64)
+
+    # -- tokens -------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def cache_key(self, end: int) -> list[Hashable]:
+        """Prefix-cache key of positions [0, end)."""
+        key: list[Hashable] = list(self.token_ids[:end])
+        for position, item in self.cache_key_overrides.items():
+            if position < end:
+                key[position] = item
+        return key
+
+    # -- KV slots -----------------------------------------------------------------------------
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        """Slots of the computed tokens, in order (a view; int64, CPU)."""
+        return self._kv_slots[: self.num_computed_tokens]
+
+    def set_prefix_slots(self, slots: torch.Tensor) -> None:
+        """Replaces the slots of the first len(slots) tokens (a prefix-cache hit or re-keying)."""
+        self._reserve(len(slots))
+        self._kv_slots[: len(slots)] = slots
+
+    def put_new_slots(self, start: int, slots: torch.Tensor) -> None:
+        """Records the slots of tokens [start, start + len(slots)), computed by the next step."""
+        self._reserve(start + len(slots))
+        self._kv_slots[start : start + len(slots)] = slots
+
+    def _reserve(self, size: int) -> None:
+        if size <= self._kv_slots.numel():
+            return
+        grown = torch.empty(max(size, 2 * self._kv_slots.numel(), 16), dtype=torch.int64)
+        grown[: self._kv_slots.numel()] = self._kv_slots
+        self._kv_slots = grown
+
+    def reset_for_recompute(self) -> None:
+        """Back to waiting with no KV: the tokens generated so far are recomputed on resume."""
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_tree_tokens = 0
+        self.prefix_node = None
+        self.table_row = None
+        self.prefill_cached = False
+        self.num_preemptions += 1

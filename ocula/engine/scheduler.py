@@ -1,0 +1,303 @@
+"""Continuous batching over the paged KV cache.
+
+Each step the scheduler builds one varlen batch under a token budget (`batch_max_tokens`):
+1. running requests first, in admission order: one token each for those decoding, the next
+   chunk for those still prefilling (prompts longer than `chunked_prefill_size`, or tokens to
+   recompute after a preemption);
+2. then waiting requests, first come first served, while the budget, the row limit
+   (`running_max_req_size`) and the KV pool allow. A new request first looks its prompt up in the
+   prefix cache and computes only the rest.
+
+KV slots are taken from the allocator, evicting unreferenced prefix-cache entries when it runs
+dry. When a running request still cannot get a slot, the most recently admitted request is
+preempted: its computed KV goes to the prefix cache (or is freed), and it waits at the head of the
+queue to be recomputed, generated tokens included. No request is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+
+from ocula.engine.outputs import TokenUpdate
+from ocula.engine.prefix_cache import RadixCache
+from ocula.engine.request import FinishReason, Request, RequestStatus
+from ocula.engine.slot_allocator import SlotAllocator
+from ocula.engine.step_plan import NewRequestData, SampledToken, ScheduledSequence, StepPlan
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: SlotAllocator,
+        prefix_cache: RadixCache,
+        batch_max_tokens: int,
+        chunked_prefill_size: int | None,
+        running_max_req_size: int,
+        max_req_total_len: int,
+    ) -> None:
+        self.allocator = allocator
+        self.prefix_cache = prefix_cache
+        self.batch_max_tokens = batch_max_tokens
+        self.chunked_prefill_size = chunked_prefill_size  # None: whole prompts only
+        self.max_req_total_len = max_req_total_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._free_rows = list(range(running_max_req_size - 1, -1, -1))
+        self._finished_since_last_plan: list[str] = []
+        # Slot-table fixes found while applying a step's results, shipped with the next plan.
+        # Keyed by request so that a request that stops before then takes its fix with it.
+        self._pending_repoints: dict[str, tuple[int, int, torch.Tensor]] = {}
+        self.num_preemptions = 0
+
+    # -- queue management ---------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Stops a request wherever it is and releases its KV; None if it is unknown or done."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request.status == RequestStatus.WAITING:
+            self.waiting.remove(request)
+        else:
+            self.running.remove(request)
+            self._release_kv(request)
+        self._finish(request, FinishReason.ABORT)
+        return request
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.allocator.capacity
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(finished_request_ids=self._finished_since_last_plan)
+        self._finished_since_last_plan = []
+        for row, start, slots in self._pending_repoints.values():
+            plan.table_writes.add(row, start, slots)
+        self._pending_repoints.clear()
+        budget = self.batch_max_tokens
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._chunk_size(request, budget)
+            if num_new == 0:
+                break
+            slots = self._allocate(num_new)
+            while slots is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+                slots = self._allocate(num_new)
+            if slots is None:
+                break
+            self._schedule_chunk(plan, request, slots)
+            budget -= num_new
+            index += 1
+        if not preempted:
+            self._admit_waiting(plan, budget)
+        return plan
+
+    def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
+        while self.waiting and budget > 0 and self._free_rows:
+            request = self.waiting[0]
+            prefix_len = self._match_prefix(request)
+            num_new = self._chunk_size(request, budget)
+            # Admit only if this chunk fits and every running request can still take one more
+            # token next step; preemption covers the rest.
+            headroom = len(self.running) + 1
+            available = self.allocator.num_free + self.prefix_cache.evictable_size
+            if num_new == 0 or available < num_new + headroom:
+                self._unlock_prefix(request)
+                break
+            slots = self._allocate(num_new)
+            if slots is None:
+                self._unlock_prefix(request)
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.table_row = self._free_rows.pop()
+            if request.first_scheduled_time is None:
+                request.num_cached_tokens = prefix_len
+                plan.new_requests.append(
+                    NewRequestData(
+                        request.request_id,
+                        request.sampling_params,
+                        request.token_ids[: request.num_prompt_tokens],
+                        request.eos_token_ids,
+                    )
+                )
+                request.first_scheduled_time = time.monotonic()
+            plan.table_writes.add(request.table_row, 0, request.kv_slots)
+            self.running.append(request)
+            self._schedule_chunk(plan, request, slots)
+            budget -= num_new
+
+    def _chunk_size(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if self.chunked_prefill_size is None:
+            return remaining if remaining <= budget else 0
+        return min(remaining, budget, self.chunked_prefill_size)
+
+    def _schedule_chunk(self, plan: StepPlan, request: Request, slots: torch.Tensor) -> None:
+        start = request.num_computed_tokens
+        end = start + len(slots)
+        request.put_new_slots(start, slots)
+        plan.table_writes.add(request.table_row, start, slots)
+        plan.sequences.append(
+            ScheduledSequence(
+                request.request_id,
+                request.table_row,
+                start,
+                request.token_ids[start:end],
+                samples=end == request.num_tokens,
+            )
+        )
+
+    # -- KV bookkeeping -----------------------------------------------------------------------
+    def _allocate(self, num_slots: int) -> torch.Tensor | None:
+        slots = self.allocator.alloc(num_slots)
+        if slots is None:
+            self.prefix_cache.evict(num_slots - self.allocator.num_free)
+            slots = self.allocator.alloc(num_slots)
+        return slots
+
+    def _match_prefix(self, request: Request) -> int:
+        """Locks the longest cached prefix of a waiting request; returns its length."""
+        if request.prefix_node is not None:
+            return request.num_computed_tokens
+        # At least one token must be computed to produce the next token's logits.
+        match = self.prefix_cache.match_prefix(request.cache_key(request.num_tokens - 1))
+        self.prefix_cache.lock(match.node)
+        request.prefix_node = match.node
+        request.set_prefix_slots(match.slots)
+        request.num_computed_tokens = request.num_tree_tokens = match.length
+        return match.length
+
+    def _unlock_prefix(self, request: Request) -> None:
+        if request.prefix_node is not None:
+            self.prefix_cache.unlock(request.prefix_node)
+        request.prefix_node = None
+        request.num_computed_tokens = request.num_tree_tokens = 0
+
+    def _cache_computed_tokens(self, request: Request, keep_running: bool) -> None:
+        """Hands the request's computed KV to the prefix cache.
+
+        If the request keeps running, it re-points its slot row at the cache's copy of any tokens
+        the cache already had (shipped with the next plan), frees its duplicates and locks the new
+        path. Otherwise only its reference is dropped.
+        """
+        cache = self.prefix_cache
+        num_computed = request.num_computed_tokens
+        key = request.cache_key(num_computed)
+        slots = request.kv_slots
+        already_cached = cache.insert(key, slots)
+        if already_cached > request.num_tree_tokens:
+            self.allocator.free(slots[request.num_tree_tokens : already_cached].clone())
+        old_node = request.prefix_node
+        if keep_running:
+            match = cache.match_prefix(key, count_in_stats=False)
+            cache.lock(match.node)
+            stale_from = request.num_tree_tokens
+            request.set_prefix_slots(match.slots)
+            if already_cached > stale_from:
+                self._pending_repoints[request.request_id] = (
+                    request.table_row,
+                    stale_from,
+                    match.slots[stale_from:already_cached].clone(),
+                )
+            request.prefix_node = match.node
+            request.num_tree_tokens = num_computed
+        if old_node is not None:
+            cache.unlock(old_node)
+
+    def _release_kv(self, request: Request) -> None:
+        """Gives up a request's slots (to the prefix cache when it is on) and its table row."""
+        self._pending_repoints.pop(request.request_id, None)
+        self._cache_computed_tokens(request, keep_running=False)
+        if request.table_row is not None:
+            self._free_rows.append(request.table_row)
+        request.table_row = None
+        request.prefix_node = None
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release_kv(request)
+        request.reset_for_recompute()
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+        if request.first_scheduled_time is not None:
+            self._finished_since_last_plan.append(request.request_id)
+
+    # -- results ------------------------------------------------------------------------------
+    def update(self, plan: StepPlan, sampled: list[SampledToken]) -> list[TokenUpdate]:
+        """Applies a step's results: advances counters, appends tokens, finishes requests.
+
+        `sampled` has one entry per sequence of `plan` with `samples` set, in plan order.
+        """
+        updates: list[TokenUpdate] = []
+        sampled_iter = iter(sampled)
+        for seq in plan.sequences:
+            token = next(sampled_iter) if seq.samples else None
+            request = self.requests.get(seq.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens = seq.start + seq.num_new_tokens
+            if token is None:
+                continue
+            if self.prefix_cache.enabled and not request.prefill_cached:
+                # The prompt (or the recomputed sequence) is complete: share it with requests
+                # that arrive while this one is still decoding.
+                self._cache_computed_tokens(request, keep_running=True)
+                request.prefill_cached = True
+            request.token_ids.append(token.token_id)
+            reason = self._stop_reason(request, token.token_id)
+            updates.append(
+                TokenUpdate(
+                    request.request_id,
+                    token.token_id,
+                    token.logprob,
+                    token.top_logprobs,
+                    finish_reason=reason,
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=request.num_cached_tokens,
+                )
+            )
+            if reason is not None:
+                self.running.remove(request)
+                self._release_kv(request)
+                self._finish(request, reason)
+        return updates
+
+    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        params = request.sampling_params
+        num_output = request.num_output_tokens
+        if num_output >= params.min_new_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return FinishReason.STOP
+            if token_id in request.stop_token_ids:
+                request.stop_reason = token_id
+                return FinishReason.STOP
+        if num_output >= params.max_new_tokens or request.num_tokens >= self.max_req_total_len:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,84 @@
+"""The one value the scheduler hands to the model runner for a step, and what comes back.
+
+It carries diffs, not whole requests: a request's sampling options travel once (in
+`new_requests`), its slot table row is updated with only the slots that changed, and its state
+is dropped on `finished_request_ids`. This is what another tensor-parallel rank would receive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ocula.sampling.params import SamplingParams
+
+
+@dataclass
+class ScheduledSequence:
+    request_id: str
+    table_row: int
+    start: int  # tokens of this request already in the KV pool
+    token_ids: list[int]  # the tokens this step computes: positions [start, start + len)
+    samples: bool  # this step reaches the end of the known tokens and samples the next one
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class NewRequestData:
+    """Sent once, when a request is first scheduled: what the runner needs to sample for it."""
+
+    request_id: str
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+
+
+@dataclass
+class SlotTableWrites:
+    """`slot_table[rows[i], cols[i]] = slots[i]` for every i (int64 CPU tensors)."""
+
+    rows: list[torch.Tensor] = field(default_factory=list)
+    cols: list[torch.Tensor] = field(default_factory=list)
+    slots: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, row: int, start: int, slots: torch.Tensor) -> None:
+        if len(slots) == 0:
+            return
+        self.rows.append(torch.full((len(slots),), row, dtype=torch.int64))
+        self.cols.append(torch.arange(start, start + len(slots), dtype=torch.int64))
+        self.slots.append(slots)
+
+    def flatten(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if not self.rows:
+            return None
+        return torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.slots)
+
+
+@dataclass
+class StepPlan:
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)
+    table_writes: SlotTableWrites = field(default_factory=SlotTableWrites)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.sequences)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.sequences
+
+
+@dataclass
+class SampledToken:
+    """The runner's answer for one sampling sequence of the plan, in plan order."""
+
+    request_id: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
