@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from ocula.config import EngineArgs
 from ocula.engine.model_runner import ModelRunner
+from ocula.engine.model_setup import ModelSetup
 from ocula.engine.outputs import TokenUpdate
 from ocula.engine.prefix_cache import RadixCache
 from ocula.engine.request import Request
@@ -40,21 +38,14 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(
-        self,
-        args: EngineArgs,
-        model_dir: Path,
-        model_config: object,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, args: EngineArgs, setup: ModelSetup) -> None:
         self.args = args
         batch_max_tokens = args.effective_batch_max_tokens
         self.runner = ModelRunner(
-            model_dir,
-            model_config,
-            dtype,
-            device,
+            setup.model_dir,
+            setup.model_config,
+            setup.dtype,
+            setup.device,
             max_rows=args.running_max_req_size,
             max_req_total_len=args.max_req_total_len,
             batch_max_tokens=batch_max_tokens,

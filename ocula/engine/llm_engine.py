@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 from ocula.config import EngineArgs
 from ocula.engine.engine_core import EngineCore, EngineStats
+from ocula.engine.model_setup import resolve_model
 from ocula.engine.output_processor import RequestGroup, SequenceStream, child_request_id
 from ocula.engine.outputs import RequestOutput
 from ocula.engine.request import Request
-from ocula.models.hf_config import load_text_config, torch_dtype_of
 from ocula.sampling.params import SamplingParams
-from ocula.utils.device import pick_device, pick_dtype
-from ocula.utils.tokenizer import load_generation_config, load_tokenizer, resolve_eos_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -27,26 +24,15 @@ Prompt = str | list[int]
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
-        if args.model_dir is None:
-            from ocula.default_model import default_model_dir
-
-            model_dir = default_model_dir()
-        else:
-            model_dir = Path(args.model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir} has no config.json: not a model folder")
         self.args = args
-        self.model_dir = model_dir
-        self.tokenizer = load_tokenizer(model_dir, args.tokenizer_mode, args.trust_remote_code)
-        self.model_config = load_text_config(model_dir)
-        self.generation_config = load_generation_config(model_dir)
-        self.eos_token_ids = resolve_eos_token_ids(
-            args.eos_id, self.generation_config, self.model_config, self.tokenizer
-        )
-        self.device = pick_device(args.device)
-        self.dtype = pick_dtype(args.data_type, torch_dtype_of(self.model_config), self.device)
-        logger.info("loading %s on %s in %s", model_dir, self.device, self.dtype)
-        self.core = EngineCore(args, model_dir, self.model_config, self.dtype, self.device)
+        setup = resolve_model(args)
+        self.model_dir = setup.model_dir
+        self.model_config = setup.model_config
+        self.generation_config = setup.generation_config
+        self.tokenizer = setup.load_tokenizer(args)
+        self.eos_token_ids = setup.eos_token_ids(args, self.tokenizer)
+        logger.info("loading %s on %s in %s", setup.model_dir, setup.device, setup.dtype)
+        self.core = EngineCore(args, setup)
         self._groups: dict[str, RequestGroup] = {}
         self._sequences: dict[str, tuple[RequestGroup, SequenceStream]] = {}
 

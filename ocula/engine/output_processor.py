@@ -49,7 +49,12 @@ class SequenceStream:
             self.logprobs.append(
                 TokenLogprob(update.token_id, update.logprob, update.top_logprobs or [])
             )
-        new_text = self.detokenizer.push([update.token_id])
+        # A token that stopped the sequence (EOS or a stop token id) is reported in the ids but,
+        # like a stop string, its text is not part of the output unless asked for.
+        stopped_by_token = update.finish_reason == FinishReason.STOP
+        new_text = ""
+        if not stopped_by_token or self.params.include_stop_str_in_output:
+            new_text = self.detokenizer.push([update.token_id])
         if update.finish_reason is not None:
             new_text += self.detokenizer.flush()
         emitted, stopped = self.stop_matcher.feed(new_text)
@@ -58,11 +63,7 @@ class SequenceStream:
             self.stop_reason = self.stop_matcher.matched_stop
         elif update.finish_reason is not None:
             emitted += self.stop_matcher.flush()
-            self.finish_reason = str(
-                update.finish_reason.value
-                if hasattr(update.finish_reason, "value")
-                else update.finish_reason
-            )
+            self.finish_reason = FinishReason(update.finish_reason).value
             self.stop_reason = update.stop_reason
         self.text += emitted
         return emitted

@@ -1,0 +1,25 @@
+"""Messages from the HTTP front to the engine process (pickled over a ZMQ socket on this host)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ocula.sampling.params import SamplingParams
+
+
+@dataclass
+class AddRequest:
+    request_id: str  # a child id when the front fans out n > 1
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams  # resolved against the model's defaults
+    eos_token_ids: frozenset[int]
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class Shutdown:
+    """Finish nothing more and exit."""
