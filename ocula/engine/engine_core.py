@@ -109,6 +109,10 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def has_work(self) -> bool:
+        """Something to step for: unfinished requests, or finished ones the runner still holds."""
+        return self.has_unfinished() or self.scheduler.has_unsent_finishes
+
     def step(self) -> list[TokenUpdate]:
         """Runs one forward of whatever the scheduler picks; [] when there is nothing to do."""
         plan = self.scheduler.schedule()

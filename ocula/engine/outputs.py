@@ -16,6 +16,7 @@ class TokenUpdate:
     finish_reason: str | None  # a FinishReason value once the request stopped
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0
+    queued_seconds: float | None = None  # on the first token: time from arrival to first step
 
 
 @dataclass

@@ -78,6 +78,11 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     @property
+    def has_unsent_finishes(self) -> bool:
+        """Requests finished since the last plan whose runner state the next plan will drop."""
+        return bool(self._finished_since_last_plan)
+
+    @property
     def kv_capacity(self) -> int:
         return self.allocator.capacity
 
@@ -281,6 +286,7 @@ class Scheduler:
                     finish_reason=reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens,
+                    queued_seconds=_queued_seconds(request),
                 )
             )
             if reason is not None:
@@ -301,3 +307,9 @@ class Scheduler:
         if num_output >= params.max_new_tokens or request.num_tokens >= self.max_req_total_len:
             return FinishReason.LENGTH
         return None
+
+
+def _queued_seconds(request: Request) -> float | None:
+    if request.num_output_tokens != 1 or request.first_scheduled_time is None:
+        return None
+    return request.first_scheduled_time - request.arrival_time

@@ -1,0 +1,96 @@
+"""`python -m ocula.server.api_server [flags]` (also `ocula serve`): the HTTP server.
+
+Start-up order: bind the port (so a port in use fails at once, not after loading the model),
+start the engine process and wait for it, then serve. SIGINT/SIGTERM stop uvicorn, which stops
+the engine process; an engine that dies takes the server down with exit code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from ocula.cli_args import parse_config
+from ocula.server.app import build_app
+from ocula.server.args import ServerArgs
+from ocula.server.async_engine import AsyncEngine, EngineUnavailableError
+
+logger = logging.getLogger("ocula.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which would kill the process
+    before the engine is stopped; here a signal only asks for the shutdown, and the process exits
+    normally (code 0) once the engine process is gone too."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(args: ServerArgs) -> int:
+    sock = bind_socket(args.host, args.port)
+    engine = AsyncEngine(args)
+    try:
+        ready = await engine.start()
+    except EngineUnavailableError as error:
+        logger.error("%s", error)
+        await engine.shutdown()
+        sock.close()
+        return 1
+    logger.info(
+        "model %s: KV cache of %d tokens, requests up to %d tokens, %d tokens per forward",
+        engine.model_name,
+        ready.kv_capacity,
+        ready.max_req_total_len,
+        ready.batch_max_tokens,
+    )
+    app = build_app(engine, args)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
+    server = _Server(config)
+
+    async def stop_when_engine_fails() -> None:
+        while engine.failure is None:
+            await asyncio.sleep(0.5)
+        server.should_exit = True
+
+    watcher = asyncio.create_task(stop_when_engine_fails())
+    logger.info("ready: http://%s:%d", args.host, args.port)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        watcher.cancel()
+        await engine.shutdown()
+        sock.close()
+    return 1 if engine.failure is not None else 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_config(ServerArgs, argv, "Ocula: serve a (vision-)language model over HTTP.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(serve(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The FastAPI application: routers, error handlers and the body-size limit around one engine."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+import ocula
+from ocula.server import routes_health
+from ocula.server.args import ServerArgs
+from ocula.server.async_engine import AsyncEngine
+from ocula.server.body_limit import BodySizeLimit
+from ocula.server.errors import install_error_handlers
+from ocula.server.metrics import ServerMetrics
+from ocula.server.serving import ServerState
+
+
+def build_app(engine: AsyncEngine, args: ServerArgs) -> FastAPI:
+    app = FastAPI(title="Ocula", version=ocula.__version__)
+    app.state.ocula = ServerState(engine, args, ServerMetrics(engine.model_name))
+    app.include_router(routes_health.router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=int(args.max_request_body_mb * (1 << 20)))
+    return app

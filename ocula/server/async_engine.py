@@ -1,0 +1,263 @@
+"""The front's handle on the engine process: start it, submit requests, stream their text.
+
+Tokenization, detokenization, stop strings and the fan-out of `n` happen here, in the HTTP
+process, so the engine process only ever sees token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import pickle
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from ocula.engine.engine_core import EngineStats
+from ocula.engine.model_setup import resolve_model
+from ocula.engine.output_processor import SequenceStream, child_request_id
+from ocula.engine.outputs import TokenUpdate
+from ocula.sampling.params import SamplingParams
+from ocula.server.args import ServerArgs
+from ocula.server.engine_process import run_engine_process
+from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
+from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """The request cannot be served as sent; the message is meant for the client (HTTP 400)."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine process is gone or failed; nothing can be served (HTTP 503)."""
+
+
+@dataclass
+class PreparedRequest:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams  # validated and resolved against the model's defaults
+
+
+@dataclass
+class StreamEvent:
+    """One new token of sequence `index` of a request, with the text it made final."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_cached_tokens: int
+    queued_seconds: float | None
+
+
+class AsyncEngine:
+    def __init__(self, args: ServerArgs) -> None:
+        self.args = args
+        setup = resolve_model(args)
+        self.model_dir = setup.model_dir
+        self.model_config = setup.model_config
+        self.generation_config = setup.generation_config
+        self.tokenizer = setup.load_tokenizer(args)
+        self.eos_token_ids = setup.eos_token_ids(args, self.tokenizer)
+        self.model_name = args.model_name or setup.model_dir.name
+        self.ready: EngineReady | None = None
+        self.stats: EngineStats | None = None
+        self.failure: str | None = None
+        self._queues: dict[str, asyncio.Queue[TokenUpdate | Exception]] = {}
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="ocula-"))
+        self._context = zmq.asyncio.Context()
+        self._to_engine = self._context.socket(zmq.PUSH)
+        self._from_engine = self._context.socket(zmq.PULL)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> EngineReady:
+        """Starts the engine process and waits until it has loaded the model."""
+        inbox = f"ipc://{self._socket_dir}/to_engine"
+        outbox = f"ipc://{self._socket_dir}/from_engine"
+        self._to_engine.bind(inbox)
+        self._from_engine.bind(outbox)
+        spawn = multiprocessing.get_context("spawn")
+        self._process = spawn.Process(
+            target=run_engine_process, args=(self.args, inbox, outbox), name="ocula-engine"
+        )
+        self._process.start()
+        while self.ready is None:
+            if await self._from_engine.poll(500):
+                message = pickle.loads(await self._from_engine.recv())
+                if isinstance(message, EngineFailed):
+                    raise EngineUnavailableError(f"the engine failed to start: {message.message}")
+                if isinstance(message, EngineReady):
+                    self.ready = message
+            elif not self._process.is_alive():
+                raise EngineUnavailableError(
+                    f"the engine process exited with code {self._process.exitcode} while starting"
+                )
+        self._tasks.append(asyncio.create_task(self._receive_loop()))
+        self._tasks.append(asyncio.create_task(self._watch_process()))
+        return self.ready
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready is not None and self.failure is None
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._process is not None and self._process.is_alive():
+            with contextlib.suppress(zmq.ZMQError):
+                await self._to_engine.send(pickle.dumps(Shutdown()))
+            await asyncio.to_thread(self._process.join, 10)
+            if self._process.is_alive():
+                self._process.kill()
+                await asyncio.to_thread(self._process.join, 5)
+        self._to_engine.close(linger=0)
+        self._from_engine.close(linger=0)
+        self._context.term()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        logger.error("engine unavailable: %s", message)
+        for queue in self._queues.values():
+            queue.put_nowait(EngineUnavailableError(message))
+
+    async def _watch_process(self) -> None:
+        assert self._process is not None
+        while self._process.is_alive():
+            await asyncio.sleep(0.5)
+        if self.failure is None:
+            self._fail(f"the engine process exited with code {self._process.exitcode}")
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = pickle.loads(await self._from_engine.recv())
+            if isinstance(message, StepOutputs):
+                self.stats = message.stats
+                for update in message.updates:
+                    queue = self._queues.get(update.request_id)
+                    if queue is not None:
+                        queue.put_nowait(update)
+            elif isinstance(message, RequestFailed):
+                queue = self._queues.get(message.request_id)
+                if queue is not None:
+                    queue.put_nowait(RequestError(message.message))
+            elif isinstance(message, EngineFailed):
+                self._fail(message.message)
+
+    # -- requests -----------------------------------------------------------------------------
+    def prepare(self, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
+        """Tokenizes and checks a request before anything is sent; raises RequestError."""
+        try:
+            params.validate()
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+        params = params.with_model_defaults(self.generation_config)
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            vocab = self.model_config.vocab_size
+            bad = [
+                t
+                for t in prompt
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+            ]
+            if bad:
+                raise RequestError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
+            prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: at least one token is needed")
+        assert self.ready is not None
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.ready.max_req_total_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is "
+                f"{params.max_new_tokens}: together {total}, over the limit of "
+                f"{self.ready.max_req_total_len} tokens (--max_req_total_len)"
+            )
+        if total > self.ready.kv_capacity:
+            raise RequestError(
+                f"the request needs up to {total} KV cache tokens but the cache holds "
+                f"{self.ready.kv_capacity}"
+            )
+        return PreparedRequest(prompt if isinstance(prompt, str) else None, prompt_ids, params)
+
+    async def generate(
+        self, request_id: str, request: PreparedRequest
+    ) -> AsyncIterator[StreamEvent]:
+        """Streams the tokens of every sequence of the request. Raises RequestError if the engine
+        refuses it, EngineUnavailableError if the engine is gone. Leaving the iteration early
+        (client gone, stop string) aborts whatever still runs."""
+        if self.failure is not None:
+            raise EngineUnavailableError(self.failure)
+        params = request.params
+        streams: dict[str, SequenceStream] = {}
+        queue: asyncio.Queue[TokenUpdate | Exception] = asyncio.Queue()
+        for index in range(params.n):
+            child_params = params
+            if params.seed is not None and params.n > 1:
+                child_params = dataclasses.replace(params, seed=params.seed + index)
+            child_id = child_request_id(request_id, index, params.n)
+            if child_id in self._queues:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            streams[child_id] = SequenceStream(
+                index, self.tokenizer, request.prompt_token_ids, child_params
+            )
+            self._queues[child_id] = queue
+            await self._to_engine.send(
+                pickle.dumps(
+                    AddRequest(child_id, request.prompt_token_ids, child_params, self.eos_token_ids)
+                )
+            )
+        try:
+            unfinished = set(streams)
+            while unfinished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                stream = streams[item.request_id]
+                if stream.finished:
+                    continue
+                text = stream.apply(item)
+                if stream.finished:
+                    unfinished.discard(item.request_id)
+                    if item.finish_reason is None:  # a stop string: the engine still runs it
+                        self.abort(item.request_id)
+                yield StreamEvent(
+                    stream.index,
+                    item.token_id,
+                    text,
+                    item.logprob,
+                    item.top_logprobs,
+                    stream.finish_reason,
+                    stream.stop_reason,
+                    item.num_cached_tokens,
+                    item.queued_seconds,
+                )
+        finally:
+            for child_id, stream in streams.items():
+                self._queues.pop(child_id, None)
+                if not stream.finished:
+                    self.abort(child_id)
+
+    def abort(self, request_id: str) -> None:
+        """Asks the engine to stop a (child) request and free its KV. Never blocks, so that it
+        can run in the cleanup of a cancelled stream."""
+        if self.failure is None:
+            with contextlib.suppress(zmq.Again):
+                self._to_engine.send(pickle.dumps(AbortRequest(request_id)), flags=zmq.NOBLOCK)

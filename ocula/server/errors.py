@@ -1,0 +1,73 @@
+"""Every error leaves the server as JSON `{"error": {"message", "type", "code"}}` with a 4xx that
+fits (5xx only for the server's own faults), on every route, streaming ones included."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ocula.server.async_engine import EngineUnavailableError, RequestError
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 1
+
+
+class OverloadedError(RuntimeError):
+    """More requests are waiting than --max_waiting_requests allows (HTTP 503 + Retry-After)."""
+
+
+def error_response(
+    status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def describe_validation_error(error: RequestValidationError) -> str:
+    """One readable line per problem, e.g. `parameters.temperature: Input should be ...`."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
+        if item.get("type") == "json_invalid":
+            lines.append(f"the body is not valid JSON: {item.get('ctx', {}).get('error', '')}")
+        elif location:
+            lines.append(f"{location}: {item.get('msg')}")
+        else:
+            lines.append(str(item.get("msg")))
+    return "; ".join(lines) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(400, describe_validation_error(error), "invalid_request_error")
+
+    @app.exception_handler(RequestError)
+    async def _bad_request(_: Request, error: RequestError) -> JSONResponse:
+        return error_response(400, str(error), "invalid_request_error")
+
+    @app.exception_handler(OverloadedError)
+    async def _overloaded(_: Request, error: OverloadedError) -> JSONResponse:
+        return error_response(
+            503, str(error), "overloaded", {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
+
+    @app.exception_handler(EngineUnavailableError)
+    async def _unavailable(_: Request, error: EngineUnavailableError) -> JSONResponse:
+        return error_response(503, str(error), "engine_unavailable")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(
+            error.status_code, str(error.detail), "invalid_request_error", error.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return error_response(500, f"internal error: {type(error).__name__}", "internal_error")

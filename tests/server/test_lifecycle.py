@@ -1,0 +1,66 @@
+"""Start-up, health, shutdown and refusal of bad flags, on the real server process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers.server import start_server
+
+
+def test_health_probes_and_unknown_routes(server) -> None:
+    for path in ("/health", "/healthz", "/readiness", "/liveness"):
+        assert httpx.get(server.url + path).status_code == 200
+    assert httpx.head(server.url + "/healthz").status_code == 200
+    missing = httpx.get(server.url + "/no/such/route")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == 404
+    assert httpx.get(server.url + "/get_model_name").json()["model_name"]
+
+
+def test_sigterm_stops_every_process_and_frees_the_port(tiny_checkpoint, tmp_path) -> None:
+    running = start_server(tiny_checkpoint("llama"), tmp_path, "--max_total_token_num", "256")
+    children = psutil.Process(running.process.pid).children(recursive=True)
+    assert children, "the engine runs in a child process"
+    assert running.stop(timeout=20) == 0
+    for child in children:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    # The same port is free again at once.
+    again = start_server(tiny_checkpoint("llama"), tmp_path, "--max_total_token_num", "256")
+    again.stop()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+        (["--port", "eighty"], "--port: invalid int value"),
+        (["--mem_fraction", "1.5"], "--mem_fraction must be in (0, 1]"),
+        (["--visual_dp", "2"], "--visual_dp (2) x --visual_tp"),
+        (["--data_type", "int3"], "--data_type: invalid choice"),
+    ],
+)
+def test_bad_flags_are_refused_with_a_message_naming_them(flags, message) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ocula.server.api_server", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_ocula_serve_is_the_same_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "from ocula.cli import main; main()", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert "--visual_infer_batch_size" in result.stdout and "--cache_capacity" in result.stdout
