@@ -1,0 +1,47 @@
+"""The engine on a CUDA device: KV sizing from --mem_fraction, exact greedy tokens, seeds.
+
+Skipped where there is no GPU (CI); run on the GPU machine with `python -m pytest tests/gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ocula import LLM, SamplingParams
+from tests.engine.conftest import PROMPTS, reference_continuations
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_kv_pool_is_sized_from_mem_fraction(tiny_checkpoint) -> None:
+    torch.cuda.empty_cache()
+    llm = LLM(str(tiny_checkpoint("llama")), mem_fraction=0.3, device="cuda")
+    core = llm.engine.core
+    pool = core.runner.kv_pool
+    free, total = torch.cuda.mem_get_info()
+    used = total - free
+    assert pool.k_caches[0].is_cuda
+    assert core.allocator.capacity > 100_000  # a 2-layer toy model: millions of tokens fit
+    assert used <= 0.3 * total + (256 << 20)  # the pool stays inside its budget (plus the context)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))
+    assert len(out[0].token_ids) == 8
+    del llm, core, pool
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "internlm2"])
+def test_greedy_tokens_equal_transformers_on_cuda(tiny_checkpoint, arch) -> None:
+    checkpoint = tiny_checkpoint(arch)
+    expected = reference_continuations(checkpoint, PROMPTS, 10)
+    llm = LLM(str(checkpoint), device="cuda", data_type="fp32", max_total_token_num=4096)
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(list(PROMPTS), params)] == expected
+
+
+def test_seeded_sampling_is_reproducible_on_cuda(tiny_checkpoint) -> None:
+    llm = LLM(str(tiny_checkpoint("llama")), device="cuda", max_total_token_num=4096)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_new_tokens=12, ignore_eos=True)
+    alone = llm.generate(PROMPTS[1], params)[0].token_ids
+    crowd = llm.generate(list(PROMPTS), [SamplingParams(max_new_tokens=12)] + [params] * 3)
+    assert crowd[1].token_ids == alone
