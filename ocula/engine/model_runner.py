@@ -52,6 +52,7 @@ class ModelRunner:
         mem_fraction: float,
         max_total_token_num: int | None,
         seed: int = 0,
+        visual_infer_batch_size: int = 1,
         tp: ParallelGroup = SINGLE_RANK,
     ) -> None:
         self.device = device
@@ -76,6 +77,11 @@ class ModelRunner:
         default_generator.manual_seed(seed)
         self.sampler = Sampler(default_generator)
         self._states: dict[str, RequestSamplingState] = {}
+        # Image embeddings by cache key, [placeholder tokens, hidden] in the model's dtype. The
+        # scheduler's EmbeddingCacheIndex decides what is here (plan.encoder_inputs/frees).
+        self.image_embeddings: dict[str, torch.Tensor] = {}
+        self.visual_infer_batch_size = visual_infer_batch_size
+        self.vit_batch_sizes: list[int] = []  # images per ViT forward, since last collected
 
     # -- sizing -------------------------------------------------------------------------------
     def _size_kv_pool(
@@ -139,12 +145,41 @@ class ModelRunner:
         if writes is not None:
             rows, cols, slots = (t.to(self.device, non_blocking=True) for t in writes)
             self.slot_table[rows, cols] = slots.to(torch.int32)
+        self._update_image_embeddings(plan)
         if plan.is_empty:
             return []
         batch = self._build_batch(plan)
         hidden = self.model(batch)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         return self._sample(plan, logits)
+
+    def _update_image_embeddings(self, plan: StepPlan) -> None:
+        for key in plan.encoder_frees:
+            self.image_embeddings.pop(key, None)
+        inputs = plan.encoder_inputs
+        for first in range(0, len(inputs), self.visual_infer_batch_size):
+            group = inputs[first : first + self.visual_infer_batch_size]
+            pixels = torch.cat([item.pixel_values for item in group])
+            features = self.model.encode_images(pixels.to(self.device, self.dtype))
+            tiles = [item.pixel_values.shape[0] for item in group]
+            for item, per_image in zip(group, features.split(tiles), strict=True):
+                self.image_embeddings[item.key] = per_image.reshape(-1, per_image.shape[-1])
+            self.vit_batch_sizes.append(len(group))
+
+    def _spliced_embeddings(
+        self, plan: StepPlan, query_starts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rows of the batch whose embeddings come from images, and those embeddings."""
+        rows: list[torch.Tensor] = []
+        embeds: list[torch.Tensor] = []
+        for seq, base in zip(plan.sequences, query_starts, strict=False):
+            for piece in seq.image_slices:
+                first = base + piece.dst_start
+                rows.append(torch.arange(first, first + piece.src_end - piece.src_start))
+                embeds.append(self.image_embeddings[piece.key][piece.src_start : piece.src_end])
+        if not rows:
+            return None
+        return torch.cat(rows).to(self.device, non_blocking=True), torch.cat(embeds)
 
     def _new_state(self, new: NewRequestData) -> RequestSamplingState:
         return RequestSamplingState(
@@ -167,6 +202,7 @@ class ModelRunner:
             token_rows.extend([seq.table_row] * seq.num_new_tokens)
         cu = torch.tensor([0, *query_lens], dtype=torch.int64).cumsum(0)
         sampling_ends = [int(cu[i + 1]) - 1 for i, s in enumerate(plan.sequences) if s.samples]
+        spliced = self._spliced_embeddings(plan, cu.tolist())
 
         def to_device(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -184,6 +220,8 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
+            spliced_rows=spliced[0] if spliced else None,
+            spliced_embeds=spliced[1] if spliced else None,
         )
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[SampledToken]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,22 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_new_tokens or the request length limit
     ABORT = "abort"  # cancelled by the client or the server
+
+
+@dataclass
+class ImageSpan:
+    """An image inside a request: `length` placeholder tokens from position `offset`, whose
+    embedding rows come from the cache entry `key` (MD5 of the bytes + preprocessing)."""
+
+    key: str
+    offset: int
+    length: int
+    image_bytes: bytes | None = None  # to preprocess on a cache miss
+    pixel_values: Any = None  # [tiles, 3, H, W] float32 once preprocessed
+
+    def cache_keys(self) -> list[tuple[str, int]]:
+        """Prefix-cache items of the span: never equal to a token id or another image's."""
+        return [(self.key, i) for i in range(self.length)]
 
 
 class Request:
@@ -42,7 +59,7 @@ class Request:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         eos_token_ids: frozenset[int],
-        cache_key_overrides: dict[int, Hashable] | None = None,
+        images: list[ImageSpan] | None = None,
     ) -> None:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
@@ -50,9 +67,8 @@ class Request:
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ())
-        # Prefix-cache key of position i is token_ids[i] unless overridden (image spans are keyed
-        # by the image's hash, never by their placeholder token ids).
-        self.cache_key_overrides = cache_key_overrides or {}
+        self.images = sorted(images or [], key=lambda span: span.offset)
+        self.held_image_keys: list[str] = []  # embedding-cache entries this request holds
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
 
@@ -85,12 +101,35 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
+    def check_stop(self, token_id: int, max_total_len: int) -> FinishReason | None:
+        """Why the request stops after appending `token_id`, if it does (sets `stop_reason`)."""
+        params = self.sampling_params
+        num_output = self.num_output_tokens
+        if num_output >= params.min_new_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return FinishReason.STOP
+            if token_id in self.stop_token_ids:
+                self.stop_reason = token_id
+                return FinishReason.STOP
+        if num_output >= params.max_new_tokens or self.num_tokens >= max_total_len:
+            return FinishReason.LENGTH
+        return None
+
+    def first_token_queue_seconds(self) -> float | None:
+        """Arrival to first scheduled step, reported with the first generated token only."""
+        if self.num_output_tokens != 1 or self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
     def cache_key(self, end: int) -> list[Hashable]:
-        """Prefix-cache key of positions [0, end)."""
+        """Prefix-cache key of positions [0, end): token ids, except that image placeholders
+        are keyed by (image key, offset in the image), so different images never share KV."""
         key: list[Hashable] = list(self.token_ids[:end])
-        for position, item in self.cache_key_overrides.items():
-            if position < end:
-                key[position] = item
+        for span in self.images:
+            if span.offset >= end:
+                break
+            stop = min(end, span.offset + span.length)
+            key[span.offset : stop] = span.cache_keys()[: stop - span.offset]
         return key
 
     # -- KV slots -----------------------------------------------------------------------------

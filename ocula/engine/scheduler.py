@@ -21,6 +21,7 @@ from collections import deque
 
 import torch
 
+from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.outputs import TokenUpdate
 from ocula.engine.prefix_cache import RadixCache
 from ocula.engine.request import FinishReason, Request, RequestStatus
@@ -37,8 +38,10 @@ class Scheduler:
         chunked_prefill_size: int | None,
         running_max_req_size: int,
         max_req_total_len: int,
+        images: ImageScheduler | None = None,
     ) -> None:
         self.allocator = allocator
+        self.images = images
         self.prefix_cache = prefix_cache
         self.batch_max_tokens = batch_max_tokens
         self.chunked_prefill_size = chunked_prefill_size  # None: whole prompts only
@@ -93,6 +96,8 @@ class Scheduler:
         for row, start, slots in self._pending_repoints.values():
             plan.table_writes.add(row, start, slots)
         self._pending_repoints.clear()
+        if self.images is not None:
+            plan.encoder_frees += self.images.take_pending_frees()
         budget = self.batch_max_tokens
         preempted = False
         index = 0
@@ -149,9 +154,18 @@ class Scheduler:
                 )
                 request.first_scheduled_time = time.monotonic()
             plan.table_writes.add(request.table_row, 0, request.kv_slots)
+            if request.images:
+                self._admit_images(plan, request, prefix_len)
             self.running.append(request)
             self._schedule_chunk(plan, request, slots)
             budget -= num_new
+
+    def _admit_images(self, plan: StepPlan, request: Request, prefix_len: int) -> None:
+        if self.images is None:
+            raise RuntimeError("a request with images reached an engine without a vision encoder")
+        to_encode, evicted = self.images.admit(request, prefix_len)
+        plan.encoder_inputs += to_encode
+        plan.encoder_frees += evicted
 
     def _chunk_size(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
@@ -171,6 +185,7 @@ class Scheduler:
                 start,
                 request.token_ids[start:end],
                 samples=end == request.num_tokens,
+                image_slices=ImageScheduler.slices(request, start, end) if request.images else [],
             )
         )
 
@@ -235,6 +250,8 @@ class Scheduler:
         """Gives up a request's slots (to the prefix cache when it is on) and its table row."""
         self._pending_repoints.pop(request.request_id, None)
         self._cache_computed_tokens(request, keep_running=False)
+        if self.images is not None:
+            self.images.release(request)
         if request.table_row is not None:
             self._free_rows.append(request.table_row)
         request.table_row = None
@@ -276,7 +293,7 @@ class Scheduler:
                 self._cache_computed_tokens(request, keep_running=True)
                 request.prefill_cached = True
             request.token_ids.append(token.token_id)
-            reason = self._stop_reason(request, token.token_id)
+            reason = request.check_stop(token.token_id, self.max_req_total_len)
             updates.append(
                 TokenUpdate(
                     request.request_id,
@@ -286,7 +303,7 @@ class Scheduler:
                     finish_reason=reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens,
-                    queued_seconds=_queued_seconds(request),
+                    queued_seconds=request.first_token_queue_seconds(),
                 )
             )
             if reason is not None:
@@ -294,22 +311,3 @@ class Scheduler:
                 self._release_kv(request)
                 self._finish(request, reason)
         return updates
-
-    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
-        params = request.sampling_params
-        num_output = request.num_output_tokens
-        if num_output >= params.min_new_tokens:
-            if not params.ignore_eos and token_id in request.eos_token_ids:
-                return FinishReason.STOP
-            if token_id in request.stop_token_ids:
-                request.stop_reason = token_id
-                return FinishReason.STOP
-        if num_output >= params.max_new_tokens or request.num_tokens >= self.max_req_total_len:
-            return FinishReason.LENGTH
-        return None
-
-
-def _queued_seconds(request: Request) -> float | None:
-    if request.num_output_tokens != 1 or request.first_scheduled_time is None:
-        return None
-    return request.first_scheduled_time - request.arrival_time

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ocula.engine.image_inputs import EncoderInput, ImageSlice
 from ocula.sampling.params import SamplingParams
 
 
@@ -21,6 +22,7 @@ class ScheduledSequence:
     start: int  # tokens of this request already in the KV pool
     token_ids: list[int]  # the tokens this step computes: positions [start, start + len)
     samples: bool  # this step reaches the end of the known tokens and samples the next one
+    image_slices: list[ImageSlice] = field(default_factory=list)
 
     @property
     def num_new_tokens(self) -> int:
@@ -64,6 +66,9 @@ class StepPlan:
     new_requests: list[NewRequestData] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
     table_writes: SlotTableWrites = field(default_factory=SlotTableWrites)
+    # Image embeddings: drop these keys first, then encode these images, then run the forward.
+    encoder_frees: list[str] = field(default_factory=list)
+    encoder_inputs: list[EncoderInput] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

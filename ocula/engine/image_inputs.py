@@ -1,0 +1,95 @@
+"""Scheduling of image inputs: which images need the vision encoder this step, which cached
+embeddings to drop, and which embedding rows go where in the batch.
+
+An image sits in a request's tokens as a span of placeholder tokens (`ImageSpan`); its embedding
+has one row per placeholder. The scheduler admits a request, then this class:
+- skips images entirely inside the prefix-cache hit (their KV is cached: no embedding needed);
+- acquires cached embeddings (a hit skips preprocessing and the ViT), or registers a miss and
+  queues its pixels for encoding in this very step, before the forward;
+- for every prefill chunk, names the slices of embeddings that replace the placeholder rows of
+  that chunk (a chunk may start or end inside an image: the embedding is sliced, never
+  recomputed);
+- releases the request's embeddings when it stops running; evicted keys reach the runner with
+  the next plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ocula.engine.embedding_cache import EmbeddingCacheIndex
+from ocula.engine.request import ImageSpan, Request
+
+
+@dataclass
+class EncoderInput:
+    key: str
+    pixel_values: torch.Tensor  # [tiles, 3, H, W] float32, CPU
+
+
+@dataclass
+class ImageSlice:
+    """Rows [src_start, src_end) of image `key`'s embedding replace the rows starting at
+    `dst_start` of the sequence's chunk (counted from the chunk's first token)."""
+
+    key: str
+    src_start: int
+    src_end: int
+    dst_start: int
+
+
+class ImageScheduler:
+    def __init__(
+        self, cache_capacity: int, preprocess: Callable[[ImageSpan], torch.Tensor] | None
+    ) -> None:
+        self.index = EmbeddingCacheIndex(cache_capacity)
+        self._preprocess = preprocess
+        self._pending_frees: list[str] = []
+
+    def admit(
+        self, request: Request, cached_prefix_len: int
+    ) -> tuple[list[EncoderInput], list[str]]:
+        """Acquires the embeddings a newly admitted request needs; returns what to encode now and
+        which keys were evicted for room."""
+        to_encode: list[EncoderInput] = []
+        evicted: list[str] = []
+        for span in request.images:
+            if span.offset + span.length <= cached_prefix_len:
+                continue
+            if self.index.lookup(span.key):
+                self.index.acquire(span.key)
+            else:
+                evicted += self.index.add(span.key)
+                to_encode.append(EncoderInput(span.key, self._pixels(span)))
+            request.held_image_keys.append(span.key)
+        return to_encode, evicted
+
+    def _pixels(self, span: ImageSpan) -> torch.Tensor:
+        if span.pixel_values is not None:
+            return span.pixel_values
+        if self._preprocess is None:
+            raise RuntimeError("an image reached an engine without a vision encoder")
+        return self._preprocess(span)
+
+    def release(self, request: Request) -> None:
+        for key in request.held_image_keys:
+            self._pending_frees += self.index.release(key)
+        request.held_image_keys.clear()
+
+    def take_pending_frees(self) -> list[str]:
+        frees, self._pending_frees = self._pending_frees, []
+        return frees
+
+    @staticmethod
+    def slices(request: Request, start: int, end: int) -> list[ImageSlice]:
+        """Embedding slices covering the placeholder tokens in positions [start, end)."""
+        result = []
+        for span in request.images:
+            lo = max(start, span.offset)
+            hi = min(end, span.offset + span.length)
+            if lo < hi:
+                result.append(ImageSlice(span.key, lo - span.offset, hi - span.offset, lo - start))
+        return result
