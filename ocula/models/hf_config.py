@@ -72,11 +72,19 @@ def internlm2_config(raw: dict[str, Any]) -> PretrainedConfig:
 
 
 def load_text_config(model_dir: str | Path) -> PretrainedConfig:
-    """The language-model config of the checkpoint in `model_dir`."""
+    """The language-model config of the checkpoint in `model_dir`.
+
+    For an InternVL checkpoint (either layout): its `InternVLModelConfig`, which the registry
+    resolves to the vision-language model and whose `text_config` is the language model's.
+    """
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}")
     raw = _read_json(path)
+    from ocula.models import internvl_config  # imported here: it imports this module
+
+    if internvl_config.is_vlm_config(raw):
+        return internvl_config.load_vlm_config(model_dir)
     if raw.get("model_type") == "internlm2":
         return internlm2_config(raw)
     return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)

@@ -13,18 +13,24 @@ TEXT_MODELS: dict[str, str] = {
     "Qwen2ForCausalLM": "ocula.models.llama:LlamaForCausalLM",
     "InternLM2ForCausalLM": "ocula.models.internlm2:InternLM2ForCausalLM",
 }
+# Vision-language models; their configs come from `internvl_config.load_vlm_config`.
+MULTIMODAL_MODELS: dict[str, str] = {
+    "InternVLChatModel": "ocula.models.internvl:InternVLChatModel",
+    "InternVLForConditionalGeneration": "ocula.models.internvl:InternVLChatModel",
+}
+_ALL_MODELS = {**TEXT_MODELS, **MULTIMODAL_MODELS}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(TEXT_MODELS)
+    return sorted(_ALL_MODELS)
 
 
 def resolve_model_class(config: PretrainedConfig) -> type[nn.Module]:
     """The class that implements the first architecture in `config.architectures` we support."""
     architectures = list(getattr(config, "architectures", None) or [])
     for name in architectures:
-        if name in TEXT_MODELS:
-            module_name, class_name = TEXT_MODELS[name].split(":")
+        if name in _ALL_MODELS:
+            module_name, class_name = _ALL_MODELS[name].split(":")
             return getattr(importlib.import_module(module_name), class_name)
     raise ValueError(
         f"unsupported model architecture {architectures or '(none in config.json)'}; "

@@ -1,0 +1,264 @@
+"""InternViT, the vision tower of InternVL 1.5 / 2 / 2.5 / 3, under the original checkpoint's names.
+
+Tree (`vision_model.*` in the original layout): `embeddings.{class_embedding, position_embedding,
+patch_embedding}`, `encoder.layers.N.{norm1, attn.{qkv, q_norm, k_norm, proj}, ls1, norm2,
+mlp.{fc1, fc2}, ls2}`. Each layer is pre-norm with layer scale:
+    x = x + attn(norm1(x)) * ls1;  x = x + mlp(norm2(x)) * ls2.
+
+Each tile is its own sequence (class token + patches) with bidirectional attention, so attention
+is one SDPA call over [tiles, heads, tokens, head_dim].
+
+Tensor parallelism (over the vision group, which may differ from the LLM's): `qkv` and `fc1` are
+column parallel (whole heads per rank), `proj` and `fc2` row parallel; embeddings, norms and layer
+scales are replicated. The optional qk-norm is an RMSNorm over all heads' channels, so with
+sharded heads its mean square is summed over the group (`ChannelShardedRMSNorm`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ocula.distributed.parallel_group import ParallelGroup
+from ocula.layers.linear import (
+    CheckpointTensor,
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    ShardId,
+    copy_into,
+    narrow_checkpoint,
+)
+from ocula.layers.norm import RMSNorm
+from ocula.models.internvl_config import InternViTConfig
+
+
+def frozen_layer_norm(size: int, eps: float) -> nn.LayerNorm:
+    norm = nn.LayerNorm(size, eps=eps)
+    norm.requires_grad_(False)
+    return norm
+
+
+def make_norm(norm_type: str, size: int, eps: float) -> nn.Module:
+    if norm_type == "layer_norm":
+        return frozen_layer_norm(size, eps)
+    if norm_type == "rms_norm":
+        return RMSNorm(size, eps)
+    raise ValueError(f"unknown InternViT norm_type {norm_type!r} (layer_norm, rms_norm)")
+
+
+def interpolate_position_embedding(
+    table: torch.Tensor, grid_height: int, grid_width: int
+) -> torch.Tensor:
+    """Position embeddings [1, 1 + g*g, C] trained on a g x g patch grid -> [1, 1 + h*w, C].
+
+    The class token's row is kept; the patch rows are resized as a C-channel g x g image with
+    bicubic interpolation (align_corners=False), computed in float32, then cast back.
+    """
+    trained_side = round((table.shape[1] - 1) ** 0.5)
+    if trained_side * trained_side != table.shape[1] - 1:
+        raise ValueError(f"position embeddings of {table.shape[1] - 1} patches are not a square")
+    if (grid_height, grid_width) == (trained_side, trained_side):
+        return table
+    channels = table.shape[-1]
+    grid = table[:, 1:].float().reshape(1, trained_side, trained_side, channels)
+    resized = F.interpolate(
+        grid.permute(0, 3, 1, 2),
+        size=(grid_height, grid_width),
+        mode="bicubic",
+        align_corners=False,
+    )
+    patch_rows = resized.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, channels)
+    return torch.cat([table[:, :1], patch_rows.to(table.dtype)], dim=1)
+
+
+class ChannelShardedRMSNorm(nn.Module):
+    """RMSNorm over `total_size` channels of which this rank holds the contiguous slice
+    [rank * n, (rank + 1) * n), n = total_size / tp.size (the channels of its heads).
+
+    Numerics as transformers' RMSNorm: float32 statistics, cast back, then scale by the weight.
+    """
+
+    def __init__(self, total_size: int, eps: float, tp: ParallelGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.eps = eps
+        self.total_size = total_size
+        self.local_size = total_size // tp.size
+        self.weight = nn.Parameter(torch.empty(self.local_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: ShardId = None
+    ) -> None:
+        start = self.tp.rank * self.local_size
+        copy_into(param, narrow_checkpoint(loaded, 0, start, self.local_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        if self.tp.size == 1:
+            mean_square = x32.pow(2).mean(-1, keepdim=True)
+        else:
+            squares = x32.pow(2).sum(-1, keepdim=True)
+            mean_square = self.tp.all_reduce(squares) / self.total_size
+        return self.weight * (x32 * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
+
+
+def load_qkv_any_layout(
+    qkv: QKVParallelLinear, param: nn.Parameter, loaded: CheckpointTensor, shard_id: ShardId
+) -> None:
+    """weight_loader of `attn.qkv`: separate q/k/v tensors (shard "q"/"k"/"v", HF layout) or the
+    original stacked `qkv` (shard None: rows [q heads | k heads | v heads], head-major)."""
+    if shard_id is not None:
+        QKVParallelLinear.weight_loader(qkv, param, loaded, shard_id)
+        return
+    projection_rows = qkv.num_heads * qkv.head_dim
+    for index, projection in enumerate(QKVParallelLinear.SHARDS):
+        heads = qkv.local_heads(projection)
+        start = index * projection_rows + heads.start * qkv.head_dim
+        qkv.copy_shard(
+            param, projection, narrow_checkpoint(loaded, 0, start, len(heads) * qkv.head_dim)
+        )
+
+
+class InternViTEmbeddings(nn.Module):
+    def __init__(self, config: InternViTConfig) -> None:
+        super().__init__()
+        size = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.empty(1, 1, size), requires_grad=False)
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.patch_embedding.requires_grad_(False)
+        trained_side = config.image_size // config.patch_size
+        self.position_embedding = nn.Parameter(
+            torch.empty(1, trained_side * trained_side + 1, size), requires_grad=False
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [tiles, channels, H, W] -> [tiles, 1 + (H/p)(W/p), hidden]."""
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        tiles, _, grid_height, grid_width = patches.shape
+        tokens = patches.flatten(2).transpose(1, 2)
+        class_tokens = self.class_embedding.expand(tiles, 1, -1).to(tokens.dtype)
+        embeddings = torch.cat([class_tokens, tokens], dim=1)
+        positions = interpolate_position_embedding(self.position_embedding, grid_height, grid_width)
+        return embeddings + positions.to(embeddings.dtype)
+
+
+class InternViTAttention(nn.Module):
+    def __init__(self, config: InternViTConfig, tp: ParallelGroup) -> None:
+        super().__init__()
+        size = config.hidden_size
+        num_heads = config.num_attention_heads
+        self.head_dim = size // num_heads
+        self.qkv = QKVParallelLinear(size, self.head_dim, num_heads, num_heads, config.qkv_bias, tp)
+        for param in self.qkv.parameters():
+            param.weight_loader = partial(load_qkv_any_layout, self.qkv)
+        self.q_norm = self.k_norm = None
+        if config.qk_normalization:
+            self.q_norm = ChannelShardedRMSNorm(size, config.qk_norm_eps, tp)
+            self.k_norm = ChannelShardedRMSNorm(size, config.qk_norm_eps, tp)
+        self.proj = RowParallelLinear(size, size, True, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [tiles, tokens, hidden] -> [tiles, tokens, hidden]; tiles do not see each other."""
+        tiles, tokens, _ = x.shape
+        q, k, v = self.qkv.split_output(self.qkv(x))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+
+        def heads_first(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(tiles, tokens, -1, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            heads_first(q), heads_first(k), heads_first(v), scale=self.head_dim**-0.5
+        )
+        return self.proj(out.transpose(1, 2).reshape(tiles, tokens, -1))
+
+
+class InternViTMLP(nn.Module):
+    def __init__(self, config: InternViTConfig, tp: ParallelGroup) -> None:
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, True, tp)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, True, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class InternViTLayer(nn.Module):
+    def __init__(self, config: InternViTConfig, tp: ParallelGroup) -> None:
+        super().__init__()
+        size = config.hidden_size
+        self.norm1 = make_norm(config.norm_type, size, config.layer_norm_eps)
+        self.attn = InternViTAttention(config, tp)
+        self.ls1 = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.norm2 = make_norm(config.norm_type, size, config.layer_norm_eps)
+        self.mlp = InternViTMLP(config, tp)
+        self.ls2 = nn.Parameter(torch.empty(size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x)) * self.ls1
+        return x + self.mlp(self.norm2(x)) * self.ls2
+
+
+class InternViTEncoder(nn.Module):
+    def __init__(self, config: InternViTConfig, num_layers: int, tp: ParallelGroup) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(InternViTLayer(config, tp) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def layers_needed(num_hidden_layers: int, select_layer: int) -> int:
+    """How many layers produce hidden state `select_layer` (index into [embeddings, layer 1 out,
+    ..., layer L out], negative from the end), so later layers need not be built at all."""
+    needed = select_layer if select_layer >= 0 else num_hidden_layers + 1 + select_layer
+    if not 0 <= needed <= num_hidden_layers:
+        raise ValueError(
+            f"select_layer {select_layer} is outside a ViT of {num_hidden_layers} layers"
+        )
+    return needed
+
+
+class InternViT(nn.Module):
+    """pixel_values [tiles, 3, S, S] -> hidden state `select_layer` [tiles, 1 + (S/p)^2, hidden]."""
+
+    def __init__(self, config: InternViTConfig, select_layer: int, tp: ParallelGroup) -> None:
+        super().__init__()
+        heads = config.num_attention_heads
+        if heads % tp.size != 0:
+            raise ValueError(
+                f"the vision tensor-parallel size {tp.size} does not divide InternViT's {heads} "
+                "attention heads; choose a visual_tp that divides it (head padding is not "
+                "supported yet)"
+            )
+        if config.hidden_size % heads != 0:
+            raise ValueError(f"hidden size {config.hidden_size} is not a multiple of {heads} heads")
+        self.config = config
+        self.embeddings = InternViTEmbeddings(config)
+        num_layers = layers_needed(config.num_hidden_layers, select_layer)
+        self.encoder = InternViTEncoder(config, num_layers, tp)
+        # transformers applies its final LayerNorm only to the last layer's output (select -1).
+        self.final_layernorm = None
+        if config.final_layernorm and select_layer == -1:
+            self.final_layernorm = frozen_layer_norm(config.hidden_size, config.layer_norm_eps)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.layers)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(self.embeddings(pixel_values))
+        if self.final_layernorm is not None:
+            hidden = self.final_layernorm(hidden)
+        return hidden
