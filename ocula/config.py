@@ -70,6 +70,9 @@ class EngineArgs:
     disable_chunked_prefill: bool = option(False, "Prefill every prompt in a single forward.")
     disable_dynamic_prompt_cache: bool = option(False, "Turn the prefix (radix) cache off.")
     seed: int = option(0, "Seed of the engine's default random generator.")
+    enable_multimodal: bool = option(False, "Serve images with a vision-language checkpoint.")
+    visual_infer_batch_size: int = option(1, "Most images in one vision-encoder forward.")
+    cache_capacity: int = option(200, "Image embeddings kept in the LRU embedding cache.")
 
     def validate(self) -> None:
         """Raises ValueError naming the first flag whose value cannot work."""
@@ -77,7 +80,13 @@ class EngineArgs:
             raise ValueError(f"--tp must be at least 1, got {self.tp}")
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ValueError(f"--mem_fraction must be in (0, 1], got {self.mem_fraction}")
-        for name in ("running_max_req_size", "max_req_total_len", "chunked_prefill_size"):
+        for name in (
+            "running_max_req_size",
+            "max_req_total_len",
+            "chunked_prefill_size",
+            "visual_infer_batch_size",
+            "cache_capacity",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_total_token_num is not None and self.max_total_token_num < 1:

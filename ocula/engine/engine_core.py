@@ -7,9 +7,10 @@ server's front process later); the core sees `Request`s in and `TokenUpdate`s ou
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ocula.config import EngineArgs
+from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.model_runner import ModelRunner
 from ocula.engine.model_setup import ModelSetup
 from ocula.engine.outputs import TokenUpdate
@@ -35,6 +36,10 @@ class EngineStats:
     prefix_cache_evictable: int
     prefix_cache_hit_rate: float
     num_preemptions: int
+    image_cache_hits: int = 0
+    image_cache_misses: int = 0
+    image_cache_entries: int = 0
+    vit_batch_sizes: list[int] = field(default_factory=list)  # since the previous stats
 
 
 class EngineCore:
@@ -52,6 +57,7 @@ class EngineCore:
             mem_fraction=args.mem_fraction,
             max_total_token_num=args.max_total_token_num,
             seed=args.seed,
+            visual_infer_batch_size=args.visual_infer_batch_size,
         )
         model_limit = self.runner.model.max_context_len()
         self.max_req_total_len = min(args.max_req_total_len, model_limit)
@@ -66,6 +72,11 @@ class EngineCore:
         self.prefix_cache = RadixCache(
             self.allocator, enabled=not args.disable_dynamic_prompt_cache
         )
+        self.images: ImageScheduler | None = None
+        if self.is_multimodal:
+            from ocula.multimodal.preprocess_span import preprocess_span
+
+            self.images = ImageScheduler(args.cache_capacity, preprocess_span)
         self.scheduler = Scheduler(
             self.allocator,
             self.prefix_cache,
@@ -75,7 +86,12 @@ class EngineCore:
             else args.chunked_prefill_size,
             running_max_req_size=args.running_max_req_size,
             max_req_total_len=self.max_req_total_len,
+            images=self.images,
         )
+
+    @property
+    def is_multimodal(self) -> bool:
+        return hasattr(self.runner.model, "encode_images")
 
     def add_request(self, request: Request) -> None:
         """Queues a request; raises RequestRejectedError if it can never fit."""
@@ -96,6 +112,8 @@ class EngineCore:
                 f"the request needs up to {prompt_len + max_new} KV cache tokens but the cache "
                 f"holds {capacity} (--max_total_token_num / --mem_fraction)"
             )
+        if request.images and self.images is None:
+            raise RequestRejectedError("this model has no vision encoder: it cannot take images")
         if self.args.disable_chunked_prefill and prompt_len > self.scheduler.batch_max_tokens:
             raise RequestRejectedError(
                 f"the prompt has {prompt_len} tokens, more than --batch_max_tokens "
@@ -130,4 +148,8 @@ class EngineCore:
             prefix_cache_evictable=cache.evictable_size,
             prefix_cache_hit_rate=cache.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            image_cache_hits=self.images.index.hits if self.images else 0,
+            image_cache_misses=self.images.index.misses if self.images else 0,
+            image_cache_entries=len(self.images.index) if self.images else 0,
+            vit_batch_sizes=self.runner.take_vit_batch_sizes(),
         )

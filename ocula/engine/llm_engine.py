@@ -5,13 +5,17 @@ This is what the offline `LLM` API drives, and the same core the server runs.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from ocula.config import EngineArgs
 from ocula.engine.engine_core import EngineCore, EngineStats
 from ocula.engine.model_setup import resolve_model
-from ocula.engine.output_processor import RequestGroup, SequenceStream, child_request_id
+from ocula.engine.output_processor import (
+    RequestGroup,
+    SequenceStream,
+    child_request_id,
+    fan_out,
+)
 from ocula.engine.outputs import RequestOutput
 from ocula.engine.request import Request
 from ocula.sampling.params import SamplingParams
@@ -61,11 +65,7 @@ class LLMEngine:
         prompt_ids = self.tokenize(prompt)
         group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, prompt_ids)
         children = []
-        for index in range(params.n):
-            child_params = params
-            if params.seed is not None and params.n > 1:
-                child_params = dataclasses.replace(params, seed=params.seed + index)
-            child_id = child_request_id(request_id, index, params.n)
+        for index, (child_id, child_params) in enumerate(fan_out(request_id, params)):
             children.append(Request(child_id, prompt_ids, child_params, self.eos_token_ids))
             group.sequences.append(SequenceStream(index, self.tokenizer, prompt_ids, child_params))
         added = []

@@ -166,6 +166,10 @@ class ModelRunner:
                 self.image_embeddings[item.key] = per_image.reshape(-1, per_image.shape[-1])
             self.vit_batch_sizes.append(len(group))
 
+    def take_vit_batch_sizes(self) -> list[int]:
+        sizes, self.vit_batch_sizes = self.vit_batch_sizes, []
+        return sizes
+
     def _spliced_embeddings(
         self, plan: StepPlan, query_starts: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:

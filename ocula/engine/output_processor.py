@@ -7,6 +7,7 @@ children are done.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,25 @@ from ocula.engine.request import FinishReason
 from ocula.engine.stop_strings import StopStringMatcher
 from ocula.sampling.params import SamplingParams
 
+SEED_MODULUS = 2**64  # torch generators take seeds in [0, 2**64)
+
 
 def child_request_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}/{index}"
+
+
+def fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """The core requests behind a request with `n` samples: ids `"{id}/{i}"` and, when seeded,
+    seed + i (wrapped into the generator's range) so that the samples differ reproducibly."""
+    if params.n == 1:
+        return [(request_id, params)]
+    children = []
+    for index in range(params.n):
+        child = params
+        if params.seed is not None:
+            child = dataclasses.replace(params, seed=(params.seed + index) % SEED_MODULUS)
+        children.append((child_request_id(request_id, index, params.n), child))
+    return children
 
 
 class SequenceStream:
@@ -57,7 +74,11 @@ class SequenceStream:
             new_text = self.detokenizer.push([update.token_id])
         if update.finish_reason is not None:
             new_text += self.detokenizer.flush()
-        emitted, stopped = self.stop_matcher.feed(new_text)
+        if len(self.token_ids) <= self.params.min_new_tokens:
+            # Like EOS and stop ids, stop strings only count once min_new_tokens exist.
+            emitted, stopped = new_text, False
+        else:
+            emitted, stopped = self.stop_matcher.feed(new_text)
         if stopped:
             self.finish_reason = FinishReason.STOP.value
             self.stop_reason = self.stop_matcher.matched_stop

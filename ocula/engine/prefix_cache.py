@@ -131,6 +131,12 @@ class RadixCache:
             self.num_tokens_hit += length
         return PrefixMatch(self._path_slots(node), length, node)
 
+    def count_lookup(self, num_queried: int, num_hit: int) -> None:
+        """Records one request's lookup in the hit-rate statistics (for callers that match with
+        `count_in_stats=False` until they know the lookup is final)."""
+        self.num_tokens_queried += num_queried
+        self.num_tokens_hit += num_hit
+
     def insert(self, key: Sequence[Hashable], slots: torch.Tensor) -> int:
         """Caches `key` whose K/V are in `slots` (len(key) == len(slots)) and returns `num_kept`:
         the length of the prefix of `key` that was already cached (len(key) when disabled).

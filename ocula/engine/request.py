@@ -34,6 +34,7 @@ class ImageSpan:
     offset: int
     length: int
     image_bytes: bytes | None = None  # to preprocess on a cache miss
+    tiling: Any = None  # the InternVLImageConfig that preprocessing must use
     pixel_values: Any = None  # [tiles, 3, H, W] float32 once preprocessed
 
     def cache_keys(self) -> list[tuple[str, int]]:
@@ -46,8 +47,9 @@ class Request:
 
     Invariants the scheduler maintains:
     - `token_ids` is the prompt followed by every generated token.
-    - the K/V of `token_ids[:num_computed_tokens]` are in the pool, at `kv_slots[:num_computed_tokens]`
-      (the request holds exactly that many slots);
+    - the K/V of `token_ids[:num_computed_tokens]` are in the pool, at `kv_slots`; between
+      `schedule()` and `update()` it also holds the slots of the tokens being computed, up to
+      `num_scheduled_tokens`;
     - the first `num_tree_tokens` of those slots belong to the prefix cache and are locked through
       `prefix_node`; the rest belong to the request and are freed or handed to the cache when it
       stops running.
@@ -76,6 +78,7 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.num_computed_tokens = 0
+        self.num_scheduled_tokens = 0  # computed plus those the step in flight computes
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.table_row: int | None = None
@@ -138,6 +141,12 @@ class Request:
         """Slots of the computed tokens, in order (a view; int64, CPU)."""
         return self._kv_slots[: self.num_computed_tokens]
 
+    def in_flight_slots(self) -> torch.Tensor:
+        """Slots allocated for tokens a step is computing but has not reported yet."""
+        return self._kv_slots[
+            self.num_computed_tokens : max(self.num_scheduled_tokens, self.num_computed_tokens)
+        ]
+
     def set_prefix_slots(self, slots: torch.Tensor) -> None:
         """Replaces the slots of the first len(slots) tokens (a prefix-cache hit or re-keying)."""
         self._reserve(len(slots))
@@ -159,6 +168,7 @@ class Request:
         """Back to waiting with no KV: the tokens generated so far are recomputed on resume."""
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_scheduled_tokens = 0
         self.num_tree_tokens = 0
         self.prefix_node = None
         self.table_row = None

@@ -140,6 +140,7 @@ class Scheduler:
                 self._unlock_prefix(request)
                 break
             self.waiting.popleft()
+            self.prefix_cache.count_lookup(request.num_tokens - 1, prefix_len)
             request.status = RequestStatus.RUNNING
             request.table_row = self._free_rows.pop()
             if request.first_scheduled_time is None:
@@ -153,7 +154,7 @@ class Scheduler:
                     )
                 )
                 request.first_scheduled_time = time.monotonic()
-            plan.table_writes.add(request.table_row, 0, request.kv_slots)
+            plan.table_writes.add(request.table_row, 0, request.kv_slots.clone())
             if request.images:
                 self._admit_images(plan, request, prefix_len)
             self.running.append(request)
@@ -177,6 +178,7 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + len(slots)
         request.put_new_slots(start, slots)
+        request.num_scheduled_tokens = end
         plan.table_writes.add(request.table_row, start, slots)
         plan.sequences.append(
             ScheduledSequence(
@@ -198,11 +200,12 @@ class Scheduler:
         return slots
 
     def _match_prefix(self, request: Request) -> int:
-        """Locks the longest cached prefix of a waiting request; returns its length."""
-        if request.prefix_node is not None:
-            return request.num_computed_tokens
+        """Locks the longest cached prefix of a waiting request; returns its length. Hit-rate
+        statistics are counted at admission, not here (a blocked request is matched again)."""
         # At least one token must be computed to produce the next token's logits.
-        match = self.prefix_cache.match_prefix(request.cache_key(request.num_tokens - 1))
+        match = self.prefix_cache.match_prefix(
+            request.cache_key(request.num_tokens - 1), count_in_stats=False
+        )
         self.prefix_cache.lock(match.node)
         request.prefix_node = match.node
         request.set_prefix_slots(match.slots)
@@ -249,6 +252,9 @@ class Scheduler:
     def _release_kv(self, request: Request) -> None:
         """Gives up a request's slots (to the prefix cache when it is on) and its table row."""
         self._pending_repoints.pop(request.request_id, None)
+        in_flight = request.in_flight_slots()
+        if len(in_flight):  # stopped between schedule() and update(): those K/V never landed
+            self.allocator.free(in_flight.clone())
         self._cache_computed_tokens(request, keep_running=False)
         if self.images is not None:
             self.images.release(request)

@@ -49,6 +49,8 @@ class LLM:
                 self.engine.add_request(request_id, prompt, params)
             results: dict[str, RequestOutput] = {}
             while len(results) < len(ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("the engine dropped a request without finishing it")
                 for output in self.engine.step():
                     results[output.request_id] = output
         finally:

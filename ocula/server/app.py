@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 import ocula
-from ocula.server import routes_health
+from ocula.server import routes_health, routes_lightllm, routes_openai
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine
 from ocula.server.body_limit import BodySizeLimit
@@ -18,6 +18,8 @@ def build_app(engine: AsyncEngine, args: ServerArgs) -> FastAPI:
     app = FastAPI(title="Ocula", version=ocula.__version__)
     app.state.ocula = ServerState(engine, args, ServerMetrics(engine.model_name))
     app.include_router(routes_health.router)
+    app.include_router(routes_lightllm.router)
+    app.include_router(routes_openai.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(args.max_request_body_mb * (1 << 20)))
     return app

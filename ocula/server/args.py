@@ -16,9 +16,6 @@ class ServerArgs(EngineArgs):
         None,
         "Model name reported by /v1/models and accepted in requests; default: the folder name.",
     )
-    enable_multimodal: bool = option(False, "Serve images with a vision-language checkpoint.")
-    visual_infer_batch_size: int = option(1, "Most images in one vision-encoder forward.")
-    cache_capacity: int = option(200, "Image embeddings kept in the LRU embedding cache.")
     visual_dp: int = option(1, "Data-parallel groups of the vision encoder.")
     visual_tp: int | None = option(
         None, "Tensor-parallel degree of the vision encoder; default: --tp / --visual_dp."
@@ -42,7 +39,7 @@ class ServerArgs(EngineArgs):
         super().validate()
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
-        for name in ("visual_infer_batch_size", "cache_capacity", "visual_dp", "nnodes"):
+        for name in ("visual_dp", "nnodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.graph_max_batch_size < 1:

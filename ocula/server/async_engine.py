@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import multiprocessing
 import pickle
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -23,8 +22,9 @@ import zmq.asyncio
 
 from ocula.engine.engine_core import EngineStats
 from ocula.engine.model_setup import resolve_model
-from ocula.engine.output_processor import SequenceStream, child_request_id
+from ocula.engine.output_processor import SequenceStream, fan_out
 from ocula.engine.outputs import TokenUpdate
+from ocula.engine.request import ImageSpan
 from ocula.sampling.params import SamplingParams
 from ocula.server.args import ServerArgs
 from ocula.server.engine_process import run_engine_process
@@ -47,6 +47,7 @@ class PreparedRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams  # validated and resolved against the model's defaults
+    images: list[ImageSpan] = field(default_factory=list)
 
 
 @dataclass
@@ -208,20 +209,21 @@ class AsyncEngine:
         params = request.params
         streams: dict[str, SequenceStream] = {}
         queue: asyncio.Queue[TokenUpdate | Exception] = asyncio.Queue()
-        for index in range(params.n):
-            child_params = params
-            if params.seed is not None and params.n > 1:
-                child_params = dataclasses.replace(params, seed=params.seed + index)
-            child_id = child_request_id(request_id, index, params.n)
-            if child_id in self._queues:
-                raise RequestError(f"request id {request_id!r} is already in use")
+        children = fan_out(request_id, params)
+        if any(child_id in self._queues for child_id, _ in children):
+            raise RequestError(f"request id {request_id!r} is already in use")
+        for index, (child_id, child_params) in enumerate(children):
             streams[child_id] = SequenceStream(
                 index, self.tokenizer, request.prompt_token_ids, child_params
             )
             self._queues[child_id] = queue
-            await self._to_engine.send(
-                pickle.dumps(
-                    AddRequest(child_id, request.prompt_token_ids, child_params, self.eos_token_ids)
+            self._send(
+                AddRequest(
+                    child_id,
+                    request.prompt_token_ids,
+                    child_params,
+                    self.eos_token_ids,
+                    request.images,
                 )
             )
         try:
@@ -256,8 +258,12 @@ class AsyncEngine:
                     self.abort(child_id)
 
     def abort(self, request_id: str) -> None:
-        """Asks the engine to stop a (child) request and free its KV. Never blocks, so that it
-        can run in the cleanup of a cancelled stream."""
+        """Asks the engine to stop a (child) request and free its KV."""
         if self.failure is None:
-            with contextlib.suppress(zmq.Again):
-                self._to_engine.send(pickle.dumps(AbortRequest(request_id)), flags=zmq.NOBLOCK)
+            self._send(AbortRequest(request_id))
+
+    def _send(self, message: object) -> None:
+        """Never blocks (the engine drains its inbox every step), so that it can run in the
+        cleanup of a cancelled stream."""
+        with contextlib.suppress(zmq.Again):
+            self._to_engine.send(pickle.dumps(message), flags=zmq.NOBLOCK)

@@ -87,6 +87,7 @@ def _handle(core: EngineCore, message: object, outbox: zmq.Socket) -> None:
             message.prompt_token_ids,
             message.sampling_params,
             message.eos_token_ids,
+            images=message.images,
         )
         try:
             core.add_request(request)

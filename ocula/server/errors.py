@@ -7,7 +7,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ocula.server.async_engine import EngineUnavailableError, RequestError
@@ -19,6 +19,13 @@ RETRY_AFTER_SECONDS = 1
 
 class OverloadedError(RuntimeError):
     """More requests are waiting than --max_waiting_requests allows (HTTP 503 + Retry-After)."""
+
+
+class ClientDisconnectedError(Exception):
+    """The client left before its answer was ready; the request has been aborted."""
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection
 
 
 def error_response(
@@ -56,6 +63,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             503, str(error), "overloaded", {"Retry-After": str(RETRY_AFTER_SECONDS)}
         )
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def _disconnected(_: Request, __: ClientDisconnectedError) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; no traceback
 
     @app.exception_handler(EngineUnavailableError)
     async def _unavailable(_: Request, error: EngineUnavailableError) -> JSONResponse:

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine, PreparedRequest, StreamEvent
-from ocula.server.errors import OverloadedError
+from ocula.server.errors import ClientDisconnectedError, OverloadedError
 from ocula.server.metrics import ServerMetrics
 
 DISCONNECT_POLL_SECONDS = 0.25
@@ -107,7 +107,7 @@ async def collect_unless_disconnected(
     request: Request, events: AsyncIterator[StreamEvent]
 ) -> list[StreamEvent]:
     """All events of a non-streamed request; if the client disconnects first, the request is
-    cancelled (which aborts it in the engine) and CancelledError propagates."""
+    cancelled (which aborts it in the engine) and ClientDisconnectedError is raised."""
 
     async def collect() -> list[StreamEvent]:
         return [event async for event in events]
@@ -123,7 +123,7 @@ async def collect_unless_disconnected(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 await events.aclose()
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientDisconnectedError
     finally:
         if not task.done():
             task.cancel()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ocula.engine.request import ImageSpan
 from ocula.sampling.params import SamplingParams
 
 
@@ -13,6 +14,7 @@ class AddRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams  # resolved against the model's defaults
     eos_token_ids: frozenset[int]
+    images: list[ImageSpan] = field(default_factory=list)  # bytes travel; pixels never do
 
 
 @dataclass

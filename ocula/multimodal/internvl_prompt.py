@@ -1,0 +1,126 @@
+"""InternVL prompts: image tags become placeholder spans, and the spans become `ImageSpan`s.
+
+In a prompt, each `<img></img>` (LightLLM's client) or `<image>` (InternVL's chat template)
+stands for one image, in order. It becomes `<img>` + n × `<IMG_CONTEXT>` + `</img>`, where n is
+the image's tiles × tokens per tile; the IMG_CONTEXT rows of the input embeddings are later
+replaced by the image's embedding. The tile count comes from the image size alone, so no pixel
+is touched here: tiling happens in the engine, and only when the embedding is not cached.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ocula import env
+from ocula.engine.request import ImageSpan
+from ocula.multimodal.image_loading import LoadedImage
+from ocula.multimodal.image_processing import InternVLImageConfig, count_tiles, resolve_max_tiles
+
+_TAG = re.compile(r"<img></img>|<image>")
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """What the front needs to know about the model's vision side."""
+
+    tiling: InternVLImageConfig  # max_num = the config's max_dynamic_patch
+    tokens_per_tile: int
+    context_token_id: int
+    start_token: str
+    end_token: str
+    context_token: str
+
+    @classmethod
+    def for_model(cls, config: Any, tokenizer: Any) -> VisionSpec:
+        """Raises ValueError when INTERNVL_IMAGE_LENGTH disagrees with the checkpoint."""
+        expected = env.internvl_image_length()
+        if expected != config.tokens_per_tile:
+            raise ValueError(
+                f"INTERNVL_IMAGE_LENGTH is {expected} but this checkpoint makes "
+                f"{config.tokens_per_tile} tokens per tile ((image_size {config.image_size} / "
+                f"patch {config.patch_size})^2 x downsample_ratio {config.downsample_ratio}^2); "
+                f"set INTERNVL_IMAGE_LENGTH={config.tokens_per_tile} or leave it unset"
+            )
+        tiling = InternVLImageConfig(
+            image_size=config.image_size,
+            min_num=config.min_dynamic_patch,
+            max_num=config.max_dynamic_patch,
+            use_thumbnail=config.use_thumbnail,
+            dynamic=config.dynamic_image_size,
+        )
+        return cls(
+            tiling,
+            config.tokens_per_tile,
+            config.image_token_id_for(tokenizer),
+            config.image_start_token,
+            config.image_end_token,
+            config.image_context_token,
+        )
+
+    def tiling_for(self, requested_max_tiles: int | None) -> InternVLImageConfig:
+        max_tiles = resolve_max_tiles(requested_max_tiles, env.max_patch_num(), self.tiling.max_num)
+        return replace(self.tiling, max_num=max(max_tiles, self.tiling.min_num))
+
+
+def count_image_tags(text: str) -> int:
+    return len(_TAG.findall(text))
+
+
+def image_cache_key(md5: str, tiling: InternVLImageConfig) -> str:
+    """The bytes' MD5 plus every tiling parameter that changes the embedding."""
+    return (
+        f"{md5}:{tiling.image_size}:{tiling.min_num}-{tiling.max_num}:"
+        f"{int(tiling.use_thumbnail)}{int(tiling.dynamic)}"
+    )
+
+
+def build_image_prompt(
+    text: str,
+    images: list[LoadedImage],
+    spec: VisionSpec,
+    tokenizer: Any,
+    requested_max_tiles: int | None = None,
+    add_special_tokens: bool = True,
+) -> tuple[list[int], list[ImageSpan]]:
+    """Token ids of `text` with its image tags expanded, and one ImageSpan per image.
+    Raises ValueError when tags and images do not match one to one."""
+    tags = count_image_tags(text)
+    if tags != len(images):
+        raise ValueError(
+            f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request has "
+            f"{len(images)} image(s); they must match one to one"
+        )
+    tiling = spec.tiling_for(requested_max_tiles)
+    lengths = [count_tiles(*img.image.size, tiling) * spec.tokens_per_tile for img in images]
+    counts = iter(lengths)
+    expanded = _TAG.sub(
+        lambda _: spec.start_token + spec.context_token * next(counts) + spec.end_token, text
+    )
+    token_ids = tokenizer.encode(expanded, add_special_tokens=add_special_tokens)
+    runs = _runs_of(token_ids, spec.context_token_id)
+    if [length for _, length in runs] != lengths:
+        raise ValueError(
+            "the prompt's text contains image placeholder tokens of its own; "
+            f"write images only as <img></img> or <image> (found {len(runs)} spans for "
+            f"{len(images)} images)"
+        )
+    spans = [
+        ImageSpan(image_cache_key(img.md5, tiling), offset, length, img.data, tiling=tiling)
+        for img, (offset, length) in zip(images, runs, strict=True)
+    ]
+    return token_ids, spans
+
+
+def _runs_of(token_ids: list[int], token_id: int) -> list[tuple[int, int]]:
+    """(offset, length) of each maximal run of `token_id`, in order."""
+    runs = []
+    start = None
+    for i, token in enumerate([*token_ids, -1]):
+        if token == token_id and start is None:
+            start = i
+        elif token != token_id and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs

@@ -1,0 +1,18 @@
+"""Turning a cache-missed image span into pixel values, in the engine process."""
+
+from __future__ import annotations
+
+import torch
+
+from ocula.engine.request import ImageSpan
+from ocula.multimodal.image_loading import ImageLimits, decode_image
+from ocula.multimodal.image_processing import preprocess
+
+# The front already checked the bytes against the request's limits; no new limit applies here.
+_NO_LIMITS = ImageLimits(max_bytes=1 << 62, max_pixels=1 << 62)
+
+
+def preprocess_span(span: ImageSpan) -> torch.Tensor:
+    if span.image_bytes is None or span.tiling is None:
+        raise ValueError(f"image {span.key} has no bytes or tiling to preprocess")
+    return preprocess(decode_image(span.image_bytes, _NO_LIMITS), span.tiling)

@@ -1,0 +1,244 @@
+"""Request bodies of LightLLM's native API (`/generate`, `/generate_stream`, `/tokens`) and what
+their parameters mean in engine terms.
+
+Parameter rules (LightLLM's, except where noted):
+- `do_sample: false` is greedy (temperature 0) whatever temperature/top_p/top_k say; so is a
+  temperature below 1e-5. Values given are still range-checked (temperature -1 is a 400 even with
+  `do_sample: false`). `do_sample: true` with no temperature samples even when the model's
+  generation_config.json says `do_sample: false` (at that config's temperature, else 1.0). Unset
+  knobs take the model's generation_config.json, then the global defaults.
+- `max_new_tokens` defaults to 16, `skip_special_tokens` and `add_special_tokens` to true; the
+  latter applies to string inputs only, token-id inputs are used as sent.
+- `n` defaults to `best_of` (else 1); both given, they must agree. With a seed, sequence i is
+  sampled with seed + i.
+- `stop_sequences` are encoded LightLLM's way, see `stop_conditions`.
+- `image_max_patch_num` is accepted and range-checked, and used once images are served.
+
+Validation contract: every model is strict (JSON types only: `"5"` is not an integer, `1.5` is not
+an integer, `1` is accepted where a number is expected) and refuses keys it does not know, so that
+a misspelt field (`"paramters"`, `"max_tokens"`) is a 400 naming it instead of a silently ignored
+option; a key sent as null is taken as not given. Ranges of the sampling knobs are checked by `SamplingParams.validate`, the one place that
+knows them; the fields that never reach `SamplingParams` are range-checked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from ocula.sampling.params import DEFAULT_TEMPERATURE, SamplingParams
+from ocula.server.async_engine import RequestError
+
+# LightLLM decodes greedily below this temperature.
+GREEDY_TEMPERATURE_THRESHOLD = 1e-5
+# Most sequences one request may ask for (`n` / `best_of`); each one holds its own KV cache.
+MAX_SEQUENCES_PER_REQUEST = 64
+
+
+class _StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys_null_means_unset(cls, data: Any) -> Any:
+        """Names every unknown key and lists the accepted ones (pydantic's own message for an
+        extra key only says 'Extra inputs are not permitted'). A known key whose value is null
+        counts as not given (clients that send every key send null for the unset ones)."""
+        if not isinstance(data, dict):
+            return data
+        unknown = [key for key in data if key not in cls.model_fields]
+        if unknown:
+            accepted = ", ".join(cls.model_fields)
+            names = ", ".join(repr(key) for key in unknown)
+            raise ValueError(f"unknown key(s) {names}; accepted keys: {accepted}")
+        return {key: value for key, value in data.items() if value is not None}
+
+
+# A stop sequence is a string (encoded LightLLM's way, see `stop_conditions`) or a list of ids.
+StopSequence = str | list[StrictInt]
+
+
+class GenerateParameters(_StrictModel):
+    """`parameters` of a request. None means "not given": the model's generation_config.json or
+    the global defaults apply (see `SamplingParams.with_model_defaults`)."""
+
+    do_sample: bool | None = None  # False: greedy, whatever temperature/top_p/top_k say
+    temperature: float | None = None  # below 1e-5: greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    stop_sequences: StopSequence | list[StopSequence] | None = None
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    n: int | None = Field(None, ge=1, le=MAX_SEQUENCES_PER_REQUEST)
+    best_of: int | None = Field(None, ge=1, le=MAX_SEQUENCES_PER_REQUEST)
+    return_details: bool = False
+    image_max_patch_num: int | None = Field(None, ge=1)  # tile cap for InternVL images
+    add_special_tokens: bool = True  # applies to string inputs only
+
+    @model_validator(mode="after")
+    def _n_agrees_with_best_of(self) -> GenerateParameters:
+        if self.n is not None and self.best_of is not None and self.n != self.best_of:
+            raise ValueError(
+                f"n ({self.n}) and best_of ({self.best_of}) must agree: both give the number "
+                "of sequences to return"
+            )
+        return self
+
+    @property
+    def num_sequences(self) -> int:
+        """`n`, else `best_of`, else 1."""
+        return self.n or self.best_of or 1
+
+
+class ImageInput(_StrictModel):
+    type: Literal["url", "base64"]
+    data: str
+
+
+class MultimodalParams(_StrictModel):
+    images: list[ImageInput] = Field(default_factory=list)
+
+
+class GenerateRequest(_StrictModel):
+    """Body of `/generate` and `/generate_stream`."""
+
+    inputs: str | list[StrictInt]
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    multimodal_params: MultimodalParams = Field(default_factory=MultimodalParams)
+
+
+class TokensRequest(_StrictModel):
+    """Body of `/tokens`: the text is tokenized exactly as `/generate` would tokenize it."""
+
+    text: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    multimodal_params: MultimodalParams = Field(default_factory=MultimodalParams)
+
+
+class TokenDetail(BaseModel):
+    """One generated token, as `return_details` and every `/generate_stream` event report it.
+
+    - `id`: the token id;
+    - `text`: in `/generate` details, the token decoded alone (special tokens spelled out, no
+      clean-up of spaces); in a stream event, the text that this token made final, so that the
+      events' texts concatenate to the non-streamed `generated_text` (empty while a multi-byte
+      character or a possible stop string is held back, and for the token that stopped the
+      sequence);
+    - `logprob`: the model's log-probability of the token (after temperature/penalties, as the
+      sampler saw it), None if the engine did not report one;
+    - `special`: whether the id is one of the tokenizer's special tokens;
+    - `count_output_tokens`: output tokens of this sequence so far, this one included;
+    - `prompt_tokens`: tokens of the prompt.
+    """
+
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+    count_output_tokens: int
+    prompt_tokens: int
+
+
+class StreamChunk(BaseModel):
+    """One `/generate_stream` event. `generated_text` and `details` are always null (LightLLM's
+    shape); `finish_reason` is set on the last event only."""
+
+    token: TokenDetail
+    generated_text: None = None
+    finished: bool
+    finish_reason: str | None
+    details: None = None
+
+
+# -- meaning in engine terms ---------------------------------------------------------------------
+def stop_conditions(
+    tokenizer: Any, stop_sequences: StopSequence | list[StopSequence] | None, vocab_size: int
+) -> tuple[list[str], list[int]]:
+    """(stop strings, stop token ids) for LightLLM's `stop_sequences`.
+
+    A string is encoded with `tokenizer.encode(s)` (special tokens added as the tokenizer adds
+    them) and its first id dropped, as LightLLM does to drop a BOS; that is why LightLLM's
+    documented client sends `" <|im_end|>"` with a leading space for tokenizers without BOS. A
+    list of ints is taken as ids, nothing dropped (a bare list of ints is one such sequence). Then:
+    one id is a stop token id (checked by the engine; its text is left out of the output), several
+    are a stop string equal to their decoded text (matched on the output text, which holds no
+    special token's text unless `skip_special_tokens` is false), none is ignored.
+    """
+    if stop_sequences is None:
+        return [], []
+    sequences = [stop_sequences] if isinstance(stop_sequences, str) else stop_sequences
+    if sequences and all(isinstance(item, int) for item in sequences):
+        sequences = [sequences]  # a bare list of ids is one token-id stop sequence
+    stop_strings: list[str] = []
+    stop_token_ids: list[int] = []
+    for sequence in sequences:
+        if isinstance(sequence, str):
+            ids = tokenizer.encode(sequence)[1:]
+        else:
+            ids = list(sequence)
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise RequestError(
+                    f"parameters.stop_sequences: token ids must be in [0, {vocab_size}); "
+                    f"got {bad[:5]}"
+                )
+        if len(ids) == 1:
+            stop_token_ids.append(ids[0])
+        elif ids:
+            # No clean-up of spaces: the front's output text never has it (see detokenizer).
+            text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+            if text:
+                stop_strings.append(text)
+    return stop_strings, stop_token_ids
+
+
+def to_sampling_params(
+    parameters: GenerateParameters,
+    tokenizer: Any,
+    vocab_size: int,
+    generation_config: Mapping[str, Any] | None,
+    want_logprobs: bool,
+) -> SamplingParams:
+    """The engine's SamplingParams for LightLLM `parameters` (rules in this module's docstring);
+    raises RequestError naming the parameter at fault."""
+    stop, stop_token_ids = stop_conditions(tokenizer, parameters.stop_sequences, vocab_size)
+    params = SamplingParams(
+        n=parameters.num_sequences,
+        max_new_tokens=parameters.max_new_tokens,
+        min_new_tokens=parameters.min_new_tokens,
+        temperature=parameters.temperature,
+        top_p=parameters.top_p,
+        top_k=parameters.top_k,
+        repetition_penalty=parameters.repetition_penalty,
+        presence_penalty=parameters.presence_penalty,
+        frequency_penalty=parameters.frequency_penalty,
+        seed=parameters.seed,
+        ignore_eos=parameters.ignore_eos,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        skip_special_tokens=parameters.skip_special_tokens,
+        logprobs=0 if want_logprobs else None,
+    )
+    try:
+        params.validate()  # the values as sent, before the greedy rule replaces any
+    except ValueError as error:
+        raise RequestError(f"parameters.{error}") from None
+    temperature = params.temperature
+    if parameters.do_sample is False or (
+        temperature is not None and temperature < GREEDY_TEMPERATURE_THRESHOLD
+    ):
+        temperature = 0.0
+    elif parameters.do_sample and temperature is None:
+        config = generation_config or {}
+        if config.get("do_sample") is False:
+            temperature = config.get("temperature", DEFAULT_TEMPERATURE)
+    return dataclasses.replace(params, temperature=temperature)

@@ -1,0 +1,235 @@
+"""LightLLM's native API: `POST /generate`, `POST /generate_stream` and `POST /tokens`.
+
+What the parameters mean is in protocol_lightllm. Here:
+- every body is read as JSON whatever its Content-Type, as LightLLM does;
+- `/generate` answers once every sequence is done; its `tokens` (with `return_details`) cost a
+  log-softmax per step, so logprobs are only computed when asked for;
+- `/generate_stream` sends one SSE event per token and refuses n > 1; every error found before
+  the first token (bad parameters, prompt too long, engine refusal, overload) is a 4xx/503 JSON
+  answer, never a broken stream;
+- a client that leaves aborts its request, which frees its KV cache;
+- `/tokens` counts the prompt's tokens exactly as `/generate` tokenizes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from ocula.server import serving
+from ocula.server.async_engine import (
+    AsyncEngine,
+    EngineUnavailableError,
+    PreparedRequest,
+    RequestError,
+    StreamEvent,
+)
+from ocula.server.protocol_lightllm import (
+    GenerateRequest,
+    MultimodalParams,
+    StreamChunk,
+    TokenDetail,
+    TokensRequest,
+    to_sampling_params,
+)
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+# nginx's status for "the client closed the connection before the answer".
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+# -- request preparation -----------------------------------------------------------------------
+async def read_body(request: Request, model: type[Body]) -> Body:
+    """The body parsed as JSON and validated as `model`, whatever its Content-Type: LightLLM
+    reads every body as JSON, and `curl -d` sends application/x-www-form-urlencoded."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise RequestError(f"the body is not valid JSON: {error}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+
+
+def check_images(state: serving.ServerState, multimodal: MultimodalParams) -> None:
+    """Raises RequestError for images this server cannot take (no vision support yet)."""
+    if not multimodal.images:
+        return
+    if not state.args.enable_multimodal:
+        raise RequestError(
+            "multimodal_params.images needs a server started with --enable_multimodal"
+        )
+    raise RequestError(
+        f"multimodal_params.images: this model ({state.engine.model_name}) has no vision encoder"
+    )
+
+
+def tokenize_inputs(
+    engine: AsyncEngine, inputs: str | list[int], add_special_tokens: bool
+) -> list[int]:
+    """The prompt's token ids as /generate and /tokens see them."""
+    if isinstance(inputs, str):
+        return engine.tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
+    return list(inputs)
+
+
+def prepare_request(
+    state: serving.ServerState,
+    body: GenerateRequest,
+    want_logprobs: bool,
+) -> PreparedRequest:
+    """Checks, tokenizes and resolves a request; raises RequestError (400)."""
+    check_images(state, body.multimodal_params)
+    engine = state.engine
+    params = to_sampling_params(
+        body.parameters,
+        engine.tokenizer,
+        engine.model_config.vocab_size,
+        engine.generation_config,
+        want_logprobs,
+    )
+    prompt_ids = tokenize_inputs(engine, body.inputs, body.parameters.add_special_tokens)
+    prepared = engine.prepare(prompt_ids, params)
+    if isinstance(body.inputs, str):
+        prepared = dataclasses.replace(prepared, prompt=body.inputs)
+    return prepared
+
+
+# -- responses ---------------------------------------------------------------------------------
+class _DetailWriter:
+    """Builds `TokenDetail`s of one request, counting output tokens per sequence."""
+
+    def __init__(self, tokenizer: Any, prompt_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_tokens = prompt_tokens
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+        self.counts: dict[int, int] = defaultdict(int)
+
+    def detail(self, event: StreamEvent, text: str) -> TokenDetail:
+        self.counts[event.index] += 1
+        return TokenDetail(
+            id=event.token_id,
+            text=text,
+            logprob=event.logprob,
+            special=event.token_id in self.special_ids,
+            count_output_tokens=self.counts[event.index],
+            prompt_tokens=self.prompt_tokens,
+        )
+
+    def decode_alone(self, token_id: int) -> str:
+        return self.tokenizer.decode(
+            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+
+def generate_response(
+    events: list[StreamEvent], prepared: PreparedRequest, tokenizer: Any, details: bool
+) -> dict[str, Any]:
+    """LightLLM's /generate body. `generated_text` is always a list (one per sequence);
+    `count_output_tokens`, `finish_reason` and `tokens` are lists per sequence only when n > 1."""
+    num_sequences = prepared.params.n
+    by_sequence: list[list[StreamEvent]] = [[] for _ in range(num_sequences)]
+    for event in events:
+        by_sequence[event.index].append(event)
+    texts = ["".join(e.text for e in seq) for seq in by_sequence]
+    counts = [len(seq) for seq in by_sequence]
+    reasons = [seq[-1].finish_reason if seq else None for seq in by_sequence]
+    single = num_sequences == 1
+    body: dict[str, Any] = {
+        "generated_text": texts,
+        "count_output_tokens": counts[0] if single else counts,
+        "finish_reason": reasons[0] if single else reasons,
+        "prompt_tokens": len(prepared.prompt_token_ids),
+    }
+    if details:
+        writer = _DetailWriter(tokenizer, len(prepared.prompt_token_ids))
+        tokens = [
+            [writer.detail(e, writer.decode_alone(e.token_id)).model_dump() for e in seq]
+            for seq in by_sequence
+        ]
+        body["tokens"] = tokens[0] if single else tokens
+    return body
+
+
+def sse_event(payload: str) -> bytes:
+    """LightLLM's framing: `data:` with no space, the JSON, a blank line."""
+    return f"data:{payload}\n\n".encode()
+
+
+async def stream_events(
+    events: AsyncIterator[StreamEvent], writer: _DetailWriter
+) -> AsyncIterator[bytes]:
+    """One SSE event per generated token. An error after the first byte cannot change the status
+    any more: it is sent as a last event `{"error": {"message", "type", "code"}}`."""
+    try:
+        async for event in events:
+            chunk = StreamChunk(
+                token=writer.detail(event, event.text),
+                finished=event.finish_reason is not None,
+                finish_reason=event.finish_reason,
+            )
+            yield sse_event(chunk.model_dump_json())
+    except (RequestError, EngineUnavailableError) as error:
+        logger.warning("stream ended by an error: %s", error)
+        if isinstance(error, RequestError):
+            code, error_type = 400, "invalid_request_error"
+        else:
+            code, error_type = 503, "engine_unavailable"
+        error_body = {"message": str(error), "type": error_type, "code": code}
+        yield sse_event(json.dumps({"error": error_body}, separators=(",", ":")))
+    finally:
+        await events.aclose()
+
+
+# -- routes ------------------------------------------------------------------------------------
+@router.post("/generate")
+async def generate(request: Request) -> Response:
+    body = await read_body(request, GenerateRequest)
+    state = serving.server_state(request)
+    details = body.parameters.return_details
+    prepared = prepare_request(state, body, want_logprobs=details)
+    request_id = state.new_request_id("generate")
+    events = serving.run_request(state, request_id, prepared)
+    collected = await serving.collect_unless_disconnected(request, events)
+    return JSONResponse(generate_response(collected, prepared, state.engine.tokenizer, details))
+
+
+@router.post("/generate_stream")
+async def generate_stream(request: Request) -> StreamingResponse:
+    body = await read_body(request, GenerateRequest)
+    state = serving.server_state(request)
+    if body.parameters.num_sequences > 1:
+        raise RequestError(
+            f"parameters.n: /generate_stream returns one sequence; got n="
+            f"{body.parameters.num_sequences} (use /generate for several)"
+        )
+    prepared = prepare_request(state, body, want_logprobs=True)
+    request_id = state.new_request_id("generate")
+    # Errors up to the first token (admission, engine refusal) raise here, before any byte.
+    events = await serving.primed(serving.run_request(state, request_id, prepared))
+    writer = _DetailWriter(state.engine.tokenizer, len(prepared.prompt_token_ids))
+    return StreamingResponse(stream_events(events, writer), media_type="text/event-stream")
+
+
+@router.post("/tokens")
+async def tokens(request: Request) -> JSONResponse:
+    body = await read_body(request, TokensRequest)
+    state = serving.server_state(request)
+    check_images(state, body.multimodal_params)
+    ids = tokenize_inputs(state.engine, body.text, body.parameters.add_special_tokens)
+    return JSONResponse({"ntokens": len(ids)})

@@ -1,0 +1,284 @@
+"""POST /v1/chat/completions: messages through the tokenizer's chat template, then generation,
+answered whole or streamed as chat.completion.chunk events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
+
+from ocula.server.async_engine import StreamEvent
+from ocula.server.protocol_openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatMessage,
+    Delta,
+    TokenLogprobEntry,
+    Usage,
+)
+from ocula.server.routes_openai_common import (
+    OpenAIError,
+    check_model,
+    check_stream_options,
+    events_by_choice,
+    openai_endpoint,
+    parse_body,
+    prompt_cached_tokens,
+    resolve_max_tokens,
+    sampling_params,
+    top_alternatives,
+    top_logprob,
+    usage,
+)
+from ocula.server.routes_openai_events import (
+    SSE_DONE,
+    EventStreamResponse,
+    close_stream,
+    merge_streams,
+    sse,
+    sse_error,
+    start_generations,
+)
+from ocula.server.serving import collect_unless_disconnected, server_state
+
+router = APIRouter()
+
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+# Arguments of apply_chat_template that the request's chat_template_kwargs may not override.
+RESERVED_TEMPLATE_ARGS = frozenset(
+    {
+        "conversation",
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+        "return_dict",
+        "return_tensors",
+        "chat_template",
+    }
+)
+
+
+def message_text(message: ChatMessage, index: int) -> str:
+    """The message's content as one string (text parts joined by newlines). Images are refused:
+    they are served only by a vision-language model with --enable_multimodal."""
+    content = message.content
+    if content is None:
+        if message.role == "assistant":
+            return ""
+        raise OpenAIError(400, f"messages[{index}] has no content", param="messages")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part_index, part in enumerate(content):
+        where = f"messages[{index}].content[{part_index}]"
+        if part.type == "text" and part.text is not None:
+            texts.append(part.text)
+        elif part.type == "text":
+            raise OpenAIError(400, f"{where}: a text part needs a `text` string", param="messages")
+        elif part.type in IMAGE_PART_TYPES:
+            raise OpenAIError(
+                400,
+                f"{where}: images need a vision-language model served with --enable_multimodal; "
+                "this server takes text only",
+                param="messages",
+            )
+        else:
+            raise OpenAIError(
+                400,
+                f"{where}: content parts of type {part.type!r} are not supported; send text parts",
+                param="messages",
+            )
+    return "\n".join(texts)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as chat templates expect them; OpenAI's `developer` role is a system message."""
+    result = []
+    for index, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        entry = {"role": role, "content": message_text(message, index)}
+        if message.name is not None:
+            entry["name"] = message.name
+        result.append(entry)
+    return result
+
+
+def render_chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
+    """Token ids of the templated conversation. The text is tokenized without special tokens
+    because templates write their own (BOS included), as `LLM.chat` does."""
+    messages = template_messages(body.messages)
+    if not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError(
+            400,
+            "this model has no chat template, so its messages cannot be formatted; use "
+            "/v1/completions with a prompt formatted by hand, or serve a chat model",
+            param="messages",
+        )
+    add_generation_prompt = body.add_generation_prompt is not False
+    if body.continue_final_message and add_generation_prompt:
+        raise OpenAIError(
+            400,
+            "continue_final_message needs add_generation_prompt: false",
+            param="continue_final_message",
+        )
+    extra = body.chat_template_kwargs or {}
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=bool(body.continue_final_message),
+            **{key: value for key, value in extra.items() if key not in RESERVED_TEMPLATE_ARGS},
+        )
+    except (TemplateError, ValueError) as error:
+        raise OpenAIError(
+            400, f"the chat template refused the messages: {error}", param="messages"
+        ) from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def logprob_entry(tokenizer: Any, event: StreamEvent) -> TokenLogprobEntry:
+    sampled = top_logprob(tokenizer, event.token_id, event.logprob or 0.0)
+    alternatives = top_alternatives(tokenizer, event)
+    return TokenLogprobEntry(**sampled.model_dump(), top_logprobs=alternatives)
+
+
+@router.post("/v1/chat/completions")
+@openai_endpoint
+async def create_chat_completion(request: Request) -> Response:
+    state = server_state(request)
+    body = await parse_body(request, ChatCompletionRequest)
+    model = check_model(state, body.model)
+    stream_options = check_stream_options(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    tokenizer = state.engine.tokenizer
+    prompt_ids = await asyncio.to_thread(render_chat_prompt, tokenizer, body)
+    if body.max_completion_tokens is not None:
+        requested, field = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        requested, field = body.max_tokens, "max_tokens"
+    max_new_tokens = resolve_max_tokens(state, requested, len(prompt_ids), "messages", field)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    prepared = state.engine.prepare(prompt_ids, sampling_params(body, max_new_tokens, logprobs))
+    request_id = state.new_request_id("chatcmpl")
+    generations = await start_generations(state, request_id, [prepared])
+    events = merge_streams(generations.streams)
+    reply = ChatReply(tokenizer, request_id, model, int(time.time()), len(prompt_ids), logprobs)
+    if body.stream:
+        n, include_usage = prepared.params.n, bool(stream_options.include_usage)
+        return EventStreamResponse(reply.stream(events, n, include_usage), generations.close)
+    try:
+        collected = await collect_unless_disconnected(request, events)
+    finally:
+        await generations.close()
+    return JSONResponse(reply.whole(collected).model_dump(mode="json"))
+
+
+class ChatReply:
+    """Builds the response of one chat request from its events."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        request_id: str,
+        model: str,
+        created: int,
+        prompt_len: int,
+        logprobs: int | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.model = model
+        self.created = created
+        self.prompt_len = prompt_len
+        self.with_logprobs = logprobs is not None
+
+    def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:
+        return usage([self.prompt_len], completion_tokens, cached_tokens)
+
+    def whole(self, collected: list[tuple[int, StreamEvent]]) -> ChatCompletion:
+        choices = []
+        for index, events in sorted(events_by_choice(collected, 1).items()):
+            logprobs = None
+            if self.with_logprobs:
+                entries = [
+                    logprob_entry(self.tokenizer, e) for e in events if e.logprob is not None
+                ]
+                logprobs = ChatLogprobs(content=entries)
+            last = events[-1]
+            choices.append(
+                ChatChoice(
+                    index=index,
+                    message=AssistantMessage(content="".join(e.text for e in events)),
+                    logprobs=logprobs,
+                    finish_reason=last.finish_reason,
+                    stop_reason=last.stop_reason,
+                )
+            )
+        return ChatCompletion(
+            id=self.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self.usage(len(collected), prompt_cached_tokens(collected)),
+        )
+
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse(
+            ChatCompletionChunk(
+                id=self.request_id,
+                created=self.created,
+                model=self.model,
+                choices=choices,
+                usage=usage,
+            )
+        )
+
+    async def stream(
+        self, events: AsyncGenerator[tuple[int, StreamEvent], None], n: int, include_usage: bool
+    ) -> AsyncGenerator[str, None]:
+        """Per choice: a role chunk, content chunks, then a chunk with `finish_reason` and an
+        empty delta; with include_usage a last chunk with no choices and the usage; `[DONE]`."""
+        completion_tokens = 0
+        cached_tokens = 0
+        try:
+            for index in range(n):
+                role = Delta(role="assistant", content="")
+                yield self.chunk([ChatChunkChoice(index=index, delta=role)])
+            async for _, event in events:
+                completion_tokens += 1
+                cached_tokens = max(cached_tokens, event.num_cached_tokens)
+                logprobs = None
+                if self.with_logprobs and event.logprob is not None:
+                    logprobs = ChatLogprobs(content=[logprob_entry(self.tokenizer, event)])
+                if event.text or logprobs is not None:
+                    delta = Delta(content=event.text)
+                    choice = ChatChunkChoice(index=event.index, delta=delta, logprobs=logprobs)
+                    yield self.chunk([choice])
+                if event.finish_reason is not None:
+                    choice = ChatChunkChoice(
+                        index=event.index,
+                        delta=Delta(),
+                        finish_reason=event.finish_reason,
+                        stop_reason=event.stop_reason,
+                    )
+                    yield self.chunk([choice])
+            if include_usage:
+                yield self.chunk([], self.usage(completion_tokens, cached_tokens))
+            yield SSE_DONE
+        except Exception as error:
+            yield sse_error(error)
+            yield SSE_DONE
+        finally:
+            await close_stream(events)

@@ -1,0 +1,270 @@
+"""What the OpenAI routes share: parsing and errors in OpenAI's shape, the served model's name and
+context limit, the mapping onto `SamplingParams`, usage, and token texts for logprobs."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from tokenizers import decoders
+
+from ocula.sampling.params import SamplingParams
+from ocula.server.async_engine import RequestError, StreamEvent
+from ocula.server.errors import describe_validation_error
+from ocula.server.protocol_openai import (
+    PromptTokensDetails,
+    SamplingFields,
+    StreamOptions,
+    TopLogprob,
+    Usage,
+)
+from ocula.server.serving import ServerState
+
+# JSON has no -inf; OpenAI reports impossible tokens with this logprob, and so do we.
+MIN_LOGPROB = -9999.0
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+
+class OpenAIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}`; `code` defaults
+    to the HTTP status, as every other Ocula error does."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | int | None = None,
+        error_type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = status if code is None else code
+        self.error_type = error_type
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def openai_endpoint(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """Answers OpenAIError and RequestError (a 400 found while preparing) in OpenAI's shape;
+    anything else goes to the app's error handlers (503 overloaded, 500)."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except OpenAIError as error:
+            return error.response()
+        except RequestError as error:
+            return OpenAIError(400, str(error)).response()
+
+    return endpoint
+
+
+async def parse_body(request: Request, model: type[RequestModel]) -> RequestModel:
+    """The body validated as `model`; a 400 naming the first bad field otherwise."""
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        problems = error.errors()
+        location = problems[0].get("loc", ()) if problems else ()
+        message = describe_validation_error(RequestValidationError(problems))
+        raise OpenAIError(400, message, param=str(location[0]) if location else None) from None
+
+
+def check_model(state: ServerState, requested: str | None) -> str:
+    """The served model's name; 404 `model_not_found` when the request names another one."""
+    served = state.engine.model_name
+    if requested is not None and requested != served:
+        raise OpenAIError(
+            404,
+            f"The model `{requested}` does not exist; this server serves `{served}`",
+            param="model",
+            code="model_not_found",
+        )
+    return served
+
+
+def context_limit(state: ServerState) -> int:
+    """The most tokens (prompt plus output) one sequence may hold."""
+    ready = state.engine.ready
+    assert ready is not None, "routes are served only once the engine is ready"
+    return min(ready.max_req_total_len, ready.kv_capacity)
+
+
+def resolve_max_tokens(
+    state: ServerState,
+    requested: int | None,
+    prompt_len: int,
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
+) -> int:
+    """`requested`, or when None all the room the prompt leaves (vLLM's default). Refuses a
+    prompt that leaves no room and a `max_tokens` that does not fit, naming the field."""
+    limit = context_limit(state)
+    if prompt_len >= limit:
+        raise OpenAIError(
+            400,
+            f"{prompt_param}: the prompt has {prompt_len} tokens, but this model's maximum "
+            f"context length is {limit} tokens, which must also leave room for at least one "
+            "generated token",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise OpenAIError(
+            400,
+            f"{max_tokens_param} is {requested} and the prompt has {prompt_len} tokens: together "
+            f"{prompt_len + requested}, over this model's maximum context length of {limit} "
+            f"tokens; lower {max_tokens_param} or shorten the prompt",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def check_stream_options(fields: SamplingFields) -> StreamOptions:
+    if fields.stream_options is not None and not fields.stream:
+        raise OpenAIError(
+            400, "stream_options is only allowed when stream is true", param="stream_options"
+        )
+    return fields.stream_options or StreamOptions()
+
+
+def sampling_params(
+    fields: SamplingFields, max_new_tokens: int, logprobs: int | None
+) -> SamplingParams:
+    """The request's knobs as `SamplingParams`; null means "not set" (model default)."""
+    min_tokens = fields.min_tokens or 0
+    if min_tokens > max_new_tokens:
+        raise OpenAIError(
+            400,
+            f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_new_tokens})",
+            param="min_tokens",
+        )
+    stop = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
+    if any(s == "" for s in stop):
+        raise OpenAIError(400, "stop strings must not be empty", param="stop")
+    return SamplingParams(
+        n=fields.n or 1,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_tokens,
+        temperature=fields.temperature,
+        top_p=fields.top_p,
+        top_k=fields.top_k,
+        min_p=fields.min_p,
+        repetition_penalty=fields.repetition_penalty,
+        presence_penalty=fields.presence_penalty or 0.0,
+        frequency_penalty=fields.frequency_penalty or 0.0,
+        seed=fields.seed,
+        ignore_eos=bool(fields.ignore_eos),
+        stop=stop,
+        stop_token_ids=list(fields.stop_token_ids or []),
+        include_stop_str_in_output=bool(fields.include_stop_str_in_output),
+        skip_special_tokens=fields.skip_special_tokens is not False,
+        logprobs=logprobs,
+    )
+
+
+def usage(prompt_lengths: list[int], completion_tokens: int, cached_tokens: int) -> Usage:
+    prompt_tokens = sum(prompt_lengths)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+    )
+
+
+def events_by_choice(
+    collected: list[tuple[int, StreamEvent]], choices_per_prompt: int
+) -> dict[int, list[StreamEvent]]:
+    """Events of a finished request by choice index: `prompt_index * n + sequence_index`, as
+    OpenAI numbers the choices of a batch of prompts."""
+    choices: dict[int, list[StreamEvent]] = {}
+    for prompt_index, event in collected:
+        choices.setdefault(prompt_index * choices_per_prompt + event.index, []).append(event)
+    return choices
+
+
+def prompt_cached_tokens(collected: list[tuple[int, StreamEvent]]) -> int:
+    """Prompt tokens found in the prefix cache, counted once per prompt."""
+    per_prompt: dict[int, int] = {}
+    for prompt_index, event in collected:
+        per_prompt[prompt_index] = max(per_prompt.get(prompt_index, 0), event.num_cached_tokens)
+    return sum(per_prompt.values())
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """The text of one token alone, special tokens included. A token holding only part of a UTF-8
+    character decodes to U+FFFD; `token_bytes` has its real bytes."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's reversible map from the printable character standing for a byte to the
+    byte: printable Latin-1 bytes stand for themselves, the others for U+0100 onwards, in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    alphabet = {chr(byte): byte for byte in printable}
+    others = [byte for byte in range(256) if byte not in alphabet.values()]
+    alphabet.update({chr(0x100 + i): byte for i, byte in enumerate(others)})
+    return alphabet
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
+    """The UTF-8 bytes a token stands for, exact for byte-level BPE (GPT-2, Llama 3, Qwen) and
+    SentencePiece byte-fallback (`<0xE4>`) tokens; otherwise the bytes of its decoded `text`."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if match:
+            return [int(match.group(1), 16)]
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        alphabet = _byte_level_alphabet()
+        if isinstance(decoder, decoders.ByteLevel) and all(c in alphabet for c in piece):
+            return [alphabet[c] for c in piece]
+    return list(text.encode())
+
+
+def clamp_logprob(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def top_logprob(tokenizer: Any, token_id: int, logprob: float) -> TopLogprob:
+    text = token_text(tokenizer, token_id)
+    return TopLogprob(
+        token=text,
+        logprob=clamp_logprob(logprob),
+        bytes=token_bytes(tokenizer, token_id, text),
+    )
+
+
+def top_alternatives(tokenizer: Any, event: StreamEvent) -> list[TopLogprob]:
+    """The event's alternatives, most likely first."""
+    ranked = sorted(event.top_logprobs or [], key=lambda pair: pair[1], reverse=True)
+    return [top_logprob(tokenizer, token_id, logprob) for token_id, logprob in ranked]

@@ -1,0 +1,255 @@
+"""POST /v1/completions: one prompt or a batch (strings or token ids), answered whole or streamed
+as text_completion chunks. Choice `index` is `prompt_index * n + i`, as OpenAI numbers them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from ocula.server.async_engine import StreamEvent
+from ocula.server.protocol_openai import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Usage,
+)
+from ocula.server.routes_openai_common import (
+    OpenAIError,
+    check_model,
+    check_stream_options,
+    clamp_logprob,
+    events_by_choice,
+    openai_endpoint,
+    parse_body,
+    prompt_cached_tokens,
+    resolve_max_tokens,
+    sampling_params,
+    token_text,
+    top_alternatives,
+    usage,
+)
+from ocula.server.routes_openai_events import (
+    SSE_DONE,
+    EventStreamResponse,
+    close_stream,
+    merge_streams,
+    sse,
+    sse_error,
+    start_generations,
+)
+from ocula.server.serving import collect_unless_disconnected, server_state
+
+router = APIRouter()
+
+
+@dataclass
+class TokenizedPrompt:
+    text: str | None  # as sent, when sent as a string
+    token_ids: list[int]
+
+
+def tokenize_prompts(tokenizer: Any, prompt: str | list[Any]) -> list[TokenizedPrompt]:
+    """The request's prompts: a string, a list of token ids, or a batch of either. A string is
+    tokenized with the tokenizer's special tokens (BOS), as a plain prompt should be."""
+    if isinstance(prompt, str):
+        return [TokenizedPrompt(prompt, tokenizer.encode(prompt, add_special_tokens=True))]
+    if not prompt or isinstance(prompt[0], int):
+        return [TokenizedPrompt(None, list(prompt))]
+    batch = []
+    for item in prompt:
+        if isinstance(item, str):
+            batch.append(TokenizedPrompt(item, tokenizer.encode(item, add_special_tokens=True)))
+        else:
+            batch.append(TokenizedPrompt(None, list(item)))
+    return batch
+
+
+def check_unsupported(body: CompletionRequest) -> None:
+    if body.suffix:
+        raise OpenAIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise OpenAIError(
+            400,
+            "echo with logprobs needs the logprobs of the prompt's tokens, which this server "
+            "does not compute; ask for one or the other",
+            param="echo",
+        )
+
+
+@router.post("/v1/completions")
+@openai_endpoint
+async def create_completion(request: Request) -> Response:
+    state = server_state(request)
+    body = await parse_body(request, CompletionRequest)
+    model = check_model(state, body.model)
+    stream_options = check_stream_options(body)
+    check_unsupported(body)
+    tokenizer = state.engine.tokenizer
+    prompts = await asyncio.to_thread(tokenize_prompts, tokenizer, body.prompt)
+    prepared = []
+    for prompt in prompts:
+        # max_tokens: 16 when left out (OpenAI), all the room left when sent as null (vLLM).
+        max_new_tokens = resolve_max_tokens(state, body.max_tokens, len(prompt.token_ids), "prompt")
+        params = sampling_params(body, max_new_tokens, body.logprobs)
+        prepared.append(state.engine.prepare(prompt.token_ids, params))
+    echoes = None
+    if body.echo:
+        echoes = [
+            p.text
+            if p.text is not None
+            else tokenizer.decode(p.token_ids, skip_special_tokens=False)
+            for p in prompts
+        ]
+    request_id = state.new_request_id("cmpl")
+    generations = await start_generations(state, request_id, prepared)
+    events = merge_streams(generations.streams)
+    reply = CompletionReply(
+        tokenizer,
+        request_id,
+        model,
+        int(time.time()),
+        [len(p.token_ids) for p in prompts],
+        prepared[0].params.n,
+        body.logprobs is not None,
+        echoes,
+    )
+    if body.stream:
+        include_usage = bool(stream_options.include_usage)
+        return EventStreamResponse(reply.stream(events, include_usage), generations.close)
+    try:
+        collected = await collect_unless_disconnected(request, events)
+    finally:
+        await generations.close()
+    return JSONResponse(reply.whole(collected).model_dump(mode="json"))
+
+
+class CompletionReply:
+    """Builds the response of one completions request (all its prompts) from its events."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        request_id: str,
+        model: str,
+        created: int,
+        prompt_lengths: list[int],
+        n: int,
+        with_logprobs: bool,
+        echoes: list[str] | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.model = model
+        self.created = created
+        self.prompt_lengths = prompt_lengths
+        self.n = n
+        self.with_logprobs = with_logprobs
+        self.echoes = echoes
+
+    def echo(self, choice_index: int) -> str:
+        return self.echoes[choice_index // self.n] if self.echoes is not None else ""
+
+    def logprobs(self, events: list[StreamEvent], text_start: int) -> CompletionLogprobs:
+        """Legacy logprobs of `events`; each token's offset is where the text it made final
+        starts, counted from `text_start` in the choice's text."""
+        result = CompletionLogprobs()
+        offset = text_start
+        for event in events:
+            if event.logprob is None:
+                continue
+            result.tokens.append(token_text(self.tokenizer, event.token_id))
+            result.token_logprobs.append(clamp_logprob(event.logprob))
+            top = top_alternatives(self.tokenizer, event)
+            result.top_logprobs.append({alt.token: alt.logprob for alt in top})
+            result.text_offset.append(offset)
+            offset += len(event.text)
+        return result
+
+    def whole(self, collected: list[tuple[int, StreamEvent]]) -> Completion:
+        choices = []
+        for index, events in sorted(events_by_choice(collected, self.n).items()):
+            echo = self.echo(index)
+            last = events[-1]
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=echo + "".join(e.text for e in events),
+                    logprobs=self.logprobs(events, len(echo)) if self.with_logprobs else None,
+                    finish_reason=last.finish_reason,
+                    stop_reason=last.stop_reason,
+                )
+            )
+        return Completion(
+            id=self.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self.usage(len(collected), prompt_cached_tokens(collected)),
+        )
+
+    def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:
+        return usage(self.prompt_lengths, completion_tokens, cached_tokens)
+
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return sse(
+            Completion(
+                id=self.request_id,
+                created=self.created,
+                model=self.model,
+                choices=choices,
+                usage=usage,
+            )
+        )
+
+    async def stream(
+        self, events: AsyncGenerator[tuple[int, StreamEvent], None], include_usage: bool
+    ) -> AsyncGenerator[str, None]:
+        """Per choice: the echoed prompt (if asked), text chunks, then a chunk with
+        `finish_reason`; with include_usage a last chunk with no choices; `[DONE]`."""
+        text_lengths: dict[int, int] = {}
+        completion_tokens = 0
+        cached_by_prompt: dict[int, int] = {}
+        try:
+            if self.echoes is not None:
+                for index in range(len(self.echoes) * self.n):
+                    text_lengths[index] = len(self.echo(index))
+                    yield self.chunk([CompletionChoice(index=index, text=self.echo(index))])
+            async for prompt_index, event in events:
+                completion_tokens += 1
+                cached = max(cached_by_prompt.get(prompt_index, 0), event.num_cached_tokens)
+                cached_by_prompt[prompt_index] = cached
+                index = prompt_index * self.n + event.index
+                start = text_lengths.get(index, 0)
+                text_lengths[index] = start + len(event.text)
+                logprobs = None
+                if self.with_logprobs and event.logprob is not None:
+                    logprobs = self.logprobs([event], start)
+                if event.text or logprobs is not None:
+                    choice = CompletionChoice(index=index, text=event.text, logprobs=logprobs)
+                    yield self.chunk([choice])
+                if event.finish_reason is not None:
+                    choice = CompletionChoice(
+                        index=index,
+                        text="",
+                        finish_reason=event.finish_reason,
+                        stop_reason=event.stop_reason,
+                    )
+                    yield self.chunk([choice])
+            if include_usage:
+                cached_tokens = sum(cached_by_prompt.values())
+                yield self.chunk([], self.usage(completion_tokens, cached_tokens))
+            yield SSE_DONE
+        except Exception as error:
+            yield sse_error(error)
+            yield SSE_DONE
+        finally:
+            await close_stream(events)

@@ -1,0 +1,164 @@
+"""Starting a request's generations and delivering their events: every prompt admitted before
+the first response byte, several prompts merged into one stream, and server-sent events whose
+response aborts the request however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
+
+from ocula.server.async_engine import (
+    EngineUnavailableError,
+    PreparedRequest,
+    RequestError,
+    StreamEvent,
+)
+from ocula.server.errors import OverloadedError
+from ocula.server.routes_openai_common import OpenAIError
+from ocula.server.serving import ServerState, primed, run_request
+
+logger = logging.getLogger(__name__)
+
+
+class Generations:
+    """The running generations of one request's prompts. `streams` yield their events, the
+    first of each already arrived; `close()` aborts whatever still runs. Closing here does not
+    depend on `streams` ever having been read: an async generator that never started ignores
+    `aclose()`, so the started generators underneath are the ones closed."""
+
+    def __init__(
+        self,
+        started: list[AsyncGenerator[StreamEvent, None]],
+        streams: list[AsyncIterator[StreamEvent]],
+    ) -> None:
+        self._started = started
+        self.streams = streams
+
+    async def close(self) -> None:
+        """Idempotent; call once nothing reads `streams` any more."""
+        for events in self._started:
+            await events.aclose()
+
+
+async def start_generations(
+    state: ServerState, request_id: str, prepared: list[PreparedRequest]
+) -> Generations:
+    """Submits every prompt (ids `request_id`, or `request_id-i` for several) and waits for each
+    one's first token, so that refusals (overload, engine errors) surface before any response
+    byte. On failure every prompt already started is aborted and the first error is raised."""
+    ids = (
+        [request_id] if len(prepared) == 1 else [f"{request_id}-{i}" for i in range(len(prepared))]
+    )
+    started = [run_request(state, sub_id, p) for sub_id, p in zip(ids, prepared, strict=True)]
+    generations = Generations(started, [])
+    try:
+        results = await asyncio.gather(
+            *(primed(events) for events in started), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+    except BaseException:
+        await generations.close()
+        raise
+    generations.streams = list(results)
+    return generations
+
+
+async def close_stream(stream: AsyncIterator[Any]) -> None:
+    """Closes an async generator (running its cleanup: aborting the request); other iterators
+    have nothing to close."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def merge_streams(
+    streams: list[AsyncIterator[StreamEvent]],
+) -> AsyncGenerator[tuple[int, StreamEvent], None]:
+    """The events of several prompts as they come, tagged with the prompt's index. Closing the
+    merged stream (or an error in one) aborts whatever still runs."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            await close_stream(streams[0])
+        return
+    queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[StreamEvent]) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except Exception as error:
+            queue.put_nowait((index, error))
+        finally:
+            await close_stream(stream)
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(error: Exception) -> str:
+    """The last event of a stream that failed after its headers were sent."""
+    if isinstance(error, RequestError):
+        return sse(OpenAIError(400, str(error)).body())
+    if isinstance(error, (EngineUnavailableError, OverloadedError)):
+        return sse(OpenAIError(503, str(error), error_type="engine_unavailable").body())
+    logger.exception("error while streaming", exc_info=error)
+    internal = f"internal error: {type(error).__name__}"
+    return sse(OpenAIError(500, internal, error_type="internal_error").body())
+
+
+class EventStreamResponse(StreamingResponse):
+    """A server-sent-events response that runs `on_close` however the response ends (finished,
+    client gone, server stopping), so that the request is aborted in the engine and its KV freed
+    at once rather than whenever its generators are garbage-collected."""
+
+    def __init__(
+        self, body: AsyncGenerator[str, None], on_close: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._body = body
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._body.aclose()
+            await self._on_close()
