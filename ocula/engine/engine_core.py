@@ -7,7 +7,7 @@ server's front process later); the core sees `Request`s in and `TokenUpdate`s ou
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ocula.config import EngineArgs
 from ocula.engine.image_inputs import ImageScheduler
@@ -39,7 +39,7 @@ class EngineStats:
     image_cache_hits: int = 0
     image_cache_misses: int = 0
     image_cache_entries: int = 0
-    vit_batch_sizes: list[int] = field(default_factory=list)  # since the previous stats
+    images_in_prefix_cache: int = 0  # images whose KV the prefix cache already held
 
 
 class EngineCore:
@@ -137,6 +137,10 @@ class EngineCore:
         sampled = self.runner.execute(plan)
         return self.scheduler.update(plan, sampled)
 
+    def take_vit_batch_sizes(self) -> list[int]:
+        """Images per ViT forward since the previous call (for the batch-size histogram)."""
+        return self.runner.take_vit_batch_sizes()
+
     def stats(self) -> EngineStats:
         cache = self.prefix_cache
         return EngineStats(
@@ -151,5 +155,5 @@ class EngineCore:
             image_cache_hits=self.images.index.hits if self.images else 0,
             image_cache_misses=self.images.index.misses if self.images else 0,
             image_cache_entries=len(self.images.index) if self.images else 0,
-            vit_batch_sizes=self.runner.take_vit_batch_sizes(),
+            images_in_prefix_cache=self.images.num_served_by_prefix_cache if self.images else 0,
         )

@@ -48,6 +48,7 @@ class ImageScheduler:
         self.index = EmbeddingCacheIndex(cache_capacity)
         self._preprocess = preprocess
         self._pending_frees: list[str] = []
+        self.num_served_by_prefix_cache = 0  # images whose KV was cached: no embedding needed
 
     def admit(
         self, request: Request, cached_prefix_len: int
@@ -58,6 +59,7 @@ class ImageScheduler:
         evicted: list[str] = []
         for span in request.images:
             if span.offset + span.length <= cached_prefix_len:
+                self.num_served_by_prefix_cache += 1
                 continue
             if self.index.lookup(span.key):
                 self.index.acquire(span.key)

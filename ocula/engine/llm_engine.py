@@ -6,6 +6,7 @@ This is what the offline `LLM` API drives, and the same core the server runs.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ocula.config import EngineArgs
 from ocula.engine.engine_core import EngineCore, EngineStats
@@ -17,12 +18,22 @@ from ocula.engine.output_processor import (
     fan_out,
 )
 from ocula.engine.outputs import RequestOutput
-from ocula.engine.request import Request
+from ocula.engine.request import ImageSpan, Request
+from ocula.multimodal.image_loading import (
+    ImageError,
+    ImageLimits,
+    LoadedImage,
+    decode_image,
+    md5_hex,
+)
+from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt
 from ocula.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int]
+# A prompt is text, token ids, or {"prompt": text with <image> or <img></img> tags,
+# "images": [encoded image bytes, in tag order], "image_max_patch_num": optional tile cap}.
+Prompt = str | list[int] | dict[str, Any]
 
 
 class LLMEngine:
@@ -37,6 +48,9 @@ class LLMEngine:
         self.eos_token_ids = setup.eos_token_ids(args, self.tokenizer)
         logger.info("loading %s on %s in %s", setup.model_dir, setup.device, setup.dtype)
         self.core = EngineCore(args, setup)
+        self.vision: VisionSpec | None = None
+        if self.core.is_multimodal:
+            self.vision = VisionSpec.for_model(self.model_config, self.tokenizer)
         self._groups: dict[str, RequestGroup] = {}
         self._sequences: dict[str, tuple[RequestGroup, SequenceStream]] = {}
 
@@ -46,7 +60,37 @@ class LLMEngine:
         params.validate()
         return params.with_model_defaults(self.generation_config)
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> tuple[list[int], list[ImageSpan]]:
+        """Token ids of a prompt, and the spans of its images (multimodal prompts)."""
+        if isinstance(prompt, dict):
+            return self._tokenize_with_images(prompt)
+        return self._tokenize_text(prompt), []
+
+    def _tokenize_with_images(self, prompt: dict[str, Any]) -> tuple[list[int], list[ImageSpan]]:
+        if self.vision is None:
+            raise ValueError(f"{self.model_dir.name} has no vision encoder: it cannot take images")
+        unknown = set(prompt) - {"prompt", "images", "image_max_patch_num"}
+        if unknown or not isinstance(prompt.get("prompt"), str):
+            raise ValueError(
+                "a multimodal prompt is {'prompt': str, 'images': [bytes], "
+                f"'image_max_patch_num': int}}; got keys {sorted(prompt)}"
+            )
+        limits = ImageLimits()
+        images = []
+        for index, data in enumerate(prompt.get("images", [])):
+            try:
+                images.append(LoadedImage(data, md5_hex(data), decode_image(data, limits)))
+            except ImageError as error:
+                raise ValueError(f"image {index}: {error.message}") from None
+        return build_image_prompt(
+            prompt["prompt"],
+            images,
+            self.vision,
+            self.tokenizer,
+            prompt.get("image_max_patch_num"),
+        )
+
+    def _tokenize_text(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         vocab = self.model_config.vocab_size
@@ -62,11 +106,13 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = self.resolve_params(params)
-        prompt_ids = self.tokenize(prompt)
+        prompt_ids, images = self.tokenize(prompt)
         group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, prompt_ids)
         children = []
         for index, (child_id, child_params) in enumerate(fan_out(request_id, params)):
-            children.append(Request(child_id, prompt_ids, child_params, self.eos_token_ids))
+            children.append(
+                Request(child_id, prompt_ids, child_params, self.eos_token_ids, images=images)
+            )
             group.sequences.append(SequenceStream(index, self.tokenizer, prompt_ids, child_params))
         added = []
         try:

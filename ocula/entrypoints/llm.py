@@ -33,7 +33,8 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One output per prompt, in order. A prompt is a string or a list of token ids."""
+        """One output per prompt, in order. A prompt is a string, a list of token ids, or for a
+        vision model `{"prompt": "...<image>...", "images": [image bytes]}`."""
         prompt_list = _as_prompt_list(prompts)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             params_list = [sampling_params] * len(prompt_list)
@@ -74,7 +75,7 @@ class LLM:
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str | dict):
         return [prompts]
     prompts = list(prompts)
     if prompts and all(isinstance(p, int) for p in prompts):

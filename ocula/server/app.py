@@ -16,7 +16,9 @@ from ocula.server.serving import ServerState
 
 def build_app(engine: AsyncEngine, args: ServerArgs) -> FastAPI:
     app = FastAPI(title="Ocula", version=ocula.__version__)
-    app.state.ocula = ServerState(engine, args, ServerMetrics(engine.model_name))
+    metrics = ServerMetrics(engine.model_name)
+    engine.stats_listeners.append(metrics.observe_step)
+    app.state.ocula = ServerState(engine, args, metrics)
     app.include_router(routes_health.router)
     app.include_router(routes_lightllm.router)
     app.include_router(routes_openai.router)

@@ -13,7 +13,7 @@ import multiprocessing
 import pickle
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +25,12 @@ from ocula.engine.model_setup import resolve_model
 from ocula.engine.output_processor import SequenceStream, fan_out
 from ocula.engine.outputs import TokenUpdate
 from ocula.engine.request import ImageSpan
+from ocula.multimodal.internvl_prompt import VisionSpec
 from ocula.sampling.params import SamplingParams
 from ocula.server.args import ServerArgs
 from ocula.server.engine_process import run_engine_process
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
+from ocula.server.images import FrontImages
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,12 @@ class AsyncEngine:
         self.tokenizer = setup.load_tokenizer(args)
         self.eos_token_ids = setup.eos_token_ids(args, self.tokenizer)
         self.model_name = args.model_name or setup.model_dir.name
+        # Images are served when the checkpoint has a vision side and --enable_multimodal is on.
+        self.images: FrontImages | None = None
+        self.is_vision_model = hasattr(self.model_config, "tokens_per_tile")
+        if self.is_vision_model and args.enable_multimodal:
+            vision = VisionSpec.for_model(self.model_config, self.tokenizer)
+            self.images = FrontImages(vision, self.tokenizer, args.allow_local_media)
         self.ready: EngineReady | None = None
         self.stats: EngineStats | None = None
         self.failure: str | None = None
@@ -85,6 +93,8 @@ class AsyncEngine:
         self._from_engine = self._context.socket(zmq.PULL)
         self._process: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Called with every step's stats and ViT batch sizes (the metrics hook).
+        self.stats_listeners: list[Callable[[EngineStats, list[int]], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> EngineReady:
@@ -120,6 +130,8 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.images is not None:
+            await self.images.close()
         if self._process is not None and self._process.is_alive():
             with contextlib.suppress(zmq.ZMQError):
                 await self._to_engine.send(pickle.dumps(Shutdown()))
@@ -150,6 +162,8 @@ class AsyncEngine:
             message = pickle.loads(await self._from_engine.recv())
             if isinstance(message, StepOutputs):
                 self.stats = message.stats
+                for listener in self.stats_listeners:
+                    listener(message.stats, message.vit_batch_sizes)
                 for update in message.updates:
                     queue = self._queues.get(update.request_id)
                     if queue is not None:
@@ -162,8 +176,22 @@ class AsyncEngine:
                 self._fail(message.message)
 
     # -- requests -----------------------------------------------------------------------------
-    def prepare(self, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
-        """Tokenizes and checks a request before anything is sent; raises RequestError."""
+    def image_support_error(self) -> str | None:
+        """Why this server cannot take images, or None when it can."""
+        if self.images is not None:
+            return None
+        if self.is_vision_model:
+            return "images need a server started with --enable_multimodal"
+        return f"this model ({self.model_name}) has no vision encoder: it cannot take images"
+
+    def prepare(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        images: list[ImageSpan] | None = None,
+    ) -> PreparedRequest:
+        """Tokenizes and checks a request before anything is sent; raises RequestError.
+        `images` are the spans of a prompt already expanded by `FrontImages.build_prompt`."""
         try:
             params.validate()
         except ValueError as error:
@@ -196,7 +224,9 @@ class AsyncEngine:
                 f"the request needs up to {total} KV cache tokens but the cache holds "
                 f"{self.ready.kv_capacity}"
             )
-        return PreparedRequest(prompt if isinstance(prompt, str) else None, prompt_ids, params)
+        return PreparedRequest(
+            prompt if isinstance(prompt, str) else None, prompt_ids, params, list(images or [])
+        )
 
     async def generate(
         self, request_id: str, request: PreparedRequest

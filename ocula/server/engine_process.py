@@ -77,7 +77,8 @@ def _serve(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
             return
         if core.has_work():
             updates = core.step()
-            outbox.send(pickle.dumps(StepOutputs(updates, core.stats())))
+            outputs = StepOutputs(updates, core.stats(), core.take_vit_batch_sizes())
+            outbox.send(pickle.dumps(outputs))
 
 
 def _handle(core: EngineCore, message: object, outbox: zmq.Socket) -> None:

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ocula.multimodal.image_loading import ImageError
 from ocula.server.async_engine import EngineUnavailableError, RequestError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _bad_request(_: Request, error: RequestError) -> JSONResponse:
         return error_response(400, str(error), "invalid_request_error")
+
+    @app.exception_handler(ImageError)
+    async def _image(_: Request, error: ImageError) -> JSONResponse:
+        kinds = {413: "image_too_large", 422: "image_unfetchable"}
+        return error_response(error.status, error.message, kinds.get(error.status, "invalid_image"))
 
     @app.exception_handler(OverloadedError)
     async def _overloaded(_: Request, error: OverloadedError) -> JSONResponse:

@@ -19,6 +19,7 @@ class EngineReady:
 class StepOutputs:
     updates: list[TokenUpdate]
     stats: EngineStats
+    vit_batch_sizes: list[int]  # images per ViT forward in this step
 
 
 @dataclass

@@ -91,12 +91,40 @@ class ServerMetrics:
             registry=r,
         )
         self.preemptions = Gauge("ocula_num_preemptions", "Requests preempted so far", registry=r)
+        self.image_cache_hits = Counter(
+            "ocula_image_cache_hits", "Images whose embedding was cached (ViT skipped)", registry=r
+        )
+        self.image_cache_misses = Counter(
+            "ocula_image_cache_misses", "Images that needed the vision encoder", registry=r
+        )
+        self.image_cache_entries = Gauge(
+            "ocula_image_cache_entries", "Image embeddings held by the cache", registry=r
+        )
+        self.vit_batch_size = Histogram(
+            "ocula_vit_batch_size",
+            "Images per vision-encoder forward",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self._seen_hits = 0
+        self._seen_misses = 0
         info = Gauge("ocula_model_info", "The served model", ["model_name"], registry=r)
         info.labels(model_name=model_name).set(1)
+
+    def observe_step(self, stats: EngineStats, vit_batch_sizes: list[int]) -> None:
+        """Called for every step the engine reports: its ViT batches, and the cumulative cache
+        counts turned into counter increments here."""
+        for size in vit_batch_sizes:
+            self.vit_batch_size.observe(size)
+        self.image_cache_hits.inc(max(0, stats.image_cache_hits - self._seen_hits))
+        self.image_cache_misses.inc(max(0, stats.image_cache_misses - self._seen_misses))
+        self._seen_hits = max(self._seen_hits, stats.image_cache_hits)
+        self._seen_misses = max(self._seen_misses, stats.image_cache_misses)
 
     def update_engine(self, stats: EngineStats | None) -> None:
         if stats is None:
             return
+        self.image_cache_entries.set(stats.image_cache_entries)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_capacity.set(stats.kv_capacity)

@@ -56,11 +56,12 @@ class SamplingFields(OpenAIRequestModel):
 
 
 class ContentPart(OpenAIRequestModel):
-    """One part of a message's content. Only `text` parts are served; the route refuses the
-    others with a message saying why (images need a vision model)."""
+    """One part of a message's content: `text`, or `image_url` (`{"url": ...}` or a plain
+    string; http(s) or a data URI), which needs a vision model served with --enable_multimodal."""
 
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | str | None = None
 
 
 class ChatMessage(OpenAIRequestModel):

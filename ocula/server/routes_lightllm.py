@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from ocula.engine.request import ImageSpan
 from ocula.server import serving
 from ocula.server.async_engine import (
     AsyncEngine,
@@ -66,17 +67,28 @@ async def read_body(request: Request, model: type[Body]) -> Body:
         raise RequestValidationError(error.errors()) from None
 
 
-def check_images(state: serving.ServerState, multimodal: MultimodalParams) -> None:
-    """Raises RequestError for images this server cannot take (no vision support yet)."""
+async def tokenize_with_images(
+    engine: AsyncEngine,
+    inputs: str | list[int],
+    multimodal: MultimodalParams,
+    max_tiles: int | None,
+    add_special_tokens: bool,
+) -> tuple[list[int], list[ImageSpan]]:
+    """The prompt's token ids, with each `<img></img>` expanded to its image's placeholders.
+    Raises RequestError (400) or ImageError (4xx)."""
     if not multimodal.images:
-        return
-    if not state.args.enable_multimodal:
-        raise RequestError(
-            "multimodal_params.images needs a server started with --enable_multimodal"
-        )
-    raise RequestError(
-        f"multimodal_params.images: this model ({state.engine.model_name}) has no vision encoder"
-    )
+        return tokenize_inputs(engine, inputs, add_special_tokens), []
+    reason = engine.image_support_error()
+    if reason is not None:
+        raise RequestError(f"multimodal_params.images: {reason}")
+    if not isinstance(inputs, str):
+        raise RequestError("inputs: with images, inputs must be text holding <img></img> tags")
+    assert engine.images is not None
+    loaded = await engine.images.load([image.model_dump() for image in multimodal.images])
+    try:
+        return engine.images.build_prompt(inputs, loaded, max_tiles, add_special_tokens)
+    except ValueError as error:
+        raise RequestError(str(error)) from None
 
 
 def tokenize_inputs(
@@ -88,13 +100,12 @@ def tokenize_inputs(
     return list(inputs)
 
 
-def prepare_request(
+async def prepare_request(
     state: serving.ServerState,
     body: GenerateRequest,
     want_logprobs: bool,
 ) -> PreparedRequest:
-    """Checks, tokenizes and resolves a request; raises RequestError (400)."""
-    check_images(state, body.multimodal_params)
+    """Checks, tokenizes and resolves a request; raises RequestError (400) or ImageError."""
     engine = state.engine
     params = to_sampling_params(
         body.parameters,
@@ -103,8 +114,14 @@ def prepare_request(
         engine.generation_config,
         want_logprobs,
     )
-    prompt_ids = tokenize_inputs(engine, body.inputs, body.parameters.add_special_tokens)
-    prepared = engine.prepare(prompt_ids, params)
+    prompt_ids, images = await tokenize_with_images(
+        engine,
+        body.inputs,
+        body.multimodal_params,
+        body.parameters.image_max_patch_num,
+        body.parameters.add_special_tokens,
+    )
+    prepared = engine.prepare(prompt_ids, params, images)
     if isinstance(body.inputs, str):
         prepared = dataclasses.replace(prepared, prompt=body.inputs)
     return prepared
@@ -202,7 +219,7 @@ async def generate(request: Request) -> Response:
     body = await read_body(request, GenerateRequest)
     state = serving.server_state(request)
     details = body.parameters.return_details
-    prepared = prepare_request(state, body, want_logprobs=details)
+    prepared = await prepare_request(state, body, want_logprobs=details)
     request_id = state.new_request_id("generate")
     events = serving.run_request(state, request_id, prepared)
     collected = await serving.collect_unless_disconnected(request, events)
@@ -218,7 +235,7 @@ async def generate_stream(request: Request) -> StreamingResponse:
             f"parameters.n: /generate_stream returns one sequence; got n="
             f"{body.parameters.num_sequences} (use /generate for several)"
         )
-    prepared = prepare_request(state, body, want_logprobs=True)
+    prepared = await prepare_request(state, body, want_logprobs=True)
     request_id = state.new_request_id("generate")
     # Errors up to the first token (admission, engine refusal) raise here, before any byte.
     events = await serving.primed(serving.run_request(state, request_id, prepared))
@@ -230,6 +247,11 @@ async def generate_stream(request: Request) -> StreamingResponse:
 async def tokens(request: Request) -> JSONResponse:
     body = await read_body(request, TokensRequest)
     state = serving.server_state(request)
-    check_images(state, body.multimodal_params)
-    ids = tokenize_inputs(state.engine, body.text, body.parameters.add_special_tokens)
+    ids, _ = await tokenize_with_images(
+        state.engine,
+        body.text,
+        body.multimodal_params,
+        body.parameters.image_max_patch_num,
+        body.parameters.add_special_tokens,
+    )
     return JSONResponse({"ntokens": len(ids)})

@@ -49,7 +49,7 @@ from ocula.server.routes_openai_events import (
     sse_error,
     start_generations,
 )
-from ocula.server.serving import collect_unless_disconnected, server_state
+from ocula.server.serving import ServerState, collect_unless_disconnected, server_state
 
 router = APIRouter()
 
@@ -68,9 +68,12 @@ RESERVED_TEMPLATE_ARGS = frozenset(
 )
 
 
-def message_text(message: ChatMessage, index: int) -> str:
-    """The message's content as one string (text parts joined by newlines). Images are refused:
-    they are served only by a vision-language model with --enable_multimodal."""
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def message_text(message: ChatMessage, index: int, images: list[dict[str, str]]) -> str:
+    """The message's content as one string (parts joined by newlines). Each image part becomes
+    the model's image tag where it stands, and its source is appended to `images`."""
     content = message.content
     if content is None:
         if message.role == "assistant":
@@ -86,37 +89,41 @@ def message_text(message: ChatMessage, index: int) -> str:
         elif part.type == "text":
             raise OpenAIError(400, f"{where}: a text part needs a `text` string", param="messages")
         elif part.type in IMAGE_PART_TYPES:
-            raise OpenAIError(
-                400,
-                f"{where}: images need a vision-language model served with --enable_multimodal; "
-                "this server takes text only",
-                param="messages",
-            )
+            url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
+            if not isinstance(url, str) or not url:
+                raise OpenAIError(
+                    400, f"{where}: an image part needs image_url.url", param="messages"
+                )
+            images.append({"type": "url", "data": url})
+            texts.append(IMAGE_PLACEHOLDER)
         else:
             raise OpenAIError(
                 400,
-                f"{where}: content parts of type {part.type!r} are not supported; send text parts",
+                f"{where}: content parts of type {part.type!r} are not supported; send text "
+                "or image_url parts",
                 param="messages",
             )
     return "\n".join(texts)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as chat templates expect them; OpenAI's `developer` role is a system message."""
+def template_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, str]], list[dict]]:
+    """Messages as chat templates expect them (OpenAI's `developer` role is a system message),
+    and the image sources in the order their tags appear."""
     result = []
+    images: list[dict[str, str]] = []
     for index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
-        entry = {"role": role, "content": message_text(message, index)}
+        entry = {"role": role, "content": message_text(message, index, images)}
         if message.name is not None:
             entry["name"] = message.name
         result.append(entry)
-    return result
+    return result, images
 
 
-def render_chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
-    """Token ids of the templated conversation. The text is tokenized without special tokens
-    because templates write their own (BOS included), as `LLM.chat` does."""
-    messages = template_messages(body.messages)
+def render_chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> tuple[str, list[dict]]:
+    """The templated conversation and its image sources. Tokenize the text without special
+    tokens: templates write their own (BOS included), as `LLM.chat` does."""
+    messages, images = template_messages(body.messages)
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(
             400,
@@ -144,7 +151,24 @@ def render_chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> list[int]
         raise OpenAIError(
             400, f"the chat template refused the messages: {error}", param="messages"
         ) from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text, images
+
+
+async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], list]:
+    """Token ids of the conversation, with images expanded, and the image spans."""
+    engine = state.engine
+    text, sources = await asyncio.to_thread(render_chat_prompt, engine.tokenizer, body)
+    if not sources:
+        return engine.tokenizer.encode(text, add_special_tokens=False), []
+    reason = engine.image_support_error()
+    if reason is not None:
+        raise OpenAIError(400, f"messages: {reason}", param="messages")
+    assert engine.images is not None
+    loaded = await engine.images.load(sources)
+    try:
+        return engine.images.build_prompt(text, loaded, None, add_special_tokens=False)
+    except ValueError as error:
+        raise OpenAIError(400, f"messages: {error}", param="messages") from None
 
 
 def logprob_entry(tokenizer: Any, event: StreamEvent) -> TokenLogprobEntry:
@@ -163,14 +187,15 @@ async def create_chat_completion(request: Request) -> Response:
     if body.top_logprobs is not None and not body.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     tokenizer = state.engine.tokenizer
-    prompt_ids = await asyncio.to_thread(render_chat_prompt, tokenizer, body)
+    prompt_ids, images = await tokenize_chat(state, body)
     if body.max_completion_tokens is not None:
         requested, field = body.max_completion_tokens, "max_completion_tokens"
     else:
         requested, field = body.max_tokens, "max_tokens"
     max_new_tokens = resolve_max_tokens(state, requested, len(prompt_ids), "messages", field)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    prepared = state.engine.prepare(prompt_ids, sampling_params(body, max_new_tokens, logprobs))
+    params = sampling_params(body, max_new_tokens, logprobs)
+    prepared = state.engine.prepare(prompt_ids, params, images)
     request_id = state.new_request_id("chatcmpl")
     generations = await start_generations(state, request_id, [prepared])
     events = merge_streams(generations.streams)

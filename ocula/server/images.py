@@ -1,0 +1,72 @@
+"""The front's part of serving images: fetch and check them, then expand the prompt's image tags.
+
+Pixels are not touched here beyond decoding (which checks the file): tiling happens in the
+engine, and only for images whose embedding is not cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ocula.engine.request import ImageSpan
+from ocula.multimodal.image_loading import (
+    ImageError,
+    ImageLimits,
+    ImageSource,
+    LoadedImage,
+    load_image,
+    make_http_client,
+)
+from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt
+
+MAX_IMAGES_PER_REQUEST = 16
+
+
+class FrontImages:
+    def __init__(self, vision: VisionSpec, tokenizer: Any, allow_local_media: bool) -> None:
+        self.vision = vision
+        self.tokenizer = tokenizer
+        self.limits = ImageLimits(allow_local=allow_local_media)
+        self.client = make_http_client()
+
+    async def load(self, sources: list[Any]) -> list[LoadedImage]:
+        """Fetches and decodes every image concurrently. Raises ImageError (4xx) naming the
+        index of the first image that failed."""
+        if len(sources) > MAX_IMAGES_PER_REQUEST:
+            raise ImageError(
+                f"the request has {len(sources)} images; at most {MAX_IMAGES_PER_REQUEST} are "
+                "allowed",
+                413,
+            )
+        parsed = []
+        for index, raw in enumerate(sources):
+            try:
+                parsed.append(ImageSource.parse(raw))
+            except ImageError as error:
+                raise ImageError(f"image {index}: {error.message}", error.status) from None
+        results = await asyncio.gather(
+            *(load_image(source, self.limits, self.client) for source in parsed),
+            return_exceptions=True,
+        )
+        for index, result in enumerate(results):
+            if isinstance(result, ImageError):
+                raise ImageError(f"image {index}: {result.message}", result.status)
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+    def build_prompt(
+        self,
+        text: str,
+        images: list[LoadedImage],
+        max_tiles: int | None,
+        add_special_tokens: bool,
+    ) -> tuple[list[int], list[ImageSpan]]:
+        """Raises ValueError when the prompt's image tags and the images do not match."""
+        return build_image_prompt(
+            text, images, self.vision, self.tokenizer, max_tiles, add_special_tokens
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()

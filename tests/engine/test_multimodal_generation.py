@@ -1,0 +1,139 @@
+"""InternVL through the whole engine: greedy tokens equal transformers' with images in the
+prompt, in both checkpoint layouts; the embedding cache and the prefix cache skip the ViT."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ocula import LLM, SamplingParams
+from ocula.multimodal.preprocess_span import preprocess_span
+from tests.helpers.tiny_internvl import load_hf_reference, make_hf_internvl, write_original_layout
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+
+
+def image_bytes(width: int, height: int, seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_tile_length(monkeypatch_module):
+    # The tiny checkpoints make 4 tokens per 56 px tile; INTERNVL_IMAGE_LENGTH must agree.
+    monkeypatch_module.setenv("INTERNVL_IMAGE_LENGTH", "4")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory) -> Path:
+    return make_hf_internvl(tmp_path_factory.mktemp("internvl-hf"), "qwen2")
+
+
+def reference_tokens(llm: LLM, checkpoint: Path, prompt: dict, max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation, fed the same ids and the reference tiling's pixels."""
+    token_ids, spans = llm.engine.tokenize(prompt)
+    pixels = torch.cat([preprocess_span(span) for span in spans])
+    model = load_hf_reference(checkpoint)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([token_ids]),
+            attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
+            pixel_values=pixels,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return out[0, len(token_ids) :].tolist()
+
+
+PROMPTS = {
+    "one-tile": {"prompt": "what is <image> here?", "images": [image_bytes(40, 40, 1)]},
+    "many-tiles": {"prompt": "<image>\ndescribe it", "images": [image_bytes(200, 90, 2)]},
+    "two-images": {
+        "prompt": "compare <img></img> and <image> please",
+        "images": [image_bytes(120, 60, 3), image_bytes(50, 170, 4)],
+    },
+}
+
+
+@pytest.mark.parametrize("layout", ["hf-qwen2", "original-internlm2", "original-qwen2"])
+def test_greedy_tokens_equal_transformers(hf_checkpoint, tmp_path_factory, layout) -> None:
+    reference_dir = hf_checkpoint
+    checkpoint = hf_checkpoint
+    if layout.startswith("original"):
+        text_arch = layout.split("-")[1]
+        reference_dir = make_hf_internvl(
+            tmp_path_factory.mktemp("hf"), "llama" if text_arch == "internlm2" else text_arch
+        )
+        checkpoint = write_original_layout(
+            reference_dir, tmp_path_factory.mktemp("orig"), text_arch
+        )
+    llm = LLM(str(checkpoint), max_total_token_num=4096, chunked_prefill_size=7)
+    for name, prompt in PROMPTS.items():
+        expected = reference_tokens(llm, reference_dir, prompt, GREEDY.max_new_tokens)
+        assert llm.generate(prompt, GREEDY)[0].token_ids == expected, name
+    many = llm.engine.tokenize(PROMPTS["many-tiles"])[1][0]
+    assert many.length > 4  # several tiles, so the 7-token chunks cut through the image
+
+
+def test_second_turn_reuses_kv_and_embeddings_without_the_vit(hf_checkpoint) -> None:
+    llm = LLM(str(hf_checkpoint), max_total_token_num=4096, cache_capacity=2)
+    core = llm.engine.core
+    image = image_bytes(120, 60, 7)
+    first = {"prompt": "<image>\nwhat is it?", "images": [image]}
+    out = llm.generate(first, GREEDY)[0]
+    assert core.stats().image_cache_misses == 1
+    assert core.runner.take_vit_batch_sizes() == [1]
+    # Turn two repeats the conversation: the image's KV comes from the prefix cache.
+    answer = llm.tokenizer.decode(out.token_ids)
+    second = {"prompt": f"<image>\nwhat is it?{answer} and now?", "images": [image]}
+    out2 = llm.generate(second, GREEDY)[0]
+    assert out2.num_cached_tokens >= len(out.token_ids)
+    assert core.runner.take_vit_batch_sizes() == []
+    assert core.stats().images_in_prefix_cache == 1
+    # The same image after different text: its embedding comes from the embedding cache.
+    third = {"prompt": "tell me: <image>", "images": [image]}
+    llm.generate(third, GREEDY)
+    stats = core.stats()
+    assert (stats.image_cache_hits, stats.image_cache_misses) == (1, 1)
+    assert core.runner.take_vit_batch_sizes() == []
+
+
+def test_full_cache_evicts_least_recently_used_only(hf_checkpoint) -> None:
+    llm = LLM(str(hf_checkpoint), max_total_token_num=4096, cache_capacity=2)
+    images = [image_bytes(40, 40, 10 + i) for i in range(3)]
+    # Different text before each image, so that the prefix cache never covers the image.
+    for step, image in enumerate((images[0], images[1], images[0], images[2])):
+        llm.generate({"prompt": f"step {step}: <image>", "images": [image]}, GREEDY)
+    index = llm.engine.core.images.index
+    assert len(index) == 2 and index.num_in_use == 0
+    assert set(llm.engine.core.runner.image_embeddings) == set(index._users)
+    llm.generate({"prompt": "x <image>", "images": [images[0]]}, GREEDY)
+    assert index.hits == 2  # images[0] was refreshed, so images[2] evicted images[1]
+    assert index.misses == 3
+
+
+def test_images_batch_together_and_requests_are_checked(hf_checkpoint) -> None:
+    llm = LLM(str(hf_checkpoint), max_total_token_num=4096, visual_infer_batch_size=4)
+    prompts = [
+        {"prompt": f"{i}: <image>", "images": [image_bytes(60, 60, 20 + i)]} for i in range(6)
+    ]
+    llm.generate(prompts, GREEDY)
+    assert llm.engine.core.runner.take_vit_batch_sizes() == [4, 2]
+    with pytest.raises(ValueError, match="1 image tag"):
+        llm.generate({"prompt": "<image>", "images": []}, GREEDY)
+    with pytest.raises(ValueError, match="image 0"):
+        llm.generate({"prompt": "<image>", "images": [b"not an image"]}, GREEDY)
