@@ -51,7 +51,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 async def serve(args: ServerArgs) -> int:
     sock = bind_socket(args.host, args.port)
-    engine = AsyncEngine(args)
+    try:
+        engine = AsyncEngine(args)
+    except (ValueError, OSError) as error:  # the model folder or its settings cannot be served
+        logger.error("cannot serve %s: %s", args.model_dir or "the default model", error)
+        sock.close()
+        return 1
     try:
         ready = await engine.start()
     except EngineUnavailableError as error:

@@ -182,7 +182,10 @@ class AsyncEngine:
             return None
         if self.is_vision_model:
             return "images need a server started with --enable_multimodal"
-        return f"this model ({self.model_name}) has no vision encoder: it cannot take images"
+        return (
+            f"this model ({self.model_name}) has no vision encoder: images need a "
+            "vision-language checkpoint (InternVL) served with --enable_multimodal"
+        )
 
     def prepare(
         self,

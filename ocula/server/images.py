@@ -18,7 +18,7 @@ from ocula.multimodal.image_loading import (
     load_image,
     make_http_client,
 )
-from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt
+from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt, count_image_tags
 
 MAX_IMAGES_PER_REQUEST = 16
 
@@ -56,14 +56,23 @@ class FrontImages:
                 raise result
         return list(results)
 
-    def build_prompt(
+    async def tokenize(
         self,
         text: str,
-        images: list[LoadedImage],
+        sources: list[Any],
         max_tiles: int | None,
         add_special_tokens: bool,
     ) -> tuple[list[int], list[ImageSpan]]:
-        """Raises ValueError when the prompt's image tags and the images do not match."""
+        """Token ids of `text` with its image tags expanded, and the images' spans. Raises
+        ValueError when tags and images do not match (checked before any fetch), ImageError
+        for an image that cannot be used."""
+        tags = count_image_tags(text)
+        if tags != len(sources):
+            raise ValueError(
+                f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request "
+                f"has {len(sources)} image(s); they must match one to one"
+            )
+        images = await self.load(sources)
         return build_image_prompt(
             text, images, self.vision, self.tokenizer, max_tiles, add_special_tokens
         )

@@ -3,7 +3,8 @@ their parameters mean in engine terms.
 
 Parameter rules (LightLLM's, except where noted):
 - `do_sample: false` is greedy (temperature 0) whatever temperature/top_p/top_k say; so is a
-  temperature below 1e-5. Values given are still range-checked (temperature -1 is a 400 even with
+  temperature below 1e-5. Unset, `do_sample` is the model's generation_config.json value, else
+  false: a request that only sets a temperature is greedy, as in LightLLM. Values given are still range-checked (temperature -1 is a 400 even with
   `do_sample: false`). `do_sample: true` with no temperature samples even when the model's
   generation_config.json says `do_sample: false` (at that config's temperature, else 1.0). Unset
   knobs take the model's generation_config.json, then the global defaults.
@@ -233,11 +234,12 @@ def to_sampling_params(
     except ValueError as error:
         raise RequestError(f"parameters.{error}") from None
     temperature = params.temperature
-    if parameters.do_sample is False or (
-        temperature is not None and temperature < GREEDY_TEMPERATURE_THRESHOLD
-    ):
+    do_sample = parameters.do_sample
+    if do_sample is None:  # LightLLM: the model's generation_config.json, else greedy
+        do_sample = bool((generation_config or {}).get("do_sample", False))
+    if not do_sample or (temperature is not None and temperature < GREEDY_TEMPERATURE_THRESHOLD):
         temperature = 0.0
-    elif parameters.do_sample and temperature is None:
+    elif temperature is None:
         config = generation_config or {}
         if config.get("do_sample") is False:
             temperature = config.get("temperature", DEFAULT_TEMPERATURE)

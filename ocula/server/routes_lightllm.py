@@ -84,9 +84,9 @@ async def tokenize_with_images(
     if not isinstance(inputs, str):
         raise RequestError("inputs: with images, inputs must be text holding <img></img> tags")
     assert engine.images is not None
-    loaded = await engine.images.load([image.model_dump() for image in multimodal.images])
+    sources = [image.model_dump() for image in multimodal.images]
     try:
-        return engine.images.build_prompt(inputs, loaded, max_tiles, add_special_tokens)
+        return await engine.images.tokenize(inputs, sources, max_tiles, add_special_tokens)
     except ValueError as error:
         raise RequestError(str(error)) from None
 

@@ -164,9 +164,8 @@ async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tupl
     if reason is not None:
         raise OpenAIError(400, f"messages: {reason}", param="messages")
     assert engine.images is not None
-    loaded = await engine.images.load(sources)
     try:
-        return engine.images.build_prompt(text, loaded, None, add_special_tokens=False)
+        return await engine.images.tokenize(text, sources, None, add_special_tokens=False)
     except ValueError as error:
         raise OpenAIError(400, f"messages: {error}", param="messages") from None
 

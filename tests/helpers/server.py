@@ -50,8 +50,11 @@ class RunningServer:
         return self.process.returncode
 
 
-def start_server(model_dir: Path, log_dir: Path, *flags: str) -> RunningServer:
-    """Starts `python -m ocula.server.api_server` and waits until /health answers 200."""
+def start_server(
+    model_dir: Path, log_dir: Path, *flags: str, env: dict[str, str] | None = None
+) -> RunningServer:
+    """Starts `python -m ocula.server.api_server` and waits until /health answers 200.
+    `env` adds environment variables for the server process."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     log = log_path.open("w")
@@ -65,8 +68,8 @@ def start_server(model_dir: Path, log_dir: Path, *flags: str) -> RunningServer:
         str(port),
         *flags,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(process, port, log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:

@@ -135,12 +135,14 @@ def test_do_sample_false_and_tiny_temperature_are_greedy(server, llm) -> None:
 
 def test_n_sequences_with_a_seed_match_the_offline_llm(server, llm) -> None:
     reference = offline(llm, PROMPT, n=2, seed=7, max_new_tokens=6)
-    result = generate(server, PROMPT, n=2, seed=7, max_new_tokens=6)
+    result = generate(server, PROMPT, n=2, seed=7, max_new_tokens=6, do_sample=True)
     assert result["generated_text"] == [sequence.text for sequence in reference]
     assert result["count_output_tokens"] == [6, 6]
     assert result["finish_reason"] == ["length", "length"]
     # best_of alone sets n; details come as one list per sequence.
-    detailed = generate(server, PROMPT, best_of=2, seed=7, max_new_tokens=6, return_details=True)
+    detailed = generate(
+        server, PROMPT, best_of=2, seed=7, max_new_tokens=6, return_details=True, do_sample=True
+    )
     assert detailed["generated_text"] == result["generated_text"]
     assert [[t["id"] for t in tokens] for tokens in detailed["tokens"]] == [
         sequence.token_ids for sequence in reference
@@ -187,6 +189,7 @@ def test_lightllm_documented_client_request_stops_at_the_special_token(
             "stop_sequences": CLIENT_STOP_SEQUENCES,
             "ignore_eos": False,
             "seed": seed,
+            "do_sample": True,  # unset is greedy (LightLLM); the seed picks a known output
         },
         "multimodal_params": {"images": []},
     }
