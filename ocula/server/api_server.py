@@ -71,6 +71,15 @@ async def serve(args: ServerArgs) -> int:
         ready.max_req_total_len,
         ready.batch_max_tokens,
     )
+    if engine.images is not None:
+        logger.info(
+            "images: %d tokens per tile, up to %d tiles, embedding cache of %d images, "
+            "%d images per ViT forward",
+            engine.images.vision.tokens_per_tile,
+            engine.images.vision.tiling.max_num,
+            args.cache_capacity,
+            args.visual_infer_batch_size,
+        )
     app = build_app(engine, args)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
     server = _Server(config)
