@@ -64,3 +64,19 @@ def test_ocula_serve_is_the_same_command() -> None:
     )
     assert result.returncode == 0
     assert "--visual_infer_batch_size" in result.stdout and "--cache_capacity" in result.stdout
+
+
+def test_a_dead_engine_takes_the_server_down(tiny_checkpoint, tmp_path) -> None:
+    running = start_server(tiny_checkpoint("llama"), tmp_path, "--max_total_token_num", "256")
+    children = psutil.Process(running.process.pid).children(recursive=True)
+    [engine] = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+    engine.kill()
+    try:
+        code = running.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        running.stop()
+        raise AssertionError(
+            f"the server kept running without its engine\n{running.log()}"
+        ) from None
+    assert code == 1
+    assert "engine process exited with code -9" in running.log()
