@@ -20,6 +20,7 @@ from ocula.cli_args import parse_config
 from ocula.server.app import build_app
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine, EngineUnavailableError
+from ocula.server.stats_log import log_stats_forever
 
 logger = logging.getLogger("ocula.server")
 
@@ -90,11 +91,18 @@ async def serve(args: ServerArgs) -> int:
         server.should_exit = True
 
     watcher = asyncio.create_task(stop_when_engine_fails())
+    stats_logger = None
+    if args.log_stats_interval > 0:
+        stats_logger = asyncio.create_task(
+            log_stats_forever(app.state.ocula, args.log_stats_interval)
+        )
     logger.info("ready: http://%s:%d", args.host, args.port)
     try:
         await server.serve(sockets=[sock])
     finally:
         watcher.cancel()
+        if stats_logger is not None:
+            stats_logger.cancel()
         await engine.shutdown()
         sock.close()
     return 1 if engine.failure is not None else 0
