@@ -15,11 +15,16 @@ import torch
 
 @dataclass(frozen=True)
 class ParallelGroup:
-    """`rank` of `size` ranks; `process_group` is a torch.distributed group when `size > 1`."""
+    """`rank` of `size` ranks; `process_group` is a torch.distributed group when `size > 1`.
+
+    `cpu_group` is a gloo group over the same ranks for CPU-side values (step plans, sizes);
+    None means `process_group` itself takes CPU tensors (gloo on CPU).
+    """
 
     rank: int = 0
     size: int = 1
     process_group: Any = None
+    cpu_group: Any = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -39,6 +44,26 @@ class ParallelGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=self.process_group)
         return torch.cat(parts, dim=dim)
+
+    def broadcast_object(self, value: Any = None, src: int = 0) -> Any:
+        """Rank `src`'s `value` (pickled) on every rank; every rank of the group must call it."""
+        if self.size == 1:
+            return value
+        holder = [value]
+        torch.distributed.broadcast_object_list(holder, src=src, group=self._cpu_side)
+        return holder[0]
+
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest `value` among the ranks; every rank of the group must call it."""
+        if self.size == 1:
+            return value
+        x = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MIN, group=self._cpu_side)
+        return int(x.item())
+
+    @property
+    def _cpu_side(self) -> Any:
+        return self.cpu_group if self.cpu_group is not None else self.process_group
 
 
 SINGLE_RANK = ParallelGroup()

@@ -2,6 +2,9 @@
 
 Text, tokenizers and stop strings are the front's business (`LLMEngine` in-process, the HTTP
 server's front process later); the core sees `Request`s in and `TokenUpdate`s out.
+
+With tensor parallelism the core lives on rank 0: every step it broadcasts its `StepPlan` to the
+group, and the other ranks (`ocula.engine.tp_worker`) run the same plan on their runners.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from ocula.config import EngineArgs
+from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.model_runner import ModelRunner
 from ocula.engine.model_setup import ModelSetup
@@ -42,23 +46,45 @@ class EngineStats:
     images_in_prefix_cache: int = 0  # images whose KV the prefix cache already held
 
 
+def build_model_runner(
+    args: EngineArgs, setup: ModelSetup, tp: ParallelGroup = SINGLE_RANK
+) -> ModelRunner:
+    """The runner of one rank. Every rank of `tp` builds it with the same arguments (the KV pool
+    size is agreed on collectively); `setup.device` is this rank's device."""
+    return ModelRunner(
+        setup.model_dir,
+        setup.model_config,
+        setup.dtype,
+        setup.device,
+        max_rows=args.running_max_req_size,
+        max_req_total_len=args.max_req_total_len,
+        batch_max_tokens=args.effective_batch_max_tokens,
+        mem_fraction=args.mem_fraction,
+        max_total_token_num=args.max_total_token_num,
+        seed=args.seed,
+        visual_infer_batch_size=args.visual_infer_batch_size,
+        tp=tp,
+    )
+
+
 class EngineCore:
-    def __init__(self, args: EngineArgs, setup: ModelSetup) -> None:
+    def __init__(
+        self, args: EngineArgs, setup: ModelSetup, tp: ParallelGroup = SINGLE_RANK
+    ) -> None:
+        """`tp` is rank 0's group when the model runs over several ranks (the other ranks follow
+        the plans this core broadcasts)."""
+        if args.tp != tp.size:
+            raise ValueError(
+                f"--tp {args.tp} needs one process per rank, which only the server starts: "
+                f"serve the model with `ocula serve --tp {args.tp}` (the offline LLM runs one "
+                "process, tp=1)"
+            )
+        if tp.rank != 0:
+            raise ValueError(f"the engine core runs on rank 0, not rank {tp.rank}")
         self.args = args
+        self.tp = tp
         batch_max_tokens = args.effective_batch_max_tokens
-        self.runner = ModelRunner(
-            setup.model_dir,
-            setup.model_config,
-            setup.dtype,
-            setup.device,
-            max_rows=args.running_max_req_size,
-            max_req_total_len=args.max_req_total_len,
-            batch_max_tokens=batch_max_tokens,
-            mem_fraction=args.mem_fraction,
-            max_total_token_num=args.max_total_token_num,
-            seed=args.seed,
-            visual_infer_batch_size=args.visual_infer_batch_size,
-        )
+        self.runner = build_model_runner(args, setup, tp)
         model_limit = self.runner.model.max_context_len()
         self.max_req_total_len = min(args.max_req_total_len, model_limit)
         if model_limit < args.max_req_total_len:
@@ -134,6 +160,7 @@ class EngineCore:
     def step(self) -> list[TokenUpdate]:
         """Runs one forward of whatever the scheduler picks; [] when there is nothing to do."""
         plan = self.scheduler.schedule()
+        self.tp.broadcast_object(plan)  # the other ranks run the same plan (no-op at tp=1)
         sampled = self.runner.execute(plan)
         return self.scheduler.update(plan, sampled)
 

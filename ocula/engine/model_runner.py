@@ -4,6 +4,11 @@ The runner owns everything that lives on the device: the weights, the KV pool an
 (`slot_table[row, j]` is the KV slot of token j of the request in that row). It keeps a small
 sampling state per request (options, seeded generator, token history for penalties) that the
 plan creates with `new_requests` and drops with `finished_request_ids`.
+
+Under tensor parallelism every rank has a runner over its shard and runs every plan (the
+collectives inside the model need all ranks), but only rank 0 samples: the other ranks keep no
+sampling state and return no tokens. The KV pool has the same number of slots on every rank
+(the smallest any rank can hold), since rank 0's allocator hands out slots for all of them.
 """
 
 from __future__ import annotations
@@ -57,12 +62,14 @@ class ModelRunner:
     ) -> None:
         self.device = device
         self.dtype = dtype
+        self.samples = tp.rank == 0
         self.model = load_model(model_dir, model_config, dtype, device, tp)
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
         bytes_per_token = KVCachePool.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         num_slots = max_total_token_num or self._size_kv_pool(
             bytes_per_token, batch_max_tokens, mem_fraction
         )
+        num_slots = tp.min_over_ranks(num_slots)
         self.kv_pool = KVCachePool(num_layers, num_slots, num_kv_heads, head_dim, dtype, device)
         logger.info(
             "KV cache: %d tokens (%.2f GiB, %d bytes per token)",
@@ -137,10 +144,12 @@ class ModelRunner:
     # -- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampledToken]:
-        for request_id in plan.finished_request_ids:
-            self._states.pop(request_id, None)
-        for new in plan.new_requests:
-            self._states[new.request_id] = self._new_state(new)
+        """Runs the plan; the sampled tokens on rank 0, [] on the other ranks."""
+        if self.samples:
+            for request_id in plan.finished_request_ids:
+                self._states.pop(request_id, None)
+            for new in plan.new_requests:
+                self._states[new.request_id] = self._new_state(new)
         writes = plan.table_writes.flatten()
         if writes is not None:
             rows, cols, slots = (t.to(self.device, non_blocking=True) for t in writes)
@@ -150,8 +159,8 @@ class ModelRunner:
             return []
         batch = self._build_batch(plan)
         hidden = self.model(batch)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
-        return self._sample(plan, logits)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
+        return self._sample(plan, logits) if self.samples else []
 
     def _update_image_embeddings(self, plan: StepPlan) -> None:
         for key in plan.encoder_frees:

@@ -63,9 +63,15 @@ class ServerArgs(EngineArgs):
                 f"({self.tp}) so that every GPU holds the same share of the vision encoder; "
                 f"e.g. with --tp {self.tp}: " + _valid_splits(self.tp)
             )
-        if self.tp > 1 or self.nnodes > 1:
+        if self.nnodes > 1:
             raise ValueError(
-                "tensor parallelism (--tp > 1, --nnodes > 1) is not available yet; run with --tp 1"
+                "--nnodes > 1 is not supported yet: the ranks of --tp run on one machine; "
+                "run with --nnodes 1"
+            )
+        if self.visual_dp > 1:
+            raise ValueError(
+                f"--visual_dp > 1 is not supported yet: the vision encoder is split over all "
+                f"--tp ranks; run with --visual_dp 1 --visual_tp {self.tp}"
             )
 
     @property

@@ -1,0 +1,199 @@
+"""Tensor-parallel ranks 1..tp-1: processes that follow rank 0's step plans in lock-step.
+
+Rank 0 is the engine process (scheduler, ZMQ to the front); it spawns the other ranks itself,
+so the front keeps one process handle and rank 0 can watch its peers. The contract between
+them is one stream of broadcasts over the group's gloo side, in which every rank takes part:
+
+- a `StepPlan`: every rank runs it on its runner (rank 0 samples, the others only compute);
+- `Heartbeat`: nothing to run (rank 0 sends one while idle, so followers blocked in the next
+  broadcast never reach the collective timeout);
+- `StopRanks`: leave the group and exit 0.
+
+A follower exits non-zero when a collective fails (rank 0 or another rank died). Rank 0 checks
+its followers between steps and names a dead one in the error it reports to the front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ocula.config import EngineArgs
+from ocula.distributed.launch import (
+    init_rank,
+    join_rendezvous,
+    leave_group,
+    open_rendezvous,
+    rank_device,
+)
+from ocula.distributed.parallel_group import ParallelGroup
+from ocula.engine.engine_core import build_model_runner
+from ocula.engine.model_setup import ModelSetup, resolve_model
+from ocula.engine.step_plan import StepPlan
+
+logger = logging.getLogger("ocula.engine.tp")
+
+HEARTBEAT_SECONDS = 5.0
+STOP_JOIN_SECONDS = 10.0
+READY_KEY = "ocula/follower_ready/{rank}"
+
+
+@dataclass
+class Heartbeat:
+    """Rank 0 is alive and idle."""
+
+
+@dataclass
+class StopRanks:
+    """Rank 0 is shutting down; followers leave the group and exit 0."""
+
+
+class RankDiedError(RuntimeError):
+    """A tensor-parallel rank exited; the server cannot go on without it."""
+
+
+def use_cpu_share(device: torch.device, tp: int) -> None:
+    """Ranks on the CPU share its cores: each takes 1/tp of them instead of all of them."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+
+
+class FollowerRanks:
+    """Rank 0's handle on ranks 1..tp-1: start them, broadcast to them, watch and stop them."""
+
+    def __init__(self, args: EngineArgs, setup: ModelSetup, host: str, port: int) -> None:
+        """Spawns ranks 1..args.tp-1, meeting them at `host:port` (another free port if that one
+        is taken), and joins the group with them; `self.group` is rank 0's group and `self.setup`
+        the model setup with rank 0's device. Raises RankDiedError when a follower exits before
+        joining."""
+        store = open_rendezvous(host, port, args.tp)
+        self.processes: dict[int, multiprocessing.process.BaseProcess] = {}
+        try:
+            self._start(args, setup, store, host)
+        except BaseException:
+            self.stop(graceful=False)
+            raise
+
+    def _start(self, args: EngineArgs, setup: ModelSetup, store: dist.TCPStore, host: str) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        for rank in range(1, args.tp):
+            process = spawn.Process(
+                target=run_follower,
+                args=(args, rank, host, store.port),
+                name=f"ocula-tp-rank{rank}",
+                daemon=True,  # never outlive rank 0's normal exit
+            )
+            process.start()
+            self.processes[rank] = process
+            logger.info("tensor-parallel rank %d started (pid %d)", rank, process.pid)
+        self._wait_until_joining(store)
+        device = rank_device(setup.device, 0)
+        use_cpu_share(device, args.tp)
+        self.setup = dataclasses.replace(setup, device=device)
+        self.group: ParallelGroup = init_rank(store, 0, args.tp, device)
+        self._store = store  # followers stay connected to it until they leave
+        self._last_broadcast = time.monotonic()
+
+    def _wait_until_joining(self, store: dist.TCPStore) -> None:
+        """Waits for every follower to reach the rendezvous, failing fast if one dies first
+        (the group's own rendezvous would only time out)."""
+        waiting = set(self.processes)
+        while waiting:
+            self.check_alive()
+            waiting = {r for r in waiting if not store.check([READY_KEY.format(rank=r)])}
+            time.sleep(0.1)
+
+    def check_alive(self) -> None:
+        """Raises RankDiedError naming the first follower that has exited."""
+        for rank, process in self.processes.items():
+            if not process.is_alive():
+                raise RankDiedError(_death_message(rank, process))
+
+    def dead_rank_message(self, wait_seconds: float = 3.0) -> str | None:
+        """After a failed collective: which follower died, waiting a little for its exit to
+        show; None if all are alive."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            for rank, process in self.processes.items():
+                if not process.is_alive():
+                    return _death_message(rank, process)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+
+    def heartbeat_if_due(self) -> None:
+        """Called while idle: keeps blocked followers inside the collective timeout."""
+        if time.monotonic() - self._last_broadcast >= HEARTBEAT_SECONDS:
+            self.group.broadcast_object(Heartbeat())
+            self._last_broadcast = time.monotonic()
+
+    def note_step(self) -> None:
+        """A step's plan went out: no heartbeat is due for a while."""
+        self._last_broadcast = time.monotonic()
+
+    def stop(self, graceful: bool) -> None:
+        """Stops every follower: asks them (when `graceful`), then terminates any still running.
+        After a graceful stop rank 0 leaves the group too (a broken group is left to exit)."""
+        if graceful:
+            try:
+                self.group.broadcast_object(StopRanks())
+            except RuntimeError as error:  # a follower is already gone; the rest are killed
+                logger.warning("could not ask the ranks to stop: %s", error)
+        deadline = time.monotonic() + (STOP_JOIN_SECONDS if graceful else 0.0)
+        for process in self.processes.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        if graceful:
+            leave_group()
+
+
+def _death_message(rank: int, process: multiprocessing.process.BaseProcess) -> str:
+    code = process.exitcode
+    how = f"exit code {code}"
+    if code is not None and code < 0:
+        how = f"signal {signal.Signals(-code).name}"
+    return f"tensor-parallel rank {rank} (pid {process.pid}) died ({how})"
+
+
+# -- the follower process -------------------------------------------------------------------------
+def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
+    """Process entry of rank `rank` > 0 (spawned by rank 0)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group; a follower stops when rank 0 says so or dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        setup = resolve_model(args)
+        device = rank_device(setup.device, rank)
+        use_cpu_share(device, args.tp)
+        store = join_rendezvous(host, port, args.tp)
+        store.set(READY_KEY.format(rank=rank), "1")
+        group = init_rank(store, rank, args.tp, device)
+        runner = build_model_runner(args, dataclasses.replace(setup, device=device), group)
+        logger.info("tensor-parallel rank %d ready on %s", rank, device)
+        while True:
+            message = group.broadcast_object(src=0)
+            if isinstance(message, StopRanks):
+                break
+            if isinstance(message, StepPlan):
+                runner.execute(message)
+                runner.take_vit_batch_sizes()  # only rank 0 reports them
+    except Exception:  # log with the rank, exit non-zero: rank 0 sees it and reports it
+        logger.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
+        sys.exit(1)
+    leave_group()
