@@ -46,6 +46,28 @@ class EngineStats:
     images_in_prefix_cache: int = 0  # images whose KV the prefix cache already held
 
 
+def request_size_problem(
+    prompt_len: int, max_new_tokens: int, max_total_len: int, kv_capacity: int
+) -> str | None:
+    """Why a request of this size can never run, or None. The front checks it before sending a
+    request (a 400 at once); the core checks it again on arrival."""
+    if prompt_len == 0:
+        return "the prompt is empty: at least one token is needed"
+    total = prompt_len + max_new_tokens
+    if total > max_total_len:
+        return (
+            f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new_tokens}: together "
+            f"{total}, over the limit of {max_total_len} tokens (--max_req_total_len or the "
+            "model's context length)"
+        )
+    if total > kv_capacity:
+        return (
+            f"the request needs up to {total} KV cache tokens but the cache holds {kv_capacity} "
+            "(--max_total_token_num / --mem_fraction)"
+        )
+    return None
+
+
 def build_model_runner(
     args: EngineArgs, setup: ModelSetup, tp: ParallelGroup = SINGLE_RANK
 ) -> ModelRunner:
@@ -122,22 +144,14 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         """Queues a request; raises RequestRejectedError if it can never fit."""
         prompt_len = request.num_prompt_tokens
-        max_new = request.sampling_params.max_new_tokens
-        if prompt_len == 0:
-            raise RequestRejectedError("the prompt is empty: at least one token is needed")
-        limit = self.max_req_total_len
-        if prompt_len + max_new > limit:
-            raise RequestRejectedError(
-                f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new}: together "
-                f"{prompt_len + max_new}, over the limit of {limit} tokens (--max_req_total_len "
-                "or the model's context length)"
-            )
-        capacity = self.allocator.capacity
-        if prompt_len + max_new > capacity:
-            raise RequestRejectedError(
-                f"the request needs up to {prompt_len + max_new} KV cache tokens but the cache "
-                f"holds {capacity} (--max_total_token_num / --mem_fraction)"
-            )
+        problem = request_size_problem(
+            prompt_len,
+            request.sampling_params.max_new_tokens,
+            self.max_req_total_len,
+            self.allocator.capacity,
+        )
+        if problem is not None:
+            raise RequestRejectedError(problem)
         if request.images and self.images is None:
             raise RequestRejectedError("this model has no vision encoder: it cannot take images")
         if self.args.disable_chunked_prefill and prompt_len > self.scheduler.batch_max_tokens:

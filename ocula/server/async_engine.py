@@ -20,7 +20,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from ocula.engine.engine_core import EngineStats
+from ocula.engine.engine_core import EngineStats, request_size_problem
 from ocula.engine.model_setup import resolve_model
 from ocula.engine.output_processor import SequenceStream, fan_out
 from ocula.engine.outputs import TokenUpdate
@@ -212,21 +212,15 @@ class AsyncEngine:
             if bad:
                 raise RequestError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
             prompt_ids = list(prompt)
-        if not prompt_ids:
-            raise RequestError("the prompt is empty: at least one token is needed")
         assert self.ready is not None
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > self.ready.max_req_total_len:
-            raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is "
-                f"{params.max_new_tokens}: together {total}, over the limit of "
-                f"{self.ready.max_req_total_len} tokens (--max_req_total_len)"
-            )
-        if total > self.ready.kv_capacity:
-            raise RequestError(
-                f"the request needs up to {total} KV cache tokens but the cache holds "
-                f"{self.ready.kv_capacity}"
-            )
+        problem = request_size_problem(
+            len(prompt_ids),
+            params.max_new_tokens,
+            self.ready.max_req_total_len,
+            self.ready.kv_capacity,
+        )
+        if problem is not None:
+            raise RequestError(problem)
         return PreparedRequest(
             prompt if isinstance(prompt, str) else None, prompt_ids, params, list(images or [])
         )
