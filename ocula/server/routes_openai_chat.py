@@ -9,7 +9,6 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 
 from ocula.server.async_engine import StreamEvent
@@ -48,8 +47,9 @@ from ocula.server.routes_openai_events import (
     sse,
     sse_error,
     start_generations,
+    whole_response,
 )
-from ocula.server.serving import ServerState, collect_unless_disconnected, server_state
+from ocula.server.serving import ServerState, server_state
 
 router = APIRouter()
 
@@ -202,11 +202,7 @@ async def create_chat_completion(request: Request) -> Response:
     if body.stream:
         n, include_usage = prepared.params.n, bool(stream_options.include_usage)
         return EventStreamResponse(reply.stream(events, n, include_usage), generations.close)
-    try:
-        collected = await collect_unless_disconnected(request, events)
-    finally:
-        await generations.close()
-    return JSONResponse(reply.whole(collected).model_dump(mode="json"))
+    return await whole_response(request, events, generations, reply.whole)
 
 
 class ChatReply:

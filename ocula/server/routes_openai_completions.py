@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from ocula.server.async_engine import StreamEvent
 from ocula.server.protocol_openai import (
@@ -43,8 +42,9 @@ from ocula.server.routes_openai_events import (
     sse,
     sse_error,
     start_generations,
+    whole_response,
 )
-from ocula.server.serving import collect_unless_disconnected, server_state
+from ocula.server.serving import server_state
 
 router = APIRouter()
 
@@ -125,11 +125,7 @@ async def create_completion(request: Request) -> Response:
     if body.stream:
         include_usage = bool(stream_options.include_usage)
         return EventStreamResponse(reply.stream(events, include_usage), generations.close)
-    try:
-        collected = await collect_unless_disconnected(request, events)
-    finally:
-        await generations.close()
-    return JSONResponse(reply.whole(collected).model_dump(mode="json"))
+    return await whole_response(request, events, generations, reply.whole)
 
 
 class CompletionReply:

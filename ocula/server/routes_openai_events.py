@@ -10,7 +10,8 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi.responses import StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
@@ -22,7 +23,7 @@ from ocula.server.async_engine import (
 )
 from ocula.server.errors import OverloadedError
 from ocula.server.routes_openai_common import OpenAIError
-from ocula.server.serving import ServerState, primed, run_request
+from ocula.server.serving import ServerState, collect_unless_disconnected, primed, run_request
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +163,18 @@ class EventStreamResponse(StreamingResponse):
         finally:
             await self._body.aclose()
             await self._on_close()
+
+
+async def whole_response(
+    request: Request,
+    events: AsyncIterator[tuple[int, StreamEvent]],
+    generations: Generations,
+    build: Callable[[list[tuple[int, StreamEvent]]], BaseModel],
+) -> JSONResponse:
+    """A non-streamed answer: every event (aborting if the client leaves), then `build`'s body.
+    The generations are closed whatever happens."""
+    try:
+        collected = await collect_unless_disconnected(request, events)
+    finally:
+        await generations.close()
+    return JSONResponse(build(collected).model_dump(mode="json"))
