@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 STARTUP_TIMEOUT_SECONDS = 180
 
@@ -83,3 +84,10 @@ def start_server(
         time.sleep(0.3)
     server.stop()
     raise AssertionError(f"server not healthy after {STARTUP_TIMEOUT_SECONDS} s\n{server.log()}")
+
+
+def assert_all_gone(processes: list[psutil.Process], timeout: float = 20) -> None:
+    """Every process has exited within `timeout` (multiprocessing's resource tracker, for one,
+    leaves a moment after its parent)."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive

@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers.server import start_server
+from tests.helpers.server import assert_all_gone, start_server
 
 
 def test_health_probes_and_unknown_routes(server) -> None:
@@ -27,8 +27,7 @@ def test_sigterm_stops_every_process_and_frees_the_port(tiny_checkpoint, tmp_pat
     children = psutil.Process(running.process.pid).children(recursive=True)
     assert children, "the engine runs in a child process"
     assert running.stop(timeout=20) == 0
-    for child in children:
-        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert_all_gone(children, timeout=5)
     # The same port is free again at once.
     again = start_server(tiny_checkpoint("llama"), tmp_path, "--max_total_token_num", "256")
     again.stop()

@@ -21,7 +21,7 @@ from ocula import LLM, SamplingParams
 from ocula.distributed.launch import check_model_splits
 from ocula.models.hf_config import load_text_config
 from ocula.server.args import ServerArgs
-from tests.helpers.server import RunningServer, free_port, start_server
+from tests.helpers.server import RunningServer, assert_all_gone, free_port, start_server
 from tests.helpers.tiny_internvl import make_hf_internvl
 from tests.server.test_multimodal_server import TILE_TOKENS, png
 
@@ -59,11 +59,6 @@ def rank_process(server: RunningServer, rank: int) -> psutil.Process:
     return process
 
 
-def assert_all_gone(processes: list[psutil.Process]) -> None:
-    _, alive = psutil.wait_procs(processes, timeout=EXIT_SECONDS)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
-
-
 # -- generation equals tp=1 ---------------------------------------------------------------------
 def test_llama_tp2_matches_tp1_and_sigterm_stops_every_rank(tiny_checkpoint, tmp_path) -> None:
     checkpoint = tiny_checkpoint("llama")  # 4 heads, 2 KV heads: one KV head per rank
@@ -75,7 +70,7 @@ def test_llama_tp2_matches_tp1_and_sigterm_stops_every_rank(tiny_checkpoint, tmp
     descendants = psutil.Process(server.process.pid).children(recursive=True)
     assert rank_process(server, 1) in descendants
     assert server.stop(timeout=30) == 0, server.log()
-    assert_all_gone(descendants)
+    assert_all_gone(descendants, EXIT_SECONDS)
 
 
 def test_qwen2_tp2_matches_tp1_and_a_dead_rank_stops_the_server(tiny_checkpoint, tmp_path):
@@ -92,7 +87,7 @@ def test_qwen2_tp2_matches_tp1_and_a_dead_rank_stops_the_server(tiny_checkpoint,
         raise
     assert code != 0
     assert re.search(r"tensor-parallel rank 1 \(pid \d+\) died \(signal SIGKILL\)", server.log())
-    assert_all_gone(descendants)
+    assert_all_gone(descendants, EXIT_SECONDS)
 
 
 def test_internvl_tp2_matches_tp1_and_ranks_leave_when_the_front_is_killed(tmp_path) -> None:
@@ -111,7 +106,7 @@ def test_internvl_tp2_matches_tp1_and_ranks_leave_when_the_front_is_killed(tmp_p
         # Not a clean shutdown: rank 0 notices that the front is gone, stops rank 1 and leaves.
         server.process.kill()
         server.process.wait()
-    assert_all_gone(descendants)
+    assert_all_gone(descendants, EXIT_SECONDS)
 
 
 # -- refusals -----------------------------------------------------------------------------------
