@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ocula.layers.attention import ATTENTION_BACKENDS
+
 DATA_TYPES = ("auto", "fp16", "float16", "bf16", "bfloat16", "fp32", "float32")
 TOKENIZER_MODES = ("auto", "fast", "slow")
 
@@ -73,6 +75,16 @@ class EngineArgs:
     enable_multimodal: bool = option(False, "Serve images with a vision-language checkpoint.")
     visual_infer_batch_size: int = option(1, "Most images in one vision-encoder forward.")
     cache_capacity: int = option(200, "Image embeddings kept in the LRU embedding cache.")
+    visual_dp: int = option(1, "Data-parallel groups of the vision encoder.")
+    visual_tp: int | None = option(
+        None, "Tensor-parallel degree of the vision encoder; default: --tp / --visual_dp."
+    )
+    attention_backend: str = option(
+        "auto",
+        "Attention implementation: auto (triton on CUDA, reference on CPU), triton or reference.",
+    )
+    disable_cudagraph: bool = option(False, "Run decode without CUDA graphs.")
+    graph_max_batch_size: int = option(256, "Largest decode batch captured in a CUDA graph.")
 
     def validate(self) -> None:
         """Raises ValueError naming the first flag whose value cannot work."""
@@ -86,6 +98,8 @@ class EngineArgs:
             "chunked_prefill_size",
             "visual_infer_batch_size",
             "cache_capacity",
+            "visual_dp",
+            "graph_max_batch_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -106,6 +120,25 @@ class EngineArgs:
                 )
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"--device must be auto, cuda or cpu, got {self.device!r}")
+        if self.attention_backend not in ("auto", *ATTENTION_BACKENDS):
+            raise ValueError(
+                f"--attention_backend must be auto or one of {sorted(ATTENTION_BACKENDS)}, "
+                f"got {self.attention_backend!r}"
+            )
+        visual_tp = self.effective_visual_tp
+        if visual_tp < 1 or self.visual_dp * visual_tp != self.tp:
+            raise ValueError(
+                f"--visual_dp ({self.visual_dp}) x --visual_tp ({visual_tp}) must equal --tp "
+                f"({self.tp}) so that every GPU holds the same share of the vision encoder; "
+                f"e.g. with --tp {self.tp}: " + _valid_visual_splits(self.tp)
+            )
+
+    @property
+    def effective_visual_tp(self) -> int:
+        """--visual_tp, or --tp / --visual_dp when unset (0 when that does not divide)."""
+        if self.visual_tp is not None:
+            return self.visual_tp
+        return self.tp // self.visual_dp if self.tp % self.visual_dp == 0 else 0
 
     @property
     def effective_batch_max_tokens(self) -> int:
@@ -114,3 +147,8 @@ class EngineArgs:
         if self.disable_chunked_prefill:
             return self.max_req_total_len
         return self.chunked_prefill_size
+
+
+def _valid_visual_splits(tp: int) -> str:
+    pairs = [f"--visual_dp {d} --visual_tp {tp // d}" for d in range(1, tp + 1) if tp % d == 0]
+    return ", or ".join(pairs)

@@ -45,6 +45,14 @@ class ParallelGroup:
         torch.distributed.all_gather(parts, x.contiguous(), group=self.process_group)
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank `src`'s `x` (a rank of this group) into `x` on every rank, in place."""
+        if self.size == 1:
+            return x
+        global_src = torch.distributed.get_global_rank(self.process_group, src)
+        torch.distributed.broadcast(x, src=global_src, group=self.process_group)
+        return x
+
     def broadcast_object(self, value: Any = None, src: int = 0) -> Any:
         """Rank `src`'s `value` (pickled) on every rank; every rank of the group must call it."""
         if self.size == 1:

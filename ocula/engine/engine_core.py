@@ -73,20 +73,7 @@ def build_model_runner(
 ) -> ModelRunner:
     """The runner of one rank. Every rank of `tp` builds it with the same arguments (the KV pool
     size is agreed on collectively); `setup.device` is this rank's device."""
-    return ModelRunner(
-        setup.model_dir,
-        setup.model_config,
-        setup.dtype,
-        setup.device,
-        max_rows=args.running_max_req_size,
-        max_req_total_len=args.max_req_total_len,
-        batch_max_tokens=args.effective_batch_max_tokens,
-        mem_fraction=args.mem_fraction,
-        max_total_token_num=args.max_total_token_num,
-        seed=args.seed,
-        visual_infer_batch_size=args.visual_infer_batch_size,
-        tp=tp,
-    )
+    return ModelRunner(args, setup, tp)
 
 
 class EngineCore:

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from ocula.config import EngineArgs
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
+from ocula.distributed.vision_groups import VisionLayout, make_vision_group
 from ocula.engine.forward_batch import ForwardBatch
+from ocula.engine.image_encoder import ImageEncoder
 from ocula.engine.kv_pool import KVCachePool
+from ocula.engine.model_setup import ModelSetup
 from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
+from ocula.kernels import triton_available
+from ocula.layers.attention import get_attention_backend
 from ocula.models.loader import load_model
 from ocula.sampling.batch import SamplingBatch, seeded_generator
 from ocula.sampling.params import SamplingParams
@@ -44,30 +49,40 @@ class RequestSamplingState:
     generator: torch.Generator | None
 
 
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """--attention_backend auto: the Triton kernels on CUDA (when Triton imports), the torch
+    reference elsewhere."""
+    if name != "auto":
+        return name
+    return "triton" if device.type == "cuda" and triton_available() else "reference"
+
+
 class ModelRunner:
     def __init__(
-        self,
-        model_dir: Path,
-        model_config: object,
-        dtype: torch.dtype,
-        device: torch.device,
-        max_rows: int,
-        max_req_total_len: int,
-        batch_max_tokens: int,
-        mem_fraction: float,
-        max_total_token_num: int | None,
-        seed: int = 0,
-        visual_infer_batch_size: int = 1,
-        tp: ParallelGroup = SINGLE_RANK,
+        self, args: EngineArgs, setup: ModelSetup, tp: ParallelGroup = SINGLE_RANK
     ) -> None:
+        """The runner of one rank of `tp`; `setup.device` is this rank's device. Every rank builds
+        it with the same `args` (collective: vision groups and the KV pool size are agreed on)."""
+        device, dtype = setup.device, setup.dtype
         self.device = device
         self.dtype = dtype
         self.samples = tp.rank == 0
-        self.model = load_model(model_dir, model_config, dtype, device, tp)
+        layout = VisionLayout(args.visual_dp, args.effective_visual_tp)
+        vision_tp = make_vision_group(tp, layout)
+        backend = get_attention_backend(resolve_attention_backend(args.attention_backend, device))
+        self.model = load_model(
+            setup.model_dir,
+            setup.model_config,
+            dtype,
+            device,
+            tp,
+            attention_backend=backend,
+            vision_tp=vision_tp,
+        )
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
         bytes_per_token = KVCachePool.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
-        num_slots = max_total_token_num or self._size_kv_pool(
-            bytes_per_token, batch_max_tokens, mem_fraction
+        num_slots = args.max_total_token_num or self._size_kv_pool(
+            bytes_per_token, args.effective_batch_max_tokens, args.mem_fraction
         )
         num_slots = tp.min_over_ranks(num_slots)
         self.kv_pool = KVCachePool(num_layers, num_slots, num_kv_heads, head_dim, dtype, device)
@@ -78,17 +93,29 @@ class ModelRunner:
             bytes_per_token,
         )
         # A request never holds more slots than the pool has, so no row needs to be longer.
-        table_width = min(max_req_total_len, num_slots)
-        self.slot_table = torch.zeros((max_rows, table_width), dtype=torch.int32, device=device)
+        table_width = min(args.max_req_total_len, num_slots)
+        self.slot_table = torch.zeros(
+            (args.running_max_req_size, table_width), dtype=torch.int32, device=device
+        )
         default_generator = torch.Generator(device=device)
-        default_generator.manual_seed(seed)
+        default_generator.manual_seed(args.seed)
         self.sampler = Sampler(default_generator)
         self._states: dict[str, RequestSamplingState] = {}
         # Image embeddings by cache key, [placeholder tokens, hidden] in the model's dtype. The
         # scheduler's EmbeddingCacheIndex decides what is here (plan.encoder_inputs/frees).
         self.image_embeddings: dict[str, torch.Tensor] = {}
-        self.visual_infer_batch_size = visual_infer_batch_size
-        self.vit_batch_sizes: list[int] = []  # images per ViT forward, since last collected
+        self.image_encoder: ImageEncoder | None = None
+        if hasattr(self.model, "encode_images"):
+            self.image_encoder = ImageEncoder(
+                self.model.encode_images,
+                self.model.tokens_per_tile,
+                self.model.config.text_config.hidden_size,
+                dtype,
+                device,
+                args.visual_infer_batch_size,
+                tp,
+                layout,
+            )
 
     # -- sizing -------------------------------------------------------------------------------
     def _size_kv_pool(
@@ -165,19 +192,12 @@ class ModelRunner:
     def _update_image_embeddings(self, plan: StepPlan) -> None:
         for key in plan.encoder_frees:
             self.image_embeddings.pop(key, None)
-        inputs = plan.encoder_inputs
-        for first in range(0, len(inputs), self.visual_infer_batch_size):
-            group = inputs[first : first + self.visual_infer_batch_size]
-            pixels = torch.cat([item.pixel_values for item in group])
-            features = self.model.encode_images(pixels.to(self.device, self.dtype))
-            tiles = [item.pixel_values.shape[0] for item in group]
-            for item, per_image in zip(group, features.split(tiles), strict=True):
-                self.image_embeddings[item.key] = per_image.reshape(-1, per_image.shape[-1])
-            self.vit_batch_sizes.append(len(group))
+        if plan.encoder_inputs and self.image_encoder is not None:
+            self.image_embeddings.update(self.image_encoder.encode(plan.encoder_inputs))
 
     def take_vit_batch_sizes(self) -> list[int]:
-        sizes, self.vit_batch_sizes = self.vit_batch_sizes, []
-        return sizes
+        """Images per ViT forward run by this rank's ViT group since the last call."""
+        return self.image_encoder.take_batch_sizes() if self.image_encoder is not None else []
 
     def _spliced_embeddings(
         self, plan: StepPlan, query_starts: list[int]

@@ -113,14 +113,18 @@ def load_model(
     tp: ParallelGroup = SINGLE_RANK,
     num_workers: int | None = None,
     attention_backend: AttentionBackend | None = None,
+    vision_tp: ParallelGroup | None = None,
 ) -> nn.Module:
     """Builds the model class registered for `config` directly on `device` in `dtype`, loads
     this rank's slices of the checkpoint, and returns it in eval mode.
 
     `num_workers` defaults to LOADWORKER (read at call time). The progress bar shows on rank 0.
+    `vision_tp` (multimodal models only; default `tp`) is the group the vision encoder is
+    sharded over.
     """
     model_class = resolve_model_class(config)
+    extra = {"vision_tp": vision_tp} if vision_tp is not None and vision_tp is not tp else {}
     with torch.device(device), default_dtype(dtype):
-        model = model_class(config, tp, attention_backend)
+        model = model_class(config, tp, attention_backend, **extra)
     load_checkpoint(model, model_dir, num_workers, show_progress=tp.rank == 0)
     return model.eval()

@@ -16,10 +16,6 @@ class ServerArgs(EngineArgs):
         None,
         "Model name reported by /v1/models and accepted in requests; default: the folder name.",
     )
-    visual_dp: int = option(1, "Data-parallel groups of the vision encoder.")
-    visual_tp: int | None = option(
-        None, "Tensor-parallel degree of the vision encoder; default: --tp / --visual_dp."
-    )
     allow_local_media: bool = option(
         False, "Let image URLs point at loopback and private addresses."
     )
@@ -27,8 +23,6 @@ class ServerArgs(EngineArgs):
     node_rank: int = option(0, "This machine's index among --nnodes.")
     nccl_host: str = option("127.0.0.1", "Address of node 0 for the distributed rendezvous.")
     nccl_port: int = option(28765, "Port of the distributed rendezvous.")
-    disable_cudagraph: bool = option(False, "Run decode without CUDA graphs.")
-    graph_max_batch_size: int = option(256, "Largest decode batch captured in a CUDA graph.")
     log_stats_interval: float = option(10.0, "Seconds between throughput log lines (0: never).")
     max_waiting_requests: int = option(
         1024, "Requests that may wait for a slot; beyond that new ones get 503 with Retry-After."
@@ -39,13 +33,8 @@ class ServerArgs(EngineArgs):
         super().validate()
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
-        for name in ("visual_dp", "nnodes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.graph_max_batch_size < 1:
-            raise ValueError(
-                f"--graph_max_batch_size must be at least 1, got {self.graph_max_batch_size}"
-            )
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes must be at least 1, got {self.nnodes}")
         if self.max_waiting_requests < 0:
             raise ValueError(
                 f"--max_waiting_requests must be >= 0, got {self.max_waiting_requests}"
@@ -56,31 +45,8 @@ class ServerArgs(EngineArgs):
             )
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node_rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
-        visual_tp = self.effective_visual_tp
-        if visual_tp < 1 or self.visual_dp * visual_tp != self.tp:
-            raise ValueError(
-                f"--visual_dp ({self.visual_dp}) x --visual_tp ({visual_tp}) must equal --tp "
-                f"({self.tp}) so that every GPU holds the same share of the vision encoder; "
-                f"e.g. with --tp {self.tp}: " + _valid_splits(self.tp)
-            )
         if self.nnodes > 1:
             raise ValueError(
                 "--nnodes > 1 is not supported yet: the ranks of --tp run on one machine; "
                 "run with --nnodes 1"
             )
-        if self.visual_dp > 1:
-            raise ValueError(
-                f"--visual_dp > 1 is not supported yet: the vision encoder is split over all "
-                f"--tp ranks; run with --visual_dp 1 --visual_tp {self.tp}"
-            )
-
-    @property
-    def effective_visual_tp(self) -> int:
-        if self.visual_tp is not None:
-            return self.visual_tp
-        return self.tp // self.visual_dp if self.tp % self.visual_dp == 0 else 0
-
-
-def _valid_splits(tp: int) -> str:
-    pairs = [f"--visual_dp {d} --visual_tp {tp // d}" for d in range(1, tp + 1) if tp % d == 0]
-    return ", or ".join(pairs)

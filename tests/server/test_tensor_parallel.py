@@ -90,18 +90,48 @@ def test_qwen2_tp2_matches_tp1_and_a_dead_rank_stops_the_server(tiny_checkpoint,
     assert_all_gone(descendants, EXIT_SECONDS)
 
 
-def test_internvl_tp2_matches_tp1_and_ranks_leave_when_the_front_is_killed(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("--tp", "2"),  # ViT split like the LLM: visual_dp 1 x visual_tp 2
+        ("--tp", "2", "--visual_dp", "2", "--visual_tp", "1"),
+        ("--tp", "4", "--visual_dp", "2", "--visual_tp", "2"),
+    ],
+    ids=["tp2-vit1x2", "tp2-vit2x1", "tp4-vit2x2"],
+)
+def test_internvl_tp_matches_tp1_and_ranks_leave_when_the_front_is_killed(
+    tmp_path, layout
+) -> None:
     checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")  # ViT: 2 heads, one per rank
     image = png(90, 60, 7)
     prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("INTERNVL_IMAGE_LENGTH", "4")
-        expected = offline_greedy_ids(checkpoint, [{"prompt": prompt, "images": [image]}])
-    server = start_server(checkpoint, tmp_path, *TP_FLAGS, "--enable_multimodal", env=TILE_TOKENS)
+        expected = offline_greedy_ids(
+            checkpoint,
+            [
+                {"prompt": prompt, "images": [image]},
+                {
+                    "prompt": prompt.replace("<img></img>", "<img></img><img></img>"),
+                    "images": [image, png(40, 70, 3)],
+                },
+            ],
+        )
+    flags = (*TP_FLAGS[2:], *layout, "--enable_multimodal")
+    server = start_server(checkpoint, tmp_path, *flags, env=TILE_TOKENS)
     descendants = psutil.Process(server.process.pid).children(recursive=True)
     try:
-        assert [server_greedy_ids(server, prompt, [image])] == expected
-        assert [server_greedy_ids(server, prompt, [image])] == expected  # embedding-cache hit
+        images = [image, png(40, 70, 3)]  # two misses in one step: one per ViT group
+        two_image_prompt = prompt.replace("<img></img>", "<img></img><img></img>")
+        with ThreadPoolExecutor(2) as pool:
+            got = list(
+                pool.map(
+                    lambda case: server_greedy_ids(server, *case),
+                    [(prompt, [image]), (two_image_prompt, images)],
+                )
+            )
+        assert got == expected
+        assert [server_greedy_ids(server, prompt, [image])] == expected[:1]  # cache hit
     finally:
         # Not a clean shutdown: rank 0 notices that the front is gone, stops rank 1 and leaves.
         server.process.kill()
@@ -125,7 +155,8 @@ def test_tp_that_does_not_divide_the_heads_is_refused_naming_valid_values(tiny_c
     ("overrides", "message"),
     [
         ({"tp": 2, "nnodes": 2}, "--nnodes > 1 is not supported yet"),
-        ({"tp": 2, "visual_dp": 2, "visual_tp": 1}, "--visual_dp > 1 is not supported yet"),
+        ({"tp": 2, "visual_dp": 3}, r"--visual_dp \(3\) x --visual_tp \(0\) must equal --tp"),
+        ({"tp": 4, "visual_dp": 2, "visual_tp": 1}, "--visual_dp 2 --visual_tp 2"),
         ({"tp": 2, "visual_dp": 1, "visual_tp": 1}, r"--visual_dp \(1\) x --visual_tp \(1\)"),
     ],
 )

@@ -1,0 +1,85 @@
+"""Runs the vision encoder for a step's cache misses, data-parallel over the ViT groups.
+
+Every rank calls `encode` with the same plan. With one ViT group (`visual_dp = 1`) all ranks
+encode every image together (tensor parallel inside the model). With several groups the images
+are dealt out by `assign_images`, each group encodes its share in batches of at most
+`visual_infer_batch_size` images, and the first rank of each group broadcasts its share's
+embeddings to every rank, since every LLM rank needs all of them. Shapes are known on every
+rank from the plan (tiles x tokens per tile), so no sizes travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ocula.distributed.parallel_group import ParallelGroup
+from ocula.distributed.vision_groups import VisionLayout, assign_images
+from ocula.engine.image_inputs import EncoderInput
+
+EncodeFn = Callable[[torch.Tensor], torch.Tensor]  # [tiles, 3, S, S] -> [tiles, tokens, hidden]
+
+
+class ImageEncoder:
+    def __init__(
+        self,
+        encode_images: EncodeFn,
+        tokens_per_tile: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        batch_size: int,
+        world: ParallelGroup,
+        layout: VisionLayout,
+    ) -> None:
+        self.encode_images = encode_images
+        self.tokens_per_tile = tokens_per_tile
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.device = device
+        self.batch_size = batch_size
+        self.world = world
+        self.layout = layout
+        self.batch_sizes: list[int] = []  # images per ViT forward run by this rank's group
+
+    def encode(self, inputs: list[EncoderInput]) -> dict[str, torch.Tensor]:
+        """Embeddings [tiles * tokens_per_tile, hidden] of every input, by cache key."""
+        if not inputs:
+            return {}
+        if self.layout.dp == 1:
+            return self._encode_share(inputs)
+        owners = assign_images([item.pixel_values.shape[0] for item in inputs], self.layout.dp)
+        mine = self.layout.group_of(self.world.rank)
+        result: dict[str, torch.Tensor] = {}
+        for group in range(self.layout.dp):
+            share = [item for item, owner in zip(inputs, owners, strict=True) if owner == group]
+            if not share:
+                continue
+            if group == mine:
+                encoded = self._encode_share(share)
+                flat = torch.cat([encoded[item.key] for item in share])
+            else:
+                rows = sum(item.pixel_values.shape[0] for item in share) * self.tokens_per_tile
+                flat = torch.empty((rows, self.hidden_size), dtype=self.dtype, device=self.device)
+            self.world.broadcast(flat, src=self.layout.leader_of(group))
+            sizes = [item.pixel_values.shape[0] * self.tokens_per_tile for item in share]
+            for item, part in zip(share, flat.split(sizes), strict=True):
+                result[item.key] = part
+        return result
+
+    def _encode_share(self, inputs: list[EncoderInput]) -> dict[str, torch.Tensor]:
+        result: dict[str, torch.Tensor] = {}
+        for first in range(0, len(inputs), self.batch_size):
+            group = inputs[first : first + self.batch_size]
+            pixels = torch.cat([item.pixel_values for item in group])
+            features = self.encode_images(pixels.to(self.device, self.dtype))
+            tiles = [item.pixel_values.shape[0] for item in group]
+            for item, per_image in zip(group, features.split(tiles), strict=True):
+                result[item.key] = per_image.reshape(-1, per_image.shape[-1])
+            self.batch_sizes.append(len(group))
+        return result
+
+    def take_batch_sizes(self) -> list[int]:
+        sizes, self.batch_sizes = self.batch_sizes, []
+        return sizes
