@@ -52,6 +52,10 @@ class EngineArgs:
         type=int,
     )
     tp: int = option(1, "Tensor-parallel degree of the language model.")
+    nnodes: int = option(1, "Machines the --tp ranks run on (--tp / --nnodes ranks each).")
+    node_rank: int = option(0, "This machine's index among --nnodes (0 serves HTTP).")
+    nccl_host: str = option("127.0.0.1", "Address of node 0 for the distributed rendezvous.")
+    nccl_port: int = option(28765, "Port of the distributed rendezvous on node 0.")
     device: str = option("auto", "Device to run on: auto (cuda when available), cuda or cpu.")
     mem_fraction: float = option(
         0.9, "Fraction of GPU memory for weights, activations and the KV cache."
@@ -100,6 +104,7 @@ class EngineArgs:
             "cache_capacity",
             "visual_dp",
             "graph_max_batch_size",
+            "nnodes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -125,6 +130,13 @@ class EngineArgs:
                 f"--attention_backend must be auto or one of {sorted(ATTENTION_BACKENDS)}, "
                 f"got {self.attention_backend!r}"
             )
+        if self.tp % self.nnodes:
+            raise ValueError(
+                f"--tp ({self.tp}) must be a multiple of --nnodes ({self.nnodes}): every node "
+                "runs the same number of ranks"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node_rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
         visual_tp = self.effective_visual_tp
         if visual_tp < 1 or self.visual_dp * visual_tp != self.tp:
             raise ValueError(
@@ -132,6 +144,16 @@ class EngineArgs:
                 f"({self.tp}) so that every GPU holds the same share of the vision encoder; "
                 f"e.g. with --tp {self.tp}: " + _valid_visual_splits(self.tp)
             )
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp // self.nnodes
+
+    def local_ranks(self) -> range:
+        """The global ranks that run on this node."""
+        return range(
+            self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node
+        )
 
     @property
     def effective_visual_tp(self) -> int:

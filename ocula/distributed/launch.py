@@ -26,13 +26,15 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
-def open_rendezvous(host: str, port: int, world_size: int) -> dist.TCPStore:
-    """Rank 0's store on `host:port`; a free port on `host` when that one is taken (one node
-    only: the followers are told the port actually used)."""
+def open_rendezvous(
+    host: str, port: int, world_size: int, allow_other_port: bool = True
+) -> dist.TCPStore:
+    """Rank 0's store on `host:port`. When that port is taken and `allow_other_port` (one node:
+    the followers are told the port actually used), a free port on `host` instead."""
     try:
         return _store(host, port, world_size, is_master=True)
     except dist.DistNetworkError as error:
-        if "EADDRINUSE" not in str(error):
+        if "EADDRINUSE" not in str(error) or not allow_other_port:
             raise
     store = _store(host, 0, world_size, is_master=True)
     logger.warning(
@@ -60,10 +62,10 @@ def _store(host: str, port: int, world_size: int, is_master: bool) -> dist.TCPSt
     )
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Each rank its own GPU (`cuda:rank`, one node); the CPU is shared."""
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """Each rank its own GPU of its node (`cuda:local_rank`); the CPU is shared."""
     if device.type == "cuda":
-        return torch.device("cuda", rank)
+        return torch.device("cuda", local_rank)
     return device
 
 

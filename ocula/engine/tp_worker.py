@@ -62,31 +62,34 @@ class RankDiedError(RuntimeError):
     """A tensor-parallel rank exited; the server cannot go on without it."""
 
 
-def use_cpu_share(device: torch.device, tp: int) -> None:
-    """Ranks on the CPU share its cores: each takes 1/tp of them instead of all of them."""
+def use_cpu_share(device: torch.device, ranks_on_node: int) -> None:
+    """Ranks on the CPU share its cores: each takes its share instead of all of them."""
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_node))
 
 
 class FollowerRanks:
     """Rank 0's handle on ranks 1..tp-1: start them, broadcast to them, watch and stop them."""
 
-    def __init__(self, args: EngineArgs, setup: ModelSetup, host: str, port: int) -> None:
-        """Spawns ranks 1..args.tp-1, meeting them at `host:port` (another free port if that one
-        is taken), and joins the group with them; `self.group` is rank 0's group and `self.setup`
-        the model setup with rank 0's device. Raises RankDiedError when a follower exits before
-        joining."""
-        store = open_rendezvous(host, port, args.tp)
+    def __init__(self, args: EngineArgs, setup: ModelSetup) -> None:
+        """Spawns this node's ranks 1..tp/nnodes-1, meeting every rank at --nccl_host:--nccl_port
+        (on one node, another free port if that one is taken), and joins the group with them;
+        `self.group` is rank 0's group and `self.setup` the model setup with rank 0's device.
+        Ranks of other nodes are started there (`worker_node`); joining waits for them too.
+        Raises RankDiedError when a local follower exits before joining."""
+        store = open_rendezvous(
+            args.nccl_host, args.nccl_port, args.tp, allow_other_port=args.nnodes == 1
+        )
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}
         try:
-            self._start(args, setup, store, host)
+            self._start(args, setup, store, args.nccl_host)
         except BaseException:
             self.stop(graceful=False)
             raise
 
     def _start(self, args: EngineArgs, setup: ModelSetup, store: dist.TCPStore, host: str) -> None:
         spawn = multiprocessing.get_context("spawn")
-        for rank in range(1, args.tp):
+        for rank in args.local_ranks()[1:]:
             process = spawn.Process(
                 target=run_follower,
                 args=(args, rank, host, store.port),
@@ -97,8 +100,15 @@ class FollowerRanks:
             self.processes[rank] = process
             logger.info("tensor-parallel rank %d started (pid %d)", rank, process.pid)
         self._wait_until_joining(store)
+        if args.nnodes > 1:
+            logger.info(
+                "waiting for ranks %d..%d on %d other node(s)",
+                args.ranks_per_node,
+                args.tp - 1,
+                args.nnodes - 1,
+            )
         device = rank_device(setup.device, 0)
-        use_cpu_share(device, args.tp)
+        use_cpu_share(device, args.ranks_per_node)
         self.setup = dataclasses.replace(setup, device=device)
         self.group: ParallelGroup = init_rank(store, 0, args.tp, device)
         self._store = store  # followers stay connected to it until they leave
@@ -173,14 +183,15 @@ def _death_message(rank: int, process: multiprocessing.process.BaseProcess) -> s
 
 # -- the follower process -------------------------------------------------------------------------
 def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
-    """Process entry of rank `rank` > 0 (spawned by rank 0)."""
+    """Process entry of rank `rank` > 0 (spawned by rank 0, or by `worker_node` on another
+    node)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Ctrl-C reaches the whole process group; a follower stops when rank 0 says so or dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         setup = resolve_model(args)
-        device = rank_device(setup.device, rank)
-        use_cpu_share(device, args.tp)
+        device = rank_device(setup.device, rank - args.local_ranks()[0])
+        use_cpu_share(device, args.ranks_per_node)
         store = join_rendezvous(host, port, args.tp)
         store.set(READY_KEY.format(rank=rank), "1")
         group = init_rank(store, rank, args.tp, device)

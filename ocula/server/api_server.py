@@ -111,6 +111,10 @@ async def serve(args: ServerArgs) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_config(ServerArgs, argv, "Ocula: serve a (vision-)language model over HTTP.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.node_rank > 0:  # another node's ranks: no HTTP front here
+        from ocula.engine.worker_node import run_worker_node
+
+        sys.exit(run_worker_node(args))
     sys.exit(asyncio.run(serve(args)))
 
 

@@ -19,10 +19,6 @@ class ServerArgs(EngineArgs):
     allow_local_media: bool = option(
         False, "Let image URLs point at loopback and private addresses."
     )
-    nnodes: int = option(1, "Machines the ranks of this server run on.")
-    node_rank: int = option(0, "This machine's index among --nnodes.")
-    nccl_host: str = option("127.0.0.1", "Address of node 0 for the distributed rendezvous.")
-    nccl_port: int = option(28765, "Port of the distributed rendezvous.")
     log_stats_interval: float = option(10.0, "Seconds between throughput log lines (0: never).")
     max_waiting_requests: int = option(
         1024, "Requests that may wait for a slot; beyond that new ones get 503 with Retry-After."
@@ -33,8 +29,6 @@ class ServerArgs(EngineArgs):
         super().validate()
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
-        if self.nnodes < 1:
-            raise ValueError(f"--nnodes must be at least 1, got {self.nnodes}")
         if self.max_waiting_requests < 0:
             raise ValueError(
                 f"--max_waiting_requests must be >= 0, got {self.max_waiting_requests}"
@@ -42,11 +36,4 @@ class ServerArgs(EngineArgs):
         if self.max_request_body_mb <= 0:
             raise ValueError(
                 f"--max_request_body_mb must be positive, got {self.max_request_body_mb}"
-            )
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"--node_rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
-        if self.nnodes > 1:
-            raise ValueError(
-                "--nnodes > 1 is not supported yet: the ranks of --tp run on one machine; "
-                "run with --nnodes 1"
             )

@@ -51,7 +51,7 @@ def run_engine_process(args: ServerArgs, inbox_address: str, outbox_address: str
         tp = SINGLE_RANK
         if args.tp > 1:
             check_model_splits(setup.model_config, args.tp, args.effective_visual_tp)
-            followers = FollowerRanks(args, setup, args.nccl_host, args.nccl_port)
+            followers = FollowerRanks(args, setup)
             setup, tp = followers.setup, followers.group
         core = EngineCore(args, setup, tp)
         outbox.send(

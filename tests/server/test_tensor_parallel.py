@@ -154,7 +154,8 @@ def test_tp_that_does_not_divide_the_heads_is_refused_naming_valid_values(tiny_c
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"tp": 2, "nnodes": 2}, "--nnodes > 1 is not supported yet"),
+        ({"tp": 3, "nnodes": 2}, r"--tp \(3\) must be a multiple of --nnodes \(2\)"),
+        ({"tp": 2, "nnodes": 2, "node_rank": 2}, r"--node_rank must be in 0\.\.1"),
         ({"tp": 2, "visual_dp": 3}, r"--visual_dp \(3\) x --visual_tp \(0\) must equal --tp"),
         ({"tp": 4, "visual_dp": 2, "visual_tp": 1}, "--visual_dp 2 --visual_tp 2"),
         ({"tp": 2, "visual_dp": 1, "visual_tp": 1}, r"--visual_dp \(1\) x --visual_tp \(1\)"),
