@@ -130,11 +130,7 @@ def _split_problem(model_config: Any, tp: int, visual_tp: int) -> str | None:
     vision = getattr(model_config, "vision_config", None)
     if vision is None:
         return None
-    if vision.num_attention_heads % visual_tp:
-        return (
-            f"its vision encoder's {vision.num_attention_heads} heads are not divisible by "
-            f"{visual_tp}"
-        )
+    # The ViT's heads need not divide: InternViT pads them to a multiple of visual_tp.
     if vision.intermediate_size % visual_tp or text.hidden_size % visual_tp:
         return f"its vision encoder's MLP or projector width is not divisible by {visual_tp}"
     return None

@@ -11,7 +11,8 @@ is one SDPA call over [tiles, heads, tokens, head_dim].
 Tensor parallelism (over the vision group, which may differ from the LLM's): `qkv` and `fc1` are
 column parallel (whole heads per rank), `proj` and `fc2` row parallel; embeddings, norms and layer
 scales are replicated. The optional qk-norm is an RMSNorm over all heads' channels, so with
-sharded heads its mean square is summed over the group (`ChannelShardedRMSNorm`).
+sharded heads its mean square is summed over the group (`ChannelShardedRMSNorm`). Head counts
+that the group does not divide (InternViT-6B's 25) are padded with zero heads (`padded_heads`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ocula.distributed.parallel_group import ParallelGroup
+from ocula.kernels import use_triton
 from ocula.layers.linear import (
     CheckpointTensor,
     ColumnParallelLinear,
@@ -76,19 +78,44 @@ def interpolate_position_embedding(
     return torch.cat([table[:, :1], patch_rows.to(table.dtype)], dim=1)
 
 
+def padded_heads(num_heads: int, tp_size: int) -> int:
+    """InternViT's heads rounded up to a multiple of the vision TP size (InternViT-6B has 25).
+
+    The extra heads come last and have all-zero weights and biases: their q, k and v are zero,
+    so their attention output is zero, and `proj` has zero columns for them. Only the last
+    ranks hold padding heads.
+    """
+    return -(-num_heads // tp_size) * tp_size
+
+
+def copy_padded(
+    part: torch.Tensor, loaded: CheckpointTensor, dim: int, start: int, stop: int
+) -> None:
+    """Fills `part` with checkpoint indices [start, start + part.shape[dim]) along `dim`; indices
+    at or past `stop` (where the checkpoint's real heads end) are padding and become zeros."""
+    length = part.shape[dim]
+    real = max(0, min(length, stop - start))
+    part.zero_()
+    if real:
+        copy_into(part.narrow(dim, 0, real), narrow_checkpoint(loaded, dim, start, real))
+
+
 class ChannelShardedRMSNorm(nn.Module):
     """RMSNorm over `total_size` channels of which this rank holds the contiguous slice
-    [rank * n, (rank + 1) * n), n = total_size / tp.size (the channels of its heads).
+    [rank * n, (rank + 1) * n), n = padded_size / tp.size (the channels of its heads, padding
+    heads included: their channels are always zero, so the statistics divide by `total_size`).
 
     Numerics as transformers' RMSNorm: float32 statistics, cast back, then scale by the weight.
     """
 
-    def __init__(self, total_size: int, eps: float, tp: ParallelGroup) -> None:
+    def __init__(
+        self, total_size: int, eps: float, tp: ParallelGroup, padded_size: int | None = None
+    ) -> None:
         super().__init__()
         self.tp = tp
         self.eps = eps
         self.total_size = total_size
-        self.local_size = total_size // tp.size
+        self.local_size = (padded_size or total_size) // tp.size
         self.weight = nn.Parameter(torch.empty(self.local_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
@@ -96,11 +123,11 @@ class ChannelShardedRMSNorm(nn.Module):
         self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: ShardId = None
     ) -> None:
         start = self.tp.rank * self.local_size
-        copy_into(param, narrow_checkpoint(loaded, 0, start, self.local_size))
+        copy_padded(param.data, loaded, 0, start, self.total_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
-        if self.tp.size == 1:
+        if self.tp.size == 1 and self.local_size == self.total_size:
             mean_square = x32.pow(2).mean(-1, keepdim=True)
         else:
             squares = x32.pow(2).sum(-1, keepdim=True)
@@ -109,20 +136,36 @@ class ChannelShardedRMSNorm(nn.Module):
 
 
 def load_qkv_any_layout(
-    qkv: QKVParallelLinear, param: nn.Parameter, loaded: CheckpointTensor, shard_id: ShardId
+    qkv: QKVParallelLinear,
+    real_heads: int,
+    param: nn.Parameter,
+    loaded: CheckpointTensor,
+    shard_id: ShardId,
 ) -> None:
     """weight_loader of `attn.qkv`: separate q/k/v tensors (shard "q"/"k"/"v", HF layout) or the
-    original stacked `qkv` (shard None: rows [q heads | k heads | v heads], head-major)."""
-    if shard_id is not None:
-        QKVParallelLinear.weight_loader(qkv, param, loaded, shard_id)
-        return
-    projection_rows = qkv.num_heads * qkv.head_dim
-    for index, projection in enumerate(QKVParallelLinear.SHARDS):
-        heads = qkv.local_heads(projection)
-        start = index * projection_rows + heads.start * qkv.head_dim
-        qkv.copy_shard(
-            param, projection, narrow_checkpoint(loaded, 0, start, len(heads) * qkv.head_dim)
-        )
+    original stacked `qkv` (shard None: rows [q heads | k heads | v heads], head-major). The
+    checkpoint has `real_heads` heads; the layer may have padding heads past them (zeros)."""
+    real_rows = real_heads * qkv.head_dim
+    if shard_id is not None and not isinstance(shard_id, str):
+        raise ValueError(f"QKV shard id must be one of {qkv.SHARDS}, got {shard_id!r}")
+    projections = QKVParallelLinear.SHARDS if shard_id is None else (shard_id,)
+    for projection in projections:
+        base = QKVParallelLinear.SHARDS.index(projection) * real_rows if shard_id is None else 0
+        offset, rows = qkv.local_rows(projection)
+        start = base + qkv.local_heads(projection).start * qkv.head_dim
+        copy_padded(param.data.narrow(0, offset, rows), loaded, 0, start, base + real_rows)
+
+
+def load_proj_columns(
+    proj: RowParallelLinear,
+    real_size: int,
+    param: nn.Parameter,
+    loaded: CheckpointTensor,
+    shard_id: ShardId = None,
+) -> None:
+    """weight_loader of `attn.proj`'s weight: this rank's input columns, zeros for padding heads."""
+    cols = param.shape[1]
+    copy_padded(param.data, loaded, 1, proj.tp.rank * cols, real_size)
 
 
 class InternViTEmbeddings(nn.Module):
@@ -156,14 +199,17 @@ class InternViTAttention(nn.Module):
         size = config.hidden_size
         num_heads = config.num_attention_heads
         self.head_dim = size // num_heads
-        self.qkv = QKVParallelLinear(size, self.head_dim, num_heads, num_heads, config.qkv_bias, tp)
+        heads = padded_heads(num_heads, tp.size)
+        padded_size = heads * self.head_dim
+        self.qkv = QKVParallelLinear(size, self.head_dim, heads, heads, config.qkv_bias, tp)
         for param in self.qkv.parameters():
-            param.weight_loader = partial(load_qkv_any_layout, self.qkv)
+            param.weight_loader = partial(load_qkv_any_layout, self.qkv, num_heads)
         self.q_norm = self.k_norm = None
         if config.qk_normalization:
-            self.q_norm = ChannelShardedRMSNorm(size, config.qk_norm_eps, tp)
-            self.k_norm = ChannelShardedRMSNorm(size, config.qk_norm_eps, tp)
-        self.proj = RowParallelLinear(size, size, True, tp)
+            self.q_norm = ChannelShardedRMSNorm(size, config.qk_norm_eps, tp, padded_size)
+            self.k_norm = ChannelShardedRMSNorm(size, config.qk_norm_eps, tp, padded_size)
+        self.proj = RowParallelLinear(padded_size, size, True, tp)
+        self.proj.weight.weight_loader = partial(load_proj_columns, self.proj, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [tiles, tokens, hidden] -> [tiles, tokens, hidden]; tiles do not see each other."""
@@ -172,11 +218,21 @@ class InternViTAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
 
+        scale = self.head_dim**-0.5
+        if use_triton(x):
+            # The kernel reads q, k, v as strided views of the fused projection and writes
+            # [tiles, tokens, heads * head_dim] for proj: no transposes, no copies.
+            from ocula.kernels.vit_attention import supports_head_dim, vit_attention
+
+            if supports_head_dim(self.head_dim):
+                q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+                return self.proj(vit_attention(q, k, v, scale))
+
         def heads_first(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(tiles, tokens, -1, self.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(
-            heads_first(q), heads_first(k), heads_first(v), scale=self.head_dim**-0.5
+            heads_first(q), heads_first(k), heads_first(v), scale=scale
         )
         return self.proj(out.transpose(1, 2).reshape(tiles, tokens, -1))
 
@@ -236,12 +292,6 @@ class InternViT(nn.Module):
     def __init__(self, config: InternViTConfig, select_layer: int, tp: ParallelGroup) -> None:
         super().__init__()
         heads = config.num_attention_heads
-        if heads % tp.size != 0:
-            raise ValueError(
-                f"the vision tensor-parallel size {tp.size} does not divide InternViT's {heads} "
-                "attention heads; choose a visual_tp that divides it (head padding is not "
-                "supported yet)"
-            )
         if config.hidden_size % heads != 0:
             raise ValueError(f"hidden size {config.hidden_size} is not a multiple of {heads} heads")
         self.config = config

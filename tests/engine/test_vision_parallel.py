@@ -73,23 +73,48 @@ def internvl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_rank_embeddings(internvl_checkpoint: Path) -> dict[str, torch.Tensor]:
-    return encode(engine_args(internvl_checkpoint, 1, 1, 1), SINGLE_RANK)
+def padded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 heads of 16 channels with InternViT-6B's qk-norm: visual_tp 2 pads them to 4."""
+    return make_hf_internvl(
+        tmp_path_factory.mktemp("internvl3heads"),
+        "qwen2",
+        hidden_size=48,
+        num_attention_heads=3,
+        use_qk_norm=True,
+        norm_type="rms_norm",
+        attention_bias=False,
+    )
+
+
+def single_rank_embeddings(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return encode(engine_args(checkpoint, 1, 1, 1), SINGLE_RANK)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("tp", "visual_dp", "visual_tp"), [(2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 4, 1)]
+    ("tp", "visual_dp", "visual_tp", "heads"),
+    [
+        (2, 1, 2, 2),
+        (2, 2, 1, 2),
+        (4, 2, 2, 2),
+        (4, 4, 1, 2),
+        (4, 1, 4, 2),  # 2 heads over 4 ranks: two padding heads
+        (2, 1, 2, 3),  # 3 heads over 2 ranks, qk-norm over 48 real channels
+    ],
 )
 def test_every_rank_gets_single_rank_embeddings(
-    internvl_checkpoint, single_rank_embeddings, tmp_path, tp, visual_dp, visual_tp
+    request, tmp_path, tp, visual_dp, visual_tp, heads
 ) -> None:
-    args = engine_args(internvl_checkpoint, tp, visual_dp, visual_tp)
+    checkpoint = request.getfixturevalue(
+        "internvl_checkpoint" if heads == 2 else "padded_checkpoint"
+    )
+    expected_embeddings = single_rank_embeddings(checkpoint)
+    args = engine_args(checkpoint, tp, visual_dp, visual_tp)
     mp.spawn(_rank, args=(args, tmp_path / "store", tmp_path), nprocs=tp)
     per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(tp)]
     for rank, got in enumerate(per_rank):
-        assert got.keys() == single_rank_embeddings.keys()
-        for key, expected in single_rank_embeddings.items():
+        assert got.keys() == expected_embeddings.keys()
+        for key, expected in expected_embeddings.items():
             assert torch.equal(got[key], per_rank[0][key]), (rank, key)
             torch.testing.assert_close(got[key], expected, **TOLERANCE)
 

@@ -266,9 +266,11 @@ def test_config_values_the_engine_needs(checkpoints: dict[str, Path]) -> None:
     assert (hf.config.image_start_token, hf.config.image_end_token) == ("<img>", "</img>")
 
 
-def test_vision_tp_must_divide_the_heads(checkpoints: dict[str, Path]) -> None:
-    config = load_text_config(checkpoints["hf_qwen2"]).vision_config  # 2 heads
-    with pytest.raises(ValueError, match="does not divide InternViT's 2 attention heads"):
+def test_vision_tp_pads_heads_but_must_divide_the_mlp(checkpoints: dict[str, Path]) -> None:
+    config = load_text_config(checkpoints["hf_qwen2"]).vision_config  # 2 heads, MLP 64
+    padded = InternViT(config, -1, ParallelGroup(rank=1, size=4))  # heads padded from 2 to 4
+    assert padded.encoder.layers[0].attn.qkv.num_heads == 4
+    with pytest.raises(ValueError, match=r"output size \(64\) is not divisible by .* size 3"):
         InternViT(config, -1, ParallelGroup(rank=0, size=3))
 
 
