@@ -4,11 +4,18 @@ Qwen2 tokenizer, and the converted default model (opt-in, see tests/helpers/defa
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads this when a kernel is
+# defined, so it must be set before any test module imports `ocula.kernels`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers.tiny_models import make_tiny_checkpoint
 

@@ -3,11 +3,16 @@
 Slots are token-granular. Slot 0 is reserved as a scratch slot: padded tokens (for example the
 unused rows of a CUDA-graph batch) write their K/V there, so it is never handed to a request.
 Which slots are free is the business of `SlotAllocator` (CPU); this class only owns tensors.
+
+On CUDA (`use_triton`) `write` is one Triton launch for K and V (`ocula.kernels.kv_store`), which
+reads nothing back to the host and so can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ocula.kernels import use_triton
 
 SCRATCH_SLOT = 0
 
@@ -47,6 +52,15 @@ class KVCachePool:
         return self.k_caches[layer_id], self.v_caches[layer_id]
 
     def write(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Stores the K/V of new tokens ([T, num_kv_heads, head_dim]) at `slots` ([T])."""
+        """Stores the K/V of new tokens ([T, num_kv_heads, head_dim]) at `slots` ([T] int64).
+
+        k and v may be strided views (last stride 1 on the kernel path); they are converted to
+        the pool's dtype. Slots must be distinct apart from the scratch slot.
+        """
+        if use_triton(k):
+            from ocula.kernels.kv_store import store_kv
+
+            store_kv(k, v, self.k_caches[layer_id], self.v_caches[layer_id], slots)
+            return
         self.k_caches[layer_id][slots] = k.to(self.dtype)
         self.v_caches[layer_id][slots] = v.to(self.dtype)

@@ -12,6 +12,12 @@ token's position. This table holds the frequencies transformers uses below that 
 `max_positions` stops at the threshold, so every sequence that fits is computed exactly as
 transformers computes it. Serving longer sequences with these types is not supported: the engine
 must keep context lengths within `max_positions`.
+
+Applying it: `RotaryEmbedding.rope(positions, dtype)` binds one forward's positions into a `Rope`
+that every layer calls on its (q, k). On CUDA (`use_triton`) that is one Triton launch per layer
+which rotates q and k in place, reading the float32 tables by position itself
+(`ocula.kernels.rotary`, bit-identical to `apply_rotary`); elsewhere cos/sin are looked up once
+per forward and `apply_rotary` runs out of place.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from ocula.kernels import use_triton
 
 
 def default_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -75,6 +83,41 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, head_dim / 2] of each position, in `dtype` (done once per forward)."""
         return self.cos_cache[positions].to(dtype), self.sin_cache[positions].to(dtype)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The rotation of tokens at `positions` ([T], each < max_positions) in `dtype`."""
+        return Rope(self, positions, dtype)
+
+
+class Rope:
+    """RoPE bound to one forward's positions: `rope(q, k)` rotates a layer's q and k.
+
+    Built once per forward and shared by all layers. On the kernel path nothing is precomputed
+    (each call reads the tables by position); on the torch path cos/sin are gathered here, once.
+    """
+
+    def __init__(
+        self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype
+    ) -> None:
+        self.positions = positions
+        self._cos_table = rotary.cos_cache
+        self._sin_table = rotary.sin_cache
+        # None selects the kernel path.
+        self._cos_sin = None if use_triton(positions) else rotary.lookup(positions, dtype)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, head_dim], k [T, kv_heads, head_dim] in the dtype -> rotated (q, k).
+
+        The kernel path rotates q and k in place and returns them; the torch path returns new
+        tensors and leaves its inputs alone. Either way, use the returned tensors.
+        """
+        if self._cos_sin is None:
+            from ocula.kernels.rotary import apply_rotary_inplace
+
+            apply_rotary_inplace(q, k, self.positions, self._cos_table, self._sin_table)
+            return q, k
+        cos, sin = self._cos_sin
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,10 @@
 Each model keeps its own module names for the outer tree and maps its checkpoint names onto these
 blocks' fused projections in its `packed_modules_mapping`. All TP lives in the layers: the blocks
 hold only this rank's heads and MLP columns, and contain no collectives.
+
+On CUDA the layers dispatch to Triton kernels (`ocula.kernels`): fused residual-add + RMSNorm,
+in-place RoPE on the q/k views of the qkv output, SiLU-and-mul, one-launch KV store, and the
+image-embedding splice below. Tensors handed to those layers are consumed (see each layer).
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ from transformers import PretrainedConfig
 
 from ocula.distributed.parallel_group import ParallelGroup
 from ocula.engine.forward_batch import ForwardBatch
+from ocula.kernels import use_triton
 from ocula.layers.activation import SiluAndMul
 from ocula.layers.attention import Attention, AttentionBackend
 from ocula.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ocula.layers.norm import RMSNorm
-from ocula.layers.rotary import RotaryEmbedding, apply_rotary
-
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, head_dim / 2] of this step's positions
+from ocula.layers.rotary import Rope, RotaryEmbedding
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -80,8 +83,8 @@ class SelfAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: Rope, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
-        q = apply_rotary(q.view(num_tokens, -1, self.head_dim), *rope)
-        k = apply_rotary(k.view(num_tokens, -1, self.head_dim), *rope)
+        # Views of the qkv output; the kernel path rotates them in place.
+        q, k = rope(q.view(num_tokens, -1, self.head_dim), k.view(num_tokens, -1, self.head_dim))
         v = v.view(num_tokens, -1, self.head_dim)
         return self.o_proj(self.attn(q, k, v, batch))
 
@@ -138,11 +141,18 @@ def pre_norm_residual_step(
 
 
 def embed_with_splice(embed_tokens: nn.Module, batch: ForwardBatch) -> torch.Tensor:
-    """Token embeddings [T, hidden], with `batch.spliced_embeds` written over `spliced_rows`."""
+    """Token embeddings [T, hidden], with `batch.spliced_embeds` written over `spliced_rows`.
+
+    Rows must be distinct. On CUDA the splice is a Triton copy into the fresh embedding output.
+    """
     hidden = embed_tokens(batch.input_ids)
     if batch.spliced_embeds is not None:
         if batch.spliced_rows is None:
             raise ValueError("spliced_embeds is set but spliced_rows is not")
+        if use_triton(hidden):
+            from ocula.kernels.splice import splice_rows_
+
+            return splice_rows_(hidden, batch.spliced_rows, batch.spliced_embeds)
         hidden = hidden.index_copy(0, batch.spliced_rows, batch.spliced_embeds.to(hidden.dtype))
     return hidden
 
@@ -156,7 +166,7 @@ def run_decoder(
 ) -> torch.Tensor:
     """Embedding, every layer (called as `layer(hidden, residual, rope, batch)`), final norm."""
     hidden = embed_with_splice(embed_tokens, batch)
-    rope = rotary.lookup(batch.positions, hidden.dtype)
+    rope = rotary.rope(batch.positions, hidden.dtype)
     residual = None
     for layer in layers:
         hidden, residual = layer(hidden, residual, rope, batch)

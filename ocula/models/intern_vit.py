@@ -6,7 +6,9 @@ mlp.{fc1, fc2}, ls2}`. Each layer is pre-norm with layer scale:
     x = x + attn(norm1(x)) * ls1;  x = x + mlp(norm2(x)) * ls2.
 
 Each tile is its own sequence (class token + patches) with bidirectional attention, so attention
-is one SDPA call over [tiles, heads, tokens, head_dim].
+is one call over [tiles, tokens, heads, head_dim]: the Triton kernel of `ocula.kernels.vit_attention`
+on CUDA for head_dim <= 64 (InternViT-300M; measured faster than SDPA plus its transposes on an
+H100), SDPA elsewhere (CPU, and InternViT-6B's head_dim 128, where SDPA's kernel is faster).
 
 Tensor parallelism (over the vision group, which may differ from the LLM's): `qkv` and `fc1` are
 column parallel (whole heads per rank), `proj` and `fc2` row parallel; embeddings, norms and layer
@@ -224,7 +226,7 @@ class InternViTAttention(nn.Module):
             # [tiles, tokens, heads * head_dim] for proj: no transposes, no copies.
             from ocula.kernels.vit_attention import supports_head_dim, vit_attention
 
-            if supports_head_dim(self.head_dim):
+            if self.head_dim <= 64 and supports_head_dim(self.head_dim):
                 q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
                 return self.proj(vit_attention(q, k, v, scale))
 

@@ -49,6 +49,16 @@ class SamplingRequest(Protocol):
         ...
 
 
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `values` on `device` without a host sync: on CUDA the values are staged in
+    pinned memory and copied asynchronously (a pageable source may make the copy wait for the
+    stream); the caching host allocator keeps the staging buffer alive until the copy is done."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    staged = torch.tensor(values, dtype=dtype, pin_memory=True)
+    return staged.to(device, non_blocking=True)
+
+
 def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """The generator a request with `seed` keeps for its whole life (None without a seed).
 
@@ -88,6 +98,9 @@ class SamplingBatch:
     max_top_k: int  # largest enabled top_k over the rows (0 if none)
     use_top_p: bool
     use_min_p: bool
+    # Every sampled row with top_p < 1 also has top_k > 0: top_p then only ever looks at the
+    # max_top_k largest logits of a row, so no full sort of the vocabulary is needed.
+    top_p_within_top_k: bool
     use_repetition_penalty: bool
     use_presence_frequency_penalty: bool
     any_banned: bool
@@ -140,10 +153,10 @@ class SamplingBatch:
                 num_logprobs = max(num_logprobs, params.logprobs)
 
         # Two host-to-device copies in all: one for the float parameters, one for top_k.
-        floats = torch.tensor(
-            [temperatures, top_ps, min_ps, repetition, presence, frequency], dtype=torch.float32
-        ).to(device, non_blocking=True)
-        top_ks_device = torch.tensor(top_ks, dtype=torch.int64).to(device, non_blocking=True)
+        floats = host_to_device(
+            [temperatures, top_ps, min_ps, repetition, presence, frequency], torch.float32, device
+        )
+        top_ks_device = host_to_device(top_ks, torch.int64, device)
         greedy_flags = [t == 0 for t in temperatures]
         sampled_rows = [i for i, greedy in enumerate(greedy_flags) if not greedy]
         enabled_top_ks = [top_ks[i] for i in sampled_rows if top_ks[i] > 0]
@@ -165,6 +178,7 @@ class SamplingBatch:
             use_top_k=bool(enabled_top_ks),
             max_top_k=max(enabled_top_ks, default=0),
             use_top_p=any(top_ps[i] < 1.0 for i in sampled_rows),
+            top_p_within_top_k=all(top_ks[i] > 0 for i in sampled_rows if top_ps[i] < 1.0),
             use_min_p=any(min_ps[i] > 0.0 for i in sampled_rows),
             use_repetition_penalty=any(r != 1.0 for r in repetition),
             use_presence_frequency_penalty=any(presence) or any(frequency),

@@ -1,8 +1,8 @@
 """Logit penalties and bans, applied in place to float32 logits [S, V] before sampling.
 
-Token lists arrive as ragged per-row Python lists; each is turned into one flat (row, token)
-index pair and scattered in a single tensor op, so the cost is one host-to-device copy per list
-kind, whatever the batch size.
+Token lists arrive as ragged per-row Python lists; each list kind becomes one flat index tensor
+(one asynchronous host-to-device copy) and one scatter, whatever the batch size. Nothing here
+reads a device tensor back to the host.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from ocula.sampling.batch import host_to_device
 
 
 def token_counts(
@@ -19,13 +21,25 @@ def token_counts(
 
     Ids >= V (an embedding table larger than the LM head) cannot be sampled and are not counted.
     """
-    rows, cols = _flat_indices(token_ids, device)
     # One spare column absorbs the out-of-vocabulary ids without a data-dependent filter.
     counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.float32, device=device)
-    if cols.numel():
-        ones = torch.ones_like(cols, dtype=torch.float32)
-        counts.index_put_((rows, cols.clamp(max=vocab_size)), ones, accumulate=True)
+    positions = _flat_positions(vocab_size, device, token_ids)
+    if positions is not None:
+        ones = torch.ones(positions.shape, dtype=torch.float32, device=device)
+        counts.view(-1).scatter_add_(0, positions, ones)
     return counts[:, :vocab_size]
+
+
+def _presence(
+    vocab_size: int, device: torch.device, *ragged: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """present[i, t] = token t occurs in row i of any of the ragged lists (each of S rows);
+    bool [S, V]. Ids >= V are ignored."""
+    present = torch.zeros(len(ragged[0]), vocab_size + 1, dtype=torch.bool, device=device)
+    positions = _flat_positions(vocab_size, device, *ragged)
+    if positions is not None:
+        present.view(-1).scatter_(0, positions, True)
+    return present[:, :vocab_size]
 
 
 def apply_repetition_penalty(
@@ -38,9 +52,7 @@ def apply_repetition_penalty(
     whatever its count: a positive logit is divided by the row's penalty, a negative one
     multiplied by it. Rows with penalty 1 are unchanged.
     """
-    vocab_size = logits.shape[1]
-    seen = token_counts(prompt_token_ids, vocab_size, logits.device) > 0
-    seen |= token_counts(output_token_ids, vocab_size, logits.device) > 0
+    seen = _presence(logits.shape[1], logits.device, prompt_token_ids, output_token_ids)
     penalty = penalties.unsqueeze(1)
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     torch.where(seen, penalized, logits, out=logits)
@@ -66,19 +78,36 @@ def apply_bans(logits: torch.Tensor, banned_token_ids: Sequence[Sequence[int]]) 
     """
     vocab_size = logits.shape[1]
     in_vocab = [[t for t in ids if t < vocab_size] for ids in banned_token_ids]
-    rows, cols = _flat_indices(in_vocab, logits.device)
-    if cols.numel():
-        logits.index_put_((rows, cols), torch.tensor(float("-inf"), device=logits.device))
+    indices = _row_token_indices(logits.device, in_vocab)
+    if indices is not None:
+        # The fill value is made on the device (no blocking host-to-device copy of a scalar).
+        logits.index_put_(indices, logits.new_full((), float("-inf")))
 
 
-def _flat_indices(
-    token_ids: Sequence[Sequence[int]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, token) int64 index tensors on `device` for every entry of the ragged lists."""
+def _flat_positions(
+    vocab_size: int, device: torch.device, *ragged: Sequence[Sequence[int]]
+) -> torch.Tensor | None:
+    """Flat int64 indices row * (V + 1) + min(id, V) into a [S, V + 1] tensor for every entry of
+    the ragged lists (column V is the spare one for ids >= V); None when all lists are empty."""
+    indices = _row_token_indices(device, *ragged)
+    if indices is None:
+        return None
+    rows, cols = indices
+    return rows * (vocab_size + 1) + cols.clamp(max=vocab_size)
+
+
+def _row_token_indices(
+    device: torch.device, *ragged: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row, token) int64 index tensors on `device` for every entry of the ragged lists (row i
+    of each list is row i of the logits), in one asynchronous copy; None when all are empty."""
     rows: list[int] = []
     cols: list[int] = []
-    for row, ids in enumerate(token_ids):
-        rows.extend([row] * len(ids))
-        cols.extend(ids)
-    flat = torch.tensor([rows, cols], dtype=torch.int64).to(device, non_blocking=True)
+    for token_ids in ragged:
+        for row, ids in enumerate(token_ids):
+            rows.extend([row] * len(ids))
+            cols.extend(ids)
+    if not cols:
+        return None
+    flat = host_to_device([rows, cols], torch.int64, device)
     return flat[0], flat[1]

@@ -17,6 +17,7 @@ host-side flags, and per-row parameters stay tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -147,32 +148,55 @@ def _apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> None:
     top_k keeps every token whose logit is at least the k-th largest (ties at the boundary are
     all kept). top_p keeps the smallest prefix of the tokens sorted by probability whose mass
     reaches top_p; the most likely token is always kept.
+
+    Only a row with top_p but no top_k needs the whole vocabulary sorted; otherwise a partial
+    top-k of the max_top_k largest logits holds every token either filter can keep.
     """
+    if batch.use_top_p and not batch.top_p_within_top_k:
+        _apply_top_k_top_p_by_sorting(logits, batch)
+        return
     vocab_size = logits.shape[1]
     top_ks = batch.top_ks.clamp(max=vocab_size)
     top_ks = torch.where(top_ks <= 0, torch.full_like(top_ks, vocab_size), top_ks)
-    if not batch.use_top_p:
-        # Only the k-th largest logit is needed: a partial top-k instead of a full sort.
-        largest = torch.topk(logits, min(batch.max_top_k, vocab_size), dim=-1).values
-        # Rows with top_k off (k = V > max_top_k) have threshold -inf.
-        within = top_ks <= largest.shape[1]
-        index = (top_ks.clamp(max=largest.shape[1]) - 1).unsqueeze(1)
-        threshold = largest.gather(1, index).squeeze(1)
-        threshold = torch.where(within, threshold, torch.full_like(threshold, float("-inf")))
-        logits.masked_fill_(logits < threshold.unsqueeze(1), float("-inf"))
-        return
+    largest = torch.topk(logits, min(batch.max_top_k, vocab_size), dim=-1).values  # descending
+    # Rows with top_k off (k = V > max_top_k) have threshold -inf.
+    within = top_ks <= largest.shape[1]
+    index = (top_ks.clamp(max=largest.shape[1]) - 1).unsqueeze(1)
+    threshold = largest.gather(1, index)
+    threshold = torch.where(within.unsqueeze(1), threshold, torch.full_like(threshold, -math.inf))
+    if batch.use_top_p:
+        # The sorting path's rule on the candidates only: a row with top_p < 1 has top_k here,
+        # so every token it keeps is among them, and its least likely surviving candidate
+        # becomes its threshold. Rows with top_p = 1 (top_k possibly off) keep their threshold.
+        candidates = largest.masked_fill(largest < threshold, -math.inf)
+        drop = _outside_nucleus(candidates, batch.top_ps)
+        nucleus_floor = candidates.masked_fill(drop, math.inf).amin(dim=-1, keepdim=True)
+        uses_top_p = (batch.top_ps < 1.0).unsqueeze(1)
+        threshold = torch.where(uses_top_p, torch.maximum(threshold, nucleus_floor), threshold)
+    logits.masked_fill_(logits < threshold, -math.inf)
 
+
+def _apply_top_k_top_p_by_sorting(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """`_apply_top_k_top_p` for batches where some row has top_p without top_k."""
+    vocab_size = logits.shape[1]
+    top_ks = batch.top_ks.clamp(max=vocab_size)
+    top_ks = torch.where(top_ks <= 0, torch.full_like(top_ks, vocab_size), top_ks)
     sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
     if batch.use_top_k:
         threshold = sorted_logits.gather(1, (top_ks - 1).unsqueeze(1))
-        sorted_logits.masked_fill_(sorted_logits < threshold, float("-inf"))
+        sorted_logits.masked_fill_(sorted_logits < threshold, -math.inf)
+    sorted_logits.masked_fill_(_outside_nucleus(sorted_logits, batch.top_ps), -math.inf)
+    logits.scatter_(1, sorted_ids, sorted_logits)
+
+
+def _outside_nucleus(sorted_logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """bool mask over logits sorted descending per row: True past the smallest prefix whose
+    probability mass reaches the row's top_p. Rows with top_p = 1 drop nothing (rounding in the
+    cumulative sum must not drop their tail)."""
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    top_ps = batch.top_ps.unsqueeze(1)
-    # top_p = 1 keeps everything outright: rounding in the cumsum must not drop the tail.
-    drop = (mass_before >= top_ps) & (top_ps < 1.0)
-    sorted_logits.masked_fill_(drop, float("-inf"))
-    logits.scatter_(1, sorted_ids, sorted_logits)
+    top_ps = top_ps.unsqueeze(1)
+    return (mass_before >= top_ps) & (top_ps < 1.0)
 
 
 def _apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> None:
@@ -183,4 +207,4 @@ def _apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> None:
     """
     max_logits = logits.max(dim=-1, keepdim=True).values
     thresholds = max_logits + torch.log(min_ps).unsqueeze(1)  # log(0) = -inf: nothing masked
-    logits.masked_fill_(logits < thresholds, float("-inf"))
+    logits.masked_fill_(logits < thresholds, -math.inf)

@@ -99,9 +99,7 @@ def test_qwen2_tp2_matches_tp1_and_a_dead_rank_stops_the_server(tiny_checkpoint,
     ],
     ids=["tp2-vit1x2", "tp2-vit2x1", "tp4-vit2x2"],
 )
-def test_internvl_tp_matches_tp1_and_ranks_leave_when_the_front_is_killed(
-    tmp_path, layout
-) -> None:
+def test_internvl_tp_matches_tp1_and_ranks_leave_when_the_front_is_killed(tmp_path, layout) -> None:
     checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")  # ViT: 2 heads, one per rank
     image = png(90, 60, 7)
     prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"

@@ -14,7 +14,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 from ocula.sampling.batch import SamplingBatch, seeded_generator
 from ocula.sampling.params import SamplingParams
 from ocula.sampling.penalties import apply_presence_frequency_penalties, apply_repetition_penalty
-from ocula.sampling.sampler import Sampler
+from ocula.sampling.sampler import Sampler, _apply_top_k_top_p
 
 CPU = torch.device("cpu")
 # A distribution with distinct probabilities, used by the frequency checks.
@@ -258,3 +258,63 @@ def test_no_top_logprobs_unless_asked() -> None:
 def test_wrong_row_count_is_rejected() -> None:
     with pytest.raises(ValueError, match="rows"):
         Sampler()(torch.randn(3, 10), batch_of([make_request(SamplingParams())]))
+
+
+def test_top_k_with_top_p_matches_the_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rows that pair top_p with top_k filter a partial top-k; the sorting path must agree.
+    logits = torch.randn(48, 3000, generator=torch.Generator().manual_seed(10)) * 4
+    kinds = [
+        SamplingParams(top_k=40, top_p=0.8),
+        SamplingParams(top_k=3, top_p=0.99, temperature=0.6, seed=11),
+        SamplingParams(top_k=200, top_p=0.5, min_p=0.05),
+        SamplingParams(top_k=-1),  # top_k and top_p off: keeps everything
+        SamplingParams(top_k=7),
+        SamplingParams(temperature=0, top_p=0.3),
+    ]
+
+    def fresh_batch() -> SamplingBatch:  # seeded rows need fresh generators for each run
+        return batch_of([make_request(kinds[i % len(kinds)]) for i in range(48)])
+
+    batch = fresh_batch()
+    assert batch.use_top_p and batch.top_p_within_top_k
+    by_sorting = dataclasses.replace(fresh_batch(), top_p_within_top_k=False)
+    expected = Sampler(torch.Generator().manual_seed(12))(logits, by_sorting).token_ids
+
+    def no_sort(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the vocabulary was sorted")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    observed = Sampler(torch.Generator().manual_seed(12))(logits, batch).token_ids
+    assert torch.equal(observed, expected)
+
+
+def test_top_k_with_top_p_keeps_the_same_tokens_as_the_full_sort() -> None:
+    logits = torch.randn(30, 500, generator=torch.Generator().manual_seed(14)) * 3
+    kinds = [
+        SamplingParams(top_k=25, top_p=0.6),
+        SamplingParams(top_k=1, top_p=0.9),
+        SamplingParams(top_k=-1, top_p=1.0),
+        SamplingParams(top_k=499, top_p=0.95),
+        SamplingParams(top_k=10),
+    ]
+    batch = batch_of([make_request(kinds[i % len(kinds)]) for i in range(30)])
+    partial, full = logits.clone(), logits.clone()
+    _apply_top_k_top_p(partial, batch)
+    _apply_top_k_top_p(full, dataclasses.replace(batch, top_p_within_top_k=False))
+    assert torch.equal(partial, full)
+    assert torch.all(torch.isfinite(partial[2::5]))  # top_k and top_p off: nothing masked
+    assert torch.equal(torch.isfinite(partial[1::5]).sum(-1), torch.ones(6, dtype=torch.int64))
+
+
+def test_the_batch_says_when_top_p_needs_a_full_sort() -> None:
+    batch = batch_of(
+        [make_request(SamplingParams(top_k=5, top_p=0.9)), make_request(SamplingParams(top_p=0.9))]
+    )
+    assert batch.use_top_p and not batch.top_p_within_top_k
+    greedy_only = batch_of(
+        [
+            make_request(SamplingParams(top_k=5)),
+            make_request(SamplingParams(temperature=0, top_p=0.5)),
+        ]
+    )
+    assert not greedy_only.use_top_p and greedy_only.top_p_within_top_k

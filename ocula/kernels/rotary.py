@@ -1,0 +1,172 @@
+"""Rotary position embedding (neox halves) applied in place to q and k in one launch.
+
+The torch reference is `ocula.layers.rotary.apply_rotary` on cos/sin from
+`RotaryEmbedding.lookup`. This kernel reads the float32 cos/sin tables by position itself (no
+gathered copy) and rounds as the reference does, so the result is bit-identical:
+  cos, sin = table[position] rounded to the activation dtype
+  first'  = round(round(first * cos) - round(second * sin))
+  second' = round(round(second * cos) + round(first * sin))
+where round() is to the activation dtype and each product and sum is computed in float32 (exact
+for fp16/bf16 operands, as in torch's elementwise kernels). Contraction into fma is disabled, which
+would otherwise skip the rounding of the products in float32.
+
+q and k may be strided views (e.g. slices of the fused qkv projection's output): any token and
+head strides, a last stride of 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    base_ptr,
+    head_stride,
+    cos,
+    sin,
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Rotates the heads of one token (base_ptr points at its head 0) in blocks of BLOCK_H."""
+    dtype = base_ptr.dtype.element_ty
+    dims = tl.arange(0, BLOCK_HALF)
+    for head_start in range(0, NUM_HEADS, BLOCK_H):
+        heads = head_start + tl.arange(0, BLOCK_H)
+        mask = (heads[:, None] < NUM_HEADS) & (dims[None, :] < HALF)
+        first_ptrs = base_ptr + heads[:, None].to(tl.int64) * head_stride + dims[None, :]
+        first = tl.load(first_ptrs, mask=mask, other=0.0).to(tl.float32)
+        second = tl.load(first_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        new_first = (first * cos).to(dtype).to(tl.float32) - (second * sin).to(dtype).to(tl.float32)
+        new_second = (second * cos).to(dtype).to(tl.float32) + (first * sin).to(dtype).to(
+            tl.float32
+        )
+        tl.store(first_ptrs, new_first.to(dtype), mask=mask)
+        tl.store(first_ptrs + HALF, new_second.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    positions_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    table_stride,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < HALF
+    dtype = q_ptr.dtype.element_ty
+    # The reference casts the float32 table to the activation dtype before multiplying.
+    cos = tl.load(cos_ptr + position * table_stride + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(sin_ptr + position * table_stride + dims, mask=dim_mask, other=0.0)
+    cos = cos.to(dtype).to(tl.float32)[None, :]
+    sin = sin.to(dtype).to(tl.float32)[None, :]
+    _rotate_heads(
+        q_ptr + token * q_token_stride,
+        q_head_stride,
+        cos,
+        sin,
+        NUM_Q_HEADS,
+        HALF,
+        BLOCK_H,
+        BLOCK_HALF,
+    )
+    _rotate_heads(
+        k_ptr + token * k_token_stride,
+        k_head_stride,
+        cos,
+        sin,
+        NUM_K_HEADS,
+        HALF,
+        BLOCK_H,
+        BLOCK_HALF,
+    )
+
+
+def apply_rotary_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+) -> None:
+    """Rotates q [T, q_heads, head_dim] and k [T, k_heads, head_dim] in place.
+
+    positions: [T] integers, each in [0, table rows): not checked (that would need a host sync),
+    a position past the table reads out of bounds. cos_table, sin_table: float32
+    [rows, head_dim / 2] with a last stride of 1. q and k share a dtype and must not overlap.
+    """
+    _check(q, k, positions, cos_table, sin_table)
+    num_tokens, num_q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    max_heads = max(num_q_heads, k.shape[1])
+    block_h = max(1, min(triton.next_power_of_2(max_heads), 2048 // block_half))
+    _rotary_kernel[(num_tokens,)](
+        q,
+        k,
+        positions,
+        cos_table,
+        sin_table,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos_table.stride(0),
+        NUM_Q_HEADS=num_q_heads,
+        NUM_K_HEADS=k.shape[1],
+        HALF=half,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+
+
+def _check(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+) -> None:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q and k must be [T, heads, head_dim] of one T and head_dim, got {tuple(q.shape)} "
+            f"and {tuple(k.shape)}"
+        )
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k need a last stride of 1")
+    half = q.shape[2] // 2
+    if q.shape[2] % 2 or cos_table.shape[-1] != half or sin_table.shape != cos_table.shape:
+        raise ValueError(
+            f"cos/sin tables {tuple(cos_table.shape)} do not fit head_dim {q.shape[2]}"
+        )
+    if cos_table.dtype != torch.float32 or sin_table.dtype != torch.float32:
+        raise ValueError("cos/sin tables must be float32")
+    if cos_table.stride(-1) != 1 or sin_table.stride() != cos_table.stride():
+        raise ValueError("cos/sin tables need a last stride of 1 and equal strides")
+    if positions.shape != (q.shape[0],):
+        raise ValueError(f"positions {tuple(positions.shape)} do not match {q.shape[0]} tokens")
+    if not (q.device == k.device == positions.device == cos_table.device == sin_table.device):
+        raise ValueError("q, k, positions and the tables must be on one device")
