@@ -52,6 +52,7 @@ class ReferenceBackend:
 
 ATTENTION_BACKENDS: dict[str, str] = {
     "reference": "ocula.layers.attention:ReferenceBackend",
+    "triton": "ocula.attention.triton_backend:TritonBackend",
 }
 
 

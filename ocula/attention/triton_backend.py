@@ -1,0 +1,91 @@
+"""The Triton attention backend: the paged kernels of `ocula.kernels` behind `AttentionBackend`.
+
+Sequences with one new token (decodes) run the flash-decoding kernel
+(`ocula.kernels.decode_attention`), the others the varlen prefill kernel
+(`ocula.kernels.prefill_attention`). Which kernels run and every launch parameter come from the
+batch's host lists (`query_lens_cpu`, `seq_lens_cpu`) and tensor shapes, never from device
+tensors, so `attend` costs no device-to-host sync.
+
+Importing this module imports Triton; the attention layer's registry imports it only when the
+"triton" backend is picked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ocula.engine.forward_batch import ForwardBatch
+from ocula.kernels.decode_attention import decode_attention
+from ocula.kernels.prefill_attention import prefill_attention
+
+
+class TritonBackend:
+    """Paged attention in Triton kernels; same contract as `ReferenceBackend`.
+
+    A step's sequences with one new token run through the flash-decoding kernel, GQA-packed; the
+    others (prefill chunks) through the varlen prefill kernel, which skips the decode rows, both
+    writing into one output. A step of decodes only is one decode launch (two with the merge).
+
+    `decode_context_bound` (None by default) fixes the host-side context bound from which the
+    decode kernel chooses its number of splits. Left None, each step uses the longest decode
+    context rounded up to a power of two, so the launch configuration only changes when that
+    crosses a power of two. A CUDA-graph runner sets it before capture, e.g. to the slot table's
+    width, so that replays launch exactly the captured configuration: the kernels are correct for
+    any seq_lens under any bound (the bound only decides how finely a context is split), but the
+    number of splits must not depend on the batch being replayed.
+    """
+
+    def __init__(self, decode_context_bound: int | None = None) -> None:
+        self.decode_context_bound = decode_context_bound
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """q [T, heads, head_dim]; caches [slots, kv_heads, head_dim] -> [T, heads, head_dim]."""
+        query_lens = batch.query_lens_cpu
+        decode_lens = [
+            n for q_len, n in zip(query_lens, batch.seq_lens_cpu, strict=True) if q_len == 1
+        ]
+        out = None
+        if len(decode_lens) < len(query_lens):
+            out = prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                batch.slot_table,
+                batch.table_rows,
+                batch.query_start_loc,
+                batch.seq_lens,
+                scale,
+                max_query_len=max(query_lens),
+                sliding_window=sliding_window,
+                skip_decode_rows=bool(decode_lens),
+            )
+        if decode_lens:
+            out = decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                batch.slot_table,
+                batch.table_rows,
+                batch.query_start_loc,
+                batch.seq_lens,
+                scale,
+                max_context_len=self.decode_bound(decode_lens),
+                sliding_window=sliding_window,
+                out=out,
+            )
+        return out if out is not None else torch.empty_like(q)
+
+    def decode_bound(self, decode_context_lens: list[int]) -> int:
+        """The context bound the decode kernel chooses its splits from (host values only)."""
+        if self.decode_context_bound is not None:
+            return self.decode_context_bound
+        return triton.next_power_of_2(max(decode_context_lens))
