@@ -21,11 +21,13 @@ import torch
 from ocula.config import EngineArgs
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.distributed.vision_groups import VisionLayout, make_vision_group
+from ocula.engine.cuda_graphs import DecodeGraphs
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.image_encoder import ImageEncoder
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.model_setup import ModelSetup
 from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
+from ocula.engine.vision_graphs import VisionGraphs
 from ocula.kernels import triton_available
 from ocula.layers.attention import get_attention_backend
 from ocula.models.loader import load_model
@@ -36,6 +38,9 @@ from ocula.sampling.sampler import Sampler
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
+# Vision-encoder forwards of up to this many tiles replay a CUDA graph (one image of up to 12
+# tiles plus its thumbnail fits); larger batches run eagerly.
+VISION_GRAPH_MAX_TILES = 16
 
 
 @dataclass
@@ -69,7 +74,8 @@ class ModelRunner:
         self.samples = tp.rank == 0
         layout = VisionLayout(args.visual_dp, args.effective_visual_tp)
         vision_tp = make_vision_group(tp, layout)
-        backend = get_attention_backend(resolve_attention_backend(args.attention_backend, device))
+        backend_name = resolve_attention_backend(args.attention_backend, device)
+        backend = get_attention_backend(backend_name)
         self.model = load_model(
             setup.model_dir,
             setup.model_config,
@@ -92,11 +98,24 @@ class ModelRunner:
             num_slots * bytes_per_token / (1 << 30),
             bytes_per_token,
         )
-        # A request never holds more slots than the pool has, so no row needs to be longer.
+        # A request never holds more slots than the pool has, so no row needs to be longer. The
+        # last row is never handed out: it stays 0 (the scratch slot) for CUDA graph padding.
         table_width = min(args.max_req_total_len, num_slots)
         self.slot_table = torch.zeros(
-            (args.running_max_req_size, table_width), dtype=torch.int32, device=device
+            (args.running_max_req_size + 1, table_width), dtype=torch.int32, device=device
         )
+        self.decode_graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and backend_name == "triton" and not args.disable_cudagraph:
+            # Replays must launch the captured decode configuration (see TritonBackend).
+            backend.decode_context_bound = table_width
+            self.decode_graphs = DecodeGraphs(
+                self.model,
+                self.kv_pool,
+                self.slot_table,
+                padding_row=args.running_max_req_size,
+                max_batch_size=min(args.graph_max_batch_size, args.running_max_req_size),
+            )
+            self.decode_graphs.capture()
         default_generator = torch.Generator(device=device)
         default_generator.manual_seed(args.seed)
         self.sampler = Sampler(default_generator)
@@ -106,8 +125,11 @@ class ModelRunner:
         self.image_embeddings: dict[str, torch.Tensor] = {}
         self.image_encoder: ImageEncoder | None = None
         if hasattr(self.model, "encode_images"):
+            encode = self.model.encode_images
+            if device.type == "cuda" and not args.disable_cudagraph:
+                encode = VisionGraphs(encode, VISION_GRAPH_MAX_TILES)
             self.image_encoder = ImageEncoder(
-                self.model.encode_images,
+                encode,
                 self.model.tokens_per_tile,
                 self.model.config.text_config.hidden_size,
                 dtype,
@@ -185,8 +207,11 @@ class ModelRunner:
         if plan.is_empty:
             return []
         batch = self._build_batch(plan)
-        hidden = self.model(batch)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            logits = self.decode_graphs.run(batch)
+        else:
+            hidden = self.model(batch)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
         return self._sample(plan, logits) if self.samples else []
 
     def _update_image_embeddings(self, plan: StepPlan) -> None:

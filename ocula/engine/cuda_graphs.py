@@ -1,0 +1,130 @@
+"""CUDA graphs of the decode forward: one graph per batch-size bucket, replayed instead of
+launching every layer's kernels from Python.
+
+A decode step (every sequence computes one token, no image rows) of B sequences runs in the
+graph of the smallest bucket >= B; rows B..bucket-1 are padding that reads and writes only the
+scratch slot (slot 0) through the slot table's padding row, whose entries are all 0. The graph
+covers the model forward and the LM head (with their collectives under tensor parallelism);
+sampling stays outside, on the replayed logits.
+
+Contract with the attention backend: inside the graph the host lists of the batch are fixed at
+capture time (`query_lens_cpu` all 1, `seq_lens_cpu` all equal to the slot table's width, the
+longest context any request can have), so a backend may size its launch from them but must read
+the actual lengths from the device tensors. The sequences' real lengths, slots and positions are
+copied into the graph's static input tensors before each replay.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ocula.engine.forward_batch import ForwardBatch
+from ocula.engine.kv_pool import KVCachePool
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_buckets(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 (every 16 past 64, 32 past 128) up to the max."""
+    sizes = [size for size in (1, 2, 4) if size < max_batch_size]
+    size = 8
+    while size < max_batch_size:
+        sizes.append(size)
+        size += 8 if size < 64 else 16 if size < 128 else 32
+    sizes.append(max_batch_size)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_pool: KVCachePool,
+        slot_table: torch.Tensor,
+        padding_row: int,
+        max_batch_size: int,
+    ) -> None:
+        """`slot_table[padding_row]` must stay all zeros (the scratch slot)."""
+        self.model = model
+        self.kv_pool = kv_pool
+        self.slot_table = slot_table
+        self.padding_row = padding_row
+        self.buckets = batch_size_buckets(max_batch_size)
+        self.max_batch_size = self.buckets[-1]
+        device = slot_table.device
+        size = self.max_batch_size
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.table_rows = torch.full((size,), padding_row, dtype=torch.int64, device=device)
+        self.out_slots = torch.zeros(size, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(size, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _static_batch(self, size: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:size],
+            positions=self.positions[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            slot_table=self.slot_table,
+            table_rows=self.table_rows[:size],
+            out_slots=self.out_slots[:size],
+            logits_indices=self.logits_indices[:size],
+            kv_pool=self.kv_pool,
+            query_lens_cpu=[1] * size,
+            seq_lens_cpu=[self.slot_table.shape[1]] * size,
+        )
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.model(batch)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Captures every bucket, largest first, sharing one memory pool. Collective under
+        tensor parallelism: every rank captures the same buckets in the same order."""
+        pool = None
+        for size in reversed(self.buckets):
+            batch = self._static_batch(size)
+            self._forward(batch)  # compiles the kernels and settles the allocator, outside
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[size] = self._forward(batch)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        logger.info("CUDA graphs captured for decode batch sizes %s", self.buckets)
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        count = batch.num_seqs
+        return (
+            count <= self.max_batch_size
+            and batch.num_tokens == count
+            and batch.logits_indices.shape[0] == count
+            and batch.spliced_embeds is None
+        )
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [B, vocab] of a decode batch (one token per sequence, every row sampled)."""
+        count = batch.num_seqs
+        size = next(bucket for bucket in self.buckets if bucket >= count)
+        self.input_ids[:count].copy_(batch.input_ids)
+        self.positions[:count].copy_(batch.positions)
+        self.seq_lens[:count].copy_(batch.seq_lens)
+        self.table_rows[:count].copy_(batch.table_rows)
+        self.out_slots[:count].copy_(batch.out_slots)
+        if count < size:  # padding rows: scratch slot, a context of one token
+            self.input_ids[count:size].zero_()
+            self.positions[count:size].zero_()
+            self.seq_lens[count:size].fill_(1)
+            self.table_rows[count:size].fill_(self.padding_row)
+            self.out_slots[count:size].zero_()
+        self.graphs[size].replay()
+        return self.logits[size][:count]

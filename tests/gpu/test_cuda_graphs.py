@@ -1,0 +1,65 @@
+"""The GPU fast path end to end: Triton attention and fused kernels, decode in CUDA graphs.
+
+Greedy tokens must equal transformers' (fp32) and the same engine without graphs, for batch sizes
+that fill a graph bucket exactly and ones that leave padding rows; the reference backend must
+agree with the Triton one. Skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ocula import LLM, SamplingParams
+from tests.engine.conftest import PROMPTS, reference_continuations
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+NEW_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+def generate(checkpoint, prompts, **engine_options) -> list[list[int]]:
+    llm = LLM(
+        str(checkpoint), device="cuda", data_type="fp32", max_total_token_num=8192, **engine_options
+    )
+    runner = llm.engine.core.runner
+    if engine_options.get("disable_cudagraph") or engine_options.get("attention_backend"):
+        assert runner.decode_graphs is None
+    else:
+        assert runner.decode_graphs is not None
+    return [output.token_ids for output in llm.generate(list(prompts), GREEDY)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "internlm2", "mistral"])
+def test_graph_decode_equals_transformers(tiny_checkpoint, arch) -> None:
+    checkpoint = tiny_checkpoint(arch)
+    expected = reference_continuations(checkpoint, PROMPTS, NEW_TOKENS)
+    assert generate(checkpoint, PROMPTS, graph_max_batch_size=8) == expected
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 9])
+def test_graphs_equal_eager_and_reference_backend(tiny_checkpoint, count) -> None:
+    checkpoint = tiny_checkpoint("qwen2")
+    prompts = [PROMPTS[i % len(PROMPTS)] + " x" * i for i in range(count)]
+    with_graphs = generate(checkpoint, prompts, graph_max_batch_size=8)  # 9: eager past 8
+    assert with_graphs == generate(checkpoint, prompts, disable_cudagraph=True)
+    assert with_graphs == generate(checkpoint, prompts, attention_backend="reference")
+
+
+def test_vision_graphs_equal_eager_encoding(tmp_path, monkeypatch) -> None:
+    from ocula.engine.vision_graphs import VisionGraphs
+    from tests.helpers.tiny_internvl import make_hf_internvl
+
+    monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "4")
+    checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
+    llm = LLM(str(checkpoint), device="cuda", data_type="fp32", max_total_token_num=4096)
+    encoder = llm.engine.core.runner.image_encoder
+    assert isinstance(encoder.encode_images, VisionGraphs)
+    model = llm.engine.core.runner.model
+    size = model.config.image_size
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for tiles in (1, 3, 1, 3):  # captured on first sight, replayed after
+        pixels = torch.randn(tiles, 3, size, size, device="cuda", generator=generator)
+        with torch.inference_mode():
+            assert torch.equal(encoder.encode_images(pixels), model.encode_images(pixels))
