@@ -41,23 +41,35 @@ class NewRequestData:
 
 @dataclass
 class SlotTableWrites:
-    """`slot_table[rows[i], cols[i]] = slots[i]` for every i (int64 CPU tensors)."""
+    """`slot_table[row, start + j] = slots[j]` for every (row, start, slots) added.
 
-    rows: list[torch.Tensor] = field(default_factory=list)
-    cols: list[torch.Tensor] = field(default_factory=list)
-    slots: list[torch.Tensor] = field(default_factory=list)
+    Kept as plain Python values plus the slot tensors and turned into index tensors once, by
+    `flatten`: a decode step adds one entry per running request, so per-entry tensor work would
+    dominate the scheduler's time.
+    """
+
+    rows: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    slots: list[torch.Tensor] = field(default_factory=list)  # int64 CPU tensors
 
     def add(self, row: int, start: int, slots: torch.Tensor) -> None:
-        if len(slots) == 0:
+        if slots.shape[0] == 0:
             return
-        self.rows.append(torch.full((len(slots),), row, dtype=torch.int64))
-        self.cols.append(torch.arange(start, start + len(slots), dtype=torch.int64))
+        self.rows.append(row)
+        self.starts.append(start)
         self.slots.append(slots)
 
     def flatten(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(rows, cols, slots), int64 CPU tensors of one entry per written cell; None if empty."""
         if not self.rows:
             return None
-        return torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.slots)
+        lengths = torch.tensor([s.shape[0] for s in self.slots], dtype=torch.int64)
+        rows = torch.tensor(self.rows, dtype=torch.int64).repeat_interleave(lengths)
+        starts = torch.tensor(self.starts, dtype=torch.int64).repeat_interleave(lengths)
+        # Offset of each cell inside its entry: position in the flat list minus the entry's start.
+        entry_begin = (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+        cols = starts + torch.arange(int(lengths.sum()), dtype=torch.int64) - entry_begin
+        return rows, cols, torch.cat(self.slots)
 
 
 @dataclass
