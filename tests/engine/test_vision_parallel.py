@@ -97,7 +97,6 @@ def single_rank_embeddings(checkpoint: Path) -> dict[str, torch.Tensor]:
         (2, 1, 2, 2),
         (2, 2, 1, 2),
         (4, 2, 2, 2),
-        (4, 4, 1, 2),
         (4, 1, 4, 2),  # 2 heads over 4 ranks: two padding heads
         (2, 1, 2, 3),  # 3 heads over 2 ranks, qk-norm over 48 real channels
     ],
