@@ -1,0 +1,202 @@
+"""Serving over HTTP: TTFT and TPOT at fixed request rates, and idle-server TTFT with and without
+the image caches.
+
+Starts `python -m ocula.server.api_server --enable_multimodal` on the checkpoint (plus
+`--engine_args`), waits for /health, warms it up, then, streaming LightLLM's /generate_stream:
+- idle TTFT, one request at a time, each one 448 x 448 image + about 64 text tokens (an 8-word
+  lead, the image, a 50-word question), 1 new token; three cases, 5 times each:
+  `miss` (new image, new text), `image_cached` (an image already encoded, new lead text, so the
+  prefix cache cannot reuse the image's KV: the embedding cache saves the ViT only) and
+  `prompt_cached` (the exact same request again: the prefix cache serves the whole prompt);
+- rates: Poisson arrivals at each rate for `--duration` seconds, every request a new image +
+  question and `--new_tokens` tokens (ignore_eos); TTFT and TPOT (mean gap between a request's
+  tokens after the first) p50/p99 over the completed requests. Requests still running
+  `--drain` seconds after the last arrival are cancelled and counted.
+Times are the client's, from just before sending the (pre-encoded) body.
+
+    python -m benchmarks.bench_serving --checkpoint DIR --out serving.json [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from benchmarks.common import (
+    Deadline,
+    add_common_args,
+    exit_on_sigterm,
+    log,
+    percentile,
+    read_json,
+    run_metadata,
+    run_part,
+    write_json,
+)
+from benchmarks.serving_client import ServerProcess, StreamResult, generate_body, stream
+from benchmarks.workloads import chat_prompt, image_bytes, poisson_arrivals, words
+
+FULL = {"rates": "1,4,16", "duration": 15.0, "new_tokens": 128, "drain": 30.0, "reps": 5}
+TINY = {"rates": "1,4", "duration": 4.0, "new_tokens": 8, "drain": 30.0, "reps": 2}
+
+
+def image_request(seed: int, lead_seed: int, new_tokens: int) -> bytes:
+    text = f"{words(lead_seed, 8)}\n<image>\n{words(seed + 50_000, 50)}"
+    picture = base64.b64encode(image_bytes(seed)).decode()
+    return generate_body(chat_prompt(text), [picture], new_tokens)
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    value = percentile(values, q)
+    return None if value is None else value * 1e3
+
+
+async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
+    cases: dict[str, list[float]] = {"miss": [], "image_cached": [], "prompt_cached": []}
+    async with httpx.AsyncClient(timeout=None) as client:
+        for rep in range(reps):
+            seed = 100 + rep
+            first = image_request(seed, seed, 1)
+            bodies = {
+                "miss": first,
+                "image_cached": image_request(seed, seed + 1000, 1),
+                "prompt_cached": first,
+            }
+            for case, body in bodies.items():
+                result = await stream(client, url, body)
+                if not result.ok:
+                    raise RuntimeError(f"idle {case} request failed: {result.error}")
+                cases[case].append(result.ttft)
+    summary: dict[str, Any] = {"reps": reps}
+    for case, values in cases.items():
+        summary[case] = {"p50_ms": _ms(values, 50), "min_ms": min(values) * 1e3}
+    miss = summary["miss"]["p50_ms"]
+    for case in ("image_cached", "prompt_cached"):
+        summary[case]["ratio_to_miss"] = summary[case]["p50_ms"] / miss
+    log(
+        f"idle TTFT p50: miss {miss:.1f} ms, image cached "
+        f"{summary['image_cached']['p50_ms']:.1f} ms, prompt cached "
+        f"{summary['prompt_cached']['p50_ms']:.1f} ms"
+    )
+    return summary
+
+
+async def at_rate(
+    url: str, rate: float, duration: float, new_tokens: int, drain: float, deadline: Deadline
+) -> dict[str, Any]:
+    count = max(4, round(rate * duration))
+    arrivals = poisson_arrivals(int(rate * 1000), rate, count)
+    drain = max(5.0, min(drain, deadline.remaining() - arrivals[-1] - 5))
+    bodies = [image_request(10_000 * (1 + int(rate)) + i, i, new_tokens) for i in range(count)]
+    limits = httpx.Limits(max_connections=count + 8, max_keepalive_connections=count + 8)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        async def send(at: float, body: bytes) -> StreamResult:
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            return await stream(client, url, body)
+
+        tasks = [
+            asyncio.create_task(send(at, body)) for at, body in zip(arrivals, bodies, strict=True)
+        ]
+        done, pending = await asyncio.wait(tasks, timeout=arrivals[-1] + drain)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        elapsed = loop.time() - start
+    results = [task.result() for task in done]
+    ok = [r for r in results if r.ok and len(r.token_times) == new_tokens]
+    ttft = [r.ttft for r in ok]
+    tpot = [t for t in (r.tpot for r in ok) if t is not None]
+    tokens = sum(len(r.token_times) for r in results)
+    summary = {
+        "rate_per_s": rate,
+        "requests": count,
+        "completed": len(ok),
+        "failed": [r.error for r in results if r.error][:5],
+        "cancelled_after_drain": len(pending),
+        "seconds": elapsed,
+        "output_tokens_per_s": tokens / elapsed,
+        "ttft_p50_ms": _ms(ttft, 50),
+        "ttft_p99_ms": _ms(ttft, 99),
+        "tpot_p50_ms": _ms(tpot, 50),
+        "tpot_p99_ms": _ms(tpot, 99),
+    }
+    ttft_p50, tpot_p50 = summary["ttft_p50_ms"], summary["tpot_p50_ms"]
+    log(
+        f"rate {rate}/s: {len(ok)}/{count} done, TTFT p50 "
+        f"{'n/a' if ttft_p50 is None else f'{ttft_p50:.1f}'} ms, TPOT p50 "
+        f"{'n/a' if tpot_p50 is None else f'{tpot_p50:.2f}'} ms"
+    )
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--rates", help="comma-separated requests per second")
+    parser.add_argument("--duration", type=float, help="seconds of arrivals per rate")
+    parser.add_argument("--new_tokens", type=int)
+    parser.add_argument("--log", type=Path, help="server log file")
+    args = parser.parse_args()
+    settings = dict(TINY if args.tiny else FULL)
+    for name in ("rates", "duration", "new_tokens"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    deadline = Deadline(args.time_limit)
+    exit_on_sigterm()
+    flags = ["--enable_multimodal", *shlex.split(args.engine_args)]
+    log_path = args.log or Path(tempfile.mkdtemp(prefix="ocula-serving-")) / "server.log"
+    # No CUDA in this process: the client must not take GPU memory from the server.
+    meta = run_metadata(torch.device("cpu"))
+    meta["device"] = read_json(args.hardware)["device"] if args.hardware else "(not queried)"
+    results: dict[str, Any] = {"meta": meta, "settings": settings}
+    server = ServerProcess(args.checkpoint, flags, log_path)
+    results["server_command"] = shlex.join(server.command)
+    results["server_log"] = str(log_path)
+    try:
+        startup_timeout = min(300.0, max(30.0, deadline.remaining() - 30))
+        results["startup_seconds"] = server.wait_healthy(startup_timeout)
+        log(f"server ready in {results['startup_seconds']:.1f} s on {server.url}")
+        warm = [image_request(90 + i, 90 + i, 8) for i in range(3)]
+        asyncio.run(asyncio.wait_for(_sequential(server.url, warm), timeout=120))
+
+        def idle() -> dict[str, Any]:
+            return asyncio.run(idle_ttft(server.url, settings["reps"]))
+
+        def loaded(rate: float) -> dict[str, Any]:
+            duration, new_tokens = settings["duration"], settings["new_tokens"]
+            drain = settings["drain"]
+            return asyncio.run(at_rate(server.url, rate, duration, new_tokens, drain, deadline))
+
+        run_part("idle_ttft", results, idle, deadline, 10)
+        results["rates"] = {}
+        for rate in (float(r) for r in str(settings["rates"]).split(",")):
+            needed = settings["duration"] + 10
+            run_part(str(rate), results["rates"], lambda r=rate: loaded(r), deadline, needed)
+    finally:  # also on SIGTERM (run_all's deadline): the server must not outlive this script
+        results["server_exit_code"] = server.stop()
+        results["server_log_tail"] = server.tail(10)
+        write_json(args.out, results)
+
+
+async def _sequential(url: str, bodies: list[bytes]) -> None:
+    async with httpx.AsyncClient(timeout=None) as client:
+        for body in bodies:
+            result = await stream(client, url, body)
+            if not result.ok:
+                raise RuntimeError(f"warm-up request failed: {result.error}")
+
+
+if __name__ == "__main__":
+    main()
