@@ -1,9 +1,8 @@
 """Runs a `StepPlan` on the device: builds the `ForwardBatch`, runs the model, samples.
 
 The runner owns everything that lives on the device: the weights, the KV pool and the slot table
-(`slot_table[row, j]` is the KV slot of token j of the request in that row). It keeps a small
-sampling state per request (options, seeded generator, token history for penalties) that the
-plan creates with `new_requests` and drops with `finished_request_ids`.
+(`slot_table[row, j]` is the KV slot of token j of the request in that row), the vision encoder
+(`ImageEncoder`) and the CUDA graphs; `RequestSampler` keeps each request's sampling state.
 
 Under tensor parallelism every rank has a runner over its shard and runs every plan (the
 collectives inside the model need all ranks), but only rank 0 samples: the other ranks keep no
@@ -14,7 +13,6 @@ sampling state and return no tokens. The KV pool has the same number of slots on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -26,14 +24,12 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.image_encoder import ImageEncoder
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.model_setup import ModelSetup
-from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
+from ocula.engine.runner_sampling import RequestSampler
+from ocula.engine.step_plan import SampledToken, StepPlan
 from ocula.engine.vision_graphs import VisionGraphs
 from ocula.kernels import triton_available
 from ocula.layers.attention import get_attention_backend
 from ocula.models.loader import load_model
-from ocula.sampling.batch import SamplingBatch, seeded_generator
-from ocula.sampling.params import SamplingParams
-from ocula.sampling.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +37,6 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 # Vision-encoder forwards of up to this many tiles replay a CUDA graph (one image of up to 12
 # tiles plus its thumbnail fits); larger batches run eagerly.
 VISION_GRAPH_MAX_TILES = 16
-
-
-@dataclass
-class RequestSamplingState:
-    """What the runner keeps per request to sample it (a `SamplingRequest` for the sampler)."""
-
-    sampling_params: SamplingParams  # resolved
-    token_ids: list[int]  # prompt, then every sampled token
-    num_prompt_tokens: int
-    eos_token_ids: frozenset[int]
-    generator: torch.Generator | None
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
@@ -71,7 +56,6 @@ class ModelRunner:
         device, dtype = setup.device, setup.dtype
         self.device = device
         self.dtype = dtype
-        self.samples = tp.rank == 0
         layout = VisionLayout(args.visual_dp, args.effective_visual_tp)
         vision_tp = make_vision_group(tp, layout)
         backend_name = resolve_attention_backend(args.attention_backend, device)
@@ -116,10 +100,7 @@ class ModelRunner:
                 max_batch_size=min(args.graph_max_batch_size, args.running_max_req_size),
             )
             self.decode_graphs.capture()
-        default_generator = torch.Generator(device=device)
-        default_generator.manual_seed(args.seed)
-        self.sampler = Sampler(default_generator)
-        self._states: dict[str, RequestSamplingState] = {}
+        self.sampling = RequestSampler(device, args.seed) if tp.rank == 0 else None
         # Image embeddings by cache key, [placeholder tokens, hidden] in the model's dtype. The
         # scheduler's EmbeddingCacheIndex decides what is here (plan.encoder_inputs/frees).
         self.image_embeddings: dict[str, torch.Tensor] = {}
@@ -194,11 +175,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampledToken]:
         """Runs the plan; the sampled tokens on rank 0, [] on the other ranks."""
-        if self.samples:
-            for request_id in plan.finished_request_ids:
-                self._states.pop(request_id, None)
-            for new in plan.new_requests:
-                self._states[new.request_id] = self._new_state(new)
+        if self.sampling is not None:
+            self.sampling.follow(plan)
         writes = plan.table_writes.flatten()
         if writes is not None:
             rows, cols, slots = (t.to(self.device, non_blocking=True) for t in writes)
@@ -212,7 +190,7 @@ class ModelRunner:
         else:
             hidden = self.model(batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
-        return self._sample(plan, logits) if self.samples else []
+        return self.sampling.sample(plan, logits) if self.sampling is not None else []
 
     def _update_image_embeddings(self, plan: StepPlan) -> None:
         for key in plan.encoder_frees:
@@ -238,15 +216,6 @@ class ModelRunner:
         if not rows:
             return None
         return torch.cat(rows).to(self.device, non_blocking=True), torch.cat(embeds)
-
-    def _new_state(self, new: NewRequestData) -> RequestSamplingState:
-        return RequestSamplingState(
-            new.sampling_params,
-            list(new.prompt_token_ids),
-            len(new.prompt_token_ids),
-            new.eos_token_ids,
-            seeded_generator(new.sampling_params.seed, self.device),
-        )
 
     def _build_batch(self, plan: StepPlan) -> ForwardBatch:
         query_lens = [s.num_new_tokens for s in plan.sequences]
@@ -281,31 +250,3 @@ class ModelRunner:
             spliced_rows=spliced[0] if spliced else None,
             spliced_embeds=spliced[1] if spliced else None,
         )
-
-    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[SampledToken]:
-        sampling_seqs = [s for s in plan.sequences if s.samples]
-        states = [self._states[s.request_id] for s in sampling_seqs]
-        batch = SamplingBatch.from_requests(states, device=self.device)
-        result = self.sampler(logits, batch)
-        token_ids = result.token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-        top_ids = top_vals = None
-        if result.top_logprob_ids is not None:
-            top_ids = result.top_logprob_ids.tolist()
-            top_vals = result.top_logprobs.tolist()
-        sampled: list[SampledToken] = []
-        for i, (seq, state) in enumerate(zip(sampling_seqs, states, strict=True)):
-            state.token_ids.append(token_ids[i])
-            wanted = state.sampling_params.logprobs
-            top = None
-            if wanted and top_ids is not None:
-                top = list(zip(top_ids[i][:wanted], top_vals[i][:wanted], strict=True))
-            sampled.append(
-                SampledToken(
-                    seq.request_id,
-                    token_ids[i],
-                    logprobs[i] if (logprobs is not None and wanted is not None) else None,
-                    top,
-                )
-            )
-        return sampled

@@ -114,7 +114,7 @@ def test_abort_releases_kv_of_running_and_waiting_requests(llama) -> None:
     assert not engine.has_unfinished_requests()
     assert not engine.core.has_unfinished()
     engine.step()  # lets the runner drop the aborted requests' sampling state
-    assert not engine.core.runner._states
+    assert not engine.core.runner.sampling._states
     assert_kv_idle(engine.core)
 
 
