@@ -1,8 +1,10 @@
 """`python -m ocula.server.api_server [flags]` (also `ocula serve`): the HTTP server.
 
 Start-up order: bind the port (so a port in use fails at once, not after loading the model),
-start the engine process and wait for it, then serve. SIGINT/SIGTERM stop uvicorn, which stops
-the engine process; an engine that dies takes the server down with exit code 1.
+start the engine process and wait for it, then serve. SIGINT/SIGTERM drain first (new requests
+get 503, those in flight get SHUTDOWN_GRACE_SECONDS to finish, then are stopped with a 503 or a
+last error event), then stop uvicorn, which stops the engine process; exit code 0. An engine
+that dies takes the server down with exit code 1.
 """
 
 from __future__ import annotations
@@ -20,20 +22,48 @@ from ocula.cli_args import parse_config
 from ocula.server.app import build_app
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine, EngineUnavailableError
+from ocula.server.serving import ServerState, drain, stop_in_flight
 from ocula.server.stats_log import log_stats_forever
 
 logger = logging.getLogger("ocula.server")
 
+SHUTDOWN_GRACE_SECONDS = 5.0  # how long requests in flight at SIGTERM may still run
+
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which would kill the process
-    before the engine is stopped; here a signal only asks for the shutdown, and the process exits
-    normally (code 0) once the engine process is gone too."""
+    """A first SIGTERM/SIGINT only asks for a drain (`drain_requested`, served at once by
+    `drain_then_exit`); a second one skips what is left of the drain, and a SIGINT after that
+    forces the exit. uvicorn itself would re-raise the signal after its graceful shutdown,
+    killing the process before the engine is stopped; here the process exits normally (code 0)
+    once the engine process is gone too."""
+
+    def __init__(self, config: uvicorn.Config, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(config)
+        self.event_loop = loop
+        self.signalled = False
+        self.drain_requested = asyncio.Event()
 
     def handle_exit(self, sig: int, frame: object) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
-        self.should_exit = True
+        if self.signalled:
+            self.should_exit = True
+        self.signalled = True
+        # The handler may run anywhere in the loop's thread; this wakes the loop up safely.
+        self.event_loop.call_soon_threadsafe(self.drain_requested.set)
+
+
+async def drain_then_exit(server: _Server, state: ServerState) -> None:
+    """Waits for a shutdown signal, drains (`serving.drain`), then stops uvicorn, which closes
+    the port and waits for the last responses to be sent."""
+    await server.drain_requested.wait()
+    drain_task = asyncio.create_task(drain(state, SHUTDOWN_GRACE_SECONDS))
+    while not drain_task.done() and not server.should_exit:
+        await asyncio.sleep(0.05)
+    if not drain_task.done():  # a second signal: no more waiting, but still a clear answer
+        drain_task.cancel()
+        stop_in_flight(state)
+    server.should_exit = True
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -83,7 +113,7 @@ async def serve(args: ServerArgs) -> int:
         )
     app = build_app(engine, args)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
-    server = _Server(config)
+    server = _Server(config, asyncio.get_running_loop())
 
     async def stop_when_engine_fails() -> None:
         while engine.failure is None:
@@ -91,6 +121,7 @@ async def serve(args: ServerArgs) -> int:
         server.should_exit = True
 
     watcher = asyncio.create_task(stop_when_engine_fails())
+    drainer = asyncio.create_task(drain_then_exit(server, app.state.ocula))
     stats_logger = None
     if args.log_stats_interval > 0:
         stats_logger = asyncio.create_task(
@@ -101,6 +132,7 @@ async def serve(args: ServerArgs) -> int:
         await server.serve(sockets=[sock])
     finally:
         watcher.cancel()
+        drainer.cancel()
         if stats_logger is not None:
             stats_logger.cancel()
         await engine.shutdown()

@@ -41,7 +41,10 @@ class RequestError(ValueError):
 
 
 class EngineUnavailableError(RuntimeError):
-    """The engine process is gone or failed; nothing can be served (HTTP 503)."""
+    """The engine process is gone or failed; nothing can be served (HTTP 503). `error_type` is
+    the `type` of the JSON error the client gets."""
+
+    error_type = "engine_unavailable"
 
 
 @dataclass
@@ -283,6 +286,14 @@ class AsyncEngine:
                 self._queues.pop(child_id, None)
                 if not stream.finished:
                     self.abort(child_id)
+
+    def stop_all(self, error: Exception) -> int:
+        """Ends every request in flight: its `generate` raises `error` (and aborts it in the
+        engine on the way out). Returns how many requests were stopped."""
+        queues = {id(queue): queue for queue in self._queues.values()}
+        for queue in queues.values():
+            queue.put_nowait(error)
+        return len(queues)
 
     def abort(self, request_id: str) -> None:
         """Asks the engine to stop a (child) request and free its KV."""

@@ -18,6 +18,13 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
 
 
+class ServerShuttingDownError(EngineUnavailableError):
+    """The server is shutting down: new requests are refused, and those still running when the
+    grace period ends are stopped (HTTP 503, or a last error event on a started stream)."""
+
+    error_type = "server_shutting_down"
+
+
 class OverloadedError(RuntimeError):
     """More requests are waiting than --max_waiting_requests allows (HTTP 503 + Retry-After)."""
 
@@ -76,7 +83,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineUnavailableError)
     async def _unavailable(_: Request, error: EngineUnavailableError) -> JSONResponse:
-        return error_response(503, str(error), "engine_unavailable")
+        headers = None
+        if isinstance(error, ServerShuttingDownError):  # retry elsewhere, or after the restart
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"}
+        return error_response(503, str(error), error.error_type, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:

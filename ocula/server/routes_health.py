@@ -11,7 +11,11 @@ router = APIRouter()
 
 
 def _health(request: Request) -> JSONResponse:
-    engine = server_state(request).engine
+    state = server_state(request)
+    engine = state.engine
+    if state.draining:  # load balancers stop sending requests; /liveness still answers
+        message = "the server is shutting down"
+        return JSONResponse({"status": "shutting_down", "message": message}, status_code=503)
     if engine.healthy:
         return JSONResponse({"status": "ok", "message": "Ok"})
     reason = engine.failure or "the engine is not ready"

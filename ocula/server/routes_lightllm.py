@@ -205,8 +205,8 @@ async def stream_events(
         logger.warning("stream ended by an error: %s", error)
         if isinstance(error, RequestError):
             code, error_type = 400, "invalid_request_error"
-        else:
-            code, error_type = 503, "engine_unavailable"
+        else:  # the engine died, or the server stopped the request while shutting down
+            code, error_type = 503, error.error_type
         error_body = {"message": str(error), "type": error_type, "code": code}
         yield sse_event(json.dumps({"error": error_body}, separators=(",", ":")))
     finally:

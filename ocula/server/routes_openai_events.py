@@ -134,8 +134,10 @@ def sse_error(error: Exception) -> str:
     """The last event of a stream that failed after its headers were sent."""
     if isinstance(error, RequestError):
         return sse(OpenAIError(400, str(error)).body())
-    if isinstance(error, (EngineUnavailableError, OverloadedError)):
-        return sse(OpenAIError(503, str(error), error_type="engine_unavailable").body())
+    if isinstance(error, EngineUnavailableError):  # engine dead, or stopped by a shutdown
+        return sse(OpenAIError(503, str(error), error_type=error.error_type).body())
+    if isinstance(error, OverloadedError):
+        return sse(OpenAIError(503, str(error), error_type="overloaded").body())
     logger.exception("error while streaming", exc_info=error)
     internal = f"internal error: {type(error).__name__}"
     return sse(OpenAIError(500, internal, error_type="internal_error").body())

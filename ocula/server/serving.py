@@ -1,11 +1,12 @@
 """What every generation route shares: admission, metrics, streaming without premature headers,
-and aborting when the client goes away."""
+aborting when the client goes away, and the drain that starts a shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,10 +15,15 @@ from fastapi import Request
 
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine, PreparedRequest, StreamEvent
-from ocula.server.errors import ClientDisconnectedError, OverloadedError
+from ocula.server.errors import ClientDisconnectedError, OverloadedError, ServerShuttingDownError
 from ocula.server.metrics import ServerMetrics
 
+logger = logging.getLogger(__name__)
+
 DISCONNECT_POLL_SECONDS = 0.25
+DRAIN_POLL_SECONDS = 0.05
+# After the grace period, how long the stopped requests get to send their error responses.
+STOPPED_RESPONSE_SECONDS = 1.0
 
 
 @dataclass
@@ -26,6 +32,7 @@ class ServerState:
     args: ServerArgs
     metrics: ServerMetrics
     in_flight: int = 0
+    draining: bool = False  # set once by `drain`: new requests get 503, /health is unhealthy
     _ids: itertools.count = field(default_factory=itertools.count)
 
     @property
@@ -43,8 +50,12 @@ def server_state(request: Request) -> ServerState:
 async def run_request(
     state: ServerState, request_id: str, prepared: PreparedRequest
 ) -> AsyncIterator[StreamEvent]:
-    """The request's events, with admission control and metrics. Raises OverloadedError when the
-    queue is full, and whatever `AsyncEngine.generate` raises."""
+    """The request's events, with admission control and metrics. Raises ServerShuttingDownError
+    while the server drains, OverloadedError when the queue is full, and whatever
+    `AsyncEngine.generate` raises."""
+    if state.draining:
+        state.metrics.requests.labels(status="shutting_down").inc()
+        raise ServerShuttingDownError("the server is shutting down; retry on another replica")
     if state.in_flight >= state.max_in_flight:
         state.metrics.requests.labels(status="overloaded").inc()
         raise OverloadedError(
@@ -75,6 +86,9 @@ async def run_request(
     except ValueError:
         status = "rejected"
         raise
+    except ServerShuttingDownError:
+        status = "shutting_down"
+        raise
     except Exception:
         status = "error"
         raise
@@ -85,6 +99,13 @@ async def run_request(
         metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
         metrics.generation_tokens.inc(num_tokens)
         metrics.cached_prompt_tokens.inc(cached)
+        if status == "aborted":  # the access log is off: this line is the request's 499
+            logger.info(
+                "%s: 499, the client left (or the request was cancelled) after %d token(s); "
+                "aborted",
+                request_id,
+                num_tokens,
+            )
 
 
 async def primed(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
@@ -127,3 +148,39 @@ async def collect_unless_disconnected(
     finally:
         if not task.done():
             task.cancel()
+
+
+async def drain(state: ServerState, grace_seconds: float) -> None:
+    """The graceful part of a shutdown. From the call on, new generation requests get 503
+    (`server_shutting_down`) and /health is unhealthy; requests in flight get `grace_seconds`
+    to finish, then the rest are stopped with ServerShuttingDownError (a 503, or a last error
+    event on a stream that has started) and get a moment to send it. Returns when nothing is
+    in flight or that moment has passed; the caller then stops the HTTP server."""
+    state.draining = True
+    if state.in_flight:
+        logger.info(
+            "shutting down: %d request(s) in flight get up to %g s to finish",
+            state.in_flight,
+            grace_seconds,
+        )
+    if not await _until_idle(state, grace_seconds):
+        stop_in_flight(state)
+        await _until_idle(state, STOPPED_RESPONSE_SECONDS)
+
+
+def stop_in_flight(state: ServerState) -> None:
+    """Ends every request in flight with ServerShuttingDownError (the end of a drain, or a
+    second signal that skips its wait)."""
+    state.draining = True
+    stopped = state.engine.stop_all(
+        ServerShuttingDownError("the server is shutting down; the request was stopped")
+    )
+    if stopped:
+        logger.warning("shutting down: stopped %d request(s) still running", stopped)
+
+
+async def _until_idle(state: ServerState, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while state.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(DRAIN_POLL_SECONDS)
+    return state.in_flight == 0
