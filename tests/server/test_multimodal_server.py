@@ -47,6 +47,11 @@ BASE64_IMAGE = png(60, 60, 2)
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        if self.path == "/loop":  # redirects to itself: more redirects than the fetch allows
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return
         if self.path != "/demo.png":
             self.send_error(404)
             return
@@ -205,9 +210,12 @@ def test_bad_images_get_clear_errors(vlm_server, image_site, inputs, images, sta
     response = httpx.post(vlm_server.url + "/generate", json=body, timeout=60)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]["message"]
-    missing = {"type": "url", "data": image_site + "/missing.png"}
-    body = {"inputs": "<img></img>", "multimodal_params": {"images": [missing]}}
-    assert httpx.post(vlm_server.url + "/generate", json=body, timeout=60).status_code == 422
+    for path, reason in (("/missing.png", "404"), ("/loop", "more than 3 redirects")):
+        url = {"type": "url", "data": image_site + path}
+        body = {"inputs": "<img></img>", "multimodal_params": {"images": [url]}}
+        response = httpx.post(vlm_server.url + "/generate", json=body, timeout=60)
+        assert response.status_code == 422, response.text
+        assert reason in response.json()["error"]["message"], response.text
 
 
 def test_image_length_must_match_the_checkpoint(checkpoint) -> None:
