@@ -89,6 +89,11 @@ class EngineArgs:
     )
     disable_cudagraph: bool = option(False, "Run decode without CUDA graphs.")
     graph_max_batch_size: int = option(256, "Largest decode batch captured in a CUDA graph.")
+    disable_overlap_schedule: bool = option(
+        False,
+        "Schedule each step only once the previous step's tokens are back on the host, instead "
+        "of preparing step n+1 while the device runs step n.",
+    )
 
     def validate(self) -> None:
         """Raises ValueError naming the first flag whose value cannot work."""

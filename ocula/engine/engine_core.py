@@ -5,6 +5,12 @@ server's front process later); the core sees `Request`s in and `TokenUpdate`s ou
 
 With tensor parallelism the core lives on rank 0: every step it broadcasts its `StepPlan` to the
 group, and the other ranks (`ocula.engine.tp_worker`) run the same plan on their runners.
+
+Overlap (unless --disable_overlap_schedule): `step()` schedules and launches step n+1 before it
+waits for step n's tokens, so the host's work (scheduling, building the batch, detokenizing and
+sending the previous outputs) runs while the device computes. A step's token updates are
+therefore returned by the next call of `step()`; a request that stops on a sampled token has
+had one more token computed, which is dropped.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from ocula.engine.model_setup import ModelSetup
 from ocula.engine.outputs import TokenUpdate
 from ocula.engine.prefix_cache import RadixCache
 from ocula.engine.request import Request
+from ocula.engine.runner_sampling import PendingSamples
 from ocula.engine.scheduler import Scheduler
 from ocula.engine.slot_allocator import SlotAllocator
+from ocula.engine.step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +131,9 @@ class EngineCore:
             max_req_total_len=self.max_req_total_len,
             images=self.images,
         )
+        self.overlap = not args.disable_overlap_schedule
+        # The step launched last and not yet applied to the scheduler (overlap only).
+        self._in_flight: tuple[StepPlan, PendingSamples | None] | None = None
 
     @property
     def is_multimodal(self) -> bool:
@@ -156,14 +167,28 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """Something to step for: unfinished requests, or finished ones the runner still holds."""
-        return self.has_unfinished() or self.scheduler.has_unsent_finishes
+        return (
+            self.has_unfinished()
+            or self.scheduler.has_unsent_finishes
+            or self._in_flight is not None
+        )
 
     def step(self) -> list[TokenUpdate]:
-        """Runs one forward of whatever the scheduler picks; [] when there is nothing to do."""
+        """Launches one forward of whatever the scheduler picks and applies the results of the
+        step before it (with overlap) or of this one (without); [] when there is nothing."""
         plan = self.scheduler.schedule()
         self.tp.broadcast_object(plan)  # the other ranks run the same plan (no-op at tp=1)
-        sampled = self.runner.execute(plan)
-        return self.scheduler.update(plan, sampled)
+        launched = (plan, self.runner.launch(plan))
+        previous, self._in_flight = self._in_flight, launched
+        updates = self._apply(previous) if previous is not None else []
+        if not self.overlap or plan.is_empty:  # nothing to overlap with: finish it now
+            updates += self._apply(launched)
+            self._in_flight = None
+        return updates
+
+    def _apply(self, launched: tuple[StepPlan, PendingSamples | None]) -> list[TokenUpdate]:
+        plan, pending = launched
+        return self.scheduler.update(plan, self.runner.collect(pending))
 
     def take_vit_batch_sizes(self) -> list[int]:
         """Images per ViT forward since the previous call (for the batch-size histogram)."""

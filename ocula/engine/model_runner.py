@@ -4,14 +4,21 @@ The runner owns everything that lives on the device: the weights, the KV pool an
 (`slot_table[row, j]` is the KV slot of token j of the request in that row), the vision encoder
 (`ImageEncoder`) and the CUDA graphs; `RequestSampler` keeps each request's sampling state.
 
+`launch` queues a step's work on the device and returns without waiting for it; `collect`
+waits for its tokens. A plan may decode a token that the step before sampled and that the host
+has not seen yet (PLACEHOLDER_TOKEN): the runner takes it from `last_tokens`, the device row of
+the latest token sampled per slot-table row.
+
 Under tensor parallelism every rank has a runner over its shard and runs every plan (the
 collectives inside the model need all ranks), but only rank 0 samples: the other ranks keep no
-sampling state and return no tokens. The KV pool has the same number of slots on every rank
+sampling state and return no tokens; with overlap on, rank 0 broadcasts each step's sampled
+tokens to them (a device collective) for their `last_tokens`. The KV pool has the same number of slots on every rank
 (the smallest any rank can hold), since rank 0's allocator hands out slots for all of them.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -24,12 +31,15 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.image_encoder import ImageEncoder
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.model_setup import ModelSetup
-from ocula.engine.runner_sampling import RequestSampler
+from ocula.engine.request import PLACEHOLDER_TOKEN
+from ocula.engine.runner_sampling import PendingSamples, RequestSampler
 from ocula.engine.step_plan import SampledToken, StepPlan
 from ocula.engine.vision_graphs import VisionGraphs
 from ocula.kernels import triton_available
 from ocula.layers.attention import get_attention_backend
 from ocula.models.loader import load_model
+from ocula.sampling.batch import host_to_device
+from ocula.utils.device import to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +98,13 @@ class ModelRunner:
         self.slot_table = torch.zeros(
             (args.running_max_req_size + 1, table_width), dtype=torch.int32, device=device
         )
+        self.last_tokens = torch.zeros(
+            args.running_max_req_size + 1, dtype=torch.int64, device=device
+        )
+        # Followers need rank 0's sampled tokens only to resolve placeholders, which exist only
+        # when the scheduler runs ahead of the results.
+        self.shares_sampled_tokens = tp.size > 1 and not args.disable_overlap_schedule
+        self.tp = tp
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and backend_name == "triton" and not args.disable_cudagraph:
             # Replays must launch the captured decode configuration (see TritonBackend).
@@ -172,25 +189,47 @@ class ModelRunner:
         return peak
 
     # -- one step -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampledToken]:
-        """Runs the plan; the sampled tokens on rank 0, [] on the other ranks."""
+        """Runs the plan and waits for it; the sampled tokens on rank 0, [] on the other ranks."""
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> PendingSamples | None:
+        """Queues the plan's work on the device; rank 0's pending tokens (None when the plan
+        samples nothing, and on the other ranks)."""
         if self.sampling is not None:
             self.sampling.follow(plan)
         writes = plan.table_writes.flatten()
         if writes is not None:
-            rows, cols, slots = (t.to(self.device, non_blocking=True) for t in writes)
+            rows, cols, slots = to_device_async(writes, self.device)
             self.slot_table[rows, cols] = slots.to(torch.int32)
         self._update_image_embeddings(plan)
         if plan.is_empty:
-            return []
+            return None
         batch = self._build_batch(plan)
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             logits = self.decode_graphs.run(batch)
         else:
             hidden = self.model(batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
-        return self.sampling.sample(plan, logits) if self.sampling is not None else []
+        sampling_rows = [s.table_row for s in plan.sequences if s.samples]
+        if not sampling_rows:
+            return None
+        pending = self.sampling.sample(plan, logits) if self.sampling is not None else None
+        tokens = pending.token_ids if pending is not None else None
+        if self.shares_sampled_tokens:  # collective: every rank samples the same rows
+            if tokens is None:
+                tokens = torch.empty(len(sampling_rows), dtype=torch.int64, device=self.device)
+            self.tp.broadcast(tokens, src=0)
+        if tokens is not None:
+            self.last_tokens[host_to_device(sampling_rows, torch.int64, self.device)] = tokens
+        return pending
+
+    def collect(self, pending: PendingSamples | None) -> list[SampledToken]:
+        """The tokens of a launched step (waits for the device); [] for None."""
+        if pending is None or self.sampling is None:
+            return []
+        return self.sampling.resolve(pending)
 
     def _update_image_embeddings(self, plan: StepPlan) -> None:
         for key in plan.encoder_frees:
@@ -215,7 +254,7 @@ class ModelRunner:
                 embeds.append(self.image_embeddings[piece.key][piece.src_start : piece.src_end])
         if not rows:
             return None
-        return torch.cat(rows).to(self.device, non_blocking=True), torch.cat(embeds)
+        return to_device_async(torch.cat(rows), self.device), torch.cat(embeds)
 
     def _build_batch(self, plan: StepPlan) -> ForwardBatch:
         query_lens = [s.num_new_tokens for s in plan.sequences]
@@ -227,22 +266,27 @@ class ModelRunner:
             token_ids.extend(seq.token_ids)
             positions.extend(range(seq.start, seq.start + seq.num_new_tokens))
             token_rows.extend([seq.table_row] * seq.num_new_tokens)
-        cu = torch.tensor([0, *query_lens], dtype=torch.int64).cumsum(0)
-        sampling_ends = [int(cu[i + 1]) - 1 for i, s in enumerate(plan.sequences) if s.samples]
-        spliced = self._spliced_embeddings(plan, cu.tolist())
+        query_starts = [0, *itertools.accumulate(query_lens)]
+        sampling_ends = [query_starts[i + 1] - 1 for i, s in enumerate(plan.sequences) if s.samples]
+        spliced = self._spliced_embeddings(plan, query_starts)
 
         def to_device(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+            return host_to_device(values, dtype, self.device)
 
         positions_dev = to_device(positions)
+        token_rows_dev = to_device(token_rows)
+        input_ids = to_device(token_ids)
+        if any(s.token_ids[-1] == PLACEHOLDER_TOKEN for s in plan.sequences):
+            # Tokens sampled by the step before, not yet on the host: read on the device.
+            input_ids = torch.where(input_ids < 0, self.last_tokens[token_rows_dev], input_ids)
         return ForwardBatch(
-            input_ids=to_device(token_ids),
+            input_ids=input_ids,
             positions=positions_dev,
-            query_start_loc=cu.to(torch.int32).to(self.device, non_blocking=True),
+            query_start_loc=to_device(query_starts, torch.int32),
             seq_lens=to_device(seq_lens, torch.int32),
             slot_table=self.slot_table,
             table_rows=to_device([s.table_row for s in plan.sequences]),
-            out_slots=self.slot_table[to_device(token_rows), positions_dev],
+            out_slots=self.slot_table[token_rows_dev, positions_dev],
             logits_indices=to_device(sampling_ends),
             kv_pool=self.kv_pool,
             query_lens_cpu=query_lens,

@@ -12,6 +12,11 @@ import torch
 
 from ocula.sampling.params import SamplingParams
 
+# Stands in `Request.token_ids` for a token that a step in flight is sampling: the scheduler
+# appends it when it schedules the sampling, and `Scheduler.update` replaces it with the token.
+# The model runner reads such a token from the device (the step before sampled it there).
+PLACEHOLDER_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -46,7 +51,8 @@ class Request:
     """One sequence being generated.
 
     Invariants the scheduler maintains:
-    - `token_ids` is the prompt followed by every generated token.
+    - `token_ids` is the prompt followed by every generated token; the last one or two may be
+      PLACEHOLDER_TOKEN while steps that sample them are in flight.
     - the K/V of `token_ids[:num_computed_tokens]` are in the pool, at `kv_slots`; between
       `schedule()` and `update()` it also holds the slots of the tokens being computed, up to
       `num_scheduled_tokens`;
@@ -104,23 +110,33 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def check_stop(self, token_id: int, max_total_len: int) -> FinishReason | None:
-        """Why the request stops after appending `token_id`, if it does (sets `stop_reason`)."""
+    def check_stop(self, position: int, max_total_len: int) -> FinishReason | None:
+        """Why the request stops at its token `token_ids[position]` (a generated one), if it
+        does (sets `stop_reason`). Tokens after `position` (placeholders of a step in flight)
+        are not counted."""
         params = self.sampling_params
-        num_output = self.num_output_tokens
+        token_id = self.token_ids[position]
+        num_output = position + 1 - self.num_prompt_tokens
         if num_output >= params.min_new_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return FinishReason.STOP
             if token_id in self.stop_token_ids:
                 self.stop_reason = token_id
                 return FinishReason.STOP
-        if num_output >= params.max_new_tokens or self.num_tokens >= max_total_len:
+        return self.length_stop(position, max_total_len)
+
+    def length_stop(self, position: int, max_total_len: int) -> FinishReason | None:
+        """LENGTH when the token at `position` is the last one the limits allow, whatever it
+        is (known before it is sampled)."""
+        num_output = position + 1 - self.num_prompt_tokens
+        if num_output >= self.sampling_params.max_new_tokens or position + 1 >= max_total_len:
             return FinishReason.LENGTH
         return None
 
-    def first_token_queue_seconds(self) -> float | None:
-        """Arrival to first scheduled step, reported with the first generated token only."""
-        if self.num_output_tokens != 1 or self.first_scheduled_time is None:
+    def first_token_queue_seconds(self, position: int) -> float | None:
+        """Arrival to first scheduled step, reported with the first generated token only (the
+        one at `position`)."""
+        if position != self.num_prompt_tokens or self.first_scheduled_time is None:
             return None
         return self.first_scheduled_time - self.arrival_time
 

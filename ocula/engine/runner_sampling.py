@@ -3,18 +3,25 @@
 Only rank 0 samples under tensor parallelism. The state of a request (its resolved options, a
 seeded generator, its token history for the penalties) is created once from the plan's
 `new_requests` and dropped with `finished_request_ids`.
+
+Sampling does not wait for the device: `sample` queues the sampler and the copy of its results
+to pinned host memory and returns `PendingSamples`; `resolve` waits for that copy. Until then
+the request's history ends in PLACEHOLDER_TOKEN (its length, which `min_new_tokens` reads, is
+right). A step whose rows use penalties, which read the tokens themselves, resolves every
+pending step first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ocula.engine.request import PLACEHOLDER_TOKEN
 from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
 from ocula.sampling.batch import SamplingBatch, seeded_generator
 from ocula.sampling.params import SamplingParams
-from ocula.sampling.sampler import Sampler
+from ocula.sampling.sampler import Sampler, SamplerOutput
 
 
 @dataclass
@@ -27,6 +34,26 @@ class RequestSamplingState:
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None
 
+    @property
+    def uses_token_values(self) -> bool:
+        """The penalties read the history's tokens, not only its length."""
+        params = self.sampling_params
+        repetition = params.repetition_penalty not in (None, 1.0)
+        return repetition or bool(params.presence_penalty or params.frequency_penalty)
+
+
+@dataclass
+class PendingSamples:
+    """One step's sampled tokens on their way to the host."""
+
+    request_ids: list[str]
+    states: list[RequestSamplingState]  # held here: a request may finish before `resolve`
+    positions: list[int]  # where each token goes in its state's history
+    token_ids: torch.Tensor  # [S] int64, on the device (the runner feeds the next step from it)
+    host: SamplerOutput  # the same results in (pinned) host memory once `ready` has passed
+    ready: torch.cuda.Event | None  # None on the CPU: `host` is complete already
+    tokens: list[SampledToken] | None = field(default=None)
+
 
 class RequestSampler:
     def __init__(self, device: torch.device, seed: int) -> None:
@@ -35,6 +62,7 @@ class RequestSampler:
         default_generator.manual_seed(seed)
         self.sampler = Sampler(default_generator)
         self._states: dict[str, RequestSamplingState] = {}
+        self._unresolved: list[PendingSamples] = []
 
     def follow(self, plan: StepPlan) -> None:
         """Drops the finished requests' states and creates the new ones'."""
@@ -52,30 +80,68 @@ class RequestSampler:
             seeded_generator(new.sampling_params.seed, self.device),
         )
 
-    def sample(self, plan: StepPlan, logits: torch.Tensor) -> list[SampledToken]:
+    def sample(self, plan: StepPlan, logits: torch.Tensor) -> PendingSamples:
+        """Queues the sampling of the plan's sampling sequences (rows of `logits`, in order)."""
         sampling_seqs = [s for s in plan.sequences if s.samples]
         states = [self._states[s.request_id] for s in sampling_seqs]
+        if self._unresolved and any(state.uses_token_values for state in states):
+            for pending in list(self._unresolved):
+                self.resolve(pending)
         batch = SamplingBatch.from_requests(states, device=self.device)
         result = self.sampler(logits, batch)
+        positions = []
+        for state in states:
+            positions.append(len(state.token_ids))
+            state.token_ids.append(PLACEHOLDER_TOKEN)
+        ready = None
+        host = result
+        if self.device.type == "cuda":
+            host = SamplerOutput(*(_to_pinned_host(t) for t in _fields(result)))
+            ready = torch.cuda.Event()
+            ready.record()
+        pending = PendingSamples(
+            [s.request_id for s in sampling_seqs], states, positions, result.token_ids, host, ready
+        )
+        self._unresolved.append(pending)
+        return pending
+
+    def resolve(self, pending: PendingSamples) -> list[SampledToken]:
+        """The step's tokens, in plan order, waiting for the device if needed (idempotent)."""
+        if pending.tokens is not None:
+            return pending.tokens
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        self._unresolved.remove(pending)
+        result = pending.host
         token_ids = result.token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        logprobs = result.logprobs.tolist()
         top_ids = top_vals = None
-        if result.top_logprob_ids is not None:
+        if result.top_logprob_ids is not None and result.top_logprobs is not None:
             top_ids = result.top_logprob_ids.tolist()
             top_vals = result.top_logprobs.tolist()
         sampled: list[SampledToken] = []
-        for i, (seq, state) in enumerate(zip(sampling_seqs, states, strict=True)):
-            state.token_ids.append(token_ids[i])
+        for i, (request_id, state) in enumerate(
+            zip(pending.request_ids, pending.states, strict=True)
+        ):
+            state.token_ids[pending.positions[i]] = token_ids[i]
             wanted = state.sampling_params.logprobs
             top = None
-            if wanted and top_ids is not None:
+            if wanted and top_ids is not None and top_vals is not None:
                 top = list(zip(top_ids[i][:wanted], top_vals[i][:wanted], strict=True))
-            sampled.append(
-                SampledToken(
-                    seq.request_id,
-                    token_ids[i],
-                    logprobs[i] if (logprobs is not None and wanted is not None) else None,
-                    top,
-                )
-            )
+            logprob = logprobs[i] if wanted is not None else None
+            sampled.append(SampledToken(request_id, token_ids[i], logprob, top))
+        pending.tokens = sampled
         return sampled
+
+
+def _fields(result: SamplerOutput) -> list[torch.Tensor | None]:
+    return [result.token_ids, result.logprobs, result.top_logprob_ids, result.top_logprobs]
+
+
+def _to_pinned_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Queues a device-to-host copy that does not block the host (read it after the event)."""
+    if tensor is None:
+        return None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host

@@ -12,6 +12,14 @@ KV slots are taken from the allocator, evicting unreferenced prefix-cache entrie
 dry. When a running request still cannot get a slot, the most recently admitted request is
 preempted: its computed KV goes to the prefix cache (or is freed), and it waits at the head of the
 queue to be recomputed, generated tokens included. No request is dropped.
+
+Overlap: `schedule()` may run again before `update()` has the previous step's tokens (the engine
+core prepares step n+1 while the device runs step n). A sequence that samples appends
+PLACEHOLDER_TOKEN to its request at once, so the next plan already decodes it (the runner reads
+the token from the device), and counts run from `num_scheduled_tokens`; a request whose last
+token by the length limits is in flight is not scheduled again. `update()` of step n replaces
+the placeholder; a request that stops there (EOS, a stop token) is released then, and its
+sequence in step n+1, already launched, is ignored when that step is applied.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.outputs import TokenUpdate
 from ocula.engine.prefix_cache import RadixCache
-from ocula.engine.request import FinishReason, Request, RequestStatus
+from ocula.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request, RequestStatus
 from ocula.engine.slot_allocator import SlotAllocator
 from ocula.engine.step_plan import NewRequestData, SampledToken, ScheduledSequence, StepPlan
 
@@ -103,6 +111,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if self._last_token_in_flight(request):
+                index += 1
+                continue
             num_new = self._chunk_size(request, budget)
             if num_new == 0:
                 break
@@ -126,6 +137,8 @@ class Scheduler:
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
         while self.waiting and budget > 0 and self._free_rows:
             request = self.waiting[0]
+            if request.token_ids[-1] == PLACEHOLDER_TOKEN:  # preempted while a step samples it
+                break
             prefix_len = self._match_prefix(request)
             num_new = self._chunk_size(request, budget)
             # Admit only if this chunk fits and every running request can still take one more
@@ -168,28 +181,39 @@ class Scheduler:
         plan.encoder_inputs += to_encode
         plan.encoder_frees += evicted
 
+    def _last_token_in_flight(self, request: Request) -> bool:
+        """A step in flight samples this request's last token: the length limits end it there."""
+        last = request.num_tokens - 1
+        return (
+            request.token_ids[last] == PLACEHOLDER_TOKEN
+            and request.length_stop(last, self.max_req_total_len) is not None
+        )
+
     def _chunk_size(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+        remaining = request.num_tokens - request.num_scheduled_tokens
         if self.chunked_prefill_size is None:
             return remaining if remaining <= budget else 0
         return min(remaining, budget, self.chunked_prefill_size)
 
     def _schedule_chunk(self, plan: StepPlan, request: Request, slots: torch.Tensor) -> None:
-        start = request.num_computed_tokens
+        start = request.num_scheduled_tokens
         end = start + len(slots)
         request.put_new_slots(start, slots)
         request.num_scheduled_tokens = end
         plan.table_writes.add(request.table_row, start, slots)
+        samples = end == request.num_tokens
         plan.sequences.append(
             ScheduledSequence(
                 request.request_id,
                 request.table_row,
                 start,
                 request.token_ids[start:end],
-                samples=end == request.num_tokens,
+                samples=samples,
                 image_slices=ImageScheduler.slices(request, start, end) if request.images else [],
             )
         )
+        if samples:  # the next plan may decode it before update() knows it
+            request.token_ids.append(PLACEHOLDER_TOKEN)
 
     # -- KV bookkeeping -----------------------------------------------------------------------
     def _allocate(self, num_slots: int) -> torch.Tensor | None:
@@ -210,6 +234,7 @@ class Scheduler:
         request.prefix_node = match.node
         request.set_prefix_slots(match.slots)
         request.num_computed_tokens = request.num_tree_tokens = match.length
+        request.num_scheduled_tokens = match.length
         return match.length
 
     def _unlock_prefix(self, request: Request) -> None:
@@ -217,6 +242,7 @@ class Scheduler:
             self.prefix_cache.unlock(request.prefix_node)
         request.prefix_node = None
         request.num_computed_tokens = request.num_tree_tokens = 0
+        request.num_scheduled_tokens = 0
 
     def _cache_computed_tokens(self, request: Request, keep_running: bool) -> None:
         """Hands the request's computed KV to the prefix cache.
@@ -279,27 +305,32 @@ class Scheduler:
 
     # -- results ------------------------------------------------------------------------------
     def update(self, plan: StepPlan, sampled: list[SampledToken]) -> list[TokenUpdate]:
-        """Applies a step's results: advances counters, appends tokens, finishes requests.
+        """Applies a step's results: advances counters, fills in tokens, finishes requests.
 
-        `sampled` has one entry per sequence of `plan` with `samples` set, in plan order.
+        `sampled` has one entry per sequence of `plan` with `samples` set, in plan order. A
+        request preempted after this step was planned still gets its token (and may stop on
+        it); one aborted or finished since is skipped.
         """
         updates: list[TokenUpdate] = []
         sampled_iter = iter(sampled)
         for seq in plan.sequences:
             token = next(sampled_iter) if seq.samples else None
             request = self.requests.get(seq.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens = seq.start + seq.num_new_tokens
+            if request is None:
+                continue  # aborted, or stopped by the step before (this step ran it anyway)
+            running = request.status == RequestStatus.RUNNING
+            position = seq.start + seq.num_new_tokens  # where the sampled token goes
+            if running:
+                request.num_computed_tokens = position
             if token is None:
                 continue
-            if self.prefix_cache.enabled and not request.prefill_cached:
+            request.token_ids[position] = token.token_id
+            if running and self.prefix_cache.enabled and not request.prefill_cached:
                 # The prompt (or the recomputed sequence) is complete: share it with requests
                 # that arrive while this one is still decoding.
                 self._cache_computed_tokens(request, keep_running=True)
                 request.prefill_cached = True
-            request.token_ids.append(token.token_id)
-            reason = request.check_stop(token.token_id, self.max_req_total_len)
+            reason = request.check_stop(position, self.max_req_total_len)
             updates.append(
                 TokenUpdate(
                     request.request_id,
@@ -309,11 +340,16 @@ class Scheduler:
                     finish_reason=reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens,
-                    queued_seconds=request.first_token_queue_seconds(),
+                    queued_seconds=request.first_token_queue_seconds(position),
                 )
             )
-            if reason is not None:
+            if reason is None:
+                continue
+            if running:
                 self.running.remove(request)
                 self._release_kv(request)
-                self._finish(request, reason)
+            else:
+                self.waiting.remove(request)
+            del request.token_ids[position + 1 :]  # a placeholder the next step samples
+            self._finish(request, reason)
         return updates

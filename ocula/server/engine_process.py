@@ -93,7 +93,7 @@ def _serve(
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:
-        timeout = 0 if core.has_unfinished() else IDLE_POLL_MS
+        timeout = 0 if core.has_work() else IDLE_POLL_MS
         while poller.poll(timeout):
             message = pickle.loads(inbox.recv())
             if isinstance(message, Shutdown):

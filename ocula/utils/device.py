@@ -35,3 +35,12 @@ def pick_dtype(
     if config_dtype in (torch.float16, torch.bfloat16, torch.float32):
         return config_dtype
     return torch.bfloat16
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor's copy on `device` without blocking the host: on CUDA it is staged in pinned
+    memory first (a copy from pageable memory may wait for the device to finish its queued
+    work, which would undo the overlap of scheduling with the GPU's previous step)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
