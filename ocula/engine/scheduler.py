@@ -33,6 +33,7 @@ from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.outputs import TokenUpdate
 from ocula.engine.prefix_cache import RadixCache
 from ocula.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request, RequestStatus
+from ocula.engine.request_kv import RequestKV
 from ocula.engine.slot_allocator import SlotAllocator
 from ocula.engine.step_plan import NewRequestData, SampledToken, ScheduledSequence, StepPlan
 
@@ -59,9 +60,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._free_rows = list(range(running_max_req_size - 1, -1, -1))
         self._finished_since_last_plan: list[str] = []
-        # Slot-table fixes found while applying a step's results, shipped with the next plan.
-        # Keyed by request so that a request that stops before then takes its fix with it.
-        self._pending_repoints: dict[str, tuple[int, int, torch.Tensor]] = {}
+        self.kv = RequestKV(allocator, prefix_cache)
         self.num_preemptions = 0
 
     # -- queue management ---------------------------------------------------------------------
@@ -101,9 +100,8 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan(finished_request_ids=self._finished_since_last_plan)
         self._finished_since_last_plan = []
-        for row, start, slots in self._pending_repoints.values():
+        for row, start, slots in self.kv.take_repoints():
             plan.table_writes.add(row, start, slots)
-        self._pending_repoints.clear()
         if self.images is not None:
             plan.encoder_frees += self.images.take_pending_frees()
         budget = self.batch_max_tokens
@@ -117,14 +115,14 @@ class Scheduler:
             num_new = self._chunk_size(request, budget)
             if num_new == 0:
                 break
-            slots = self._allocate(num_new)
+            slots = self.kv.allocate(num_new)
             while slots is None:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
                     break
-                slots = self._allocate(num_new)
+                slots = self.kv.allocate(num_new)
             if slots is None:
                 break
             self._schedule_chunk(plan, request, slots)
@@ -139,18 +137,18 @@ class Scheduler:
             request = self.waiting[0]
             if request.token_ids[-1] == PLACEHOLDER_TOKEN:  # preempted while a step samples it
                 break
-            prefix_len = self._match_prefix(request)
+            prefix_len = self.kv.match_prefix(request)
             num_new = self._chunk_size(request, budget)
             # Admit only if this chunk fits and every running request can still take one more
             # token next step; preemption covers the rest.
             headroom = len(self.running) + 1
             available = self.allocator.num_free + self.prefix_cache.evictable_size
             if num_new == 0 or available < num_new + headroom:
-                self._unlock_prefix(request)
+                self.kv.unlock_prefix(request)
                 break
-            slots = self._allocate(num_new)
+            slots = self.kv.allocate(num_new)
             if slots is None:
-                self._unlock_prefix(request)
+                self.kv.unlock_prefix(request)
                 break
             self.waiting.popleft()
             self.prefix_cache.count_lookup(request.num_tokens - 1, prefix_len)
@@ -215,73 +213,9 @@ class Scheduler:
         if samples:  # the next plan may decode it before update() knows it
             request.token_ids.append(PLACEHOLDER_TOKEN)
 
-    # -- KV bookkeeping -----------------------------------------------------------------------
-    def _allocate(self, num_slots: int) -> torch.Tensor | None:
-        slots = self.allocator.alloc(num_slots)
-        if slots is None:
-            self.prefix_cache.evict(num_slots - self.allocator.num_free)
-            slots = self.allocator.alloc(num_slots)
-        return slots
-
-    def _match_prefix(self, request: Request) -> int:
-        """Locks the longest cached prefix of a waiting request; returns its length. Hit-rate
-        statistics are counted at admission, not here (a blocked request is matched again)."""
-        # At least one token must be computed to produce the next token's logits.
-        match = self.prefix_cache.match_prefix(
-            request.cache_key(request.num_tokens - 1), count_in_stats=False
-        )
-        self.prefix_cache.lock(match.node)
-        request.prefix_node = match.node
-        request.set_prefix_slots(match.slots)
-        request.num_computed_tokens = request.num_tree_tokens = match.length
-        request.num_scheduled_tokens = match.length
-        return match.length
-
-    def _unlock_prefix(self, request: Request) -> None:
-        if request.prefix_node is not None:
-            self.prefix_cache.unlock(request.prefix_node)
-        request.prefix_node = None
-        request.num_computed_tokens = request.num_tree_tokens = 0
-        request.num_scheduled_tokens = 0
-
-    def _cache_computed_tokens(self, request: Request, keep_running: bool) -> None:
-        """Hands the request's computed KV to the prefix cache.
-
-        If the request keeps running, it re-points its slot row at the cache's copy of any tokens
-        the cache already had (shipped with the next plan), frees its duplicates and locks the new
-        path. Otherwise only its reference is dropped.
-        """
-        cache = self.prefix_cache
-        num_computed = request.num_computed_tokens
-        key = request.cache_key(num_computed)
-        slots = request.kv_slots
-        already_cached = cache.insert(key, slots)
-        if already_cached > request.num_tree_tokens:
-            self.allocator.free(slots[request.num_tree_tokens : already_cached].clone())
-        old_node = request.prefix_node
-        if keep_running:
-            match = cache.match_prefix(key, count_in_stats=False)
-            cache.lock(match.node)
-            stale_from = request.num_tree_tokens
-            request.set_prefix_slots(match.slots)
-            if already_cached > stale_from:
-                self._pending_repoints[request.request_id] = (
-                    request.table_row,
-                    stale_from,
-                    match.slots[stale_from:already_cached].clone(),
-                )
-            request.prefix_node = match.node
-            request.num_tree_tokens = num_computed
-        if old_node is not None:
-            cache.unlock(old_node)
-
     def _release_kv(self, request: Request) -> None:
         """Gives up a request's slots (to the prefix cache when it is on) and its table row."""
-        self._pending_repoints.pop(request.request_id, None)
-        in_flight = request.in_flight_slots()
-        if len(in_flight):  # stopped between schedule() and update(): those K/V never landed
-            self.allocator.free(in_flight.clone())
-        self._cache_computed_tokens(request, keep_running=False)
+        self.kv.release(request)
         if self.images is not None:
             self.images.release(request)
         if request.table_row is not None:
@@ -328,7 +262,7 @@ class Scheduler:
             if running and self.prefix_cache.enabled and not request.prefill_cached:
                 # The prompt (or the recomputed sequence) is complete: share it with requests
                 # that arrive while this one is still decoding.
-                self._cache_computed_tokens(request, keep_running=True)
+                self.kv.cache_computed_tokens(request, keep_running=True)
                 request.prefill_cached = True
             reason = request.check_stop(position, self.max_req_total_len)
             updates.append(
