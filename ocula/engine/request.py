@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from ocula.sampling.params import SamplingParams
 # appends it when it schedules the sampling, and `Scheduler.update` replaces it with the token.
 # The model runner reads such a token from the device (the step before sampled it there).
 PLACEHOLDER_TOKEN = -1
+
+_serials = itertools.count()
 
 
 class RequestStatus(enum.Enum):
@@ -70,6 +73,9 @@ class Request:
         images: list[ImageSpan] | None = None,
     ) -> None:
         self.request_id = request_id
+        # Unique per Request object: a step in flight may still carry a finished request whose
+        # id a new request has taken since; results go to the request they were planned for.
+        self.serial = next(_serials)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -132,6 +138,11 @@ class Request:
         if num_output >= self.sampling_params.max_new_tokens or position + 1 >= max_total_len:
             return FinishReason.LENGTH
         return None
+
+    def drop_placeholders(self) -> None:
+        """Removes the trailing tokens that steps in flight were to sample (when it stops)."""
+        while self.token_ids and self.token_ids[-1] == PLACEHOLDER_TOKEN:
+            self.token_ids.pop()
 
     def first_token_queue_seconds(self, position: int) -> float | None:
         """Arrival to first scheduled step, reported with the first generated token only (the

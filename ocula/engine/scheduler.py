@@ -208,6 +208,7 @@ class Scheduler:
                 request.token_ids[start:end],
                 samples=samples,
                 image_slices=ImageScheduler.slices(request, start, end) if request.images else [],
+                request_serial=request.serial,
             )
         )
         if samples:  # the next plan may decode it before update() knows it
@@ -231,6 +232,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.drop_placeholders()
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
@@ -250,8 +252,10 @@ class Scheduler:
         for seq in plan.sequences:
             token = next(sampled_iter) if seq.samples else None
             request = self.requests.get(seq.request_id)
-            if request is None:
-                continue  # aborted, or stopped by the step before (this step ran it anyway)
+            if request is None or request.serial != seq.request_serial:
+                # Aborted, or stopped by the step before (this step ran it anyway); its id may
+                # already belong to a new request.
+                continue
             running = request.status == RequestStatus.RUNNING
             position = seq.start + seq.num_new_tokens  # where the sampled token goes
             if running:
@@ -284,6 +288,5 @@ class Scheduler:
                 self._release_kv(request)
             else:
                 self.waiting.remove(request)
-            del request.token_ids[position + 1 :]  # a placeholder the next step samples
-            self._finish(request, reason)
+            self._finish(request, reason)  # drops the placeholder the next step samples
         return updates

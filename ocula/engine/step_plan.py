@@ -25,6 +25,7 @@ class ScheduledSequence:
     token_ids: list[int]  # the tokens this step computes: positions [start, start + len)
     samples: bool  # this step reaches the end of the known tokens and samples the next one
     image_slices: list[ImageSlice] = field(default_factory=list)
+    request_serial: int = -1  # `Request.serial` of the request it was planned for
 
     @property
     def num_new_tokens(self) -> int:

@@ -144,3 +144,32 @@ def test_abort_while_a_step_is_in_flight_frees_everything(llama) -> None:
         assert engine.step() == []
     assert not engine.core.runner.sampling._states
     assert_kv_idle(engine.core)
+
+
+def test_an_id_reused_while_a_step_is_in_flight_gets_only_its_own_tokens(llama) -> None:
+    """The aborted request's sequence in the step already launched must not reach the new
+    request that took its id (whose prompt is shorter, then longer)."""
+    results = {}
+    for overlap in (False, True):
+        llm = LLM(str(llama), max_total_token_num=256, disable_overlap_schedule=not overlap)
+        core = llm.engine.core
+        outputs = []
+        for prompt in (PROMPTS[0], PROMPTS[2]):
+            long = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+            core.add_request(Request("a", llm.tokenizer.encode(PROMPTS[1]), long, frozenset()))
+            for _ in range(4):
+                core.step()
+            core.abort_request("a")
+            params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+            new = Request("a", llm.tokenizer.encode(prompt), params, frozenset())
+            core.add_request(new)
+            updates = []
+            while core.has_work():
+                updates += core.step()
+            assert [u.token_id for u in updates] == new.output_token_ids
+            assert new.token_ids[: new.num_prompt_tokens] == llm.tokenizer.encode(prompt)
+            outputs.append(new.output_token_ids)
+        assert_kv_idle(core)
+        results[overlap] = outputs
+    assert results[True] == results[False]
+    assert all(len(tokens) == 3 for tokens in results[True])
