@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -112,6 +113,13 @@ class FollowerRanks:
         self.setup = dataclasses.replace(setup, device=device)
         self.group: ParallelGroup = init_rank(store, 0, args.tp, device)
         self._store = store  # followers stay connected to it until they leave
+        self.group.broadcast_object(node_flags(args))  # collective: see `check_same_flags`
+        if self.group.min_over_ranks(1) == 0:
+            raise ValueError(
+                "a rank on another node was started with other engine flags than node 0 (that "
+                "node's log names them): start every node with the same command apart from "
+                "--node_rank"
+            )
         self._last_broadcast = time.monotonic()
 
     def _wait_until_joining(self, store: dist.TCPStore) -> None:
@@ -181,6 +189,37 @@ def _death_message(rank: int, process: multiprocessing.process.BaseProcess) -> s
     return f"tensor-parallel rank {rank} (pid {process.pid}) died ({how})"
 
 
+# Engine flags that may differ between nodes: each node's own rank, paths and memory share, and
+# the address by which it reaches node 0.
+PER_NODE_FLAGS = ("node_rank", "model_dir", "nccl_host", "mem_fraction")
+
+
+def node_flags(args: EngineArgs) -> dict[str, Any]:
+    """The engine flags every node must share (the server's own flags are not compared)."""
+    names = {f.name for f in dataclasses.fields(EngineArgs)} - set(PER_NODE_FLAGS)
+    return {name: getattr(args, name) for name in sorted(names)}
+
+
+def check_same_flags(group: ParallelGroup, args: EngineArgs, rank: int) -> None:
+    """A follower's half of the start-up check (collective, after joining): ranks on other nodes
+    run their own command line, and one flag that differs from node 0's (say
+    --disable_overlap_schedule, which decides whether sampled tokens are broadcast each step)
+    would leave the ranks issuing different collectives: a hang, not an error. Raises
+    ValueError naming the differing flags; rank 0 raises too."""
+    expected = group.broadcast_object(src=0)
+    mine = node_flags(args)
+    differing = [
+        f"--{name} {mine.get(name)!r} here, {value!r} on node 0"
+        for name, value in expected.items()
+        if mine.get(name) != value
+    ]
+    group.min_over_ranks(0 if differing else 1)
+    if differing:
+        raise ValueError(
+            f"rank {rank} was started with other flags than node 0: " + "; ".join(differing)
+        )
+
+
 # -- the follower process -------------------------------------------------------------------------
 def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
     """Process entry of rank `rank` > 0 (spawned by rank 0, or by `worker_node` on another
@@ -195,6 +234,7 @@ def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
         store = join_rendezvous(host, port, args.tp)
         store.set(READY_KEY.format(rank=rank), "1")
         group = init_rank(store, rank, args.tp, device)
+        check_same_flags(group, args, rank)
         runner = build_model_runner(args, dataclasses.replace(setup, device=device), group)
         logger.info("tensor-parallel rank %d ready on %s", rank, device)
         while True:

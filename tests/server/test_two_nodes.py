@@ -28,7 +28,9 @@ from tests.server.test_tensor_parallel import (
 LIMITS = ("--max_total_token_num", "1024", "--max_req_total_len", "256")
 
 
-def start_worker_node(checkpoint: Path, log_dir: Path, nccl_port: int) -> subprocess.Popen:
+def start_worker_node(
+    checkpoint: Path, log_dir: Path, nccl_port: int, *extra: str
+) -> subprocess.Popen:
     log = (log_dir / "node1.log").open("w")
     command = [
         sys.executable,
@@ -38,6 +40,7 @@ def start_worker_node(checkpoint: Path, log_dir: Path, nccl_port: int) -> subpro
         str(checkpoint),
         *("--tp", "2", "--nnodes", "2", "--node_rank", "1", "--nccl_port", str(nccl_port)),
         *LIMITS,
+        *extra,
     ]
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -86,6 +89,24 @@ def test_a_dead_rank_on_node_1_takes_node_0_down(tiny_checkpoint, tmp_path) -> N
     assert code != 0, server.log()
     assert "engine failed" in server.log()
     assert_all_gone(node0_processes, EXIT_SECONDS)
+
+
+@pytest.mark.slow
+def test_a_node_started_with_other_flags_is_refused_instead_of_hanging(
+    tiny_checkpoint, tmp_path
+) -> None:
+    checkpoint = tiny_checkpoint("llama")
+    nccl_port = free_port()
+    node1 = start_worker_node(checkpoint, tmp_path, nccl_port, "--disable_overlap_schedule")
+    try:
+        with pytest.raises(AssertionError, match="exited with 1") as refused:
+            start_server(checkpoint, tmp_path, *node_flags(nccl_port), *LIMITS)
+        assert node1.wait(EXIT_SECONDS) == 1
+    finally:
+        node1.kill()
+    assert "other engine flags than node 0" in str(refused.value)
+    node1_log = (tmp_path / "node1.log").read_text()
+    assert "--disable_overlap_schedule True here, False on node 0" in node1_log, node1_log
 
 
 def rank_process(log: Path) -> psutil.Process:
