@@ -166,7 +166,8 @@ class EngineCore:
         return self.scheduler.num_unfinished > 0
 
     def has_work(self) -> bool:
-        """Something to step for: unfinished requests, or finished ones the runner still holds."""
+        """Something to step for: unfinished requests, finished ones the runner still holds, or
+        a launched step whose results are not applied yet."""
         return (
             self.has_unfinished()
             or self.scheduler.has_unsent_finishes
