@@ -12,8 +12,9 @@ the latest token sampled per slot-table row.
 Under tensor parallelism every rank has a runner over its shard and runs every plan (the
 collectives inside the model need all ranks), but only rank 0 samples: the other ranks keep no
 sampling state and return no tokens; with overlap on, rank 0 broadcasts each step's sampled
-tokens to them (a device collective) for their `last_tokens`. The KV pool has the same number of slots on every rank
-(the smallest any rank can hold), since rank 0's allocator hands out slots for all of them.
+tokens to them (a device collective) for their `last_tokens`. The KV pool has the same number
+of slots on every rank (the smallest any rank can hold), since rank 0's allocator hands out
+slots for all of them.
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ class ModelRunner:
         self.last_tokens = torch.zeros(
             args.running_max_req_size + 1, dtype=torch.int64, device=device
         )
-        # Followers need rank 0's sampled tokens only to resolve placeholders, which exist only
-        # when the scheduler runs ahead of the results.
-        self.shares_sampled_tokens = tp.size > 1 and not args.disable_overlap_schedule
+        # Placeholders, and so `last_tokens`, exist only when the scheduler runs ahead of the
+        # results; followers then need rank 0's sampled tokens too.
+        self.feeds_last_tokens = not args.disable_overlap_schedule
+        self.shares_sampled_tokens = tp.size > 1 and self.feeds_last_tokens
         self.tp = tp
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and backend_name == "triton" and not args.disable_cudagraph:
@@ -221,7 +223,7 @@ class ModelRunner:
             if tokens is None:
                 tokens = torch.empty(len(sampling_rows), dtype=torch.int64, device=self.device)
             self.tp.broadcast(tokens, src=0)
-        if tokens is not None:
+        if tokens is not None and self.feeds_last_tokens:
             self.last_tokens[host_to_device(sampling_rows, torch.int64, self.device)] = tokens
         return pending
 

@@ -13,13 +13,13 @@ pending step first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ocula.engine.request import PLACEHOLDER_TOKEN
 from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
-from ocula.sampling.batch import SamplingBatch, seeded_generator
+from ocula.sampling.batch import SamplingBatch, reads_output_tokens, seeded_generator
 from ocula.sampling.params import SamplingParams
 from ocula.sampling.sampler import Sampler, SamplerOutput
 
@@ -34,13 +34,6 @@ class RequestSamplingState:
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None
 
-    @property
-    def uses_token_values(self) -> bool:
-        """The penalties read the history's tokens, not only its length."""
-        params = self.sampling_params
-        repetition = params.repetition_penalty not in (None, 1.0)
-        return repetition or bool(params.presence_penalty or params.frequency_penalty)
-
 
 @dataclass
 class PendingSamples:
@@ -52,7 +45,7 @@ class PendingSamples:
     token_ids: torch.Tensor  # [S] int64, on the device (the runner feeds the next step from it)
     host: SamplerOutput  # the same results in (pinned) host memory once `ready` has passed
     ready: torch.cuda.Event | None  # None on the CPU: `host` is complete already
-    tokens: list[SampledToken] | None = field(default=None)
+    tokens: list[SampledToken] | None = None
 
 
 class RequestSampler:
@@ -84,7 +77,7 @@ class RequestSampler:
         """Queues the sampling of the plan's sampling sequences (rows of `logits`, in order)."""
         sampling_seqs = [s for s in plan.sequences if s.samples]
         states = [self._states[s.request_id] for s in sampling_seqs]
-        if self._unresolved and any(state.uses_token_values for state in states):
+        if self._unresolved and any(reads_output_tokens(s.sampling_params) for s in states):
             for pending in list(self._unresolved):
                 self.resolve(pending)
         batch = SamplingBatch.from_requests(states, device=self.device)

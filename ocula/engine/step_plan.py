@@ -49,8 +49,8 @@ class SlotTableWrites:
     Kept as plain Python values plus the slot tensors and turned into index tensors once, by
     `flatten`: a decode step adds one entry per running request, so per-entry tensor work would
     dominate the scheduler's time. Pickled (the step plan's broadcast to the other
-    tensor-parallel ranks) as the three flat arrays: pickling one small tensor per entry cost
-    about 70 us each, several ms per decode step at batch 64.
+    tensor-parallel ranks) as the one flat array of `flatten`: pickling one small tensor per
+    entry cost about 70 us each, several ms per decode step at batch 64.
     """
 
     rows: list[int] = field(default_factory=list)

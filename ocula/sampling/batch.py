@@ -139,7 +139,7 @@ class SamplingBatch:
 
             token_ids = request.token_ids
             split = request.num_prompt_tokens
-            uses_output = rep != 1.0 or params.presence_penalty or params.frequency_penalty
+            uses_output = reads_output_tokens(params)
             prompts.append(token_ids[:split] if rep != 1.0 else ())
             outputs.append(token_ids[split:] if uses_output else ())
 
@@ -184,6 +184,12 @@ class SamplingBatch:
             use_presence_frequency_penalty=any(presence) or any(frequency),
             any_banned=any(banned),
         )
+
+
+def reads_output_tokens(params: SamplingParams) -> bool:
+    """The row's penalties read the generated tokens themselves, not only how many there are."""
+    repetition = _or(params.repetition_penalty, DEFAULT_REPETITION_PENALTY)
+    return repetition != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
 
 
 def _or(value: float | int | None, fallback: float | int) -> float | int:
