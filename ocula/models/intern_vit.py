@@ -265,6 +265,35 @@ class InternViTLayer(nn.Module):
         x = x + self.attn(self.norm1(x)) * self.ls1
         return x + self.mlp(self.norm2(x)) * self.ls2
 
+    def forward_deferred(
+        self, x: torch.Tensor, pending: PendingUpdate | None
+    ) -> tuple[torch.Tensor, PendingUpdate]:
+        """The layer with its residual adds deferred into the following norm: the input is
+        `x + pending`, the output `x' + returned pending` (same values as `forward`). `x` is the
+        residual stream and is updated in place."""
+        normed, x = add_then_norm(self.norm1, x, pending)
+        normed, x = add_then_norm(self.norm2, x, (self.attn(normed), self.ls1))
+        return x, (self.mlp(normed), self.ls2)
+
+
+# A residual update not yet added: x + update * scale.
+PendingUpdate = tuple[torch.Tensor, torch.Tensor]
+
+
+def add_then_norm(
+    norm: nn.Module, x: torch.Tensor, pending: PendingUpdate | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + update * scale), x + update * scale), rounded as the unfused ops round. On CUDA a
+    LayerNorm runs as one Triton kernel that updates `x` in place."""
+    if isinstance(norm, nn.LayerNorm) and use_triton(x):
+        from ocula.kernels.layer_norm import scaled_residual_layer_norm
+
+        update, scale = pending if pending is not None else (None, None)
+        return scaled_residual_layer_norm(x, update, scale, norm.weight, norm.bias, norm.eps)
+    if pending is not None:
+        x = x + pending[0] * pending[1]
+    return norm(x), x
+
 
 class InternViTEncoder(nn.Module):
     def __init__(self, config: InternViTConfig, num_layers: int, tp: ParallelGroup) -> None:
@@ -272,8 +301,12 @@ class InternViTEncoder(nn.Module):
         self.layers = nn.ModuleList(InternViTLayer(config, tp) for _ in range(num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [tiles, tokens, hidden] (consumed: the residual stream is updated in place)."""
+        pending = None
         for layer in self.layers:
-            x = layer(x)
+            x, pending = layer.forward_deferred(x, pending)
+        if pending is not None:
+            x = x + pending[0] * pending[1]
         return x
 
 
