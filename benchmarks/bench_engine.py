@@ -8,7 +8,8 @@ Parts (each against a limit measured in the same run by hardware.py; see account
 - gpu_idle: the GPU's idle share of a decode step at batch 64 (gpu_idle.py), measured last.
 - prefill: one step computing an 8,192-token prompt (best of 3 after a warm-up), as a fraction of
   the bf16 matmul peak (FLOPs: linear layers + causal attention + one row of logits).
-- vit: `model.encode_images` on 1 and 32 random tiles (CUDA events, best of 10): ms and MFU.
+- vit: the engine's image encoder (CUDA graphs up to 16 tiles) on 1 and 32 random tiles (CUDA
+  events, best of 10): ms and MFU; the model's eager `encode_images` beside it.
 - agreement: greedy tokens of the agreement prompts, which engine_agreement.py compares with the
   fp32 reference of the same engine (run it after this script: it needs the GPU to itself).
 
@@ -193,22 +194,29 @@ class EngineBench:
         config = self.model.config
         size = config.image_size
         per_tile = vit_flops_per_tile(config)
+        # What the engine runs: a CUDA graph per tile count up to VISION_GRAPH_MAX_TILES.
+        encode = self.runner.image_encoder.encode_images
         results = []
         for tiles in self.sizes["tiles"]:
             pixels = torch.randn(tiles, 3, size, size, device=self.device, dtype=self.runner.dtype)
             with torch.inference_mode():
-                times = time_call(lambda p=pixels: self.model.encode_images(p), self.device, 3, 10)
+                times = time_call(lambda p=pixels: encode(p), self.device, 3, 10)
+                eager = time_call(lambda p=pixels: self.model.encode_images(p), self.device, 3, 10)
             best = min(times)
             results.append(
                 {
                     "tiles": tiles,
                     "best_ms": best,
                     "median_ms": sorted(times)[len(times) // 2],
+                    "eager_best_ms": min(eager),
                     "flops": tiles * per_tile,
                     "mfu": tiles * per_tile / (best / 1e3) / self.peak,
                 }
             )
-            log(f"vit {tiles} tiles: {best:.2f} ms, MFU {results[-1]['mfu']:.3f}")
+            log(
+                f"vit {tiles} tiles: {best:.2f} ms (eager {min(eager):.2f} ms), "
+                f"MFU {results[-1]['mfu']:.3f}"
+            )
         return results
 
 

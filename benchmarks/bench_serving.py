@@ -4,10 +4,13 @@ the image caches.
 Starts `python -m ocula.server.api_server --enable_multimodal` on the checkpoint (plus
 `--engine_args`), waits for /health, warms it up, then, streaming LightLLM's /generate_stream:
 - idle TTFT, one request at a time, each one 448 x 448 image + about 64 text tokens (an 8-word
-  lead, the image, a 50-word question), 1 new token; three cases, 5 times each:
-  `miss` (new image, new text), `image_cached` (an image already encoded, new lead text, so the
-  prefix cache cannot reuse the image's KV: the embedding cache saves the ViT only) and
-  `prompt_cached` (the exact same request again: the prefix cache serves the whole prompt);
+  lead, the image, a 50-word question), 1 new token; four cases, 5 times each:
+  `miss` (new image, new text), `image_cached` (an image already encoded behind a new lead text,
+  so the prefix cache cannot reuse the image's KV: the embedding cache saves the ViT only),
+  `image_prefix_cached` (the same lead and image, a new question: a follow-up question about an
+  image, where the prefix cache serves the lead and the image's KV and only the question is
+  computed) and `prompt_cached` (the exact same request again: the prefix cache serves the whole
+  prompt);
 - rates: Poisson arrivals at each rate for `--duration` seconds, every request a new image +
   question and `--new_tokens` tokens (ignore_eos); TTFT and TPOT (mean gap between a request's
   tokens after the first) p50/p99 over the completed requests. Requests still running
@@ -44,12 +47,17 @@ from benchmarks.common import (
 from benchmarks.serving_client import ServerProcess, StreamResult, generate_body, stream
 from benchmarks.workloads import chat_prompt, image_bytes, poisson_arrivals, words
 
+# Idle TTFT cases, in the order each repetition sends them (see the module docstring).
+IDLE_CASES = ("miss", "image_cached", "image_prefix_cached", "prompt_cached")
 FULL = {"rates": "1,4,16", "duration": 15.0, "new_tokens": 128, "drain": 30.0, "reps": 5}
 TINY = {"rates": "1,4", "duration": 4.0, "new_tokens": 8, "drain": 30.0, "reps": 2}
 
 
-def image_request(seed: int, lead_seed: int, new_tokens: int) -> bytes:
-    text = f"{words(lead_seed, 8)}\n<image>\n{words(seed + 50_000, 50)}"
+def image_request(
+    seed: int, lead_seed: int, new_tokens: int, question_seed: int | None = None
+) -> bytes:
+    question = words(seed + 50_000 if question_seed is None else question_seed, 50)
+    text = f"{words(lead_seed, 8)}\n<image>\n{question}"
     picture = base64.b64encode(image_bytes(seed)).decode()
     return generate_body(chat_prompt(text), [picture], new_tokens)
 
@@ -60,7 +68,7 @@ def _ms(values: list[float], q: float) -> float | None:
 
 
 async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
-    cases: dict[str, list[float]] = {"miss": [], "image_cached": [], "prompt_cached": []}
+    cases: dict[str, list[float]] = {case: [] for case in IDLE_CASES}
     async with httpx.AsyncClient(timeout=None) as client:
         for rep in range(reps):
             seed = 100 + rep
@@ -68,6 +76,7 @@ async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
             bodies = {
                 "miss": first,
                 "image_cached": image_request(seed, seed + 1000, 1),
+                "image_prefix_cached": image_request(seed, seed, 1, question_seed=seed + 70_000),
                 "prompt_cached": first,
             }
             for case, body in bodies.items():
@@ -79,13 +88,9 @@ async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
     for case, values in cases.items():
         summary[case] = {"p50_ms": _ms(values, 50), "min_ms": min(values) * 1e3}
     miss = summary["miss"]["p50_ms"]
-    for case in ("image_cached", "prompt_cached"):
+    for case in IDLE_CASES[1:]:
         summary[case]["ratio_to_miss"] = summary[case]["p50_ms"] / miss
-    log(
-        f"idle TTFT p50: miss {miss:.1f} ms, image cached "
-        f"{summary['image_cached']['p50_ms']:.1f} ms, prompt cached "
-        f"{summary['prompt_cached']['p50_ms']:.1f} ms"
-    )
+    log("idle TTFT p50: " + ", ".join(f"{c} {summary[c]['p50_ms']:.1f} ms" for c in IDLE_CASES))
     return summary
 
 
