@@ -23,8 +23,6 @@ from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
     LoadedImage,
-    decode_image,
-    md5_hex,
 )
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt
 from ocula.sampling.params import SamplingParams
@@ -79,7 +77,7 @@ class LLMEngine:
         images = []
         for index, data in enumerate(prompt.get("images", [])):
             try:
-                images.append(LoadedImage(data, md5_hex(data), decode_image(data, limits)))
+                images.append(LoadedImage.decoded(data, limits))
             except ImageError as error:
                 raise ValueError(f"image {index}: {error.message}") from None
         return build_image_prompt(

@@ -21,6 +21,7 @@ import hashlib
 import io
 import ipaddress
 import socket
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -85,7 +86,40 @@ class ImageSource:
 class LoadedImage:
     data: bytes  # the encoded bytes, as fetched
     md5: str  # md5_hex(data): the image's identity for the embedding and prefix caches
-    image: Image.Image  # decoded, RGB
+    size: tuple[int, int]  # (width, height) of the decoded image: what sets the tile count
+
+    @classmethod
+    def decoded(cls, data: bytes, limits: ImageLimits) -> LoadedImage:
+        """Decodes `data` (raises ImageError) to check it and learn its size."""
+        return cls(data, md5_hex(data), decode_image(data, limits).size)
+
+
+class KnownImageSizes:
+    """Sizes of images that decoded within the limits before, by MD5, most recent last (LRU).
+
+    An image sent again (a follow-up question about it, the same picture in many requests) is
+    not decoded again in the front: the engine's caches hold its embedding, so its size is all
+    the prompt needs. Identical bytes decode identically; the limits are the server's, fixed.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def get(self, md5: str) -> tuple[int, int] | None:
+        size = self._sizes.get(md5)
+        if size is not None:
+            self._sizes.move_to_end(md5)
+        return size
+
+    def put(self, md5: str, size: tuple[int, int]) -> None:
+        self._sizes[md5] = size
+        self._sizes.move_to_end(md5)
+        while len(self._sizes) > self.capacity:
+            self._sizes.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
 
 
 def md5_hex(data: bytes) -> str:
@@ -99,12 +133,21 @@ def make_http_client() -> httpx.AsyncClient:
 
 
 async def load_image(
-    source: ImageSource, limits: ImageLimits, client: httpx.AsyncClient
+    source: ImageSource,
+    limits: ImageLimits,
+    client: httpx.AsyncClient,
+    known: KnownImageSizes | None = None,
 ) -> LoadedImage:
-    """Fetch and decode one image; decoding runs in a worker thread."""
+    """Fetch and decode one image; decoding runs in a worker thread, and is skipped for an
+    image `known` has seen decode before."""
     data = await fetch_image_bytes(source, limits, client)
-    image = await asyncio.to_thread(decode_image, data, limits)
-    return LoadedImage(data=data, md5=md5_hex(data), image=image)
+    md5 = md5_hex(data)
+    size = known.get(md5) if known is not None else None
+    if size is None:
+        size = (await asyncio.to_thread(decode_image, data, limits)).size
+        if known is not None:
+            known.put(md5, size)
+    return LoadedImage(data, md5, size)
 
 
 async def fetch_image_bytes(

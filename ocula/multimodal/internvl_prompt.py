@@ -93,7 +93,7 @@ def build_image_prompt(
             f"{len(images)} image(s); they must match one to one"
         )
     tiling = spec.tiling_for(requested_max_tiles)
-    lengths = [count_tiles(*img.image.size, tiling) * spec.tokens_per_tile for img in images]
+    lengths = [count_tiles(*img.size, tiling) * spec.tokens_per_tile for img in images]
     counts = iter(lengths)
     expanded = _TAG.sub(
         lambda _: spec.start_token + spec.context_token * next(counts) + spec.end_token, text

@@ -14,6 +14,7 @@ from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
     ImageSource,
+    KnownImageSizes,
     LoadedImage,
     load_image,
     make_http_client,
@@ -29,6 +30,7 @@ class FrontImages:
         self.tokenizer = tokenizer
         self.limits = ImageLimits(allow_local=allow_local_media)
         self.client = make_http_client()
+        self.known_sizes = KnownImageSizes()
 
     async def load(self, sources: list[Any]) -> list[LoadedImage]:
         """Fetches and decodes every image concurrently. Raises ImageError (4xx) naming the
@@ -46,7 +48,7 @@ class FrontImages:
             except ImageError as error:
                 raise ImageError(f"image {index}: {error.message}", error.status) from None
         results = await asyncio.gather(
-            *(load_image(source, self.limits, self.client) for source in parsed),
+            *(load_image(s, self.limits, self.client, self.known_sizes) for s in parsed),
             return_exceptions=True,
         )
         for index, result in enumerate(results):

@@ -24,6 +24,7 @@ from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
     ImageSource,
+    KnownImageSizes,
     address_is_public,
     decode_image,
     fetch_image_bytes,
@@ -252,9 +253,50 @@ def test_load_image_returns_bytes_md5_and_rgb():
     loaded = run_load_image({"type": "base64", "data": base64.b64encode(data).decode()})
     assert loaded.data == data
     assert loaded.md5 == md5_hex(data) == hashlib.md5(data).hexdigest()
-    assert loaded.image.mode == "RGB" and loaded.image.size == (24, 16)
+    assert loaded.size == (24, 16)
     not_an_image = {"type": "base64", "data": base64.b64encode(b"plain text").decode()}
     assert status_of(run_load_image, not_an_image) == 400
+
+
+def test_an_image_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyPatch):
+    from ocula.multimodal import image_loading
+
+    decoded: list[int] = []
+    real_decode = image_loading.decode_image
+
+    def counting_decode(data: bytes, limits: ImageLimits):
+        decoded.append(len(data))
+        return real_decode(data, limits)
+
+    monkeypatch.setattr(image_loading, "decode_image", counting_decode)
+    known = KnownImageSizes(capacity=2)
+    pictures = [encode(gradient(), "PNG"), encode(gradient(), "BMP"), encode(gradient(), "GIF")]
+
+    async def load_all(datas: list[bytes]) -> list:
+        async with make_http_client() as client:
+            return [
+                await load_image(
+                    ImageSource.parse({"type": "base64", "data": base64.b64encode(d).decode()}),
+                    LIMITS,
+                    client,
+                    known,
+                )
+                for d in datas
+            ]
+
+    first = asyncio.run(load_all(pictures[:2]))
+    again = asyncio.run(load_all(pictures[:2]))
+    assert len(decoded) == 2 and again == first  # same bytes, md5 and size, no second decode
+    assert all(image.size == (24, 16) for image in again)
+    asyncio.run(load_all(pictures[2:]))  # a third image evicts the least recently used
+    assert len(known) == 2 and known.get(md5_hex(pictures[0])) is None
+    asyncio.run(load_all(pictures[:1]))
+    assert len(decoded) == 4
+    # Bytes that failed to decode are not remembered: they fail again, with the same status.
+    bad = {"type": "base64", "data": base64.b64encode(b"plain text").decode()}
+    for _ in range(2):
+        assert status_of(lambda: asyncio.run(load_all([b"plain text"]))) == 400
+    assert status_of(run_load_image, bad) == 400
 
 
 # ---------------------------------------------------------------- URL fetching
