@@ -186,13 +186,33 @@ class InternViTEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, channels, H, W] -> [tiles, 1 + (H/p)(W/p), hidden]."""
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        tiles, _, grid_height, grid_width = patches.shape
-        tokens = patches.flatten(2).transpose(1, 2)
+        pixels = pixel_values.to(self.patch_embedding.weight.dtype)
+        if pixels.is_cuda:
+            tokens, grid_height, grid_width = self.embed_patches_by_matmul(pixels)
+        else:  # the reference's convolution, exactly
+            patches = self.patch_embedding(pixels)
+            grid_height, grid_width = patches.shape[2:]
+            tokens = patches.flatten(2).transpose(1, 2)
+        tiles = tokens.shape[0]
         class_tokens = self.class_embedding.expand(tiles, 1, -1).to(tokens.dtype)
         embeddings = torch.cat([class_tokens, tokens], dim=1)
         positions = interpolate_position_embedding(self.position_embedding, grid_height, grid_width)
         return embeddings + positions.to(embeddings.dtype)
+
+    def embed_patches_by_matmul(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """The patch convolution (kernel = stride = p, so patches do not overlap) as one matmul
+        of the unfolded patches: cuDNN ran this convolution as an implicit GEMM taking 2.2 ms
+        for 32 tiles on an H200, for 39 GFLOP (0.05 ms at the matmul peak). Same products,
+        summed in another float32 order. Returns ([tiles, gh * gw, hidden], gh, gw)."""
+        conv = self.patch_embedding
+        p = conv.kernel_size[0]
+        tiles, channels, height, width = pixels.shape
+        grid_height, grid_width = height // p, width // p
+        pixels = pixels[:, :, : grid_height * p, : grid_width * p]  # what the stride leaves out
+        patches = pixels.reshape(tiles, channels, grid_height, p, grid_width, p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(tiles, grid_height * grid_width, -1)
+        tokens = F.linear(patches, conv.weight.flatten(1), conv.bias)
+        return tokens, grid_height, grid_width
 
 
 class InternViTAttention(nn.Module):

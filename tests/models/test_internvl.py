@@ -305,3 +305,32 @@ def test_missing_vision_weights_are_reported(checkpoints: dict[str, Path]) -> No
         check_complete(model, model.packed_modules_mapping, loaded)
     assert "vision_model.encoder.layers.1.attn.qkv.weight [q]" in str(error.value)
     assert "mlp1.3.bias" in str(error.value)
+
+
+def test_patch_embedding_as_one_matmul_equals_the_convolution() -> None:
+    """The CUDA path unfolds patches into one matmul; on any device it must give the
+    convolution's values (float32 rounding apart), cropping what the stride leaves out."""
+    from ocula.models.intern_vit import InternViTEmbeddings
+    from ocula.models.internvl_config import InternViTConfig
+
+    config = InternViTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=7,
+    )
+    embeddings = InternViTEmbeddings(config)
+    generator = torch.Generator().manual_seed(3)
+    conv = embeddings.patch_embedding
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator))
+    for height, width in [(28, 28), (30, 47)]:
+        pixels = torch.randn(3, 3, height, width, generator=generator)
+        tokens, grid_height, grid_width = embeddings.embed_patches_by_matmul(pixels)
+        expected = conv(pixels)
+        assert (grid_height, grid_width) == tuple(expected.shape[2:])
+        expected = expected.flatten(2).transpose(1, 2)
+        torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
