@@ -98,6 +98,7 @@ class Request:
         self.num_tree_tokens = 0
         self.prefill_cached = False  # computed tokens handed to the prefix cache since admission
         self._kv_slots = torch.empty(0, dtype=torch.int64)
+        self._kv_slots_numpy = self._kv_slots.numpy()  # the same memory, for one-slot writes
 
     # -- tokens -------------------------------------------------------------------------------
     @property
@@ -184,12 +185,18 @@ class Request:
         self._reserve(start + len(slots))
         self._kv_slots[start : start + len(slots)] = slots
 
+    def put_new_slot(self, position: int, slot: int) -> None:
+        """`put_new_slots` for one token."""
+        self._reserve(position + 1)
+        self._kv_slots_numpy[position] = slot  # a numpy store: a tensor one costs ~10x more
+
     def _reserve(self, size: int) -> None:
         if size <= self._kv_slots.numel():
             return
         grown = torch.empty(max(size, 2 * self._kv_slots.numel(), 16), dtype=torch.int64)
         grown[: self._kv_slots.numel()] = self._kv_slots
         self._kv_slots = grown
+        self._kv_slots_numpy = grown.numpy()
 
     def reset_for_recompute(self) -> None:
         """Back to waiting with no KV: the tokens generated so far are recomputed on resume."""

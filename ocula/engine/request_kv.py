@@ -98,3 +98,34 @@ class RequestKV:
         if len(in_flight):
             self.allocator.free(in_flight.clone())
         self.cache_computed_tokens(request, keep_running=False)
+
+
+class DecodeSlots:
+    """Slots taken in one allocation for the decodes of a step, handed out one at a time.
+
+    A decode step needs one slot per running request; taking them one `alloc` at a time cost
+    several tensor operations per request (about 10 us each on a GPU host, a third of the
+    scheduler's time at batch 256). The hand-out order is the one single allocations would
+    have had, and `give_back` returns what was not handed out so that the allocator's stack is
+    as if those slots had never been taken.
+    """
+
+    def __init__(self, kv: RequestKV, count: int) -> None:
+        self.allocator = kv.allocator
+        slots = kv.allocate(count) if count > 0 else None
+        self._slots = slots
+        self._values: list[int] = slots.tolist() if slots is not None else []
+        self._next = 0
+
+    def take(self) -> int | None:
+        """A slot, or None once none is left (or none could be taken)."""
+        if self._next >= len(self._values):
+            return None
+        self._next += 1
+        return self._values[self._next - 1]
+
+    def give_back(self) -> None:
+        """Returns the slots not handed out (in the stack order they were taken from)."""
+        if self._slots is not None and self._next < len(self._values):
+            self.allocator.free(self._slots[self._next :].flip(0))
+        self._slots, self._values, self._next = None, [], 0

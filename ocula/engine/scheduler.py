@@ -33,7 +33,7 @@ from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.outputs import TokenUpdate
 from ocula.engine.prefix_cache import RadixCache
 from ocula.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request, RequestStatus
-from ocula.engine.request_kv import RequestKV
+from ocula.engine.request_kv import DecodeSlots, RequestKV
 from ocula.engine.slot_allocator import SlotAllocator
 from ocula.engine.step_plan import NewRequestData, SampledToken, ScheduledSequence, StepPlan
 
@@ -106,16 +106,28 @@ class Scheduler:
             plan.encoder_frees += self.images.take_pending_frees()
         budget = self.batch_max_tokens
         preempted = False
+        runnable = [r for r in self.running if not self._last_token_in_flight(r)]
+        decode_slots = DecodeSlots(self.kv, sum(1 for r in runnable if self._is_decode(r)))
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             if self._last_token_in_flight(request):
                 index += 1
                 continue
+            if self._is_decode(request):
+                slot = decode_slots.take()
+                if slot is not None:
+                    self._schedule_decode(plan, request, slot)
+                    budget -= 1
+                    index += 1
+                    continue
             num_new = self._chunk_size(request, budget)
             if num_new == 0:
                 break
             slots = self.kv.allocate(num_new)
+            if slots is None:  # the slots held for later decodes first, as single allocs would
+                decode_slots.give_back()
+                slots = self.kv.allocate(num_new)
             while slots is None:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -128,6 +140,7 @@ class Scheduler:
             self._schedule_chunk(plan, request, slots)
             budget -= num_new
             index += 1
+        decode_slots.give_back()
         if not preempted:
             self._admit_waiting(plan, budget)
         return plan
@@ -192,6 +205,30 @@ class Scheduler:
         if self.chunked_prefill_size is None:
             return remaining if remaining <= budget else 0
         return min(remaining, budget, self.chunked_prefill_size)
+
+    def _is_decode(self, request: Request) -> bool:
+        return request.num_tokens - request.num_scheduled_tokens == 1
+
+    def _schedule_decode(self, plan: StepPlan, request: Request, slot: int) -> None:
+        """`_schedule_chunk` for a chunk of one token (its last), with a slot as an int."""
+        start = request.num_scheduled_tokens
+        request.put_new_slot(start, slot)
+        request.num_scheduled_tokens = start + 1
+        plan.table_writes.add_cell(request.table_row, start, slot)
+        plan.sequences.append(
+            ScheduledSequence(
+                request.request_id,
+                request.table_row,
+                start,
+                request.token_ids[start : start + 1],
+                samples=True,
+                image_slices=ImageScheduler.slices(request, start, start + 1)
+                if request.images
+                else [],
+                request_serial=request.serial,
+            )
+        )
+        request.token_ids.append(PLACEHOLDER_TOKEN)
 
     def _schedule_chunk(self, plan: StepPlan, request: Request, slots: torch.Tensor) -> None:
         start = request.num_scheduled_tokens

@@ -56,6 +56,10 @@ class SlotTableWrites:
     rows: list[int] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     slots: list[torch.Tensor] = field(default_factory=list)  # int64 CPU tensors
+    # Single cells (a decode step's one new token per request), kept as plain ints.
+    cell_rows: list[int] = field(default_factory=list)
+    cell_cols: list[int] = field(default_factory=list)
+    cell_slots: list[int] = field(default_factory=list)
     _flat: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def add(self, row: int, start: int, slots: torch.Tensor) -> None:
@@ -66,22 +70,36 @@ class SlotTableWrites:
         self.slots.append(slots)
         self._flat = None
 
+    def add_cell(self, row: int, col: int, slot: int) -> None:
+        """`slot_table[row, col] = slot`: `add` for one cell, without a tensor."""
+        self.cell_rows.append(row)
+        self.cell_cols.append(col)
+        self.cell_slots.append(slot)
+        self._flat = None
+
     def flatten(self) -> torch.Tensor | None:
         """[3, cells] int64 CPU tensor of (row, col, slot) per written cell, one host-to-device
         copy in all; None if empty. Built with numpy: torch's CPU ops on such small tensors cost
         far more (repeat_interleave alone took ~0.4 ms per call on a GPU host)."""
         if self._flat is not None:
             return self._flat
-        if not self.rows:
+        if not self.rows and not self.cell_rows:
             return None
         lengths = np.fromiter((s.shape[0] for s in self.slots), np.int64, len(self.slots))
-        flat = np.empty((3, int(lengths.sum())), dtype=np.int64)
-        flat[0] = np.repeat(np.asarray(self.rows, dtype=np.int64), lengths)
-        # Column of each cell: its entry's start plus its offset inside the entry.
-        entry_begin = np.cumsum(lengths) - lengths
-        offsets = np.arange(flat.shape[1], dtype=np.int64) - np.repeat(entry_begin, lengths)
-        flat[1] = np.repeat(np.asarray(self.starts, dtype=np.int64), lengths) + offsets
-        flat[2] = torch.cat(self.slots).numpy()
+        ranges = int(lengths.sum())
+        flat = np.empty((3, ranges + len(self.cell_rows)), dtype=np.int64)
+        if self.rows:
+            flat[0, :ranges] = np.repeat(np.asarray(self.rows, dtype=np.int64), lengths)
+            # Column of each cell: its entry's start plus its offset inside the entry.
+            entry_begin = np.cumsum(lengths) - lengths
+            offsets = np.arange(ranges, dtype=np.int64) - np.repeat(entry_begin, lengths)
+            flat[1, :ranges] = np.repeat(np.asarray(self.starts, dtype=np.int64), lengths) + offsets
+            flat[2, :ranges] = torch.cat(self.slots).numpy()
+        # Single cells after the ranges: every cell of a plan is distinct (duplicate indices
+        # would leave the device's scatter free to keep either value).
+        flat[0, ranges:] = self.cell_rows
+        flat[1, ranges:] = self.cell_cols
+        flat[2, ranges:] = self.cell_slots
         self._flat = torch.from_numpy(flat)
         return self._flat
 
@@ -91,6 +109,7 @@ class SlotTableWrites:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.rows, self.starts, self.slots = [], [], []
+        self.cell_rows, self.cell_cols, self.cell_slots = [], [], []
         flat = state["flat"]
         self._flat = None if flat is None else torch.from_numpy(flat)
 

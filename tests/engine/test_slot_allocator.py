@@ -136,3 +136,45 @@ def test_random_alloc_and_free_match_a_set_model(requests: list[int], data: st.D
     for slots in held:
         allocator.free(slots)
     assert allocator.num_free == capacity
+
+
+def test_decode_slots_hand_out_what_single_allocs_would_and_give_back_the_rest() -> None:
+    from ocula.engine.prefix_cache import RadixCache
+    from ocula.engine.request_kv import DecodeSlots, RequestKV
+
+    def kv_over(allocator: SlotAllocator) -> RequestKV:
+        return RequestKV(allocator, RadixCache(allocator, enabled=False))
+
+    single, batched = SlotAllocator(10), SlotAllocator(10)
+    for allocator in (single, batched):  # a stack that is not in order any more
+        taken = allocator.alloc(6)
+        allocator.free(taken[[4, 1, 3]])
+    expected = [int(single.alloc(1)) for _ in range(3)]
+    held = DecodeSlots(kv_over(batched), 5)
+    assert [held.take() for _ in range(3)] == expected
+    held.give_back()  # two never handed out
+    assert batched.num_free == single.num_free
+    assert single.alloc(single.num_free).tolist() == batched.alloc(batched.num_free).tolist()
+    assert held.take() is None
+    # More than is free: nothing is taken, every decode falls back to single allocations.
+    short = DecodeSlots(kv_over(SlotAllocator(2)), 3)
+    assert short.take() is None
+
+
+def test_table_writes_flatten_ranges_then_cells_and_pickle_flat() -> None:
+    import pickle
+
+    from ocula.engine.step_plan import SlotTableWrites
+
+    writes = SlotTableWrites()
+    writes.add(2, 5, torch.tensor([7, 8, 9]))
+    writes.add_cell(0, 11, 4)
+    writes.add(1, 0, torch.tensor([3]))
+    writes.add_cell(3, 2, 6)
+    expected = [[2, 2, 2, 1, 0, 3], [5, 6, 7, 0, 11, 2], [7, 8, 9, 3, 4, 6]]
+    assert writes.flatten().tolist() == expected
+    assert pickle.loads(pickle.dumps(writes)).flatten().tolist() == expected
+    cells_only = SlotTableWrites()
+    cells_only.add_cell(1, 1, 1)
+    assert cells_only.flatten().tolist() == [[1], [1], [1]]
+    assert SlotTableWrites().flatten() is None
