@@ -17,6 +17,7 @@ import torch
 from ocula.distributed.parallel_group import ParallelGroup
 from ocula.distributed.vision_groups import VisionLayout, assign_images
 from ocula.engine.image_inputs import EncoderInput
+from ocula.multimodal.image_processing import normalize_pixels
 from ocula.utils.device import to_device_async
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]  # [tiles, 3, S, S] -> [tiles, tokens, hidden]
@@ -75,7 +76,10 @@ class ImageEncoder:
             group = inputs[first : first + self.batch_size]
             pixels = torch.cat([item.pixel_values for item in group])
             # Through pinned memory: a plain copy would wait for the device's queued work.
-            features = self.encode_images(to_device_async(pixels, self.device).to(self.dtype))
+            pixels = to_device_async(pixels, self.device)
+            if pixels.dtype == torch.uint8:  # tiles as preprocess_span gives them
+                pixels = normalize_pixels(pixels)
+            features = self.encode_images(pixels.to(self.dtype))
             tiles = [item.pixel_values.shape[0] for item in group]
             for item, per_image in zip(group, features.split(tiles), strict=True):
                 result[item.key] = per_image.reshape(-1, per_image.shape[-1])

@@ -27,7 +27,7 @@ from ocula.engine.request import ImageSpan, Request
 @dataclass
 class EncoderInput:
     key: str
-    pixel_values: torch.Tensor  # [tiles, 3, H, W] float32, CPU
+    pixel_values: torch.Tensor  # [tiles, 3, H, W] CPU: uint8 tiles, or float32 normalized
 
 
 @dataclass

@@ -43,7 +43,7 @@ class ImageSpan:
     length: int
     image_bytes: bytes | None = None  # to preprocess on a cache miss
     tiling: Any = None  # the InternVLImageConfig that preprocessing must use
-    pixel_values: Any = None  # [tiles, 3, H, W] float32 once preprocessed
+    pixel_values: Any = None  # [tiles, 3, H, W]: uint8 tiles or float32 pixel values
 
     def cache_keys(self) -> list[tuple[str, int]]:
         """Prefix-cache items of the span: never equal to a token id or another image's."""

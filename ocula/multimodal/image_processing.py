@@ -132,6 +132,12 @@ def split_into_tiles(image: Image.Image, config: InternVLImageConfig) -> list[Im
 
 def preprocess(image: Image.Image, config: InternVLImageConfig) -> torch.Tensor:
     """Pixel values for InternViT: float32 [num_tiles, 3, S, S], num_tiles == count_tiles(...)."""
+    return normalize_pixels(tile_pixels(image, config))
+
+
+def tile_pixels(image: Image.Image, config: InternVLImageConfig) -> torch.Tensor:
+    """The tiles of `preprocess` before normalization: uint8 [num_tiles, 3, S, S]. The engine
+    ships these (a quarter of the bytes) and normalizes them on the GPU."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     tiles = split_into_tiles(rgb, config) if config.dynamic else [rgb]
     size = config.image_size
@@ -142,10 +148,17 @@ def preprocess(image: Image.Image, config: InternVLImageConfig) -> torch.Tensor:
         for tile in tiles
     ]
     pixels_uint8 = np.stack([np.asarray(tile, dtype=np.uint8) for tile in tiles])  # N, H, W, C
-    # ToTensor: CHW, float32, divided by 255; then Normalize: subtract mean, divide by std, in
-    # float32 and in that order (the same elementwise operations give bit-identical results).
-    pixels = torch.from_numpy(pixels_uint8).permute(0, 3, 1, 2).contiguous()
-    pixels = pixels.to(torch.float32).div(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    return torch.from_numpy(pixels_uint8).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize_pixels(tiles: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] tiles -> float32 pixel values, on the tiles' device.
+
+    ToTensor: float32, divided by 255; then Normalize: subtract mean, divide by std, in float32
+    and in that order. Each step is one correctly rounded IEEE operation, so CPU and CUDA give
+    bit-identical results (torch compiles no fast-math division).
+    """
+    pixels = tiles.to(torch.float32).div(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=tiles.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=tiles.device)[:, None, None]
     return pixels.sub_(mean).div_(std)

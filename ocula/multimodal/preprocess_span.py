@@ -6,13 +6,15 @@ import torch
 
 from ocula.engine.request import ImageSpan
 from ocula.multimodal.image_loading import ImageLimits, decode_image
-from ocula.multimodal.image_processing import preprocess
+from ocula.multimodal.image_processing import tile_pixels
 
 # The front already checked the bytes against the request's limits; no new limit applies here.
 _NO_LIMITS = ImageLimits(max_bytes=1 << 62, max_pixels=1 << 62)
 
 
 def preprocess_span(span: ImageSpan) -> torch.Tensor:
+    """The span's tiles, uint8 [tiles, 3, S, S] (`tile_pixels`): the image encoder normalizes
+    them on its device (`normalize_pixels`)."""
     if span.image_bytes is None or span.tiling is None:
         raise ValueError(f"image {span.key} has no bytes or tiling to preprocess")
-    return preprocess(decode_image(span.image_bytes, _NO_LIMITS), span.tiling)
+    return tile_pixels(decode_image(span.image_bytes, _NO_LIMITS), span.tiling)

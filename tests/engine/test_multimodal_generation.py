@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ocula import LLM, SamplingParams
+from ocula.multimodal.image_processing import normalize_pixels
 from ocula.multimodal.preprocess_span import preprocess_span
 from tests.helpers.tiny_internvl import load_hf_reference, make_hf_internvl, write_original_layout
 
@@ -45,7 +46,7 @@ def hf_checkpoint(tmp_path_factory) -> Path:
 def reference_tokens(llm: LLM, checkpoint: Path, prompt: dict, max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation, fed the same ids and the reference tiling's pixels."""
     token_ids, spans = llm.engine.tokenize(prompt)
-    pixels = torch.cat([preprocess_span(span) for span in spans])
+    pixels = normalize_pixels(torch.cat([preprocess_span(span) for span in spans]))
     model = load_hf_reference(checkpoint)
     with torch.no_grad():
         out = model.generate(

@@ -45,3 +45,13 @@ def test_seeded_sampling_is_reproducible_on_cuda(tiny_checkpoint) -> None:
     alone = llm.generate(PROMPTS[1], params)[0].token_ids
     crowd = llm.generate(list(PROMPTS), [SamplingParams(max_new_tokens=12)] + [params] * 3)
     assert crowd[1].token_ids == alone
+
+
+def test_pixel_normalization_on_cuda_is_bit_identical_to_the_cpu() -> None:
+    from ocula.multimodal.image_processing import normalize_pixels
+
+    generator = torch.Generator().manual_seed(0)
+    tiles = torch.randint(0, 256, (3, 3, 448, 448), generator=generator, dtype=torch.uint8)
+    on_cpu = normalize_pixels(tiles)
+    on_cuda = normalize_pixels(tiles.cuda())
+    assert on_cuda.is_cuda and torch.equal(on_cuda.cpu(), on_cpu)
