@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
-import os
 import signal
 import sys
 import time
@@ -26,7 +25,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from ocula.config import EngineArgs
@@ -41,6 +39,7 @@ from ocula.distributed.parallel_group import ParallelGroup
 from ocula.engine.engine_core import build_model_runner
 from ocula.engine.model_setup import ModelSetup, resolve_model
 from ocula.engine.step_plan import StepPlan
+from ocula.utils.device import set_host_threads
 
 logger = logging.getLogger("ocula.engine.tp")
 
@@ -61,12 +60,6 @@ class StopRanks:
 
 class RankDiedError(RuntimeError):
     """A tensor-parallel rank exited; the server cannot go on without it."""
-
-
-def use_cpu_share(device: torch.device, ranks_on_node: int) -> None:
-    """Ranks on the CPU share its cores: each takes its share instead of all of them."""
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_node))
 
 
 class FollowerRanks:
@@ -109,7 +102,7 @@ class FollowerRanks:
                 args.nnodes - 1,
             )
         device = rank_device(setup.device, 0)
-        use_cpu_share(device, args.ranks_per_node)
+        set_host_threads(device, args.ranks_per_node)
         self.setup = dataclasses.replace(setup, device=device)
         self.group: ParallelGroup = init_rank(store, 0, args.tp, device)
         self._store = store  # followers stay connected to it until they leave
@@ -230,7 +223,7 @@ def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
     try:
         setup = resolve_model(args)
         device = rank_device(setup.device, rank - args.local_ranks()[0])
-        use_cpu_share(device, args.ranks_per_node)
+        set_host_threads(device, args.ranks_per_node)
         store = join_rendezvous(host, port, args.tp)
         store.set(READY_KEY.format(rank=rank), "1")
         group = init_rank(store, rank, args.tp, device)

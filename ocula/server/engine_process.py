@@ -30,6 +30,7 @@ from ocula.engine.tp_worker import FollowerRanks, RankDiedError
 from ocula.server.args import ServerArgs
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
+from ocula.utils.device import set_host_threads
 
 logger = logging.getLogger("ocula.engine")
 
@@ -48,6 +49,7 @@ def run_engine_process(args: ServerArgs, inbox_address: str, outbox_address: str
     followers: FollowerRanks | None = None
     try:
         setup = resolve_model(args)
+        set_host_threads(setup.device, args.ranks_per_node)
         tp = SINGLE_RANK
         if args.tp > 1:
             check_model_splits(setup.model_config, args.tp, args.effective_visual_tp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _DTYPES = {
@@ -44,3 +46,17 @@ def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+# Host threads of torch's CPU operators in a process that drives a GPU. Its CPU work is small
+# (scheduling, batch building, image tiling), and a pool of one thread per core competes with
+# the server's other processes for the cores (see BENCHMARKS.md, TTFT under load).
+GPU_PROCESS_HOST_THREADS = 1
+
+
+def set_host_threads(device: torch.device, ranks_on_node: int) -> None:
+    """CPU ranks share the cores (each takes its share); a GPU rank takes one thread."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_node))
+    else:
+        torch.set_num_threads(GPU_PROCESS_HOST_THREADS)
