@@ -49,8 +49,8 @@ def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # Host threads of torch's CPU operators in a process that drives a GPU. Its CPU work is small
-# (scheduling, batch building, image tiling), and a pool of one thread per core competes with
-# the server's other processes for the cores (see BENCHMARKS.md, TTFT under load).
+# (scheduling, batch building, image tiling), where a pool's fork and join cost more than they
+# save: with one thread the idle TTFT on an H200 host was ~1.5 ms lower (BENCHMARKS.md).
 GPU_PROCESS_HOST_THREADS = 1
 
 
