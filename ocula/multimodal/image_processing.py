@@ -156,9 +156,11 @@ def normalize_pixels(tiles: torch.Tensor) -> torch.Tensor:
 
     ToTensor: float32, divided by 255; then Normalize: subtract mean, divide by std, in float32
     and in that order. Each step is one correctly rounded IEEE operation, so CPU and CUDA give
-    bit-identical results (torch compiles no fast-math division).
+    bit-identical results (tests/gpu checks it) -- provided every divisor is a tensor: CUDA
+    divides by a Python scalar as a multiply by its reciprocal, which rounds differently.
     """
-    pixels = tiles.to(torch.float32).div(255)
+    divisor = torch.full((), 255.0, dtype=torch.float32, device=tiles.device)
+    pixels = tiles.to(torch.float32).div(divisor)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=tiles.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=tiles.device)[:, None, None]
     return pixels.sub_(mean).div_(std)
