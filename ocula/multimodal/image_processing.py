@@ -20,6 +20,7 @@ LightLLM yields 13); Ocula follows InternVL.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,8 +160,15 @@ def normalize_pixels(tiles: torch.Tensor) -> torch.Tensor:
     bit-identical results (tests/gpu checks it) -- provided every divisor is a tensor: CUDA
     divides by a Python scalar as a multiply by its reciprocal, which rounds differently.
     """
-    divisor = torch.full((), 255.0, dtype=torch.float32, device=tiles.device)
-    pixels = tiles.to(torch.float32).div(divisor)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=tiles.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=tiles.device)[:, None, None]
-    return pixels.sub_(mean).div_(std)
+    divisor, mean, std = _normalization_constants(tiles.device)
+    return tiles.to(torch.float32).div(divisor).sub_(mean).div_(std)
+
+
+@functools.cache
+def _normalization_constants(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """255, mean and std as float32 tensors on `device`, made once: a copy from the host there
+    would wait for the device's queued work each time."""
+    divisor = torch.full((), 255.0, dtype=torch.float32)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    return tuple(t.to(device) for t in (divisor, mean, std))
