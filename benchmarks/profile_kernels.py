@@ -5,7 +5,8 @@ included) and reports, per kernel family (GEMM, attention, norm, rotary, KV stor
 elementwise, copy, ...) and per kernel name, the device time per call of the case, the number
 of launches and the share of the busy time. Cases:
 - `decode B`: one `core.step()` of B requests decoding at `--context` tokens (graph replay);
-- `prefill N`: a step that prefills N new tokens of one request (eager forward);
+- `prefill N`: a step that prefills N new tokens of one request (eager forward), and the host
+  time of the `core.step()` call that launches it;
 - `prefill 1 (cached)`: the same prompt again, the prefix cache serving all but its last token;
 - `vit T tiles`: the engine's image encoder (the CUDA-graph path up to 16 tiles) on T tiles,
   and the model's eager `encode_images` for comparison (wall time, CUDA events).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -140,11 +142,31 @@ def prefill_case(llm: Any, length: int) -> list[dict[str, Any]]:
     for label, run in cases.items():
         wall = time_call(run, core.runner.device, 2, 5)
         table = kernel_table(run, 3, core.runner.device)
-        table["wall_ms"] = min(wall)
+        table["wall_ms"] = min(wall)  # add, prefill and abort: several engine steps
         table["case"] = label
+        prompts = {
+            f"prefill {length}": lambda: token_prompts(next(seeds), 1, length),
+            "prefill 1 (prefix cached)": lambda: cached_prompt,
+        }[label]
+        table["launch_host_ms"] = min(launch_host_ms(llm, prompts()) for _ in range(5))
         report(label, table, table["wall_ms"])
+        log(f"    host time of the step that launches it: {table['launch_host_ms']:.2f} ms")
         results.append(table)
     return results
+
+
+def launch_host_ms(llm: Any, prompt: list[Any]) -> float:
+    """Host time of the `core.step()` that launches a prompt's prefill, the device idle before
+    it (with overlap on, that step returns without waiting for its own work)."""
+    core = llm.engine.core
+    batch = add_to_core(llm.engine, prompt, 1)
+    sync(core.runner.device)
+    start = time.perf_counter()
+    core.step()
+    elapsed = (time.perf_counter() - start) * 1e3
+    step_until_all_sampled(core, batch, Deadline(60))
+    finish(core, batch)
+    return elapsed
 
 
 def vit_case(llm: Any, tiles: int) -> dict[str, Any]:
