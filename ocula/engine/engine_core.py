@@ -158,6 +158,8 @@ class EngineCore:
                 f"({self.scheduler.batch_max_tokens}) with chunked prefill disabled"
             )
         self.scheduler.add_request(request)
+        if request.images and self.images is not None:
+            self.images.prefetch(request)
 
     def abort_request(self, request_id: str) -> Request | None:
         return self.scheduler.abort_request(request_id)

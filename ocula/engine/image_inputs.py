@@ -11,11 +11,18 @@ has one row per placeholder. The scheduler admits a request, then this class:
   recomputed);
 - releases the request's embeddings when it stops running; evicted keys reach the runner with
   the next plan.
+
+Tiling an image (decode, resize, crop) is CPU work of a millisecond to tens of milliseconds;
+done at admission it would stall the engine loop, and every running request with it. So
+`prefetch` starts it in a worker thread when the request arrives, for images the embedding
+cache does not hold (at most MAX_PREFETCHED_IMAGES at a time, shared by key); admission then
+takes the result, or tiles the image itself if it was not prefetched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +48,11 @@ class ImageSlice:
     dst_start: int
 
 
+# Images tiled ahead of admission at once, at most (their uint8 tiles wait in memory).
+MAX_PREFETCHED_IMAGES = 16
+PREFETCH_THREADS = 2
+
+
 class ImageScheduler:
     def __init__(
         self, cache_capacity: int, preprocess: Callable[[ImageSpan], torch.Tensor] | None
@@ -49,6 +61,31 @@ class ImageScheduler:
         self._preprocess = preprocess
         self._pending_frees: list[str] = []
         self.num_served_by_prefix_cache = 0  # images whose KV was cached: no embedding needed
+        self._prefetched: dict[str, Future[torch.Tensor]] = {}  # by cache key
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prefetch(self, request: Request) -> None:
+        """Starts tiling the request's images that are not cached (nor being tiled already)."""
+        if self._preprocess is None:
+            return
+        for span in request.images:
+            if len(self._prefetched) >= MAX_PREFETCHED_IMAGES:
+                return
+            if (
+                span.pixel_values is None
+                and span.key not in self.index
+                and span.key not in self._prefetched
+            ):
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(PREFETCH_THREADS, "ocula-tiling")
+                self._prefetched[span.key] = self._pool.submit(self._preprocess, span)
+
+    def drop_prefetched(self, request: Request) -> None:
+        """Forgets the tiles prefetched for a request that leaves before its admission."""
+        for span in request.images:
+            future = self._prefetched.pop(span.key, None)
+            if future is not None:
+                future.cancel()
 
     def admit(
         self, request: Request, cached_prefix_len: int
@@ -58,6 +95,8 @@ class ImageScheduler:
         to_encode: list[EncoderInput] = []
         evicted: list[str] = []
         for span in request.images:
+            # Taken whatever happens next, so that nothing admitted stays prefetched.
+            prefetched = self._prefetched.pop(span.key, None)
             if span.offset + span.length <= cached_prefix_len:
                 self.num_served_by_prefix_cache += 1
                 continue
@@ -65,13 +104,15 @@ class ImageScheduler:
                 self.index.acquire(span.key)
             else:
                 evicted += self.index.add(span.key)
-                to_encode.append(EncoderInput(span.key, self._pixels(span)))
+                to_encode.append(EncoderInput(span.key, self._pixels(span, prefetched)))
             request.held_image_keys.append(span.key)
         return to_encode, evicted
 
-    def _pixels(self, span: ImageSpan) -> torch.Tensor:
+    def _pixels(self, span: ImageSpan, prefetched: Future[torch.Tensor] | None) -> torch.Tensor:
         if span.pixel_values is not None:
             return span.pixel_values
+        if prefetched is not None:
+            return prefetched.result()
         if self._preprocess is None:
             raise RuntimeError("an image reached an engine without a vision encoder")
         return self._preprocess(span)

@@ -27,15 +27,14 @@ from __future__ import annotations
 import time
 from collections import deque
 
-import torch
-
 from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.outputs import TokenUpdate
+from ocula.engine.plan_chunks import plan_chunk, plan_decode
 from ocula.engine.prefix_cache import RadixCache
 from ocula.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request, RequestStatus
 from ocula.engine.request_kv import DecodeSlots, RequestKV
 from ocula.engine.slot_allocator import SlotAllocator
-from ocula.engine.step_plan import NewRequestData, SampledToken, ScheduledSequence, StepPlan
+from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
 
 
 class Scheduler:
@@ -77,6 +76,8 @@ class Scheduler:
             return None
         if request.status == RequestStatus.WAITING:
             self.waiting.remove(request)
+            if self.images is not None:
+                self.images.drop_prefetched(request)
         else:
             self.running.remove(request)
             self._release_kv(request)
@@ -117,7 +118,7 @@ class Scheduler:
             if self._is_decode(request):
                 slot = decode_slots.take()
                 if slot is not None:
-                    self._schedule_decode(plan, request, slot)
+                    plan_decode(plan, request, slot)
                     budget -= 1
                     index += 1
                     continue
@@ -137,7 +138,7 @@ class Scheduler:
                 slots = self.kv.allocate(num_new)
             if slots is None:
                 break
-            self._schedule_chunk(plan, request, slots)
+            plan_chunk(plan, request, slots)
             budget -= num_new
             index += 1
         decode_slots.give_back()
@@ -182,7 +183,7 @@ class Scheduler:
             if request.images:
                 self._admit_images(plan, request, prefix_len)
             self.running.append(request)
-            self._schedule_chunk(plan, request, slots)
+            plan_chunk(plan, request, slots)
             budget -= num_new
 
     def _admit_images(self, plan: StepPlan, request: Request, prefix_len: int) -> None:
@@ -208,48 +209,6 @@ class Scheduler:
 
     def _is_decode(self, request: Request) -> bool:
         return request.num_tokens - request.num_scheduled_tokens == 1
-
-    def _schedule_decode(self, plan: StepPlan, request: Request, slot: int) -> None:
-        """`_schedule_chunk` for a chunk of one token (its last), with a slot as an int."""
-        start = request.num_scheduled_tokens
-        request.put_new_slot(start, slot)
-        request.num_scheduled_tokens = start + 1
-        plan.table_writes.add_cell(request.table_row, start, slot)
-        plan.sequences.append(
-            ScheduledSequence(
-                request.request_id,
-                request.table_row,
-                start,
-                request.token_ids[start : start + 1],
-                samples=True,
-                image_slices=ImageScheduler.slices(request, start, start + 1)
-                if request.images
-                else [],
-                request_serial=request.serial,
-            )
-        )
-        request.token_ids.append(PLACEHOLDER_TOKEN)
-
-    def _schedule_chunk(self, plan: StepPlan, request: Request, slots: torch.Tensor) -> None:
-        start = request.num_scheduled_tokens
-        end = start + len(slots)
-        request.put_new_slots(start, slots)
-        request.num_scheduled_tokens = end
-        plan.table_writes.add(request.table_row, start, slots)
-        samples = end == request.num_tokens
-        plan.sequences.append(
-            ScheduledSequence(
-                request.request_id,
-                request.table_row,
-                start,
-                request.token_ids[start:end],
-                samples=samples,
-                image_slices=ImageScheduler.slices(request, start, end) if request.images else [],
-                request_serial=request.serial,
-            )
-        )
-        if samples:  # the next plan may decode it before update() knows it
-            request.token_ids.append(PLACEHOLDER_TOKEN)
 
     def _release_kv(self, request: Request) -> None:
         """Gives up a request's slots (to the prefix cache when it is on) and its table row."""

@@ -42,3 +42,47 @@ def test_misuse_is_refused() -> None:
         cache.release("a")
     with pytest.raises(ValueError, match="capacity"):
         EmbeddingCacheIndex(0)
+
+
+def test_images_are_tiled_ahead_in_a_worker_thread_and_taken_once() -> None:
+    import threading
+
+    import torch
+
+    from ocula.engine import image_inputs
+    from ocula.engine.image_inputs import ImageScheduler
+    from ocula.engine.request import ImageSpan, Request
+    from ocula.sampling.params import SamplingParams
+
+    calls: list[tuple[str, str]] = []
+    release = threading.Event()
+
+    def tile(span: ImageSpan) -> torch.Tensor:
+        calls.append((span.key, threading.current_thread().name))
+        release.wait(5)
+        return torch.full((1, 3, 2, 2), len(span.key), dtype=torch.uint8)  # tells images apart
+
+    def request(name: str, *keys: str) -> Request:
+        spans = [ImageSpan(key, 4 * i, 4) for i, key in enumerate(keys)]
+        return Request(name, list(range(4 * len(keys) + 1)), SamplingParams(), frozenset(), spans)
+
+    images = ImageScheduler(8, tile)
+    first, same_image, other = request("a", "x"), request("b", "x"), request("c", "y", "z")
+    for r in (first, same_image, other):
+        images.prefetch(r)
+    release.set()
+    to_encode, _ = images.admit(first, 0)
+    assert [(item.key, int(item.pixel_values.max())) for item in to_encode] == [("x", 1)]
+    assert [key for key, _ in calls].count("x") == 1  # one tiling for both requests
+    # A second request with the same image finds it cached: no tiling, nothing to encode.
+    assert images.admit(same_image, 0) == ([], [])
+    images.drop_prefetched(other)  # left while waiting: its prefetched tiles are forgotten
+    assert images._prefetched == {}
+    assert sorted(key for key, _ in calls) == ["x", "y", "z"]
+    assert all(thread.startswith("ocula-tiling") for _, thread in calls)
+    # The bound: no more than MAX_PREFETCHED_IMAGES wait at once; the rest tile at admission.
+    many = request("d", *(f"k{i}" for i in range(image_inputs.MAX_PREFETCHED_IMAGES + 3)))
+    images.prefetch(many)
+    assert len(images._prefetched) == image_inputs.MAX_PREFETCHED_IMAGES
+    to_encode, _ = images.admit(many, 0)
+    assert len(to_encode) == image_inputs.MAX_PREFETCHED_IMAGES + 3 and not images._prefetched
