@@ -74,7 +74,10 @@ class ImageEncoder:
         result: dict[str, torch.Tensor] = {}
         for first in range(0, len(inputs), self.batch_size):
             group = inputs[first : first + self.batch_size]
-            pixels = torch.cat([item.pixel_values for item in group])
+            parts = [item.pixel_values for item in group]
+            if len({part.dtype for part in parts}) > 1:  # a cat would promote uint8 unscaled
+                parts = [normalize_pixels(p) if p.dtype == torch.uint8 else p for p in parts]
+            pixels = torch.cat(parts)
             # Through pinned memory: a plain copy would wait for the device's queued work.
             pixels = to_device_async(pixels, self.device)
             if pixels.dtype == torch.uint8:  # tiles as preprocess_span gives them

@@ -95,26 +95,29 @@ class LoadedImage:
 
 
 class KnownImageSizes:
-    """Sizes of images that decoded within the limits before, by MD5, most recent last (LRU).
+    """Sizes of images that decoded within the limits before, by SHA-256 of their bytes, most
+    recent last (LRU).
 
     An image sent again (a follow-up question about it, the same picture in many requests) is
     not decoded again in the front: the engine's caches hold its embedding, so its size is all
     the prompt needs. Identical bytes decode identically; the limits are the server's, fixed.
+    Keyed by SHA-256, not by the caches' MD5: MD5 collisions can be forged, and a forged twin of
+    a known image must still be decoded and checked before the engine sees it.
     """
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
-    def get(self, md5: str) -> tuple[int, int] | None:
-        size = self._sizes.get(md5)
+    def get(self, digest: str) -> tuple[int, int] | None:
+        size = self._sizes.get(digest)
         if size is not None:
-            self._sizes.move_to_end(md5)
+            self._sizes.move_to_end(digest)
         return size
 
-    def put(self, md5: str, size: tuple[int, int]) -> None:
-        self._sizes[md5] = size
-        self._sizes.move_to_end(md5)
+    def put(self, digest: str, size: tuple[int, int]) -> None:
+        self._sizes[digest] = size
+        self._sizes.move_to_end(digest)
         while len(self._sizes) > self.capacity:
             self._sizes.popitem(last=False)
 
@@ -141,13 +144,13 @@ async def load_image(
     """Fetch and decode one image; decoding runs in a worker thread, and is skipped for an
     image `known` has seen decode before."""
     data = await fetch_image_bytes(source, limits, client)
-    md5 = md5_hex(data)
-    size = known.get(md5) if known is not None else None
+    digest = hashlib.sha256(data).hexdigest() if known is not None else ""
+    size = known.get(digest) if known is not None else None
     if size is None:
         size = (await asyncio.to_thread(decode_image, data, limits)).size
         if known is not None:
-            known.put(md5, size)
-    return LoadedImage(data, md5, size)
+            known.put(digest, size)
+    return LoadedImage(data, md5_hex(data), size)
 
 
 async def fetch_image_bytes(

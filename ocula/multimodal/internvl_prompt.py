@@ -68,10 +68,12 @@ def count_image_tags(text: str) -> int:
     return len(_TAG.findall(text))
 
 
-def image_cache_key(md5: str, tiling: InternVLImageConfig) -> str:
-    """The bytes' MD5 plus every tiling parameter that changes the embedding."""
+def image_cache_key(md5: str, size: tuple[int, int], tiling: InternVLImageConfig) -> str:
+    """The bytes' MD5 plus the image's size and every tiling parameter that changes the
+    embedding. The size keeps two images whose MD5s collide (a forged collision is cheap) from
+    sharing an embedding of another length than their placeholder spans."""
     return (
-        f"{md5}:{tiling.image_size}:{tiling.min_num}-{tiling.max_num}:"
+        f"{md5}:{size[0]}x{size[1]}:{tiling.image_size}:{tiling.min_num}-{tiling.max_num}:"
         f"{int(tiling.use_thumbnail)}{int(tiling.dynamic)}"
     )
 
@@ -107,7 +109,9 @@ def build_image_prompt(
             f"{len(images)} images)"
         )
     spans = [
-        ImageSpan(image_cache_key(img.md5, tiling), offset, length, img.data, tiling=tiling)
+        ImageSpan(
+            image_cache_key(img.md5, img.size, tiling), offset, length, img.data, tiling=tiling
+        )
         for img, (offset, length) in zip(images, runs, strict=True)
     ]
     return token_ids, spans

@@ -125,3 +125,23 @@ def test_images_are_dealt_to_the_least_loaded_group() -> None:
     layout = VisionLayout(dp=2, tp=2)
     assert [layout.group_of(r) for r in range(4)] == [0, 0, 1, 1]
     assert [layout.leader_of(g) for g in range(2)] == [0, 2]
+
+
+def test_a_batch_mixing_uint8_tiles_and_float_pixels_normalizes_each() -> None:
+    from ocula.engine.image_encoder import ImageEncoder
+    from ocula.engine.image_inputs import EncoderInput
+    from ocula.multimodal.image_processing import normalize_pixels
+
+    seen: list[torch.Tensor] = []
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        seen.append(pixels)
+        return pixels.reshape(pixels.shape[0], 1, -1)[:, :, :4]
+
+    encoder = ImageEncoder(
+        encode, 1, 4, torch.float32, torch.device("cpu"), 4, SINGLE_RANK, VisionLayout(1, 1)
+    )
+    tiles = torch.randint(0, 256, (1, 3, 2, 2), dtype=torch.uint8)
+    floats = torch.randn(2, 3, 2, 2)
+    encoder.encode([EncoderInput("a", tiles), EncoderInput("b", floats)])
+    assert torch.equal(seen[0], torch.cat([normalize_pixels(tiles), floats]))

@@ -289,7 +289,7 @@ def test_an_image_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyPat
     assert len(decoded) == 2 and again == first  # same bytes, md5 and size, no second decode
     assert all(image.size == (24, 16) for image in again)
     asyncio.run(load_all(pictures[2:]))  # a third image evicts the least recently used
-    assert len(known) == 2 and known.get(md5_hex(pictures[0])) is None
+    assert len(known) == 2 and known.get(hashlib.sha256(pictures[0]).hexdigest()) is None
     asyncio.run(load_all(pictures[:1]))
     assert len(decoded) == 4
     # Bytes that failed to decode are not remembered: they fail again, with the same status.
@@ -408,3 +408,30 @@ def test_address_policy():
         assert not address_is_public(ipaddress.ip_address(address)), address
     for address in PUBLIC:
         assert address_is_public(ipaddress.ip_address(address)), address
+
+
+def test_a_forged_md5_twin_of_a_known_image_is_still_decoded(monkeypatch: pytest.MonkeyPatch):
+    """The caches key images by MD5, whose collisions can be forged: the front's memory of
+    sizes must not let a twin's bytes skip their check."""
+    from ocula.multimodal import image_loading
+    from ocula.multimodal.image_processing import InternVLImageConfig
+    from ocula.multimodal.internvl_prompt import image_cache_key
+
+    monkeypatch.setattr(image_loading, "md5_hex", lambda data: "same-md5-for-every-input")
+    known = KnownImageSizes()
+
+    async def load(data: bytes):
+        async with make_http_client() as client:
+            source = ImageSource.parse({"type": "base64", "data": base64.b64encode(data).decode()})
+            return await load_image(source, LIMITS, client, known)
+
+    small = asyncio.run(load(encode(gradient(), "PNG")))
+    assert status_of(lambda: asyncio.run(load(b"\x89PNG\r\n\x1a\n not really"))) == 400
+    large = asyncio.run(load(encode(gradient(48, 16), "PNG")))
+    assert small.md5 == large.md5 and small.size != large.size
+    # Same MD5, different sizes: different embedding-cache keys, so different span lengths
+    # never share an embedding.
+    tiling = InternVLImageConfig()
+    assert image_cache_key(small.md5, small.size, tiling) != image_cache_key(
+        large.md5, large.size, tiling
+    )
