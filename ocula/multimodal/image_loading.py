@@ -21,7 +21,6 @@ import hashlib
 import io
 import ipaddress
 import socket
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ocula.multimodal.known_images import KnownImageSizes
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -92,37 +93,6 @@ class LoadedImage:
     def decoded(cls, data: bytes, limits: ImageLimits) -> LoadedImage:
         """Decodes `data` (raises ImageError) to check it and learn its size."""
         return cls(data, md5_hex(data), decode_image(data, limits).size)
-
-
-class KnownImageSizes:
-    """Sizes of images that decoded within the limits before, by SHA-256 of their bytes, most
-    recent last (LRU).
-
-    An image sent again (a follow-up question about it, the same picture in many requests) is
-    not decoded again in the front: the engine's caches hold its embedding, so its size is all
-    the prompt needs. Identical bytes decode identically; the limits are the server's, fixed.
-    Keyed by SHA-256, not by the caches' MD5: MD5 collisions can be forged, and a forged twin of
-    a known image must still be decoded and checked before the engine sees it.
-    """
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()
-
-    def get(self, digest: str) -> tuple[int, int] | None:
-        size = self._sizes.get(digest)
-        if size is not None:
-            self._sizes.move_to_end(digest)
-        return size
-
-    def put(self, digest: str, size: tuple[int, int]) -> None:
-        self._sizes[digest] = size
-        self._sizes.move_to_end(digest)
-        while len(self._sizes) > self.capacity:
-            self._sizes.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._sizes)
 
 
 def md5_hex(data: bytes) -> str:

@@ -24,7 +24,6 @@ from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
     ImageSource,
-    KnownImageSizes,
     address_is_public,
     decode_image,
     fetch_image_bytes,
@@ -32,6 +31,7 @@ from ocula.multimodal.image_loading import (
     make_http_client,
     md5_hex,
 )
+from ocula.multimodal.known_images import KnownImageSizes
 
 LIMITS = ImageLimits()
 LOCAL = ImageLimits(allow_local=True, timeout_s=2.0)
