@@ -435,3 +435,32 @@ def test_a_forged_md5_twin_of_a_known_image_is_still_decoded(monkeypatch: pytest
     assert image_cache_key(small.md5, small.size, tiling) != image_cache_key(
         large.md5, large.size, tiling
     )
+
+
+def test_large_payloads_are_decoded_and_hashed_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from ocula.multimodal import image_loading
+
+    threads: dict[str, list[str]] = {"base64": [], "digests": []}
+    for name, key in (("decode_base64", "base64"), ("_digests", "digests")):
+        real = getattr(image_loading, name)
+
+        def recording(*args, real=real, key=key):
+            threads[key].append(threading.current_thread().name)
+            return real(*args)
+
+        monkeypatch.setattr(image_loading, name, recording)
+    noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    large = encode(Image.fromarray(noise), "PNG")
+    assert len(large) > image_loading.INLINE_WORK_BYTES
+    small = encode(gradient(), "PNG")
+    loaded = [
+        run_load_image({"type": "base64", "data": base64.b64encode(data).decode()})
+        for data in (large, small)
+    ]
+    assert [image.size for image in loaded] == [(800, 800), (24, 16)]
+    assert loaded[0].md5 == md5_hex(large)
+    main = threading.main_thread().name
+    assert threads["base64"][0] != main and threads["digests"][0] != main
+    assert threads["base64"][1] == threads["digests"][1] == main  # small: inline
