@@ -22,9 +22,9 @@ from ocula.engine.request import ImageSpan, Request
 from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
-    LoadedImage,
 )
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt
+from ocula.multimodal.loaded_images import LoadedImage
 from ocula.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -30,8 +30,6 @@ import httpx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ocula.multimodal.known_images import KnownImageSizes
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Decoders Ocula lets PIL use on untrusted bytes (no EPS/PostScript, no exotic formats).
@@ -83,18 +81,6 @@ class ImageSource:
         return cls(kind, data)
 
 
-@dataclass(frozen=True)
-class LoadedImage:
-    data: bytes  # the encoded bytes, as fetched
-    md5: str  # md5_hex(data): the image's identity for the embedding and prefix caches
-    size: tuple[int, int]  # (width, height) of the decoded image: what sets the tile count
-
-    @classmethod
-    def decoded(cls, data: bytes, limits: ImageLimits) -> LoadedImage:
-        """Decodes `data` (raises ImageError) to check it and learn its size."""
-        return cls(data, md5_hex(data), decode_image(data, limits).size)
-
-
 def md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
@@ -103,41 +89,6 @@ def make_http_client() -> httpx.AsyncClient:
     """A client fit for `fetch_image_bytes`: no proxies or settings from the environment (a proxy
     would bypass the address check) and no automatic redirects (each hop is checked here)."""
     return httpx.AsyncClient(trust_env=False, follow_redirects=False)
-
-
-# Inline payloads and fetched bytes up to this size are base64-decoded and hashed on the event
-# loop; larger ones in a worker thread (a 5 MB photo took ~18 ms of base64 and hashing on 2 CPU
-# cores, time every other stream of the server would wait).
-INLINE_WORK_BYTES = 1 << 20
-
-
-async def load_image(
-    source: ImageSource,
-    limits: ImageLimits,
-    client: httpx.AsyncClient,
-    known: KnownImageSizes | None = None,
-) -> LoadedImage:
-    """Fetch and decode one image; decoding runs in a worker thread, and is skipped for an
-    image `known` has seen decode before."""
-    if source.kind == "base64" and len(source.data) > INLINE_WORK_BYTES:
-        data = await asyncio.to_thread(decode_base64, source.data, limits)
-    else:
-        data = await fetch_image_bytes(source, limits, client)
-    if len(data) > INLINE_WORK_BYTES:
-        md5, digest = await asyncio.to_thread(_digests, data)
-    else:
-        md5, digest = _digests(data)
-    size = known.get(digest) if known is not None else None
-    if size is None:
-        size = (await asyncio.to_thread(decode_image, data, limits)).size
-        if known is not None:
-            known.put(digest, size)
-    return LoadedImage(data, md5, size)
-
-
-def _digests(data: bytes) -> tuple[str, str]:
-    """(MD5, SHA-256) of the bytes: the caches' key, and the front's memory's key."""
-    return md5_hex(data), hashlib.sha256(data).hexdigest()
 
 
 async def fetch_image_bytes(

@@ -15,8 +15,8 @@ from typing import Any
 
 from ocula import env
 from ocula.engine.request import ImageSpan
-from ocula.multimodal.image_loading import LoadedImage
 from ocula.multimodal.image_processing import InternVLImageConfig, count_tiles, resolve_max_tiles
+from ocula.multimodal.loaded_images import LoadedImage
 
 _TAG = re.compile(r"<img></img>|<image>")
 

@@ -14,12 +14,10 @@ from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
     ImageSource,
-    LoadedImage,
-    load_image,
     make_http_client,
 )
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt, count_image_tags
-from ocula.multimodal.known_images import KnownImageSizes
+from ocula.multimodal.loaded_images import KnownImageSizes, LoadedImage, load_image
 
 MAX_IMAGES_PER_REQUEST = 16
 

@@ -27,11 +27,10 @@ from ocula.multimodal.image_loading import (
     address_is_public,
     decode_image,
     fetch_image_bytes,
-    load_image,
     make_http_client,
     md5_hex,
 )
-from ocula.multimodal.known_images import KnownImageSizes
+from ocula.multimodal.loaded_images import KnownImageSizes, load_image
 
 LIMITS = ImageLimits()
 LOCAL = ImageLimits(allow_local=True, timeout_s=2.0)
@@ -259,16 +258,16 @@ def test_load_image_returns_bytes_md5_and_rgb():
 
 
 def test_an_image_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyPatch):
-    from ocula.multimodal import image_loading
+    from ocula.multimodal import loaded_images
 
     decoded: list[int] = []
-    real_decode = image_loading.decode_image
+    real_decode = loaded_images.decode_image
 
     def counting_decode(data: bytes, limits: ImageLimits):
         decoded.append(len(data))
         return real_decode(data, limits)
 
-    monkeypatch.setattr(image_loading, "decode_image", counting_decode)
+    monkeypatch.setattr(loaded_images, "decode_image", counting_decode)
     known = KnownImageSizes(capacity=2)
     pictures = [encode(gradient(), "PNG"), encode(gradient(), "BMP"), encode(gradient(), "GIF")]
 
@@ -413,11 +412,11 @@ def test_address_policy():
 def test_a_forged_md5_twin_of_a_known_image_is_still_decoded(monkeypatch: pytest.MonkeyPatch):
     """The caches key images by MD5, whose collisions can be forged: the front's memory of
     sizes must not let a twin's bytes skip their check."""
-    from ocula.multimodal import image_loading
+    from ocula.multimodal import loaded_images
     from ocula.multimodal.image_processing import InternVLImageConfig
     from ocula.multimodal.internvl_prompt import image_cache_key
 
-    monkeypatch.setattr(image_loading, "md5_hex", lambda data: "same-md5-for-every-input")
+    monkeypatch.setattr(loaded_images, "md5_hex", lambda data: "same-md5-for-every-input")
     known = KnownImageSizes()
 
     async def load(data: bytes):
@@ -440,20 +439,22 @@ def test_a_forged_md5_twin_of_a_known_image_is_still_decoded(monkeypatch: pytest
 def test_large_payloads_are_decoded_and_hashed_off_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    from ocula.multimodal import image_loading
+    from ocula.multimodal import image_loading, loaded_images
 
     threads: dict[str, list[str]] = {"base64": [], "digests": []}
     for name, key in (("decode_base64", "base64"), ("_digests", "digests")):
-        real = getattr(image_loading, name)
+        real = getattr(loaded_images, name)
 
         def recording(*args, real=real, key=key):
             threads[key].append(threading.current_thread().name)
             return real(*args)
 
-        monkeypatch.setattr(image_loading, name, recording)
+        monkeypatch.setattr(loaded_images, name, recording)
+        if name == "decode_base64":  # small payloads decode through fetch_image_bytes
+            monkeypatch.setattr(image_loading, name, recording)
     noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
     large = encode(Image.fromarray(noise), "PNG")
-    assert len(large) > image_loading.INLINE_WORK_BYTES
+    assert len(large) > loaded_images.INLINE_WORK_BYTES
     small = encode(gradient(), "PNG")
     loaded = [
         run_load_image({"type": "base64", "data": base64.b64encode(data).decode()})

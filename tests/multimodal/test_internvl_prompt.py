@@ -14,9 +14,9 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from ocula.multimodal.image_loading import LoadedImage
 from ocula.multimodal.image_processing import InternVLImageConfig, count_tiles
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt
+from ocula.multimodal.loaded_images import LoadedImage
 
 IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
 TOKENS_PER_TILE = 256
