@@ -18,6 +18,7 @@ from ocula.multimodal.image_loading import (
 )
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt, count_image_tags
 from ocula.multimodal.loaded_images import KnownImageSizes, LoadedImage, load_image
+from ocula.server.text_encoding import off_loop_if_long
 
 MAX_IMAGES_PER_REQUEST = 16
 
@@ -73,8 +74,15 @@ class FrontImages:
                 f"has {len(sources)} image(s); they must match one to one"
             )
         images = await self.load(sources)
-        return build_image_prompt(
-            text, images, self.vision, self.tokenizer, max_tiles, add_special_tokens
+        return await off_loop_if_long(
+            text,
+            build_image_prompt,
+            text,
+            images,
+            self.vision,
+            self.tokenizer,
+            max_tiles,
+            add_special_tokens,
         )
 
     async def close(self) -> None:

@@ -42,6 +42,7 @@ from ocula.server.protocol_lightllm import (
     TokensRequest,
     to_sampling_params,
 )
+from ocula.server.text_encoding import encode_text
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -77,6 +78,8 @@ async def tokenize_with_images(
     """The prompt's token ids, with each `<img></img>` expanded to its image's placeholders.
     Raises RequestError (400) or ImageError (4xx)."""
     if not multimodal.images:
+        if isinstance(inputs, str):
+            return await encode_text(engine.tokenizer, inputs, add_special_tokens), []
         return tokenize_inputs(engine, inputs, add_special_tokens), []
     reason = engine.image_support_error()
     if reason is not None:

@@ -50,6 +50,7 @@ from ocula.server.routes_openai_events import (
     whole_response,
 )
 from ocula.server.serving import ServerState, server_state
+from ocula.server.text_encoding import encode_text
 
 router = APIRouter()
 
@@ -159,7 +160,7 @@ async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tupl
     engine = state.engine
     text, sources = await asyncio.to_thread(render_chat_prompt, engine.tokenizer, body)
     if not sources:
-        return engine.tokenizer.encode(text, add_special_tokens=False), []
+        return await encode_text(engine.tokenizer, text, add_special_tokens=False), []
     reason = engine.image_support_error()
     if reason is not None:
         raise OpenAIError(400, f"messages: {reason}", param="messages")

@@ -238,6 +238,8 @@ BAD_REQUESTS = [
     ("/generate", {"inputs": "fox", "parameters": {"top_p": 0}}, "top_p"),
     ("/generate", {"inputs": "fox", "parameters": {"max_new_tokens": 0}}, "max_new_tokens"),
     ("/generate", {"inputs": "fox " * 600}, "--max_req_total_len"),
+    # Long enough to be tokenized off the event loop (text_encoding.LONG_TEXT_CHARS).
+    ("/generate", {"inputs": "fox " * 1100}, "--max_req_total_len"),
     ("/generate", {"inputs": [1, 2, 601]}, "601"),
     ("/generate", {"inputs": "fox", "parameters": {"n": 2, "best_of": 3}}, "best_of"),
     ("/generate", {"inputs": "fox", "parameters": {"stop_sequences": [[9999]]}}, "stop_seq"),
