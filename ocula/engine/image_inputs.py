@@ -21,6 +21,7 @@ takes the result, or tiles the image itself if it was not prefetched.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class ImageScheduler:
         self._pending_frees: list[str] = []
         self.num_served_by_prefix_cache = 0  # images whose KV was cached: no embedding needed
         self._prefetched: dict[str, Future[torch.Tensor]] = {}  # by cache key
+        self._prefetch_waiters: Counter[str] = Counter()  # waiting requests per prefetched key
         self._pool: ThreadPoolExecutor | None = None
 
     def prefetch(self, request: Request) -> None:
@@ -69,23 +71,30 @@ class ImageScheduler:
         if self._preprocess is None:
             return
         for span in request.images:
+            if span.key in self._prefetched:  # another waiting request's image too
+                self._prefetch_waiters[span.key] += 1
+                continue
             if len(self._prefetched) >= MAX_PREFETCHED_IMAGES:
                 return
-            if (
-                span.pixel_values is None
-                and span.key not in self.index
-                and span.key not in self._prefetched
-            ):
+            if span.pixel_values is None and span.key not in self.index:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(PREFETCH_THREADS, "ocula-tiling")
                 self._prefetched[span.key] = self._pool.submit(self._preprocess, span)
+                self._prefetch_waiters[span.key] = 1
 
     def drop_prefetched(self, request: Request) -> None:
-        """Forgets the tiles prefetched for a request that leaves before its admission."""
+        """Forgets the tiles prefetched for a request that leaves before its admission, unless
+        another waiting request needs the same image."""
         for span in request.images:
-            future = self._prefetched.pop(span.key, None)
-            if future is not None:
-                future.cancel()
+            if span.key not in self._prefetched:
+                continue
+            self._prefetch_waiters[span.key] -= 1
+            if self._prefetch_waiters[span.key] <= 0:
+                self._take_prefetched(span.key).cancel()
+
+    def _take_prefetched(self, key: str) -> Future[torch.Tensor] | None:
+        self._prefetch_waiters.pop(key, None)
+        return self._prefetched.pop(key, None)
 
     def admit(
         self, request: Request, cached_prefix_len: int
@@ -95,8 +104,9 @@ class ImageScheduler:
         to_encode: list[EncoderInput] = []
         evicted: list[str] = []
         for span in request.images:
-            # Taken whatever happens next, so that nothing admitted stays prefetched.
-            prefetched = self._prefetched.pop(span.key, None)
+            # Taken whatever happens next, so that nothing admitted stays prefetched; requests
+            # waiting with the same image will find its embedding cached.
+            prefetched = self._take_prefetched(span.key)
             if span.offset + span.length <= cached_prefix_len:
                 self.num_served_by_prefix_cache += 1
                 continue

@@ -78,7 +78,14 @@ def test_images_are_tiled_ahead_in_a_worker_thread_and_taken_once() -> None:
     assert images.admit(same_image, 0) == ([], [])
     images.drop_prefetched(other)  # left while waiting: its prefetched tiles are forgotten
     assert images._prefetched == {}
-    assert sorted(key for key, _ in calls) == ["x", "y", "z"]
+    # Two waiting requests share a new image; the first leaves: the second keeps the tiles.
+    leaving, staying = request("e", "w"), request("f", "w")
+    images.prefetch(leaving)
+    images.prefetch(staying)
+    images.drop_prefetched(leaving)
+    to_encode, _ = images.admit(staying, 0)
+    assert [item.key for item in to_encode] == ["w"] and not images._prefetched
+    assert sorted(key for key, _ in calls) == ["w", "x", "y", "z"]
     assert all(thread.startswith("ocula-tiling") for _, thread in calls)
     # The bound: no more than MAX_PREFETCHED_IMAGES wait at once; the rest tile at admission.
     many = request("d", *(f"k{i}" for i in range(image_inputs.MAX_PREFETCHED_IMAGES + 3)))
