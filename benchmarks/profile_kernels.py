@@ -134,21 +134,21 @@ def prefill_case(llm: Any, length: int) -> list[dict[str, Any]]:
         step_until_all_sampled(core, batch, Deadline(60))
         finish(core, batch)
 
-    cases = {
-        f"prefill {length}": lambda: one_prefill(token_prompts(next(seeds), 1, length)),
-        "prefill 1 (prefix cached)": lambda: one_prefill(cached_prompt),
+    prompts = {  # label -> the prompt of each call
+        f"prefill {length}": lambda: token_prompts(next(seeds), 1, length),
+        "prefill 1 (prefix cached)": lambda: cached_prompt,
     }
     results = []
-    for label, run in cases.items():
+    for label, prompt in prompts.items():
+
+        def run(prompt: Any = prompt) -> None:
+            one_prefill(prompt())
+
         wall = time_call(run, core.runner.device, 2, 5)
         table = kernel_table(run, 3, core.runner.device)
         table["wall_ms"] = min(wall)  # add, prefill and abort: several engine steps
         table["case"] = label
-        prompts = {
-            f"prefill {length}": lambda: token_prompts(next(seeds), 1, length),
-            "prefill 1 (prefix cached)": lambda: cached_prompt,
-        }[label]
-        table["launch_host_ms"] = min(launch_host_ms(llm, prompts()) for _ in range(5))
+        table["launch_host_ms"] = min(launch_host_ms(llm, prompt()) for _ in range(5))
         report(label, table, table["wall_ms"])
         log(f"    host time of the step that launches it: {table['launch_host_ms']:.2f} ms")
         results.append(table)

@@ -107,8 +107,10 @@ class Scheduler:
             plan.encoder_frees += self.images.take_pending_frees()
         budget = self.batch_max_tokens
         preempted = False
-        runnable = [r for r in self.running if not self._last_token_in_flight(r)]
-        decode_slots = DecodeSlots(self.kv, sum(1 for r in runnable if self._is_decode(r)))
+        decodes = sum(
+            1 for r in self.running if self._is_decode(r) and not self._last_token_in_flight(r)
+        )
+        decode_slots = DecodeSlots(self.kv, decodes)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]

@@ -18,19 +18,9 @@ from ocula.kernels.layer_norm import (
 )
 from ocula.models import intern_vit
 from ocula.models.internvl_config import InternViTConfig
+from tests.kernels.test_fused_ops import each_dtype, randn, skip_unsupported
 
 EPS = 1e-6
-each_dtype = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-
-
-def skip_unsupported(device: torch.device, dtype: torch.dtype) -> None:
-    if dtype == torch.bfloat16 and device.type != "cuda":
-        pytest.skip("bf16 runs on CUDA only (the interpreter computes bf16 wrongly)")
-
-
-def randn(*shape: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
 
 def order_bound(summed: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
