@@ -87,8 +87,13 @@ class EngineArgs:
         "auto",
         "Attention implementation: auto (triton on CUDA, reference on CPU), triton or reference.",
     )
-    disable_cudagraph: bool = option(False, "Run decode without CUDA graphs.")
+    disable_cudagraph: bool = option(False, "Run every forward without CUDA graphs.")
     graph_max_batch_size: int = option(256, "Largest decode batch captured in a CUDA graph.")
+    piecewise_graph_max_tokens: int = option(
+        512,
+        "Batches of up to this many new tokens that are not plain decodes (short prefills, "
+        "prefills mixed with decodes) replay CUDA graphs cut at each attention call; 0: never.",
+    )
     disable_overlap_schedule: bool = option(
         False,
         "Schedule each step only once the previous step's tokens are back on the host, instead "
@@ -113,6 +118,11 @@ class EngineArgs:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.piecewise_graph_max_tokens < 0:
+            raise ValueError(
+                "--piecewise_graph_max_tokens must be 0 (off) or more, got "
+                f"{self.piecewise_graph_max_tokens}"
+            )
         if self.max_total_token_num is not None and self.max_total_token_num < 1:
             raise ValueError(
                 f"--max_total_token_num must be at least 1, got {self.max_total_token_num}"

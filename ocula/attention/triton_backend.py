@@ -47,13 +47,14 @@ class TritonBackend:
         batch: ForwardBatch,
         scale: float,
         sliding_window: int | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [T, heads, head_dim]; caches [slots, kv_heads, head_dim] -> [T, heads, head_dim]."""
+        """q [T, heads, head_dim]; caches [slots, kv_heads, head_dim] -> [T, heads, head_dim],
+        into `out` when given."""
         query_lens = batch.query_lens_cpu
         decode_lens = [
             n for q_len, n in zip(query_lens, batch.seq_lens_cpu, strict=True) if q_len == 1
         ]
-        out = None
         if len(decode_lens) < len(query_lens):
             out = prefill_attention(
                 q,
@@ -67,6 +68,7 @@ class TritonBackend:
                 max_query_len=max(query_lens),
                 sliding_window=sliding_window,
                 skip_decode_rows=bool(decode_lens),
+                out=out,
             )
         if decode_lens:
             out = decode_attention(

@@ -21,8 +21,11 @@ import logging
 import torch
 from torch import nn
 
+from ocula.config import EngineArgs
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
+from ocula.engine.piecewise_graphs import PiecewiseGraphs, token_count_buckets
+from ocula.layers.attention import AttentionBackend
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class DecodeGraphs:
         self.logits_indices = torch.arange(size, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.pool: tuple | None = None  # the graphs' memory pool, once captured
 
     def _static_batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(
@@ -100,6 +104,7 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
+        self.pool = pool
         logger.info("CUDA graphs captured for decode batch sizes %s", self.buckets)
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -128,3 +133,42 @@ class DecodeGraphs:
             self.out_slots[count:size].zero_()
         self.graphs[size].replay()
         return self.logits[size][:count]
+
+
+def graph_buckets(args: EngineArgs, table_width: int) -> tuple[list[int], list[int]]:
+    """The decode batch sizes and the piecewise token counts the graphs capture for a slot table
+    `table_width` wide (no piecewise sizes when --piecewise_graph_max_tokens is 0)."""
+    decode = batch_size_buckets(min(args.graph_max_batch_size, args.running_max_req_size))
+    max_tokens = min(args.piecewise_graph_max_tokens, args.effective_batch_max_tokens, table_width)
+    return decode, token_count_buckets(max_tokens) if max_tokens > 0 else []
+
+
+def capture_forward_graphs(
+    model: nn.Module,
+    backend: AttentionBackend,
+    kv_pool: KVCachePool,
+    slot_table: torch.Tensor,
+    args: EngineArgs,
+    image_hidden_size: int | None,
+) -> tuple[DecodeGraphs, PiecewiseGraphs | None]:
+    """The decode graphs, and the piecewise graphs of other short batches unless
+    --piecewise_graph_max_tokens is 0, captured in one memory pool. The padding row is the slot
+    table's last (kept all zeros by the runner). Collective under tensor parallelism."""
+    decode_sizes, piecewise_sizes = graph_buckets(args, slot_table.shape[1])
+    padding_row = slot_table.shape[0] - 1
+    decode = DecodeGraphs(model, kv_pool, slot_table, padding_row, decode_sizes[-1])
+    decode.capture()
+    if not piecewise_sizes:
+        return decode, None
+    piecewise = PiecewiseGraphs(
+        model,
+        backend,
+        kv_pool,
+        slot_table,
+        padding_row,
+        piecewise_sizes[-1],
+        image_hidden_size,
+        kv_pool.dtype,
+    )
+    piecewise.capture(decode.pool)
+    return decode, piecewise

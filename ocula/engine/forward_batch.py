@@ -34,7 +34,7 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     # Multimodal: when set, replaces the token embeddings of the rows in `spliced_rows` ([E]).
     spliced_embeds: torch.Tensor | None = None  # [E, hidden]
-    spliced_rows: torch.Tensor | None = None  # [E] int64
+    spliced_rows: torch.Tensor | None = None  # [E] int64; a negative row skips its embedding
 
     @property
     def num_tokens(self) -> int:

@@ -27,11 +27,13 @@ import torch
 from ocula.config import EngineArgs
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.distributed.vision_groups import VisionLayout, make_vision_group
-from ocula.engine.cuda_graphs import DecodeGraphs
+from ocula.engine.cuda_graphs import DecodeGraphs, capture_forward_graphs
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.image_encoder import ImageEncoder
 from ocula.engine.kv_pool import KVCachePool
+from ocula.engine.memory_budget import kv_pool_slots
 from ocula.engine.model_setup import ModelSetup
+from ocula.engine.piecewise_graphs import PiecewiseGraphs
 from ocula.engine.request import PLACEHOLDER_TOKEN
 from ocula.engine.runner_sampling import PendingSamples, RequestSampler
 from ocula.engine.step_plan import SampledToken, StepPlan
@@ -44,7 +46,6 @@ from ocula.utils.device import to_device_async
 
 logger = logging.getLogger(__name__)
 
-CPU_DEFAULT_KV_BYTES = 1 << 30
 # Vision-encoder forwards of up to this many tiles replay a CUDA graph (one image of up to 12
 # tiles plus its thumbnail fits); larger batches run eagerly.
 VISION_GRAPH_MAX_TILES = 16
@@ -82,8 +83,11 @@ class ModelRunner:
         )
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
         bytes_per_token = KVCachePool.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
-        num_slots = args.max_total_token_num or self._size_kv_pool(
-            bytes_per_token, args.effective_batch_max_tokens, args.mem_fraction
+        uses_graphs = (
+            device.type == "cuda" and backend_name == "triton" and not args.disable_cudagraph
+        )
+        num_slots = args.max_total_token_num or kv_pool_slots(
+            self.model, dtype, device, args, bytes_per_token, uses_graphs
         )
         num_slots = tp.min_over_ranks(num_slots)
         self.kv_pool = KVCachePool(num_layers, num_slots, num_kv_heads, head_dim, dtype, device)
@@ -108,17 +112,16 @@ class ModelRunner:
         self.shares_sampled_tokens = tp.size > 1 and self.feeds_last_tokens
         self.tp = tp
         self.decode_graphs: DecodeGraphs | None = None
-        if device.type == "cuda" and backend_name == "triton" and not args.disable_cudagraph:
+        self.piecewise_graphs: PiecewiseGraphs | None = None
+        if uses_graphs:
             # Replays must launch the captured decode configuration (see TritonBackend).
             backend.decode_context_bound = table_width
-            self.decode_graphs = DecodeGraphs(
-                self.model,
-                self.kv_pool,
-                self.slot_table,
-                padding_row=args.running_max_req_size,
-                max_batch_size=min(args.graph_max_batch_size, args.running_max_req_size),
+            image_width = None
+            if hasattr(self.model, "encode_images"):
+                image_width = self.model.config.text_config.hidden_size
+            self.decode_graphs, self.piecewise_graphs = capture_forward_graphs(
+                self.model, backend, self.kv_pool, self.slot_table, args, image_width
             )
-            self.decode_graphs.capture()
         self.sampling = RequestSampler(device, args.seed) if tp.rank == 0 else None
         # Image embeddings by cache key, [placeholder tokens, hidden] in the model's dtype. The
         # scheduler's EmbeddingCacheIndex decides what is here (plan.encoder_inputs/frees).
@@ -138,57 +141,6 @@ class ModelRunner:
                 tp,
                 layout,
             )
-
-    # -- sizing -------------------------------------------------------------------------------
-    def _size_kv_pool(
-        self, bytes_per_token: int, batch_max_tokens: int, mem_fraction: float
-    ) -> int:
-        if self.device.type != "cuda":
-            return max(1, CPU_DEFAULT_KV_BYTES // bytes_per_token)
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        peak_activation = self._measure_activation_peak(batch_max_tokens)
-        used = total - free
-        budget = total * mem_fraction - used - peak_activation
-        if budget < bytes_per_token:
-            raise RuntimeError(
-                f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB in use, activation "
-                f"peak {peak_activation / 2**30:.1f} GiB, --mem_fraction {mem_fraction} of "
-                f"{total / 2**30:.1f} GiB; raise --mem_fraction or lower --batch_max_tokens"
-            )
-        return int(budget // bytes_per_token)
-
-    @torch.inference_mode()
-    def _measure_activation_peak(self, num_tokens: int) -> int:
-        """Bytes a forward of `num_tokens` prompt tokens needs beyond the weights."""
-        num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
-        scratch = KVCachePool(
-            num_layers, num_tokens, num_kv_heads, head_dim, self.dtype, self.device
-        )
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        table = torch.arange(1, num_tokens + 1, dtype=torch.int32, device=self.device)[None, :]
-        batch = ForwardBatch(
-            input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=self.device),
-            # Positions wrap at the model's context length: only the shapes matter here.
-            positions=torch.arange(num_tokens, device=self.device) % self.model.max_context_len(),
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-            slot_table=table,
-            table_rows=torch.zeros(1, dtype=torch.int64, device=self.device),
-            out_slots=table[0],
-            logits_indices=torch.tensor([num_tokens - 1], device=self.device),
-            kv_pool=scratch,
-            query_lens_cpu=[num_tokens],
-            seq_lens_cpu=[num_tokens],
-        )
-        hidden = self.model(batch)
-        self.model.compute_logits(hidden[batch.logits_indices])
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        del scratch, batch, hidden
-        torch.cuda.empty_cache()
-        return peak
 
     # -- one step -----------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> list[SampledToken]:
@@ -212,7 +164,10 @@ class ModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             logits = self.decode_graphs.run(batch)
         else:
-            hidden = self.model(batch)
+            if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(batch):
+                hidden = self.piecewise_graphs.run(batch)
+            else:
+                hidden = self.model(batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
         sampling_rows = [s.table_row for s in plan.sequences if s.samples]
         if not sampling_rows:

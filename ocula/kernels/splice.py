@@ -3,7 +3,8 @@
 The torch reference is `hidden.index_copy(0, rows, embeds.to(hidden.dtype))` (out of place) in
 `ocula.models.decoder_blocks.embed_with_splice`; this copy (with the same round-to-nearest
 conversion when the dtypes differ) writes the same values into `hidden` itself. Rows must be
-distinct and in [0, T): not checked, which would need a host sync.
+distinct and below T: not checked, which would need a host sync. A negative row skips its
+embedding: a CUDA graph's static splice buffer pads its unused entries with -1.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def _splice_kernel(
 ):
     index = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < width
     row = tl.load(rows_ptr + index).to(tl.int64)
+    mask = (cols < width) & (row >= 0)
     values = tl.load(embeds_ptr + index * embeds_row_stride + cols, mask=mask)
     tl.store(
         hidden_ptr + row * hidden_row_stride + cols,
@@ -39,7 +40,7 @@ def splice_rows_(hidden: torch.Tensor, rows: torch.Tensor, embeds: torch.Tensor)
     """hidden[rows[i]] = embeds[i] for every i, in place; returns hidden.
 
     hidden: [T, width]; embeds: [E, width] (any float dtype, converted to hidden's); rows: [E]
-    integers. Both 2-D tensors need a last stride of 1.
+    integers, negative ones skipped. Both 2-D tensors need a last stride of 1.
     """
     if hidden.dim() != 2 or embeds.dim() != 2 or embeds.shape[1] != hidden.shape[1]:
         raise ValueError(

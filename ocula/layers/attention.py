@@ -30,8 +30,11 @@ class AttentionBackend(Protocol):
         batch: ForwardBatch,
         scale: float,
         sliding_window: int | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [T, heads, head_dim]; caches [slots, kv_heads, head_dim] -> [T, heads, head_dim]."""
+        """q [T, heads, head_dim]; caches [slots, kv_heads, head_dim] -> [T, heads, head_dim],
+        written into `out` when given (rows no sequence of the batch covers are left as they
+        were) and returned."""
         ...
 
 
@@ -46,8 +49,14 @@ class ReferenceBackend:
         batch: ForwardBatch,
         scale: float,
         sliding_window: int | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return paged_attention_reference(q, k_cache, v_cache, batch, scale, sliding_window)
+        result = paged_attention_reference(q, k_cache, v_cache, batch, scale, sliding_window)
+        if out is None:
+            return result
+        covered = sum(batch.query_lens_cpu)  # rows past the batch's tokens stay as they were
+        out[:covered] = result[:covered]
+        return out
 
 
 ATTENTION_BACKENDS: dict[str, str] = {

@@ -143,7 +143,8 @@ def pre_norm_residual_step(
 def embed_with_splice(embed_tokens: nn.Module, batch: ForwardBatch) -> torch.Tensor:
     """Token embeddings [T, hidden], with `batch.spliced_embeds` written over `spliced_rows`.
 
-    Rows must be distinct. On CUDA the splice is a Triton copy into the fresh embedding output.
+    Rows must be distinct; negative ones are skipped. On CUDA the splice is a Triton copy into the
+    fresh embedding output.
     """
     hidden = embed_tokens(batch.input_ids)
     if batch.spliced_embeds is not None:
@@ -153,7 +154,9 @@ def embed_with_splice(embed_tokens: nn.Module, batch: ForwardBatch) -> torch.Ten
             from ocula.kernels.splice import splice_rows_
 
             return splice_rows_(hidden, batch.spliced_rows, batch.spliced_embeds)
-        hidden = hidden.index_copy(0, batch.spliced_rows, batch.spliced_embeds.to(hidden.dtype))
+        keep = batch.spliced_rows >= 0  # negative rows are a graph buffer's padding
+        embeds = batch.spliced_embeds[keep].to(hidden.dtype)
+        hidden = hidden.index_copy(0, batch.spliced_rows[keep], embeds)
     return hidden
 
 

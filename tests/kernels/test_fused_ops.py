@@ -247,3 +247,12 @@ def test_splice_rows_copies_embeddings_in_place(device: torch.device, dtype: tor
         target = hidden.clone()
         assert splice_rows_(target, rows, embeds) is target
         assert torch.equal(target, expected)
+
+
+def test_splice_rows_skips_negative_rows(device: torch.device) -> None:
+    hidden = randn(6, 40, dtype=torch.float32, device=device, seed=16)
+    embeds = randn(4, 40, dtype=torch.float32, device=device, seed=17)
+    rows = torch.tensor([4, -1, 0, -1], device=device)  # a graph's padded splice buffer
+    expected = hidden.clone()
+    expected[4], expected[0] = embeds[0], embeds[2]
+    assert torch.equal(splice_rows_(hidden.clone(), rows, embeds), expected)

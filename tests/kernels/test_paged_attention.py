@@ -269,6 +269,22 @@ def test_backend_is_registered_and_picks_the_kernel(
     assert backend.decode_bound([3, 30]) == 4096
 
 
+@pytest.mark.parametrize("name", ["triton", "reference"])
+def test_backends_write_into_a_longer_output_buffer(device: torch.device, name: str) -> None:
+    # The piecewise graphs' contract: `out` has padding rows past the batch's tokens, which stay.
+    q, batch = make_batch(MIXED, 4, 2, 16, torch.float32, device, seed=14)
+    k_cache, v_cache = batch.kv_pool.layer(0)
+    tokens = q.shape[0]
+    padded_q = torch.cat([q, torch.randn(3, *q.shape[1:], device=device)])
+    buffer = torch.full(padded_q.shape, 7.0, device=device)
+    out = get_attention_backend(name).attend(
+        padded_q, k_cache, v_cache, batch, 16**-0.5, None, out=buffer
+    )
+    assert out is buffer
+    assert torch.equal(buffer[tokens:], torch.full_like(buffer[tokens:], 7.0))
+    assert_close(buffer[:tokens], reference(q, batch, None), q)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes on the GPU only")
 @pytest.mark.parametrize("head_dim", [80, 128])
 def test_model_sized_shapes_with_default_blocks(device: torch.device, head_dim: int) -> None:

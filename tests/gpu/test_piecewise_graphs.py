@@ -1,0 +1,100 @@
+"""Piecewise CUDA graphs: batches that are not plain decodes (prefills, chunks of a prompt mixed
+with other requests' decodes, a follow-up after a cached prefix, image prompts) replay graphs cut
+at every attention call. Greedy tokens must equal transformers' (fp32) and the engine without
+them, over buckets filled exactly and with padding rows. Skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ocula import LLM, SamplingParams
+from tests.engine.conftest import PROMPTS, reference_continuations
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+NEW_TOKENS = 10
+GREEDY = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+# Chunks of at most 7 prompt tokens per request, up to 40 tokens a step: long prompts are
+# prefilled over several steps beside the other requests' decodes.
+MIXED_STEPS = {"chunked_prefill_size": 7, "batch_max_tokens": 40}
+
+
+def engine(checkpoint, **options) -> LLM:
+    return LLM(
+        str(checkpoint), device="cuda", data_type="fp32", max_total_token_num=8192, **options
+    )
+
+
+def record_piecewise_runs(llm: LLM, monkeypatch) -> list[int]:
+    """Token counts of the batches the piecewise graphs ran (a spy around the real `run`)."""
+    graphs = llm.engine.core.runner.piecewise_graphs
+    assert graphs is not None
+    counts: list[int] = []
+    real_run = graphs.run
+
+    def run(batch):
+        counts.append(batch.num_tokens)
+        return real_run(batch)
+
+    monkeypatch.setattr(graphs, "run", run)
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "internlm2", "mistral"])
+def test_piecewise_steps_equal_transformers(tiny_checkpoint, arch, monkeypatch) -> None:
+    checkpoint = tiny_checkpoint(arch)
+    prompts = [*PROMPTS, " ".join(PROMPTS) * 2]  # the last needs several chunks
+    expected = reference_continuations(checkpoint, prompts, NEW_TOKENS)
+    llm = engine(checkpoint, **MIXED_STEPS)
+    assert llm.engine.core.runner.piecewise_graphs.buckets == [16, 32, 40]
+    counts = record_piecewise_runs(llm, monkeypatch)
+    assert [out.token_ids for out in llm.generate(prompts, GREEDY)] == expected
+    assert any(count < 16 for count in counts) and any(16 < count < 40 for count in counts)
+
+
+def test_piecewise_equals_eager_on_cached_prefixes_and_long_prompts(
+    tiny_checkpoint, monkeypatch
+) -> None:
+    checkpoint = tiny_checkpoint("qwen2")
+    first = PROMPTS[2] * 3
+    prompts = [first, first + " and then?", first + PROMPTS[3], PROMPTS[1] * 30]  # last: eager
+
+    def run(**options) -> tuple[list[list[int]], list[int], list[int]]:
+        llm = engine(checkpoint, **{"piecewise_graph_max_tokens": 64, **options})
+        has_graphs = llm.engine.core.runner.piecewise_graphs is not None
+        counts = record_piecewise_runs(llm, monkeypatch) if has_graphs else []
+        outputs = [llm.generate(prompt, GREEDY)[0] for prompt in prompts]  # one at a time
+        tokens = [out.token_ids for out in outputs]
+        return tokens, [out.num_cached_tokens for out in outputs], counts
+
+    tokens, cached, counts = run()
+    assert cached[1] > 0 and cached[2] > 0  # the follow-ups attend over a cached prefix
+    assert len(counts) == 3 and max(counts) <= 64  # the long prompt ran eagerly
+    assert run(disable_cudagraph=True)[:2] == (tokens, cached)
+    assert run(piecewise_graph_max_tokens=0)[:2] == (tokens, cached)
+
+
+def test_image_prompts_in_piecewise_graphs(tmp_path, monkeypatch) -> None:
+    from tests.engine.test_multimodal_generation import image_bytes, reference_tokens
+    from tests.helpers.tiny_internvl import make_hf_internvl
+
+    monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "4")
+    checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
+    prompts = [
+        {"prompt": "what is <image> here?", "images": [image_bytes(40, 40, 1)]},
+        {"prompt": "<image>\ndescribe it", "images": [image_bytes(200, 90, 2)]},
+        {
+            "prompt": "compare <img></img> and <image> please",
+            "images": [image_bytes(120, 60, 3), image_bytes(50, 170, 4)],
+        },
+    ]
+    llm = engine(checkpoint, **MIXED_STEPS)
+    counts = record_piecewise_runs(llm, monkeypatch)
+    got = [out.token_ids for out in llm.generate(prompts, GREEDY)]
+    assert counts  # the image rows were spliced inside the graphs
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == reference_tokens(llm, checkpoint, prompt, NEW_TOKENS)
+    eager = engine(checkpoint, disable_cudagraph=True, **MIXED_STEPS)
+    assert [out.token_ids for out in eager.generate(prompts, GREEDY)] == got
