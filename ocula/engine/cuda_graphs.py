@@ -26,6 +26,7 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.piecewise_graphs import PiecewiseGraphs, token_count_buckets
 from ocula.layers.attention import AttentionBackend
+from ocula.utils.device import copy_padded_
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +121,12 @@ class DecodeGraphs:
         """Logits [B, vocab] of a decode batch (one token per sequence, every row sampled)."""
         count = batch.num_seqs
         size = next(bucket for bucket in self.buckets if bucket >= count)
-        self.input_ids[:count].copy_(batch.input_ids)
-        self.positions[:count].copy_(batch.positions)
-        self.seq_lens[:count].copy_(batch.seq_lens)
-        self.table_rows[:count].copy_(batch.table_rows)
-        self.out_slots[:count].copy_(batch.out_slots)
-        if count < size:  # padding rows: scratch slot, a context of one token
-            self.input_ids[count:size].zero_()
-            self.positions[count:size].zero_()
-            self.seq_lens[count:size].fill_(1)
-            self.table_rows[count:size].fill_(self.padding_row)
-            self.out_slots[count:size].zero_()
+        # Padding rows: token 0 at position 0 in the scratch slot, a context of one token.
+        copy_padded_(self.input_ids, batch.input_ids, size, 0)
+        copy_padded_(self.positions, batch.positions, size, 0)
+        copy_padded_(self.seq_lens, batch.seq_lens, size, 1)
+        copy_padded_(self.table_rows, batch.table_rows, size, self.padding_row)
+        copy_padded_(self.out_slots, batch.out_slots, size, 0)
         self.graphs[size].replay()
         return self.logits[size][:count]
 
@@ -156,19 +152,23 @@ def capture_forward_graphs(
     table's last (kept all zeros by the runner). Collective under tensor parallelism."""
     decode_sizes, piecewise_sizes = graph_buckets(args, slot_table.shape[1])
     padding_row = slot_table.shape[0] - 1
+    free_before = torch.cuda.mem_get_info(slot_table.device)[0]
     decode = DecodeGraphs(model, kv_pool, slot_table, padding_row, decode_sizes[-1])
     decode.capture()
-    if not piecewise_sizes:
-        return decode, None
-    piecewise = PiecewiseGraphs(
-        model,
-        backend,
-        kv_pool,
-        slot_table,
-        padding_row,
-        piecewise_sizes[-1],
-        image_hidden_size,
-        kv_pool.dtype,
-    )
-    piecewise.capture(decode.pool)
+    piecewise = None
+    if piecewise_sizes:
+        piecewise = PiecewiseGraphs(
+            model,
+            backend,
+            kv_pool,
+            slot_table,
+            padding_row,
+            piecewise_sizes[-1],
+            image_hidden_size,
+            kv_pool.dtype,
+        )
+        piecewise.capture(decode.pool)
+    used = free_before - torch.cuda.mem_get_info(slot_table.device)[0]
+    # Compare with the estimate memory_budget reserved (logged when the KV pool was sized).
+    logger.info("CUDA graphs took %.3f GiB of device memory", used / 2**30)
     return decode, piecewise

@@ -2,11 +2,13 @@
 
 The KV pool gets what is left of `total * mem_fraction` after the memory already in use (weights,
 the CUDA context), the activation peak of the largest eager forward (`--batch_max_tokens` prompt
-tokens) and, when CUDA graphs are on, the graphs' memory pool. The graphs are captured after the
-pool exists (they read its addresses), so their share is estimated beforehand: the activations of
-their largest forward (all graphs share one pool and never replay at the same time) plus what each
-graph keeps allocated between replays (decode logits, piecewise final hidden states, the
-piecewise attention buffers).
+tokens) and, when CUDA graphs are on, the language model's graph pool. Those graphs are captured
+after the KV pool exists (they read its addresses), so their share is estimated beforehand: the
+activations of their largest forward (all share one pool and never replay at the same time) plus
+what each graph keeps allocated between replays (decode logits, piecewise final hidden states,
+the piecewise attention buffers). Not reserved (they live in the rest of the GPU, 1 -
+mem_fraction): the vision encoder's activations and its graphs, captured per tile count on first
+use, and what the driver itself holds for the graphs and the kernels loaded after sizing.
 """
 
 from __future__ import annotations
@@ -76,13 +78,25 @@ def measure_forward(
 def graph_pool_bytes(
     model: nn.Module, dtype: torch.dtype, device: torch.device, args: EngineArgs
 ) -> int:
-    """Upper estimate of the CUDA graphs' memory pool (see the module doc)."""
+    """Upper estimate of the language model's CUDA-graph pool (see the module doc). The slot
+    table's width is bounded by --max_req_total_len here (the pool is not sized yet), which can
+    only add piecewise buckets, so the estimate errs high."""
     decode, piecewise = graph_buckets(args, args.max_req_total_len)
-    largest = measure_forward(model, dtype, device, max(decode[-1], *piecewise))
+    largest = measure_forward(model, dtype, device, max([decode[-1], *piecewise]))
+    widths = [m.num_heads * m.head_dim for m in model.modules() if isinstance(m, Attention)]
+    return estimate_graph_pool(decode, piecewise, largest, max(widths) * dtype.itemsize)
+
+
+def estimate_graph_pool(
+    decode: list[int], piecewise: list[int], largest: ForwardMemory, attention_row: int
+) -> int:
+    """The pool of graphs captured for these buckets: the activations of the largest graphed
+    forward (`largest`, measured at max(decode + piecewise) tokens) plus what stays allocated
+    between replays: each decode bucket's logits, each piecewise bucket's final hidden states,
+    and the piecewise q and output buffers (`attention_row` bytes per token each)."""
     held = sum(decode) * largest.logits_row + sum(piecewise) * largest.hidden_row
     if piecewise:
-        widths = [m.num_heads * m.head_dim for m in model.modules() if isinstance(m, Attention)]
-        held += 2 * piecewise[-1] * max(widths) * dtype.itemsize  # q and output buffers
+        held += 2 * piecewise[-1] * attention_row
     return largest.peak + held
 
 

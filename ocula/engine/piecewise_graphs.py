@@ -26,6 +26,7 @@ piece overwrites it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from torch import nn
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
 from ocula.layers.attention import Attention, AttentionBackend
+from ocula.utils.device import copy_padded_
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,13 @@ class _PieceRecorder:
     def begin_piece(self) -> None:
         self._graph = torch.cuda.CUDAGraph()
         self._graph.capture_begin(pool=self.pool)
+
+    def close_open_piece(self) -> None:
+        """Ends a capture an error left open, so the stream leaves capture mode."""
+        if self._graph is not None:
+            with contextlib.suppress(RuntimeError):  # the failed capture may be invalidated
+                self._graph.capture_end()
+            self._graph = None
 
     def end_piece(self) -> None:
         self._graph.capture_end()
@@ -204,6 +213,7 @@ class PiecewiseGraphs:
                     hidden = self.model(batch)
                     recorder.end_piece()
             finally:
+                recorder.close_open_piece()
                 self._swap_backends(self.backend)
             self.captured[size] = _CapturedBucket(recorder.pieces, recorder.calls, hidden)
         torch.cuda.synchronize()
@@ -226,14 +236,16 @@ class PiecewiseGraphs:
         tensor is overwritten by the next replay of the same bucket."""
         count = batch.num_tokens
         size = next(bucket for bucket in self.buckets if bucket >= count)
-        self.input_ids[:count].copy_(batch.input_ids)
-        self.positions[:count].copy_(batch.positions)
-        self.out_slots[:count].copy_(batch.out_slots)
-        if count < size:  # padding rows: token 0 at position 0 into the scratch slot
-            self.input_ids[count:size].zero_()
-            self.positions[count:size].zero_()
-            self.out_slots[count:size].zero_()
-        self._fill_splice(batch, size)
+        # Padding rows: token 0 at position 0 into the scratch slot, no image rows.
+        copy_padded_(self.input_ids, batch.input_ids, size, 0)
+        copy_padded_(self.positions, batch.positions, size, 0)
+        copy_padded_(self.out_slots, batch.out_slots, size, 0)
+        if self.spliced_rows is not None:
+            copy_padded_(self.spliced_rows, batch.spliced_rows, size, -1)
+            if batch.spliced_embeds is not None:
+                self.spliced_embeds[: batch.spliced_embeds.shape[0]].copy_(batch.spliced_embeds)
+        elif batch.spliced_rows is not None:
+            raise ValueError("image embeddings in a batch of a model without images")
         bucket = self.captured[size]
         for piece, call in itertools.zip_longest(bucket.pieces, bucket.calls):
             piece.replay()
@@ -248,14 +260,3 @@ class PiecewiseGraphs:
                     out=call.out,
                 )
         return bucket.hidden[:count]
-
-    def _fill_splice(self, batch: ForwardBatch, size: int) -> None:
-        if self.spliced_rows is None:
-            if batch.spliced_rows is not None:
-                raise ValueError("image embeddings in a batch of a model without images")
-            return
-        spliced = 0 if batch.spliced_rows is None else batch.spliced_rows.shape[0]
-        if spliced:
-            self.spliced_rows[:spliced].copy_(batch.spliced_rows)
-            self.spliced_embeds[:spliced].copy_(batch.spliced_embeds)
-        self.spliced_rows[spliced:size].fill_(-1)

@@ -60,3 +60,13 @@ def set_host_threads(device: torch.device, ranks_on_node: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_node))
     else:
         torch.set_num_threads(GPU_PROCESS_HOST_THREADS)
+
+
+def copy_padded_(static: torch.Tensor, values: torch.Tensor | None, size: int, pad: float) -> None:
+    """static[:n] = values and static[n:size] = pad, in place (n = len(values), 0 for None): how
+    a CUDA graph's static input takes a batch smaller than the graph's."""
+    count = 0 if values is None else values.shape[0]
+    if count:
+        static[:count].copy_(values)
+    if count < size:
+        static[count:size].fill_(pad)

@@ -14,9 +14,15 @@ from tests.engine.conftest import PROMPTS, reference_continuations
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_kv_pool_is_sized_from_mem_fraction(tiny_checkpoint) -> None:
+@pytest.mark.parametrize("piecewise_tokens", [512, 0])
+def test_kv_pool_is_sized_from_mem_fraction(tiny_checkpoint, piecewise_tokens) -> None:
     torch.cuda.empty_cache()
-    llm = LLM(str(tiny_checkpoint("llama")), mem_fraction=0.3, device="cuda")
+    llm = LLM(
+        str(tiny_checkpoint("llama")),
+        mem_fraction=0.3,
+        device="cuda",
+        piecewise_graph_max_tokens=piecewise_tokens,
+    )
     core = llm.engine.core
     pool = core.runner.kv_pool
     free, total = torch.cuda.mem_get_info()

@@ -27,8 +27,9 @@ def engine(checkpoint, **options) -> LLM:
     )
 
 
-def record_piecewise_runs(llm: LLM, monkeypatch) -> list[int]:
-    """Token counts of the batches the piecewise graphs ran (a spy around the real `run`)."""
+def record_piecewise_runs(llm: LLM, monkeypatch, spliced: list[int] | None = None) -> list[int]:
+    """Token counts of the batches the piecewise graphs ran (a spy around the real `run`), and
+    into `spliced` the number of image rows of each."""
     graphs = llm.engine.core.runner.piecewise_graphs
     assert graphs is not None
     counts: list[int] = []
@@ -36,6 +37,9 @@ def record_piecewise_runs(llm: LLM, monkeypatch) -> list[int]:
 
     def run(batch):
         counts.append(batch.num_tokens)
+        if spliced is not None:
+            rows = batch.spliced_rows
+            spliced.append(0 if rows is None else rows.shape[0])
         return real_run(batch)
 
     monkeypatch.setattr(graphs, "run", run)
@@ -91,10 +95,17 @@ def test_image_prompts_in_piecewise_graphs(tmp_path, monkeypatch) -> None:
         },
     ]
     llm = engine(checkpoint, **MIXED_STEPS)
-    counts = record_piecewise_runs(llm, monkeypatch)
+    spliced: list[int] = []
+    record_piecewise_runs(llm, monkeypatch, spliced)
     got = [out.token_ids for out in llm.generate(prompts, GREEDY)]
-    assert counts  # the image rows were spliced inside the graphs
+    assert any(spliced)  # image rows went through the graphs' splice
     for prompt, tokens in zip(prompts, got, strict=True):
         assert tokens == reference_tokens(llm, checkpoint, prompt, NEW_TOKENS)
+    spliced.clear()
+    text_only = "a question without any image"  # alone: a step with no image rows at all
+    got.append(llm.generate(text_only, GREEDY)[0].token_ids)
+    assert spliced and not any(spliced)
     eager = engine(checkpoint, disable_cudagraph=True, **MIXED_STEPS)
-    assert [out.token_ids for out in eager.generate(prompts, GREEDY)] == got
+    expected = [out.token_ids for out in eager.generate(prompts, GREEDY)]
+    expected.append(eager.generate(text_only, GREEDY)[0].token_ids)
+    assert got == expected

@@ -32,3 +32,26 @@ def test_piecewise_sizes_stay_within_the_engines_limits() -> None:
 def test_negative_piecewise_limit_is_refused() -> None:
     with pytest.raises(ValueError, match="piecewise_graph_max_tokens"):
         EngineArgs(model_dir="unused", piecewise_graph_max_tokens=-1).validate()
+
+
+def test_graph_pool_estimate_counts_what_the_graphs_keep() -> None:
+    from ocula.engine.memory_budget import ForwardMemory, estimate_graph_pool
+
+    largest = ForwardMemory(peak=1000, hidden_row=10, logits_row=100)
+    # Decode logits of every bucket (1 + 2 + 4 rows), no piecewise graphs.
+    assert estimate_graph_pool([1, 2, 4], [], largest, attention_row=8) == 1000 + 7 * 100
+    # Plus each piecewise bucket's hidden states and the q and output buffers of the largest.
+    expected = 1000 + 7 * 100 + (16 + 32) * 10 + 2 * 32 * 8
+    assert estimate_graph_pool([1, 2, 4], [16, 32], largest, attention_row=8) == expected
+
+
+def test_static_inputs_take_a_smaller_batch_and_pad_the_rest() -> None:
+    import torch
+
+    from ocula.utils.device import copy_padded_
+
+    static = torch.full((6,), 9)
+    copy_padded_(static, torch.tensor([4, 5]), size=4, pad=-1)
+    assert static.tolist() == [4, 5, -1, -1, 9, 9]  # rows past the bucket are left alone
+    copy_padded_(static, None, size=3, pad=0)
+    assert static.tolist() == [0, 0, 0, -1, 9, 9]
