@@ -162,7 +162,6 @@ class PiecewiseGraphs:
             self.spliced_embeds = torch.zeros(size, image_hidden_size, dtype=dtype, device=device)
         self.attentions = [m for m in model.modules() if isinstance(m, Attention)]
         self.captured: dict[int, _CapturedBucket] = {}
-        self.pool: tuple | None = None
 
     def _static_batch(self, size: int) -> ForwardBatch:
         """The bucket's batch at capture: one sequence of `size` new tokens in the padding row."""
@@ -217,7 +216,6 @@ class PiecewiseGraphs:
                 self._swap_backends(self.backend)
             self.captured[size] = _CapturedBucket(recorder.pieces, recorder.calls, hidden)
         torch.cuda.synchronize()
-        self.pool = recorder.pool
         logger.info(
             "piecewise CUDA graphs captured for batches of up to %d tokens (%d buckets)",
             self.max_tokens,
