@@ -1,8 +1,11 @@
 """Vocabulary-parallel token embedding and LM head.
 
-The vocabulary is padded up to a multiple of the TP size and split into equal contiguous ranges:
-rank r holds rows [r*n, (r+1)*n) of the padded table. Padding rows are zero and never looked up
-(token ids are < vocab_size); the LM head trims their logits away.
+The vocabulary is split into equal contiguous ranges, one per TP rank, each padded up to a
+multiple of VOCAB_PAD_ROWS: rank r holds rows [r*n, (r+1)*n) of the padded table. Padding rows
+are zero and never looked up (token ids are < vocab_size); they all sit after the last real row,
+so the LM head trims their logits away with one slice. The padding keeps each rank's logits row a
+multiple of 16 bytes: with a vocabulary like Qwen2's 151,674 ids cuBLAS otherwise falls back to a
+GEMV that reads the LM head at ~75% of the bandwidth its aligned kernels reach.
 """
 
 from __future__ import annotations
@@ -13,6 +16,14 @@ from torch import nn
 
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.layers.linear import CheckpointTensor, ShardId, copy_into, narrow_checkpoint
+
+VOCAB_PAD_ROWS = 64
+
+
+def padded_rows_per_rank(num_embeddings: int, tp_size: int) -> int:
+    """Rows of the table each rank holds: its share of the vocabulary, padded to VOCAB_PAD_ROWS."""
+    share = -(-num_embeddings // tp_size)
+    return -(-share // VOCAB_PAD_ROWS) * VOCAB_PAD_ROWS
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -26,7 +37,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.num_embeddings = num_embeddings
-        self.rows_per_rank = -(-num_embeddings // tp.size)
+        self.rows_per_rank = padded_rows_per_rank(num_embeddings, tp.size)
         self.vocab_start = tp.rank * self.rows_per_rank
         # Rows of this rank that hold real tokens (the last ranks may hold only padding).
         self.real_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))

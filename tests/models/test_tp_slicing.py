@@ -7,6 +7,7 @@ No process group is created; only loading runs, which needs no collectives.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -30,7 +31,9 @@ def rows(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 
 def vocab_rows(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    per_rank = -(-tensor.shape[0] // size)
+    """Rank `rank`'s rows: an equal share of the vocabulary, zero-padded to a multiple of 64."""
+    share = math.ceil(tensor.shape[0] / size)
+    per_rank = math.ceil(share / 64) * 64
     padded = torch.zeros(per_rank * size, *tensor.shape[1:])
     padded[: tensor.shape[0]] = tensor
     return rows(padded, rank, size)
@@ -115,3 +118,4 @@ def test_vocab_is_padded_and_split_evenly(size: int) -> None:
         embedding = VocabParallelEmbedding(10, 3, ParallelGroup(rank=rank, size=size))
         embedding.weight.weight_loader(embedding.weight, full)
         assert torch.equal(embedding.weight.data, vocab_rows(full, rank, size))
+        assert embedding.weight.shape[0] % 64 == 0  # whole 16-byte rows of logits for cuBLAS
