@@ -92,9 +92,10 @@ def estimate_graph_pool(
 ) -> int:
     """The pool of graphs captured for these buckets: the activations of the largest graphed
     forward (`largest`, measured at max(decode + piecewise) tokens) plus what stays allocated
-    between replays: each decode bucket's logits, each piecewise bucket's final hidden states,
-    and the piecewise q and output buffers (`attention_row` bytes per token each)."""
-    held = sum(decode) * largest.logits_row + sum(piecewise) * largest.hidden_row
+    between replays: each decode bucket's logits, each piecewise bucket's final hidden states
+    (twice: its pieces' and its whole-step graph's), and the piecewise q and output buffers
+    (`attention_row` bytes per token each)."""
+    held = sum(decode) * largest.logits_row + 2 * sum(piecewise) * largest.hidden_row
     if piecewise:
         held += 2 * piecewise[-1] * attention_row
     return largest.peak + held

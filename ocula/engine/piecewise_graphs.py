@@ -17,25 +17,30 @@ them, so attention leaves their output rows as they were. Every other operation 
 padding never reaches the real rows. Image embeddings go through a static splice buffer whose
 unused entries hold row -1 (skipped by the splice kernel).
 
-Capture swaps the backend of every `Attention` module for `_PieceRecorder`: at each call it copies
-q into a static buffer (still inside the current piece), ends the piece, records the call and
-begins the next piece, returning a static output buffer. q and the output buffers are shared by
-all layers and buckets: replay runs on one stream, each attention call reads its q before the next
-piece overwrites it.
+Capture swaps the backend of every `Attention` module for `PieceRecorder` (`piece_recorder`).
+q and the attention output buffers are shared by all layers and buckets: replay runs on one
+stream, each attention call reads its q before the next piece overwrites it.
+
+A step of a single sequence (an idle server's prefill, a follow-up question, the last chunk of a
+long prompt) needs no eager attention: each bucket also holds one whole graph of the forward for
+one sequence, attention included. The attention kernels read the sequence's query span, context
+length and slot-table row from static device tensors, and their grid, sized at capture for the
+bucket's token count, covers any query length up to it (blocks past the real length exit), so
+the whole graph is exact for every single-sequence step of up to `size` tokens. This removes the
+~110 us of host time per layer the pieces still cost (eager attention launch and replays).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
+from ocula.engine.piece_recorder import CapturedBucket, PieceRecorder
 from ocula.layers.attention import Attention, AttentionBackend
 from ocula.utils.device import copy_padded_
 
@@ -51,80 +56,6 @@ def token_count_buckets(max_tokens: int) -> list[int]:
         size += 32
     sizes.append(max_tokens)
     return sizes
-
-
-@dataclass
-class _AttentionCall:
-    """One attention call between two pieces, replayed eagerly on the pieces' static tensors."""
-
-    q: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    scale: float
-    sliding_window: int | None
-    out: torch.Tensor
-
-
-@dataclass
-class _CapturedBucket:
-    pieces: list[torch.cuda.CUDAGraph]  # one more than calls
-    calls: list[_AttentionCall]
-    hidden: torch.Tensor  # [size, hidden]: the final hidden states the last piece writes
-
-
-class _PieceRecorder:
-    """Stands in for the attention backend while one bucket is captured (see the module doc)."""
-
-    def __init__(self, pool: tuple | None) -> None:
-        self.pool = pool
-        self.pieces: list[torch.cuda.CUDAGraph] = []
-        self.calls: list[_AttentionCall] = []
-        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._graph: torch.cuda.CUDAGraph | None = None
-
-    def begin_piece(self) -> None:
-        self._graph = torch.cuda.CUDAGraph()
-        self._graph.capture_begin(pool=self.pool)
-
-    def close_open_piece(self) -> None:
-        """Ends a capture an error left open, so the stream leaves capture mode."""
-        if self._graph is not None:
-            with contextlib.suppress(RuntimeError):  # the failed capture may be invalidated
-                self._graph.capture_end()
-            self._graph = None
-
-    def end_piece(self) -> None:
-        self._graph.capture_end()
-        self.pool = self._graph.pool()
-        self.pieces.append(self._graph)
-        self._graph = None
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        batch: ForwardBatch,
-        scale: float,
-        sliding_window: int | None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        static_q, static_out = self._buffers_for(q)
-        static_q = static_q[: q.shape[0]]
-        static_q.copy_(q)  # captured in the piece that ends here
-        self.end_piece()
-        call = _AttentionCall(
-            static_q, k_cache, v_cache, scale, sliding_window, static_out[: q.shape[0]]
-        )
-        self.calls.append(call)
-        self.begin_piece()
-        return call.out
-
-    def _buffers_for(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(q.shape[1:]), q.dtype)
-        if key not in self.buffers:
-            raise RuntimeError(f"no static attention buffers for q {tuple(q.shape)} {q.dtype}")
-        return self.buffers[key]
 
 
 class PiecewiseGraphs:
@@ -160,19 +91,28 @@ class PiecewiseGraphs:
         if image_hidden_size is not None:
             self.spliced_rows = torch.full((size,), -1, dtype=torch.int64, device=device)
             self.spliced_embeds = torch.zeros(size, image_hidden_size, dtype=dtype, device=device)
+        # The single sequence of a whole-step graph: query span, context length, table row.
+        self.one_query_start_loc = torch.zeros(2, dtype=torch.int32, device=device)
+        self.one_seq_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.one_table_row = torch.zeros(1, dtype=torch.int64, device=device)
         self.attentions = [m for m in model.modules() if isinstance(m, Attention)]
-        self.captured: dict[int, _CapturedBucket] = {}
+        self.captured: dict[int, CapturedBucket] = {}
+        self.whole: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _static_batch(self, size: int) -> ForwardBatch:
-        """The bucket's batch at capture: one sequence of `size` new tokens in the padding row."""
+        """The bucket's batch at capture: one sequence of `size` new tokens in the padding row,
+        its metadata in the whole-step graphs' static tensors."""
         device = self.slot_table.device
+        self.one_query_start_loc.copy_(torch.tensor([0, size]))
+        self.one_seq_len.fill_(size)
+        self.one_table_row.fill_(self.padding_row)
         return ForwardBatch(
             input_ids=self.input_ids[:size],
             positions=self.positions[:size],
-            query_start_loc=torch.tensor([0, size], dtype=torch.int32, device=device),
-            seq_lens=torch.tensor([size], dtype=torch.int32, device=device),
+            query_start_loc=self.one_query_start_loc,
+            seq_lens=self.one_seq_len,
             slot_table=self.slot_table,
-            table_rows=torch.tensor([self.padding_row], dtype=torch.int64, device=device),
+            table_rows=self.one_table_row,
             out_slots=self.out_slots[:size],
             logits_indices=torch.tensor([size - 1], dtype=torch.int64, device=device),
             kv_pool=self.kv_pool,
@@ -186,7 +126,7 @@ class PiecewiseGraphs:
     def capture(self, pool: tuple | None = None) -> None:
         """Captures every bucket, largest first, in one memory pool (`pool`: e.g. the decode
         graphs', which never replay at the same time). Collective under tensor parallelism."""
-        recorder = _PieceRecorder(pool)
+        recorder = PieceRecorder(pool)
         for attention in self.attentions:
             key = ((attention.num_heads, attention.head_dim), self.dtype)
             if key not in recorder.buffers:
@@ -214,15 +154,20 @@ class PiecewiseGraphs:
             finally:
                 recorder.close_open_piece()
                 self._swap_backends(self.backend)
-            self.captured[size] = _CapturedBucket(recorder.pieces, recorder.calls, hidden)
+            self.captured[size] = CapturedBucket(recorder.pieces, recorder.calls, hidden)
+            whole = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(whole, pool=recorder.pool, stream=stream):
+                self.whole[size] = (whole, self.model(batch))
+            recorder.pool = whole.pool()
         torch.cuda.synchronize()
         logger.info(
-            "piecewise CUDA graphs captured for batches of up to %d tokens (%d buckets)",
+            "piecewise CUDA graphs captured for batches of up to %d tokens (%d buckets), and "
+            "whole-step graphs for single sequences",
             self.max_tokens,
             len(self.buckets),
         )
 
-    def _swap_backends(self, backend: AttentionBackend | _PieceRecorder) -> None:
+    def _swap_backends(self, backend: AttentionBackend | PieceRecorder) -> None:
         for attention in self.attentions:
             attention.backend = backend
 
@@ -244,6 +189,13 @@ class PiecewiseGraphs:
                 self.spliced_embeds[: batch.spliced_embeds.shape[0]].copy_(batch.spliced_embeds)
         elif batch.spliced_rows is not None:
             raise ValueError("image embeddings in a batch of a model without images")
+        if batch.num_seqs == 1:
+            self.one_query_start_loc.copy_(batch.query_start_loc)
+            self.one_seq_len.copy_(batch.seq_lens)
+            self.one_table_row.copy_(batch.table_rows)
+            graph, hidden = self.whole[size]
+            graph.replay()
+            return hidden[:count]
         bucket = self.captured[size]
         for piece, call in itertools.zip_longest(bucket.pieces, bucket.calls):
             piece.replay()

@@ -1,7 +1,8 @@
 """Piecewise CUDA graphs: batches that are not plain decodes (prefills, chunks of a prompt mixed
 with other requests' decodes, a follow-up after a cached prefix, image prompts) replay graphs cut
-at every attention call. Greedy tokens must equal transformers' (fp32) and the engine without
-them, over buckets filled exactly and with padding rows. Skipped without a GPU.
+at every attention call; a step of one sequence replays its bucket's whole-step graph. Greedy
+tokens must equal transformers' (fp32) and the engine without them, over buckets filled exactly
+and with padding rows. Skipped without a GPU.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def engine(checkpoint, **options) -> LLM:
     )
 
 
-def record_piecewise_runs(llm: LLM, monkeypatch, spliced: list[int] | None = None) -> list[int]:
-    """Token counts of the batches the piecewise graphs ran (a spy around the real `run`), and
-    into `spliced` the number of image rows of each."""
+def record_piecewise_runs(
+    llm: LLM, monkeypatch, spliced: list[int] | None = None, seqs: list[int] | None = None
+) -> list[int]:
+    """Token counts of the batches the piecewise graphs ran (a spy around the real `run`), into
+    `spliced` the number of image rows of each and into `seqs` its number of sequences (one:
+    the whole-step graph ran, more: the pieces)."""
     graphs = llm.engine.core.runner.piecewise_graphs
     assert graphs is not None
     counts: list[int] = []
@@ -37,6 +41,8 @@ def record_piecewise_runs(llm: LLM, monkeypatch, spliced: list[int] | None = Non
 
     def run(batch):
         counts.append(batch.num_tokens)
+        if seqs is not None:
+            seqs.append(batch.num_seqs)
         if spliced is not None:
             rows = batch.spliced_rows
             spliced.append(0 if rows is None else rows.shape[0])
@@ -50,12 +56,19 @@ def record_piecewise_runs(llm: LLM, monkeypatch, spliced: list[int] | None = Non
 def test_piecewise_steps_equal_transformers(tiny_checkpoint, arch, monkeypatch) -> None:
     checkpoint = tiny_checkpoint(arch)
     prompts = [*PROMPTS, " ".join(PROMPTS) * 2]  # the last needs several chunks
-    expected = reference_continuations(checkpoint, prompts, NEW_TOKENS)
+    alone = "a prompt of its own, prefilled alone"
+    *expected, expected_alone = reference_continuations(checkpoint, [*prompts, alone], NEW_TOKENS)
     llm = engine(checkpoint, **MIXED_STEPS)
     assert llm.engine.core.runner.piecewise_graphs.buckets == [16, 32, 40]
-    counts = record_piecewise_runs(llm, monkeypatch)
+    seqs: list[int] = []
+    counts = record_piecewise_runs(llm, monkeypatch, seqs=seqs)
     assert [out.token_ids for out in llm.generate(prompts, GREEDY)] == expected
     assert any(count < 16 for count in counts) and any(16 < count < 40 for count in counts)
+    assert any(n > 1 for n in seqs)  # the pieces ran
+    # One prompt at a time: its prefill is a step of one sequence, the whole-step graph's.
+    seqs.clear()
+    assert llm.generate(alone, GREEDY)[0].token_ids == expected_alone
+    assert seqs and all(n == 1 for n in seqs)  # its chunks, one step each
 
 
 def test_piecewise_equals_eager_on_cached_prefixes_and_long_prompts(
@@ -68,14 +81,17 @@ def test_piecewise_equals_eager_on_cached_prefixes_and_long_prompts(
     def run(**options) -> tuple[list[list[int]], list[int], list[int]]:
         llm = engine(checkpoint, **{"piecewise_graph_max_tokens": 64, **options})
         has_graphs = llm.engine.core.runner.piecewise_graphs is not None
-        counts = record_piecewise_runs(llm, monkeypatch) if has_graphs else []
+        seqs: list[int] = []
+        counts = record_piecewise_runs(llm, monkeypatch, seqs=seqs) if has_graphs else []
         outputs = [llm.generate(prompt, GREEDY)[0] for prompt in prompts]  # one at a time
         tokens = [out.token_ids for out in outputs]
+        assert all(n == 1 for n in seqs)  # one sequence a step: the whole-step graphs
         return tokens, [out.num_cached_tokens for out in outputs], counts
 
     tokens, cached, counts = run()
     assert cached[1] > 0 and cached[2] > 0  # the follow-ups attend over a cached prefix
     assert len(counts) == 3 and max(counts) <= 64  # the long prompt ran eagerly
+    assert counts[1] < counts[0]  # a follow-up's query is shorter than its bucket's capture
     assert run(disable_cudagraph=True)[:2] == (tokens, cached)
     assert run(piecewise_graph_max_tokens=0)[:2] == (tokens, cached)
 
@@ -105,6 +121,10 @@ def test_image_prompts_in_piecewise_graphs(tmp_path, monkeypatch) -> None:
     text_only = "a question without any image"  # alone: a step with no image rows at all
     got.append(llm.generate(text_only, GREEDY)[0].token_ids)
     assert spliced and not any(spliced)
+    # An image prompt alone: image rows through the whole-step graph's splice.
+    spliced.clear()
+    alone = llm.generate(prompts[1], GREEDY)[0].token_ids
+    assert alone == got[1] and len(spliced) == 1 and spliced[0] > 0
     eager = engine(checkpoint, disable_cudagraph=True, **MIXED_STEPS)
     expected = [out.token_ids for out in eager.generate(prompts, GREEDY)]
     expected.append(eager.generate(text_only, GREEDY)[0].token_ids)

@@ -40,8 +40,9 @@ def test_graph_pool_estimate_counts_what_the_graphs_keep() -> None:
     largest = ForwardMemory(peak=1000, hidden_row=10, logits_row=100)
     # Decode logits of every bucket (1 + 2 + 4 rows), no piecewise graphs.
     assert estimate_graph_pool([1, 2, 4], [], largest, attention_row=8) == 1000 + 7 * 100
-    # Plus each piecewise bucket's hidden states and the q and output buffers of the largest.
-    expected = 1000 + 7 * 100 + (16 + 32) * 10 + 2 * 32 * 8
+    # Plus each piecewise bucket's hidden states (its pieces' and its whole-step graph's) and
+    # the q and output buffers of the largest.
+    expected = 1000 + 7 * 100 + 2 * (16 + 32) * 10 + 2 * 32 * 8
     assert estimate_graph_pool([1, 2, 4], [16, 32], largest, attention_row=8) == expected
 
 
