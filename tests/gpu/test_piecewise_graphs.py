@@ -121,10 +121,12 @@ def test_image_prompts_in_piecewise_graphs(tmp_path, monkeypatch) -> None:
     text_only = "a question without any image"  # alone: a step with no image rows at all
     got.append(llm.generate(text_only, GREEDY)[0].token_ids)
     assert spliced and not any(spliced)
-    # An image prompt alone: image rows through the whole-step graph's splice.
+    # A new image prompt alone: image rows through the whole-step graphs' splice.
+    solo = {"prompt": "<image> alone: what is it?", "images": [image_bytes(90, 130, 5)]}
     spliced.clear()
-    alone = llm.generate(prompts[1], GREEDY)[0].token_ids
-    assert alone == got[1] and len(spliced) == 1 and spliced[0] > 0
+    alone = llm.generate(solo, GREEDY)[0].token_ids
+    assert alone == reference_tokens(llm, checkpoint, solo, NEW_TOKENS)
+    assert any(spliced)
     eager = engine(checkpoint, disable_cudagraph=True, **MIXED_STEPS)
     expected = [out.token_ids for out in eager.generate(prompts, GREEDY)]
     expected.append(eager.generate(text_only, GREEDY)[0].token_ids)
