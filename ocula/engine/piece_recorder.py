@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +30,8 @@ class AttentionCall:
 
 @dataclass
 class CapturedBucket:
+    """One bucket's pieces, the attention calls between them, and its output."""
+
     pieces: list[torch.cuda.CUDAGraph]  # one more than calls
     calls: list[AttentionCall]
     hidden: torch.Tensor  # [size, hidden]: the final hidden states the last piece writes
@@ -87,3 +90,32 @@ class PieceRecorder:
         if key not in self.buffers:
             raise RuntimeError(f"no static attention buffers for q {tuple(q.shape)} {q.dtype}")
         return self.buffers[key]
+
+
+class StaticOutputBackend:
+    """The real attention backend, writing into the pieces' shared static output buffer: used while
+    a whole-step graph is captured, so that its padding rows (no sequence covers them) hold
+    finite values from earlier steps rather than whatever uninitialised memory the graph pool
+    gave the output. Layers share the buffer as the pieces do: each layer's output projection
+    reads it before the next layer's attention writes it."""
+
+    def __init__(
+        self, backend: Any, buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        self.backend = backend
+        self.buffers = buffers
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        sliding_window: int | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        static_out = self.buffers[(tuple(q.shape[1:]), q.dtype)][1][: q.shape[0]]
+        return self.backend.attend(
+            q, k_cache, v_cache, batch, scale, sliding_window, out=static_out
+        )

@@ -26,8 +26,10 @@ long prompt) needs no eager attention: each bucket also holds one whole graph of
 one sequence, attention included. The attention kernels read the sequence's query span, context
 length and slot-table row from static device tensors, and their grid, sized at capture for the
 bucket's token count, covers any query length up to it (blocks past the real length exit), so
-the whole graph is exact for every single-sequence step of up to `size` tokens. This removes the
-~110 us of host time per layer the pieces still cost (eager attention launch and replays).
+the whole graph is exact for every single-sequence step of up to `size` tokens. Its attention
+writes into the pieces' shared output buffer (`StaticOutputBackend`), so its padding rows too
+keep what earlier steps left there. This removes the ~110 us of host time per layer the pieces
+still cost (eager attention launch and replays).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import nn
 
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
-from ocula.engine.piece_recorder import CapturedBucket, PieceRecorder
+from ocula.engine.piece_recorder import CapturedBucket, PieceRecorder, StaticOutputBackend
 from ocula.layers.attention import Attention, AttentionBackend
 from ocula.utils.device import copy_padded_
 
@@ -156,8 +158,12 @@ class PiecewiseGraphs:
                 self._swap_backends(self.backend)
             self.captured[size] = CapturedBucket(recorder.pieces, recorder.calls, hidden)
             whole = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(whole, pool=recorder.pool, stream=stream):
-                self.whole[size] = (whole, self.model(batch))
+            self._swap_backends(StaticOutputBackend(self.backend, recorder.buffers))
+            try:
+                with torch.cuda.graph(whole, pool=recorder.pool, stream=stream):
+                    self.whole[size] = (whole, self.model(batch))
+            finally:
+                self._swap_backends(self.backend)
             recorder.pool = whole.pool()
         torch.cuda.synchronize()
         logger.info(
@@ -167,7 +173,9 @@ class PiecewiseGraphs:
             len(self.buckets),
         )
 
-    def _swap_backends(self, backend: AttentionBackend | PieceRecorder) -> None:
+    def _swap_backends(
+        self, backend: AttentionBackend | PieceRecorder | StaticOutputBackend
+    ) -> None:
         for attention in self.attentions:
             attention.backend = backend
 
@@ -176,7 +184,7 @@ class PiecewiseGraphs:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, hidden] of the batch's T new tokens (see the module doc); the
-        tensor is overwritten by the next replay of the same bucket."""
+        tensor lives in the graphs' shared pool, valid until any of these graphs replays again."""
         count = batch.num_tokens
         size = next(bucket for bucket in self.buckets if bucket >= count)
         # Padding rows: token 0 at position 0 into the scratch slot, no image rows.

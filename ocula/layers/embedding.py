@@ -1,9 +1,9 @@
 """Vocabulary-parallel token embedding and LM head.
 
-The vocabulary is split into equal contiguous ranges, one per TP rank, each padded up to a
-multiple of VOCAB_PAD_ROWS: rank r holds rows [r*n, (r+1)*n) of the padded table. Padding rows
-are zero and never looked up (token ids are < vocab_size); they all sit after the last real row,
-so the LM head trims their logits away with one slice. The padding keeps each rank's logits row a
+The table is padded with zero rows to tp * n rows, n = ceil(vocab_size / tp) rounded up to a
+multiple of VOCAB_PAD_ROWS, and rank r holds rows [r*n, (r+1)*n). Token ids (< vocab_size) fill
+the table from row 0, so every padding row comes after the last real one (the last ranks may hold
+only padding): padding is never looked up, and the LM head trims its logits away with one slice. The padding keeps each rank's logits row a
 multiple of 16 bytes: with a vocabulary like Qwen2's 151,674 ids cuBLAS otherwise falls back to a
 GEMV that reads the LM head at ~75% of the bandwidth its aligned kernels reach.
 """

@@ -31,7 +31,8 @@ def rows(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 
 def vocab_rows(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """Rank `rank`'s rows: an equal share of the vocabulary, zero-padded to a multiple of 64."""
+    """Rank `rank`'s rows [rank * n, (rank + 1) * n) of the table zero-padded to size * n rows,
+    n = ceil(vocab / size) rounded up to a multiple of 64."""
     share = math.ceil(tensor.shape[0] / size)
     per_rank = math.ceil(share / 64) * 64
     padded = torch.zeros(per_rank * size, *tensor.shape[1:])
@@ -111,8 +112,19 @@ def test_each_rank_holds_its_slices(
         assert num_kv_heads == max(1, reference.config.num_key_value_heads // size)
 
 
+def test_vocab_rows_fill_the_padded_table_from_the_first_rank() -> None:
+    full = torch.arange(150 * 3, dtype=torch.float32).reshape(150, 3)
+    ranks = [VocabParallelEmbedding(150, 3, ParallelGroup(rank=r, size=2)) for r in range(2)]
+    for embedding in ranks:
+        embedding.weight.weight_loader(embedding.weight, full)
+    first, second = (embedding.weight.data for embedding in ranks)
+    assert first.shape == second.shape == (128, 3)  # ceil(150 / 2) = 75, padded to 128
+    assert torch.equal(first, full[:128])
+    assert torch.equal(second[:22], full[128:]) and not second[22:].any()
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-def test_vocab_is_padded_and_split_evenly(size: int) -> None:
+def test_vocab_is_padded_and_split_in_equal_shards(size: int) -> None:
     full = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
     for rank in range(size):
         embedding = VocabParallelEmbedding(10, 3, ParallelGroup(rank=rank, size=size))
