@@ -26,7 +26,7 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.piecewise_graphs import PiecewiseGraphs, token_count_buckets
 from ocula.layers.attention import AttentionBackend
-from ocula.utils.device import copy_padded_
+from ocula.utils.device import copy_padded_, no_garbage_collection
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ def capture_forward_graphs(
     padding_row = slot_table.shape[0] - 1
     free_before = torch.cuda.mem_get_info(slot_table.device)[0]
     decode = DecodeGraphs(model, kv_pool, slot_table, padding_row, decode_sizes[-1])
-    decode.capture()
+    with no_garbage_collection():
+        decode.capture()
     piecewise = None
     if piecewise_sizes:
         piecewise = PiecewiseGraphs(
@@ -167,7 +168,8 @@ def capture_forward_graphs(
             image_hidden_size,
             kv_pool.dtype,
         )
-        piecewise.capture(decode.pool)
+        with no_garbage_collection():
+            piecewise.capture(decode.pool)
     used = free_before - torch.cuda.mem_get_info(slot_table.device)[0]
     # Compare with the estimate memory_budget reserved (logged when the KV pool was sized).
     logger.info("CUDA graphs took %.3f GiB of device memory", used / 2**30)

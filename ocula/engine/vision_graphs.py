@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from ocula.utils.device import no_garbage_collection
+
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -53,7 +55,7 @@ class VisionGraphs:
         self.encode_images(static_input)  # warm-up: compiles kernels, settles the allocator
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with no_garbage_collection(), torch.cuda.graph(graph, pool=self._pool):
             static_output = self.encode_images(static_input)
         self._pool = graph.pool()
         logger.info("vision encoder graph captured for %d tile(s)", pixel_values.shape[0])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -70,3 +73,18 @@ def copy_padded_(static: torch.Tensor, values: torch.Tensor | None, size: int, p
         static[:count].copy_(values)
     if count < size:
         static[count:size].fill_(pad)
+
+
+@contextlib.contextmanager
+def no_garbage_collection() -> Iterator[None]:
+    """Collects garbage now, then keeps Python's collector off until the block ends: for CUDA
+    graph captures. An automatic collection inside a capture can free another object's CUDA
+    resources (an earlier engine's graphs, say), a call that invalidates the capture."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

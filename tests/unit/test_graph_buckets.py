@@ -56,3 +56,22 @@ def test_static_inputs_take_a_smaller_batch_and_pad_the_rest() -> None:
     assert static.tolist() == [4, 5, -1, -1, 9, 9]  # rows past the bucket are left alone
     copy_padded_(static, None, size=3, pad=0)
     assert static.tolist() == [0, 0, 0, -1, 9, 9]
+
+
+def test_graph_captures_keep_the_garbage_collector_off_and_restore_it() -> None:
+    import gc
+
+    from ocula.utils.device import no_garbage_collection
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), no_garbage_collection():
+        assert not gc.isenabled()
+        raise RuntimeError("a failed capture")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_garbage_collection():
+            pass
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
