@@ -46,6 +46,10 @@ logger = logging.getLogger("ocula.engine.tp")
 HEARTBEAT_SECONDS = 5.0
 STOP_JOIN_SECONDS = 10.0
 READY_KEY = "ocula/follower_ready/{rank}"
+# Set by a follower once it has left the group after StopRanks. Rank 0 hosts the store the group
+# runs on and waits for every follower's key before leaving and exiting itself: a follower still
+# tearing its group down when rank 0's store vanished was aborted (C++ terminate, exit -6).
+LEFT_KEY = "ocula/follower_left/{rank}"
 
 
 @dataclass
@@ -155,9 +159,11 @@ class FollowerRanks:
     def stop(self, graceful: bool) -> None:
         """Stops every follower: asks them (when `graceful`), then terminates any still running.
         After a graceful stop rank 0 leaves the group too (a broken group is left to exit)."""
+        asked = False
         if graceful:
             try:
                 self.group.broadcast_object(StopRanks())
+                asked = True
             except RuntimeError as error:  # a follower is already gone; the rest are killed
                 logger.warning("could not ask the ranks to stop: %s", error)
         deadline = time.monotonic() + (STOP_JOIN_SECONDS if graceful else 0.0)
@@ -170,8 +176,19 @@ class FollowerRanks:
             if process.is_alive():
                 process.kill()
                 process.join(5)
+        if asked:
+            self._wait_until_left(deadline)
         if graceful:
             leave_group()
+
+    def _wait_until_left(self, deadline: float) -> None:
+        """Waits (until `deadline`) for every follower, on this node or another, to say it left
+        the group; a rank already gone without saying so is not waited for past the deadline."""
+        waiting = set(range(1, self.group.size))
+        while waiting and time.monotonic() < deadline:
+            waiting = {r for r in waiting if not self._store.check([LEFT_KEY.format(rank=r)])}
+            if waiting:
+                time.sleep(0.05)
 
 
 def _death_message(rank: int, process: multiprocessing.process.BaseProcess) -> str:
@@ -241,3 +258,4 @@ def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
         logger.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
         sys.exit(1)
     leave_group()
+    store.set(LEFT_KEY.format(rank=rank), "1")  # rank 0 may now take the store away
