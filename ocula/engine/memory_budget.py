@@ -5,10 +5,11 @@ the CUDA context), the activation peak of the largest eager forward (`--batch_ma
 tokens) and, when CUDA graphs are on, the language model's graph pool. Those graphs are captured
 after the KV pool exists (they read its addresses), so their share is estimated beforehand: the
 activations of their largest forward (all share one pool and never replay at the same time) plus
-what each graph keeps allocated between replays (decode logits, the final hidden states of
-each piecewise bucket's pieces and of its whole-step graph, the shared attention buffers). Not reserved (they live in the rest of the GPU, 1 -
-mem_fraction): the vision encoder's activations and its graphs, captured per tile count on first
-use, and what the driver itself holds for the graphs and the kernels loaded after sizing.
+what each graph keeps allocated between replays (decode logits, the final hidden states of each
+piecewise bucket's pieces and of its whole-step graph, the shared attention buffers). Not
+reserved (they live in the rest of the GPU, 1 - mem_fraction): the vision encoder's activations
+and its graphs, captured per tile count on first use, and what the driver itself holds for the
+graphs and the kernels loaded after sizing.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 The table is padded with zero rows to tp * n rows, n = ceil(vocab_size / tp) rounded up to a
 multiple of VOCAB_PAD_ROWS, and rank r holds rows [r*n, (r+1)*n). Token ids (< vocab_size) fill
 the table from row 0, so every padding row comes after the last real one (the last ranks may hold
-only padding): padding is never looked up, and the LM head trims its logits away with one slice. The padding keeps each rank's logits row a
-multiple of 16 bytes: with a vocabulary like Qwen2's 151,674 ids cuBLAS otherwise falls back to a
-GEMV that reads the LM head at ~75% of the bandwidth its aligned kernels reach.
+only padding): padding is never looked up, and the LM head trims its logits away with one
+slice. The padding keeps each rank's logits row a multiple of 16 bytes: with a vocabulary like
+Qwen2's 151,674 ids cuBLAS otherwise falls back to a GEMV that reads the LM head at ~75% of the
+bandwidth its aligned kernels reach.
 """
 
 from __future__ import annotations
