@@ -15,6 +15,7 @@ its followers between steps and names a dead one in the error it reports to the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -258,4 +259,7 @@ def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
         logger.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
         sys.exit(1)
     leave_group()
-    store.set(LEFT_KEY.format(rank=rank), "1")  # rank 0 may now take the store away
+    # Rank 0 may now take the store away; if it already has (it waits only so long), this rank
+    # has still left cleanly.
+    with contextlib.suppress(RuntimeError):  # torch's store errors derive from RuntimeError
+        store.set(LEFT_KEY.format(rank=rank), "1")
