@@ -154,8 +154,6 @@ def capture_forward_graphs(
     padding_row = slot_table.shape[0] - 1
     free_before = torch.cuda.mem_get_info(slot_table.device)[0]
     decode = DecodeGraphs(model, kv_pool, slot_table, padding_row, decode_sizes[-1])
-    with no_garbage_collection():
-        decode.capture()
     piecewise = None
     if piecewise_sizes:
         piecewise = PiecewiseGraphs(
@@ -168,7 +166,9 @@ def capture_forward_graphs(
             image_hidden_size,
             kv_pool.dtype,
         )
-        with no_garbage_collection():
+    with no_garbage_collection():
+        decode.capture()
+        if piecewise is not None:
             piecewise.capture(decode.pool)
     used = free_before - torch.cuda.mem_get_info(slot_table.device)[0]
     # Compare with the estimate memory_budget reserved (logged when the KV pool was sized).

@@ -16,6 +16,16 @@ import torch
 from ocula.engine.forward_batch import ForwardBatch
 
 
+def buffers_for(
+    buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The static (q, attention output) buffers, [max_tokens, heads, head_dim], for q's shape."""
+    key = (tuple(q.shape[1:]), q.dtype)
+    if key not in buffers:
+        raise RuntimeError(f"no static attention buffers for q {tuple(q.shape)} {q.dtype}")
+    return buffers[key]
+
+
 @dataclass
 class AttentionCall:
     """One attention call between two pieces, replayed eagerly on the pieces' static tensors."""
@@ -74,7 +84,7 @@ class PieceRecorder:
         sliding_window: int | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        static_q, static_out = self._buffers_for(q)
+        static_q, static_out = buffers_for(self.buffers, q)
         static_q = static_q[: q.shape[0]]
         static_q.copy_(q)  # captured in the piece that ends here
         self.end_piece()
@@ -84,12 +94,6 @@ class PieceRecorder:
         self.calls.append(call)
         self.begin_piece()
         return call.out
-
-    def _buffers_for(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(q.shape[1:]), q.dtype)
-        if key not in self.buffers:
-            raise RuntimeError(f"no static attention buffers for q {tuple(q.shape)} {q.dtype}")
-        return self.buffers[key]
 
 
 class StaticOutputBackend:
@@ -115,7 +119,7 @@ class StaticOutputBackend:
         sliding_window: int | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        static_out = self.buffers[(tuple(q.shape[1:]), q.dtype)][1][: q.shape[0]]
+        static_out = buffers_for(self.buffers, q)[1][: q.shape[0]]
         return self.backend.attend(
             q, k_cache, v_cache, batch, scale, sliding_window, out=static_out
         )
