@@ -13,16 +13,20 @@ has one row per placeholder. The scheduler admits a request, then this class:
   the next plan.
 
 Tiling an image (decode, resize, crop) is CPU work of a millisecond to tens of milliseconds;
-done at admission it would stall the engine loop, and every running request with it. So
-`prefetch` starts it in a worker thread when the request arrives, for images the embedding
-cache does not hold (at most MAX_PREFETCHED_IMAGES at a time, shared by key); admission then
-takes the result, or tiles the image itself if it was not prefetched.
+done at admission it would stall the engine loop, and every running request with it. So tiling
+runs in worker threads, ahead of admission: `prefetch` starts it when a request arrives, and
+`finish_plan` tops the window up from the waiting queue every step, in queue order, for images
+the embedding cache does not hold (shared by key, at most MAX_PREFETCHED_TOKENS placeholder
+tokens' worth of tiles waiting at once). Admission takes the result; an image admitted before it
+was prefetched is tiled in the same threads, and `finish_plan` waits for the step's images
+together, so a step admitting many such images tiles them in parallel, not one by one.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
+import itertools
+import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,7 +39,9 @@ from ocula.engine.request import ImageSpan, Request
 @dataclass
 class EncoderInput:
     key: str
-    pixel_values: torch.Tensor  # [tiles, 3, H, W] CPU: uint8 tiles, or float32 normalized
+    # [tiles, 3, H, W] CPU: uint8 tiles, or float32 normalized. Between `admit` and
+    # `finish_plan` it may still be the Future of the tiling.
+    pixel_values: torch.Tensor | Future[torch.Tensor]
 
 
 @dataclass
@@ -49,9 +55,15 @@ class ImageSlice:
     dst_start: int
 
 
-# Images tiled ahead of admission at once, at most (their uint8 tiles wait in memory).
-MAX_PREFETCHED_IMAGES = 16
-PREFETCH_THREADS = 2
+# Placeholder tokens of the images tiled ahead of admission at once, at most: their uint8 tiles
+# wait in memory. InternVL's tiles take 2,352 bytes per placeholder token (a 448 px tile is 602 KB
+# for 256 tokens), so this bounds them at about 77 MB: 128 one-tile images, or 10 of 13 tiles.
+# One image is always allowed, whatever its size.
+MAX_PREFETCHED_TOKENS = 32768
+# PIL decodes and resizes without the GIL: tiling scales with threads, up to the cores spared.
+PREFETCH_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
+# Waiting requests `finish_plan` looks at, at most, each step (the queue's head is admitted first).
+PREFETCH_LOOKAHEAD = 256
 
 
 class ImageScheduler:
@@ -63,44 +75,55 @@ class ImageScheduler:
         self._pending_frees: list[str] = []
         self.num_served_by_prefix_cache = 0  # images whose KV was cached: no embedding needed
         self._prefetched: dict[str, Future[torch.Tensor]] = {}  # by cache key
-        self._prefetch_waiters: Counter[str] = Counter()  # waiting requests per prefetched key
+        self._prefetched_tokens: dict[str, int] = {}  # placeholder tokens of each prefetched key
+        self._waiters: dict[str, set[str]] = {}  # waiting request ids per prefetched key
         self._pool: ThreadPoolExecutor | None = None
 
-    def prefetch(self, request: Request) -> None:
-        """Starts tiling the request's images that are not cached (nor being tiled already)."""
+    def prefetch(self, request: Request) -> bool:
+        """Starts tiling the request's images that are not cached (nor being tiled already);
+        idempotent. False when the window is full before all of them are started."""
         if self._preprocess is None:
-            return
+            return True
         for span in request.images:
             if span.key in self._prefetched:  # another waiting request's image too
-                self._prefetch_waiters[span.key] += 1
+                self._waiters[span.key].add(request.request_id)
                 continue
-            if len(self._prefetched) >= MAX_PREFETCHED_IMAGES:
-                return
-            if span.pixel_values is None and span.key not in self.index:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(PREFETCH_THREADS, "ocula-tiling")
-                self._prefetched[span.key] = self._pool.submit(self._preprocess, span)
-                self._prefetch_waiters[span.key] = 1
+            if span.pixel_values is not None or span.key in self.index:
+                continue
+            window = sum(self._prefetched_tokens.values())
+            if self._prefetched and window + span.length > MAX_PREFETCHED_TOKENS:
+                return False
+            self._prefetched[span.key] = self._submit(span)
+            self._prefetched_tokens[span.key] = span.length
+            self._waiters[span.key] = {request.request_id}
+        return True
 
     def drop_prefetched(self, request: Request) -> None:
         """Forgets the tiles prefetched for a request that leaves before its admission, unless
         another waiting request needs the same image."""
         for span in request.images:
-            if span.key not in self._prefetched:
+            waiters = self._waiters.get(span.key)
+            if waiters is None:
                 continue
-            self._prefetch_waiters[span.key] -= 1
-            if self._prefetch_waiters[span.key] <= 0:
+            waiters.discard(request.request_id)
+            if not waiters:
                 self._take_prefetched(span.key).cancel()
 
     def _take_prefetched(self, key: str) -> Future[torch.Tensor] | None:
-        self._prefetch_waiters.pop(key, None)
+        self._waiters.pop(key, None)
+        self._prefetched_tokens.pop(key, None)
         return self._prefetched.pop(key, None)
+
+    def _submit(self, span: ImageSpan) -> Future[torch.Tensor]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(PREFETCH_THREADS, "ocula-tiling")
+        return self._pool.submit(self._preprocess, span)
 
     def admit(
         self, request: Request, cached_prefix_len: int
     ) -> tuple[list[EncoderInput], list[str]]:
         """Acquires the embeddings a newly admitted request needs; returns what to encode now and
-        which keys were evicted for room."""
+        which keys were evicted for room. Pixel values may still be tiling: `finish_plan`."""
         to_encode: list[EncoderInput] = []
         evicted: list[str] = []
         for span in request.images:
@@ -118,14 +141,27 @@ class ImageScheduler:
             request.held_image_keys.append(span.key)
         return to_encode, evicted
 
-    def _pixels(self, span: ImageSpan, prefetched: Future[torch.Tensor] | None) -> torch.Tensor:
+    def finish_plan(self, to_encode: list[EncoderInput], waiting: Iterable[Request]) -> None:
+        """Tops up the prefetch window from the head of `waiting`, then waits for the tiles of
+        the step's images, so that each `to_encode` item holds its pixel values."""
+        if self._preprocess is not None:
+            for request in itertools.islice(waiting, PREFETCH_LOOKAHEAD):
+                if not self.prefetch(request):
+                    break
+        for item in to_encode:
+            if isinstance(item.pixel_values, Future):
+                item.pixel_values = item.pixel_values.result()
+
+    def _pixels(
+        self, span: ImageSpan, prefetched: Future[torch.Tensor] | None
+    ) -> torch.Tensor | Future[torch.Tensor]:
         if span.pixel_values is not None:
             return span.pixel_values
         if prefetched is not None:
-            return prefetched.result()
+            return prefetched
         if self._preprocess is None:
             raise RuntimeError("an image reached an engine without a vision encoder")
-        return self._preprocess(span)
+        return self._submit(span)
 
     def release(self, request: Request) -> None:
         for key in request.held_image_keys:

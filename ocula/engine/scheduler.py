@@ -146,6 +146,8 @@ class Scheduler:
         decode_slots.give_back()
         if not preempted:
             self._admit_waiting(plan, budget)
+        if self.images is not None:
+            self.images.finish_plan(plan.encoder_inputs, self.waiting)
         return plan
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:

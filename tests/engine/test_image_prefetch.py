@@ -1,0 +1,123 @@
+"""Tiling images ahead of admission (`ImageScheduler`): worker threads, one tiling per image,
+a bounded window topped up from the waiting queue, and parallel tiling of a step's images."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from ocula.engine import image_inputs
+from ocula.engine.image_inputs import ImageScheduler
+from ocula.engine.request import ImageSpan, Request
+from ocula.sampling.params import SamplingParams
+
+TileFn = Callable[[ImageSpan], torch.Tensor]
+
+
+def request(name: str, *keys: str, length: int = 4) -> Request:
+    spans = [ImageSpan(key, length * i, length) for i, key in enumerate(keys)]
+    return Request(name, list(range(length * len(keys) + 1)), SamplingParams(), frozenset(), spans)
+
+
+def recording_tiler(gate: threading.Event) -> tuple[TileFn, list[tuple[str, str]]]:
+    """A tiler that waits for `gate`, records (key, thread name), and returns uint8 tiles whose
+    values tell images apart (the key's length)."""
+    calls: list[tuple[str, str]] = []
+
+    def tile(span: ImageSpan) -> torch.Tensor:
+        calls.append((span.key, threading.current_thread().name))
+        gate.wait(5)
+        return torch.full((1, 3, 2, 2), len(span.key), dtype=torch.uint8)
+
+    return tile, calls
+
+
+def admitted(images: ImageScheduler, req: Request, waiting: list[Request] = ()) -> list:
+    """What a step admitting `req` encodes, as (key, tile value), after `finish_plan`."""
+    to_encode, _ = images.admit(req, 0)
+    images.finish_plan(to_encode, waiting)
+    assert all(isinstance(item.pixel_values, torch.Tensor) for item in to_encode)
+    return [(item.key, int(item.pixel_values.max())) for item in to_encode]
+
+
+def test_images_are_tiled_ahead_in_a_worker_thread_and_taken_once() -> None:
+    gate = threading.Event()
+    tile, calls = recording_tiler(gate)
+    images = ImageScheduler(8, tile)
+    first, same_image, other = request("a", "x"), request("b", "x"), request("c", "yy", "z")
+    for r in (first, same_image, other, first):  # prefetching twice changes nothing
+        assert images.prefetch(r)
+    gate.set()
+    assert admitted(images, first) == [("x", 1)]
+    assert [key for key, _ in calls].count("x") == 1  # one tiling for both requests
+    # A second request with the same image finds it cached: no tiling, nothing to encode.
+    assert images.admit(same_image, 0) == ([], [])
+    images.drop_prefetched(other)  # left while waiting: its prefetched tiles are forgotten
+    assert images._prefetched == {} and images._waiters == {}
+    # Two waiting requests share a new image; the first leaves: the second keeps the tiles.
+    leaving, staying = request("e", "w"), request("f", "w")
+    for r in (leaving, staying, leaving):
+        images.prefetch(r)
+    images.drop_prefetched(leaving)
+    assert admitted(images, staying) == [("w", 1)] and not images._prefetched
+    assert sorted(key for key, _ in calls) == ["w", "x", "yy", "z"]
+    assert all(thread.startswith("ocula-tiling") for _, thread in calls)
+
+
+def test_the_window_is_bounded_and_topped_up_from_the_waiting_queue() -> None:
+    gate = threading.Event()
+    gate.set()
+    tile, calls = recording_tiler(gate)
+    images = ImageScheduler(64, tile)
+    per_window = 3
+    length = image_inputs.MAX_PREFETCHED_TOKENS // per_window
+    queue = [request(f"r{i}", f"k{i}", length=length) for i in range(per_window + 2)]
+    for r in queue:
+        images.prefetch(r)
+    assert sorted(images._prefetched) == [f"k{i}" for i in range(per_window)]
+    # A step admits the head; the window it frees goes to the next waiting image, in order.
+    assert admitted(images, queue[0], queue[1:]) == [("k0", 2)]
+    assert sorted(images._prefetched) == [f"k{i}" for i in range(1, per_window + 1)]
+    # An image larger than the whole window still prefetches when nothing else waits.
+    huge = request("huge", "big", length=2 * image_inputs.MAX_PREFETCHED_TOKENS)
+    assert not images.prefetch(huge)
+    for r in queue[1:]:
+        admitted(images, r)
+    assert images.prefetch(huge) and list(images._prefetched) == ["big"]
+    images._prefetched["big"].result()
+    assert sorted(key for key, _ in calls) == sorted([f"k{i}" for i in range(len(queue))] + ["big"])
+
+
+def test_images_admitted_before_their_prefetch_are_tiled_in_parallel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Both tilings must be running at once for either to finish: one by one, this would hang.
+    monkeypatch.setattr(image_inputs, "PREFETCH_THREADS", 2)
+    both_running = threading.Barrier(2, timeout=5)
+    names: list[str] = []
+
+    def tile(span: ImageSpan) -> torch.Tensor:
+        both_running.wait()
+        names.append(threading.current_thread().name)
+        return torch.zeros((1, 3, 2, 2), dtype=torch.uint8)
+
+    images = ImageScheduler(8, tile)
+    first, second = request("a", "p"), request("b", "q")  # never prefetched
+    to_encode, _ = images.admit(first, 0)
+    more, _ = images.admit(second, 0)
+    images.finish_plan(to_encode + more, [])
+    assert [item.key for item in to_encode + more] == ["p", "q"]
+    assert len(names) == 2 and all(name.startswith("ocula-tiling") for name in names)
+
+
+def test_a_failed_tiling_surfaces_at_finish_plan() -> None:
+    def tile(span: ImageSpan) -> torch.Tensor:
+        raise OSError("truncated file")
+
+    images = ImageScheduler(8, tile)
+    to_encode, _ = images.admit(request("a", "bad"), 0)
+    with pytest.raises(OSError, match="truncated"):
+        images.finish_plan(to_encode, [])
