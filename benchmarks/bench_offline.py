@@ -4,7 +4,7 @@ Workloads (workloads.py; greedy, ignore_eos, every request in the engine at once
 - multimodal: 256 requests, one distinct 448 x 448 JPEG each + a question of 60 words (about 70
   text tokens with the chat template), 256 new tokens each;
 - text_only: the text twin, 256 prompts of 320 random token ids, 256 new tokens each.
-Ocula is timed from the first `add_request` (tokenization and image decoding included) to the
+Ocula is timed from `add_requests` (tokenization and image decoding included) to the
 last finished request, after a short warm-up run (kernel compilation excluded).
 
 Floor (accounting.workload_floor): every prompt's prefill FLOPs (plus the ViT's for the images)

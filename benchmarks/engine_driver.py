@@ -128,15 +128,16 @@ class OfflineRun:
 def run_offline(
     engine: Any, prompts: list[Any], max_new_tokens: int, deadline: Deadline
 ) -> OfflineRun:
-    """All prompts through the in-process engine, timed from the first `add_request` (which
+    """All prompts through the in-process engine, timed from `add_requests` (which
     tokenizes and decodes images) to the last finished output; stops at the deadline."""
     params = greedy(engine, max_new_tokens)
     ids = [f"offline-{next(_ids)}" for _ in prompts]
     tokens = 0
     prompt_lens: list[int] = []
     start = time.perf_counter()
-    for request_id, prompt in zip(ids, prompts, strict=True):
-        engine.add_request(request_id, prompt, params)
+    engine.add_requests(
+        [(request_id, prompt, params) for request_id, prompt in zip(ids, prompts, strict=True)]
+    )
     completed = 0
     while engine.has_unfinished_requests() and deadline.remaining() > 0:
         for output in engine.step():

@@ -6,6 +6,10 @@ This is what the offline `LLM` API drives, and the same core the server runs.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from ocula.config import EngineArgs
@@ -33,6 +37,9 @@ logger = logging.getLogger(__name__)
 # "images": [encoded image bytes, in tag order], "image_max_patch_num": optional tile cap}.
 Prompt = str | list[int] | dict[str, Any]
 
+# Threads that decode a batch of prompts' images (`add_requests`).
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
@@ -58,13 +65,29 @@ class LLMEngine:
         params.validate()
         return params.with_model_defaults(self.generation_config)
 
-    def tokenize(self, prompt: Prompt) -> tuple[list[int], list[ImageSpan]]:
-        """Token ids of a prompt, and the spans of its images (multimodal prompts)."""
+    def tokenize(
+        self, prompt: Prompt, decoded: list[LoadedImage] | None = None
+    ) -> tuple[list[int], list[ImageSpan]]:
+        """Token ids of a prompt, and the spans of its images (multimodal prompts). `decoded`:
+        the prompt's images already decoded (`_decode_all_images`), else decoded here."""
         if isinstance(prompt, dict):
-            return self._tokenize_with_images(prompt)
+            return self._tokenize_with_images(prompt, decoded)
         return self._tokenize_text(prompt), []
 
-    def _tokenize_with_images(self, prompt: dict[str, Any]) -> tuple[list[int], list[ImageSpan]]:
+    def _tokenize_with_images(
+        self, prompt: dict[str, Any], decoded: list[LoadedImage] | None
+    ) -> tuple[list[int], list[ImageSpan]]:
+        self._check_multimodal_prompt(prompt)
+        images = decoded if decoded is not None else self._decode_images(prompt)
+        return build_image_prompt(
+            prompt["prompt"],
+            images,
+            self.vision,
+            self.tokenizer,
+            prompt.get("image_max_patch_num"),
+        )
+
+    def _check_multimodal_prompt(self, prompt: dict[str, Any]) -> None:
         if self.vision is None:
             raise ValueError(f"{self.model_dir.name} has no vision encoder: it cannot take images")
         unknown = set(prompt) - {"prompt", "images", "image_max_patch_num"}
@@ -73,6 +96,9 @@ class LLMEngine:
                 "a multimodal prompt is {'prompt': str, 'images': [bytes], "
                 f"'image_max_patch_num': int}}; got keys {sorted(prompt)}"
             )
+
+    @staticmethod
+    def _decode_images(prompt: dict[str, Any]) -> list[LoadedImage]:
         limits = ImageLimits()
         images = []
         for index, data in enumerate(prompt.get("images", [])):
@@ -80,13 +106,37 @@ class LLMEngine:
                 images.append(LoadedImage.decoded(data, limits))
             except ImageError as error:
                 raise ValueError(f"image {index}: {error.message}") from None
-        return build_image_prompt(
-            prompt["prompt"],
-            images,
-            self.vision,
-            self.tokenizer,
-            prompt.get("image_max_patch_num"),
-        )
+        return images
+
+    def _decode_all_images(self, prompts: list[Prompt]) -> list[list[LoadedImage] | None]:
+        """Every multimodal prompt's images, decoded in parallel threads (PIL decodes without
+        the GIL) when there are several; None for other prompts. ValueError names the first bad
+        image in prompt order."""
+        multimodal = [prompt if isinstance(prompt, dict) else None for prompt in prompts]
+        for prompt in multimodal:
+            if prompt is not None:
+                self._check_multimodal_prompt(prompt)
+        count = sum(len(prompt.get("images", [])) for prompt in multimodal if prompt is not None)
+        if count < 2:
+            return [None] * len(prompts)
+        decode = partial(LoadedImage.decoded, limits=ImageLimits())
+        pool = ThreadPoolExecutor(min(DECODE_THREADS, count), "ocula-image-decode")
+        try:
+            pending = [
+                [pool.submit(decode, data) for data in prompt.get("images", [])]
+                if prompt is not None
+                else None
+                for prompt in multimodal
+            ]
+            many = len(prompts) > 1
+            return [
+                _collect_images(futures, f"prompt {index}, " if many else "")
+                if futures is not None
+                else None
+                for index, futures in enumerate(pending)
+            ]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _tokenize_text(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -101,10 +151,44 @@ class LLMEngine:
         self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
     ) -> None:
         """Queues a prompt. Raises ValueError (RequestRejectedError included) for a bad request."""
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        params = self.resolve_params(params)
-        prompt_ids, images = self.tokenize(prompt)
+        self.add_requests([(request_id, prompt, params)])
+
+    def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams | None]]) -> None:
+        """Queues (request id, prompt, params) triples in order, all or none: a bad one raises
+        ValueError (RequestRejectedError included) and leaves none of them queued. The images
+        of all prompts are decoded (and so checked) in parallel first."""
+        ids = [request_id for request_id, _, _ in requests]
+        for request_id in ids:
+            if request_id in self._groups:
+                raise ValueError(f"request id {request_id!r} is already in use")
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids repeat within one call")
+        params_list = [self.resolve_params(params) for _, _, params in requests]
+        images = self._decode_all_images([prompt for _, prompt, _ in requests])
+        tokenized = [
+            self.tokenize(prompt, decoded)
+            for (_, prompt, _), decoded in zip(requests, images, strict=True)
+        ]
+        queued = []
+        try:
+            for (request_id, prompt, _), params, (prompt_ids, spans) in zip(
+                requests, params_list, tokenized, strict=True
+            ):
+                self._queue(request_id, prompt, params, prompt_ids, spans)
+                queued.append(request_id)
+        except ValueError:
+            for request_id in queued:
+                self.abort_request(request_id)
+            raise
+
+    def _queue(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        images: list[ImageSpan],
+    ) -> None:
         group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, prompt_ids)
         children = []
         for index, (child_id, child_params) in enumerate(fan_out(request_id, params)):
@@ -161,3 +245,14 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+
+def _collect_images(futures: list[Future], where: str = "") -> list[LoadedImage]:
+    """The decoded images, in order; the first ImageError as ValueError(where + "image i: ...")."""
+    images = []
+    for index, future in enumerate(futures):
+        try:
+            images.append(future.result())
+        except ImageError as error:
+            raise ValueError(f"{where}image {index}: {error.message}") from None
+    return images

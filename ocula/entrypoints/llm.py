@@ -46,8 +46,7 @@ class LLM:
                 )
         ids = [f"offline-{next(self._ids)}" for _ in prompt_list]
         try:
-            for request_id, prompt, params in zip(ids, prompt_list, params_list, strict=True):
-                self.engine.add_request(request_id, prompt, params)
+            self.engine.add_requests(list(zip(ids, prompt_list, params_list, strict=True)))
             results: dict[str, RequestOutput] = {}
             while len(results) < len(ids):
                 if not self.engine.has_unfinished_requests():

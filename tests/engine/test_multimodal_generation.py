@@ -138,3 +138,35 @@ def test_images_batch_together_and_requests_are_checked(hf_checkpoint) -> None:
         llm.generate({"prompt": "<image>", "images": []}, GREEDY)
     with pytest.raises(ValueError, match="image 0"):
         llm.generate({"prompt": "<image>", "images": [b"not an image"]}, GREEDY)
+
+
+def test_a_batch_decodes_its_images_in_threads_and_is_queued_all_or_none(
+    hf_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from ocula.multimodal.loaded_images import LoadedImage
+
+    llm = LLM(str(hf_checkpoint), max_total_token_num=4096, max_req_total_len=64)
+    engine = llm.engine
+    decoded_in: list[str] = []
+    real_decode = LoadedImage.decoded.__func__
+
+    def recording_decode(cls, data, limits):
+        decoded_in.append(threading.current_thread().name)
+        return real_decode(cls, data, limits)
+
+    monkeypatch.setattr(LoadedImage, "decoded", classmethod(recording_decode))
+    good = [{"prompt": f"{i}: <image>", "images": [image_bytes(60, 60, 40 + i)]} for i in range(3)]
+    bad_image = {"prompt": "<image>", "images": [b"not an image"]}
+    with pytest.raises(ValueError, match="prompt 2, image 0"):
+        engine.add_requests([(f"r{i}", p, GREEDY) for i, p in enumerate([*good[:2], bad_image])])
+    assert not engine.has_unfinished_requests()
+    assert decoded_in and all(name.startswith("ocula-image-decode") for name in decoded_in)
+    # The core refuses the last prompt (longer than max_req_total_len): the others leave too.
+    too_long = {"prompt": "word " * 80 + "<image>", "images": [image_bytes(60, 60, 50)]}
+    with pytest.raises(ValueError, match="over the limit of 64 tokens"):
+        engine.add_requests([(f"s{i}", p, GREEDY) for i, p in enumerate([*good, too_long])])
+    assert not engine.has_unfinished_requests() and not engine.core.has_work()
+    outputs = llm.generate(good, GREEDY)
+    assert [len(out.outputs[0].token_ids) for out in outputs] == [8, 8, 8]
