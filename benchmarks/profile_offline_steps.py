@@ -1,0 +1,165 @@
+"""Where an offline workload's time goes, step by step (diagnosis, not part of `run_all`).
+
+Runs bench_offline.py's workloads (multimodal, then its text twin) through the in-process engine
+once each, after the same warm-up, and records for every `EngineCore.step` its wall time and what
+its plan held: prefill tokens, decode sequences, images sent to the vision encoder. Reports:
+- the time `add_requests` took (tokenizing, decoding every image to check it) before the first
+  step;
+- wall time summed by step kind (prefill / decode / with images), and the time spent between
+  steps (`LLMEngine.step`'s output handling);
+- the host time of the image encoder's calls (it queues GPU work and returns: with overlap the
+  GPU time lands in later steps' wall time).
+Comparing the multimodal run's steps with the text run's shows the cost the images add.
+
+    python -m benchmarks.profile_offline_steps --checkpoint VLM_DIR --out steps.json [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Deadline, engine_options, log, make_llm, run_metadata, write_json
+from benchmarks.engine_driver import run_offline
+from benchmarks.workloads import (
+    MULTIMODAL,
+    TEXT_ONLY,
+    TINY_MULTIMODAL,
+    TINY_TEXT_ONLY,
+    OfflineWorkload,
+    image_prompt,
+    token_prompts,
+)
+
+
+@dataclass
+class StepRecord:
+    start: float
+    end: float
+    prefill_tokens: int
+    decode_sequences: int
+    images: int
+
+    @property
+    def kind(self) -> str:
+        parts = ["prefill"] if self.prefill_tokens else []
+        parts += ["decode"] if self.decode_sequences else []
+        parts += ["images"] if self.images else []
+        return "+".join(parts) or "empty"
+
+
+class StepRecorder:
+    """Wraps the engine core's `step`, its scheduler's `schedule` and the image encoder's
+    `encode` (instance attributes: the classes are untouched) to time each call."""
+
+    def __init__(self, engine: Any) -> None:
+        core = engine.core
+        self.steps: list[StepRecord] = []
+        self.encoder_calls: list[tuple[float, int]] = []  # (host seconds, images)
+        self._plan: Any = None
+        core.scheduler.schedule = self._wrap_schedule(core.scheduler.schedule)
+        core.step = self._wrap_step(core.step)
+        encoder = getattr(core.runner, "image_encoder", None)
+        if encoder is not None:
+            encoder.encode = self._wrap_encode(encoder.encode)
+
+    def clear(self) -> None:
+        self.steps.clear()
+        self.encoder_calls.clear()
+
+    def _wrap_schedule(self, schedule: Callable[[], Any]) -> Callable[[], Any]:
+        def recorded() -> Any:
+            self._plan = schedule()
+            return self._plan
+
+        return recorded
+
+    def _wrap_step(self, step: Callable[[], Any]) -> Callable[[], Any]:
+        def recorded() -> Any:
+            self._plan = None
+            start = time.perf_counter()
+            updates = step()
+            end = time.perf_counter()
+            plan = self._plan
+            if plan is not None:
+                prefill = sum(s.num_new_tokens for s in plan.sequences if s.num_new_tokens > 1)
+                decode = sum(1 for s in plan.sequences if s.num_new_tokens == 1)
+                self.steps.append(StepRecord(start, end, prefill, decode, len(plan.encoder_inputs)))
+            return updates
+
+        return recorded
+
+    def _wrap_encode(self, encode: Callable[[list], Any]) -> Callable[[list], Any]:
+        def recorded(inputs: list) -> Any:
+            start = time.perf_counter()
+            result = encode(inputs)
+            self.encoder_calls.append((time.perf_counter() - start, len(inputs)))
+            return result
+
+        return recorded
+
+
+def summarize(run: Any, started: float, recorder: StepRecorder) -> dict[str, Any]:
+    steps = recorder.steps
+    by_kind: dict[str, dict[str, float]] = defaultdict(lambda: {"steps": 0, "seconds": 0.0})
+    for record in steps:
+        by_kind[record.kind]["steps"] += 1
+        by_kind[record.kind]["seconds"] += record.end - record.start
+    between = sum(later.start - earlier.end for earlier, later in itertools.pairwise(steps))
+    return {
+        "seconds": run.seconds,
+        "finished": run.finished,
+        "add_requests_seconds": steps[0].start - started if steps else None,
+        "steps": len(steps),
+        "by_kind": dict(by_kind),
+        "between_steps_seconds": between,
+        "encoder_calls": len(recorder.encoder_calls),
+        "encoder_host_seconds": sum(seconds for seconds, _ in recorder.encoder_calls),
+        "encoded_images": sum(images for _, images in recorder.encoder_calls),
+        "prefill_tokens_per_step": [r.prefill_tokens for r in steps if r.prefill_tokens],
+    }
+
+
+def profile(engine: Any, workload: OfflineWorkload, recorder: StepRecorder) -> dict[str, Any]:
+    recorder.clear()
+    prompts = workload.prompts(seed=7)
+    started = time.perf_counter()
+    run = run_offline(engine, prompts, workload.new_tokens, Deadline(None))
+    result = {"workload": vars(workload), **summarize(run, started, recorder)}
+    kinds = ", ".join(
+        f"{kind} {v['steps']} steps {v['seconds']:.3f} s" for kind, v in result["by_kind"].items()
+    )
+    log(
+        f"{workload.name}: {run.seconds:.2f} s; add_requests {result['add_requests_seconds']:.3f}"
+        f" s; {kinds}; between steps {result['between_steps_seconds']:.3f} s"
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="the InternVL checkpoint")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--engine_args", default="")
+    parser.add_argument("--tiny", action="store_true", help="bench_offline's tiny workloads")
+    args = parser.parse_args()
+    llm = make_llm(engine_options(args.checkpoint, args.engine_args))
+    engine = llm.engine
+    warm_up = [image_prompt(900 + i, 20) for i in range(4)] + token_prompts(901, 4, 64)
+    run_offline(engine, warm_up, 8, Deadline(None))
+    recorder = StepRecorder(engine)
+    workloads = (TINY_MULTIMODAL, TINY_TEXT_ONLY) if args.tiny else (MULTIMODAL, TEXT_ONLY)
+    results: dict[str, Any] = {"meta": run_metadata(engine.core.runner.device)}
+    for workload in workloads:
+        results[workload.name] = profile(engine, workload, recorder)
+    write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
