@@ -39,9 +39,15 @@ from ocula.engine.request import ImageSpan, Request
 @dataclass
 class EncoderInput:
     key: str
-    # [tiles, 3, H, W] CPU: uint8 tiles, or float32 normalized. Between `admit` and
-    # `finish_plan` it may still be the Future of the tiling.
-    pixel_values: torch.Tensor | Future[torch.Tensor]
+    pixel_values: torch.Tensor  # [tiles, 3, H, W] CPU: uint8 tiles, or float32 normalized
+
+
+@dataclass
+class PendingImage:
+    """An image `admit` sends to the encoder, its tiles possibly still being made."""
+
+    key: str
+    pixel_values: Future[torch.Tensor]
 
 
 @dataclass
@@ -57,7 +63,7 @@ class ImageSlice:
 
 # Placeholder tokens of the images tiled ahead of admission at once, at most: their uint8 tiles
 # wait in memory. InternVL's tiles take 2,352 bytes per placeholder token (a 448 px tile is 602 KB
-# for 256 tokens), so this bounds them at about 77 MB: 128 one-tile images, or 10 of 13 tiles.
+# for 256 tokens), so this bounds them at about 77 MB: 128 one-tile images, or 9 of 13 tiles.
 # One image is always allowed, whatever its size.
 MAX_PREFETCHED_TOKENS = 32768
 # PIL decodes and resizes without the GIL: tiling scales with threads, up to the cores spared.
@@ -102,12 +108,15 @@ class ImageScheduler:
         """Forgets the tiles prefetched for a request that leaves before its admission, unless
         another waiting request needs the same image."""
         for span in request.images:
-            waiters = self._waiters.get(span.key)
-            if waiters is None:
-                continue
-            waiters.discard(request.request_id)
-            if not waiters:
-                self._take_prefetched(span.key).cancel()
+            self._drop_waiter(span.key, request.request_id)
+
+    def _drop_waiter(self, key: str, request_id: str) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            return
+        waiters.discard(request_id)
+        if not waiters:
+            self._take_prefetched(key).cancel()
 
     def _take_prefetched(self, key: str) -> Future[torch.Tensor] | None:
         self._waiters.pop(key, None)
@@ -121,42 +130,47 @@ class ImageScheduler:
 
     def admit(
         self, request: Request, cached_prefix_len: int
-    ) -> tuple[list[EncoderInput], list[str]]:
+    ) -> tuple[list[PendingImage], list[str]]:
         """Acquires the embeddings a newly admitted request needs; returns what to encode now and
-        which keys were evicted for room. Pixel values may still be tiling: `finish_plan`."""
-        to_encode: list[EncoderInput] = []
+        which keys were evicted for room. The pixel values come with `finish_plan`."""
+        to_encode: list[PendingImage] = []
         evicted: list[str] = []
         for span in request.images:
-            # Taken whatever happens next, so that nothing admitted stays prefetched; requests
-            # waiting with the same image will find its embedding cached.
-            prefetched = self._take_prefetched(span.key)
             if span.offset + span.length <= cached_prefix_len:
+                # Its KV is cached: no embedding needed here, but other waiting requests may
+                # still need the tiles.
+                self._drop_waiter(span.key, request.request_id)
                 self.num_served_by_prefix_cache += 1
                 continue
+            # Taken whether the embedding is cached or encoded now: requests waiting with the
+            # same image will find it in the cache.
+            prefetched = self._take_prefetched(span.key)
             if self.index.lookup(span.key):
                 self.index.acquire(span.key)
             else:
                 evicted += self.index.add(span.key)
-                to_encode.append(EncoderInput(span.key, self._pixels(span, prefetched)))
+                to_encode.append(PendingImage(span.key, self._pixels(span, prefetched)))
             request.held_image_keys.append(span.key)
         return to_encode, evicted
 
-    def finish_plan(self, to_encode: list[EncoderInput], waiting: Iterable[Request]) -> None:
+    def finish_plan(
+        self, to_encode: list[PendingImage], waiting: Iterable[Request]
+    ) -> list[EncoderInput]:
         """Tops up the prefetch window from the head of `waiting`, then waits for the tiles of
-        the step's images, so that each `to_encode` item holds its pixel values."""
+        the step's images (`admit`'s results, in order) and returns them for the encoder."""
         if self._preprocess is not None:
             for request in itertools.islice(waiting, PREFETCH_LOOKAHEAD):
                 if not self.prefetch(request):
                     break
-        for item in to_encode:
-            if isinstance(item.pixel_values, Future):
-                item.pixel_values = item.pixel_values.result()
+        return [EncoderInput(item.key, item.pixel_values.result()) for item in to_encode]
 
     def _pixels(
         self, span: ImageSpan, prefetched: Future[torch.Tensor] | None
-    ) -> torch.Tensor | Future[torch.Tensor]:
+    ) -> Future[torch.Tensor]:
         if span.pixel_values is not None:
-            return span.pixel_values
+            ready: Future[torch.Tensor] = Future()
+            ready.set_result(span.pixel_values)
+            return ready
         if prefetched is not None:
             return prefetched
         if self._preprocess is None:

@@ -5,6 +5,7 @@ This is what the offline `LLM` API drives, and the same core the server runs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from functools import partial
 from typing import Any
 
 from ocula.config import EngineArgs
-from ocula.engine.engine_core import EngineCore, EngineStats
+from ocula.engine.engine_core import EngineCore, EngineStats, RequestRejectedError
 from ocula.engine.model_setup import resolve_model
 from ocula.engine.output_processor import (
     RequestGroup,
@@ -58,6 +59,7 @@ class LLMEngine:
             self.vision = VisionSpec.for_model(self.model_config, self.tokenizer)
         self._groups: dict[str, RequestGroup] = {}
         self._sequences: dict[str, tuple[RequestGroup, SequenceStream]] = {}
+        self._decode_pool: ThreadPoolExecutor | None = None  # see `add_requests`
 
     # -- requests -----------------------------------------------------------------------------
     def resolve_params(self, params: SamplingParams | None) -> SamplingParams:
@@ -108,35 +110,27 @@ class LLMEngine:
                 raise ValueError(f"image {index}: {error.message}") from None
         return images
 
-    def _decode_all_images(self, prompts: list[Prompt]) -> list[list[LoadedImage] | None]:
-        """Every multimodal prompt's images, decoded in parallel threads (PIL decodes without
-        the GIL) when there are several; None for other prompts. ValueError names the first bad
-        image in prompt order."""
+    def _start_decoding(self, prompts: list[Prompt]) -> list[list[Future] | None]:
+        """Starts decoding every multimodal prompt's images in the engine's decode threads (PIL
+        decodes without the GIL) when there are several in all: one Future per image, None
+        for other prompts, and for every prompt when there are fewer (`tokenize` decodes)."""
         multimodal = [prompt if isinstance(prompt, dict) else None for prompt in prompts]
-        for prompt in multimodal:
-            if prompt is not None:
-                self._check_multimodal_prompt(prompt)
-        count = sum(len(prompt.get("images", [])) for prompt in multimodal if prompt is not None)
+        count = sum(
+            len(prompt.get("images", [])) if isinstance(prompt.get("images"), list) else 0
+            for prompt in multimodal
+            if prompt is not None
+        )
         if count < 2:
             return [None] * len(prompts)
+        if self._decode_pool is None:
+            self._decode_pool = ThreadPoolExecutor(DECODE_THREADS, "ocula-image-decode")
         decode = partial(LoadedImage.decoded, limits=ImageLimits())
-        pool = ThreadPoolExecutor(min(DECODE_THREADS, count), "ocula-image-decode")
-        try:
-            pending = [
-                [pool.submit(decode, data) for data in prompt.get("images", [])]
-                if prompt is not None
-                else None
-                for prompt in multimodal
-            ]
-            many = len(prompts) > 1
-            return [
-                _collect_images(futures, f"prompt {index}, " if many else "")
-                if futures is not None
-                else None
-                for index, futures in enumerate(pending)
-            ]
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        return [
+            [self._decode_pool.submit(decode, data) for data in prompt["images"]]
+            if prompt is not None and isinstance(prompt.get("images"), list)
+            else None
+            for prompt in multimodal
+        ]
 
     def _tokenize_text(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -155,8 +149,9 @@ class LLMEngine:
 
     def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams | None]]) -> None:
         """Queues (request id, prompt, params) triples in order, all or none: a bad one raises
-        ValueError (RequestRejectedError included) and leaves none of them queued. The images
-        of all prompts are decoded (and so checked) in parallel first."""
+        ValueError (RequestRejectedError included; "prompt i: ..." when there are several) and
+        leaves none of them queued. The images of all prompts are decoded (and so checked) in
+        parallel first."""
         ids = [request_id for request_id, _, _ in requests]
         for request_id in ids:
             if request_id in self._groups:
@@ -164,19 +159,32 @@ class LLMEngine:
         if len(set(ids)) != len(ids):
             raise ValueError("request ids repeat within one call")
         params_list = [self.resolve_params(params) for _, _, params in requests]
-        images = self._decode_all_images([prompt for _, prompt, _ in requests])
-        tokenized = [
-            self.tokenize(prompt, decoded)
-            for (_, prompt, _), decoded in zip(requests, images, strict=True)
-        ]
+        prompts = [prompt for _, prompt, _ in requests]
+        decoding = self._start_decoding(prompts)
+        many = len(requests) > 1
+        where = [f"prompt {index}: " if many else "" for index in range(len(requests))]
+        tokenized = []
+        try:
+            for index, (prompt, futures) in enumerate(zip(prompts, decoding, strict=True)):
+                try:
+                    decoded = _collect_images(futures) if futures is not None else None
+                    tokenized.append(self.tokenize(prompt, decoded))
+                except ValueError as error:
+                    raise ValueError(f"{where[index]}{error}") from None
+        finally:
+            for future in itertools.chain.from_iterable(f for f in decoding if f is not None):
+                future.cancel()  # after an error: the decodes not started yet
         queued = []
         try:
-            for (request_id, prompt, _), params, (prompt_ids, spans) in zip(
-                requests, params_list, tokenized, strict=True
+            for index, (request_id, prompt, params, (prompt_ids, spans)) in enumerate(
+                zip(ids, prompts, params_list, tokenized, strict=True)
             ):
-                self._queue(request_id, prompt, params, prompt_ids, spans)
+                try:
+                    self._queue(request_id, prompt, params, prompt_ids, spans)
+                except RequestRejectedError as error:
+                    raise RequestRejectedError(f"{where[index]}{error}") from None
                 queued.append(request_id)
-        except ValueError:
+        except Exception:
             for request_id in queued:
                 self.abort_request(request_id)
             raise
@@ -247,12 +255,12 @@ class LLMEngine:
         return self.core.stats()
 
 
-def _collect_images(futures: list[Future], where: str = "") -> list[LoadedImage]:
-    """The decoded images, in order; the first ImageError as ValueError(where + "image i: ...")."""
+def _collect_images(futures: list[Future]) -> list[LoadedImage]:
+    """The decoded images, in order; the first ImageError as ValueError("image i: ...")."""
     images = []
     for index, future in enumerate(futures):
         try:
             images.append(future.result())
         except ImageError as error:
-            raise ValueError(f"{where}image {index}: {error.message}") from None
+            raise ValueError(f"image {index}: {error.message}") from None
     return images

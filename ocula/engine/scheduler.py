@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from ocula.engine.image_inputs import ImageScheduler
+from ocula.engine.image_inputs import ImageScheduler, PendingImage
 from ocula.engine.outputs import TokenUpdate
 from ocula.engine.plan_chunks import plan_chunk, plan_decode
 from ocula.engine.prefix_cache import RadixCache
@@ -61,6 +61,7 @@ class Scheduler:
         self._finished_since_last_plan: list[str] = []
         self.kv = RequestKV(allocator, prefix_cache)
         self.num_preemptions = 0
+        self._admitted_images: list[PendingImage] = []  # this plan's, until `finish_plan`
 
     # -- queue management ---------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -75,14 +76,18 @@ class Scheduler:
         if request is None:
             return None
         if request.status == RequestStatus.WAITING:
-            self.waiting.remove(request)
-            if self.images is not None:
-                self.images.drop_prefetched(request)
+            self._leave_waiting(request)
         else:
             self.running.remove(request)
             self._release_kv(request)
         self._finish(request, FinishReason.ABORT)
         return request
+
+    def _leave_waiting(self, request: Request) -> None:
+        """Takes a request out of the waiting queue for good, with any tiles prefetched for it."""
+        self.waiting.remove(request)
+        if self.images is not None:
+            self.images.drop_prefetched(request)
 
     @property
     def num_unfinished(self) -> int:
@@ -147,7 +152,10 @@ class Scheduler:
         if not preempted:
             self._admit_waiting(plan, budget)
         if self.images is not None:
-            self.images.finish_plan(plan.encoder_inputs, self.waiting)
+            # A request whose token a step in flight samples cannot be admitted yet (and may end).
+            admissible = (r for r in self.waiting if r.token_ids[-1] != PLACEHOLDER_TOKEN)
+            plan.encoder_inputs = self.images.finish_plan(self._admitted_images, admissible)
+            self._admitted_images = []
         return plan
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
@@ -194,7 +202,7 @@ class Scheduler:
         if self.images is None:
             raise RuntimeError("a request with images reached an engine without a vision encoder")
         to_encode, evicted = self.images.admit(request, prefix_len)
-        plan.encoder_inputs += to_encode
+        self._admitted_images += to_encode
         plan.encoder_frees += evicted
 
     def _last_token_in_flight(self, request: Request) -> bool:
@@ -287,6 +295,6 @@ class Scheduler:
                 self.running.remove(request)
                 self._release_kv(request)
             else:
-                self.waiting.remove(request)
+                self._leave_waiting(request)
             self._finish(request, reason)  # drops the placeholder the next step samples
         return updates

@@ -38,9 +38,9 @@ def recording_tiler(gate: threading.Event) -> tuple[TileFn, list[tuple[str, str]
 def admitted(images: ImageScheduler, req: Request, waiting: list[Request] = ()) -> list:
     """What a step admitting `req` encodes, as (key, tile value), after `finish_plan`."""
     to_encode, _ = images.admit(req, 0)
-    images.finish_plan(to_encode, waiting)
-    assert all(isinstance(item.pixel_values, torch.Tensor) for item in to_encode)
-    return [(item.key, int(item.pixel_values.max())) for item in to_encode]
+    inputs = images.finish_plan(to_encode, waiting)
+    assert all(isinstance(item.pixel_values, torch.Tensor) for item in inputs)
+    return [(item.key, int(item.pixel_values.max())) for item in inputs]
 
 
 def test_images_are_tiled_ahead_in_a_worker_thread_and_taken_once() -> None:
@@ -63,7 +63,10 @@ def test_images_are_tiled_ahead_in_a_worker_thread_and_taken_once() -> None:
         images.prefetch(r)
     images.drop_prefetched(leaving)
     assert admitted(images, staying) == [("w", 1)] and not images._prefetched
-    assert sorted(key for key, _ in calls) == ["w", "x", "yy", "z"]
+    # yy and z were dropped: each was tiled only if its thread started before the cancel.
+    tiled = [key for key, _ in calls]
+    assert sorted(tiled)[:2] == ["w", "x"] and set(tiled) <= {"w", "x", "yy", "z"}
+    assert len(tiled) == len(set(tiled))
     assert all(thread.startswith("ocula-tiling") for _, thread in calls)
 
 
@@ -108,8 +111,8 @@ def test_images_admitted_before_their_prefetch_are_tiled_in_parallel(
     first, second = request("a", "p"), request("b", "q")  # never prefetched
     to_encode, _ = images.admit(first, 0)
     more, _ = images.admit(second, 0)
-    images.finish_plan(to_encode + more, [])
-    assert [item.key for item in to_encode + more] == ["p", "q"]
+    inputs = images.finish_plan(to_encode + more, [])
+    assert [item.key for item in inputs] == ["p", "q"]
     assert len(names) == 2 and all(name.startswith("ocula-tiling") for name in names)
 
 
@@ -121,3 +124,57 @@ def test_a_failed_tiling_surfaces_at_finish_plan() -> None:
     to_encode, _ = images.admit(request("a", "bad"), 0)
     with pytest.raises(OSError, match="truncated"):
         images.finish_plan(to_encode, [])
+
+
+def test_an_image_whose_kv_is_cached_is_tiled_once_for_all_its_waiting_requests() -> None:
+    gate = threading.Event()
+    gate.set()
+    tile, calls = recording_tiler(gate)
+    images = ImageScheduler(8, tile)
+    waiting = [request(f"r{i}", "k", length=4) for i in range(4)]
+    for r in waiting:
+        images.prefetch(r)
+    # Each request's image is inside its prefix-cache hit: no embedding, and the tiles stay
+    # prefetched for the requests still waiting, until the last one is admitted.
+    for index, r in enumerate(waiting):
+        to_encode, _ = images.admit(r, cached_prefix_len=8)
+        assert images.finish_plan(to_encode, waiting[index + 1 :]) == []
+        assert ("k" in images._prefetched) == (index < len(waiting) - 1)
+    assert [key for key, _ in calls] == ["k"] and images._waiters == {}
+    assert images.num_served_by_prefix_cache == 4
+
+
+def test_a_request_ending_while_preempted_takes_its_prefetched_tiles_along() -> None:
+    from ocula.engine.prefix_cache import RadixCache
+    from ocula.engine.scheduler import Scheduler
+    from ocula.engine.slot_allocator import SlotAllocator
+    from ocula.engine.step_plan import SampledToken
+
+    gate = threading.Event()
+    gate.set()
+    tile, _ = recording_tiler(gate)
+    images = ImageScheduler(1, tile)
+    allocator = SlotAllocator(64)
+    scheduler = Scheduler(allocator, RadixCache(allocator), 64, None, 4, 100, images=images)
+
+    def with_image(name: str, key: str, max_new_tokens: int) -> Request:
+        params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
+        span = ImageSpan(key, 0, 4, image_bytes=b"x")
+        return Request(name, [100, 101, 102, 103, 7], params, frozenset(), [span])
+
+    ending, other = with_image("a", "ka", 1), with_image("b", "kb", 5)
+    for r in (ending, other):
+        scheduler.add_request(r)
+        images.prefetch(r)
+    in_flight = scheduler.schedule()
+    # The next plan preempts `ending` while `in_flight` samples its last token: it waits at the
+    # head of the queue with that token pending, and must not be prefetched again...
+    scheduler._preempt(ending)
+    scheduler.schedule()
+    assert "ka" not in images._prefetched
+    images.prefetch(ending)  # ...and when it was (as on arrival), ending must drop it.
+    assert images._waiters == {"ka": {"a"}}
+    sampled = [SampledToken(s.request_id, 5) for s in in_flight.sequences if s.samples]
+    updates = scheduler.update(in_flight, sampled)
+    assert [u.request_id for u in updates if u.finish_reason is not None] == ["a"]
+    assert images._waiters == {} and images._prefetched == {} and images._prefetched_tokens == {}

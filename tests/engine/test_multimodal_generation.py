@@ -159,13 +159,13 @@ def test_a_batch_decodes_its_images_in_threads_and_is_queued_all_or_none(
     monkeypatch.setattr(LoadedImage, "decoded", classmethod(recording_decode))
     good = [{"prompt": f"{i}: <image>", "images": [image_bytes(60, 60, 40 + i)]} for i in range(3)]
     bad_image = {"prompt": "<image>", "images": [b"not an image"]}
-    with pytest.raises(ValueError, match="prompt 2, image 0"):
+    with pytest.raises(ValueError, match="prompt 2: image 0"):
         engine.add_requests([(f"r{i}", p, GREEDY) for i, p in enumerate([*good[:2], bad_image])])
     assert not engine.has_unfinished_requests()
     assert decoded_in and all(name.startswith("ocula-image-decode") for name in decoded_in)
     # The core refuses the last prompt (longer than max_req_total_len): the others leave too.
     too_long = {"prompt": "word " * 80 + "<image>", "images": [image_bytes(60, 60, 50)]}
-    with pytest.raises(ValueError, match="over the limit of 64 tokens"):
+    with pytest.raises(ValueError, match=r"prompt 3: .*over the limit of 64 tokens"):
         engine.add_requests([(f"s{i}", p, GREEDY) for i, p in enumerate([*good, too_long])])
     assert not engine.has_unfinished_requests() and not engine.core.has_work()
     outputs = llm.generate(good, GREEDY)
