@@ -79,6 +79,15 @@ def run_peer(text_checkpoint: Path, tiny: bool, timeout: float) -> dict[str, Any
     return read_json(out)
 
 
+def warm_up(engine: Any) -> float:
+    """A few short requests of both kinds, so that one-time compilation is not timed; seconds."""
+    prompts: list[Any] = [image_prompt(900 + i, 20) for i in range(4)]
+    prompts += token_prompts(901, 4, 64)
+    started = time.perf_counter()
+    run_offline(engine, prompts, 8, Deadline(None))
+    return time.perf_counter() - started
+
+
 class OfflineBench:
     def __init__(self, llm: Any, hardware: dict[str, Any]) -> None:
         self.engine = llm.engine
@@ -93,12 +102,7 @@ class OfflineBench:
         self.peak = matmul_flops_of(hardware)
 
     def warm_up(self) -> float:
-        """A few short requests of both kinds, so that one-time compilation is not timed."""
-        prompts: list[Any] = [image_prompt(900 + i, 20) for i in range(4)]
-        prompts += token_prompts(901, 4, 64)
-        started = time.perf_counter()
-        run_offline(self.engine, prompts, 8, Deadline(None))
-        return time.perf_counter() - started
+        return warm_up(self.engine)
 
     def floor(self, workload: OfflineWorkload, prompts: list[Any]) -> dict[str, float]:
         lengths, image_tokens = [], 0

@@ -1,7 +1,7 @@
 """Where an offline workload's time goes, step by step (diagnosis, not part of `run_all`).
 
 Runs bench_offline.py's workloads (multimodal, then its text twin) through the in-process engine
-once each, after the same warm-up, and records for every `EngineCore.step` its wall time and what
+once each, after the same warm-up (`bench_offline.warm_up`), and records for every `EngineCore.step` its wall time and what
 its plan held: prefill tokens, decode sequences, images sent to the vision encoder. Reports:
 - the time `add_requests` took (tokenizing, decoding every image to check it) before the first
   step;
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_offline import warm_up
 from benchmarks.common import Deadline, engine_options, log, make_llm, run_metadata, write_json
 from benchmarks.engine_driver import run_offline
 from benchmarks.workloads import (
@@ -33,8 +34,6 @@ from benchmarks.workloads import (
     TINY_MULTIMODAL,
     TINY_TEXT_ONLY,
     OfflineWorkload,
-    image_prompt,
-    token_prompts,
 )
 
 
@@ -151,8 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     llm = make_llm(engine_options(args.checkpoint, args.engine_args))
     engine = llm.engine
-    warm_up = [image_prompt(900 + i, 20) for i in range(4)] + token_prompts(901, 4, 64)
-    run_offline(engine, warm_up, 8, Deadline(None))
+    warm_up(engine)
     recorder = StepRecorder(engine)
     workloads = (TINY_MULTIMODAL, TINY_TEXT_ONLY) if args.tiny else (MULTIMODAL, TEXT_ONLY)
     results: dict[str, Any] = {"meta": run_metadata(engine.core.runner.device)}
