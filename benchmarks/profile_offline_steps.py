@@ -7,8 +7,9 @@ its plan held: prefill tokens, decode sequences, images sent to the vision encod
   step;
 - wall time summed by step kind (prefill / decode / with images), and the time spent between
   steps (`LLMEngine.step`'s output handling);
-- the host time of the image encoder's calls (it queues GPU work and returns: with overlap the
-  GPU time lands in later steps' wall time).
+- inside the steps, the host time of scheduling (and of waiting there for image tiles), of
+  launching (the image encoder's calls included: they queue GPU work and return) and of
+  collecting the sampled tokens (which waits for the GPU).
 Comparing the multimodal run's steps with the text run's shows the cost the images add.
 
     python -m benchmarks.profile_offline_steps --checkpoint VLM_DIR --out steps.json [--tiny]
@@ -44,6 +45,7 @@ class StepRecord:
     prefill_tokens: int
     decode_sequences: int
     images: int
+    phases: dict[str, float]  # host seconds inside the wrapped calls during this step
 
     @property
     def kind(self) -> str:
@@ -54,34 +56,50 @@ class StepRecord:
 
 
 class StepRecorder:
-    """Wraps the engine core's `step`, its scheduler's `schedule` and the image encoder's
-    `encode` (instance attributes: the classes are untouched) to time each call."""
+    """Times every `EngineCore.step` and, inside it, the scheduler's `schedule` (with the image
+    tiles' `finish_plan` wait), the runner's `launch` (the image encoder's `encode` included)
+    and `collect` (waiting for the sampled tokens). Wraps instance attributes only."""
 
     def __init__(self, engine: Any) -> None:
         core = engine.core
         self.steps: list[StepRecord] = []
-        self.encoder_calls: list[tuple[float, int]] = []  # (host seconds, images)
         self._plan: Any = None
-        core.scheduler.schedule = self._wrap_schedule(core.scheduler.schedule)
-        core.step = self._wrap_step(core.step)
+        self._phases: dict[str, float] = defaultdict(float)
+        core.scheduler.schedule = self._keep_plan(self._timed("schedule", core.scheduler.schedule))
+        if core.scheduler.images is not None:
+            images = core.scheduler.images
+            images.finish_plan = self._timed("tiles_wait", images.finish_plan)
+        core.runner.launch = self._timed("launch", core.runner.launch)
+        core.runner.collect = self._timed("collect", core.runner.collect)
         encoder = getattr(core.runner, "image_encoder", None)
         if encoder is not None:
-            encoder.encode = self._wrap_encode(encoder.encode)
+            encoder.encode = self._timed("encode", encoder.encode)
+        core.step = self._recorded_step(core.step)
 
     def clear(self) -> None:
         self.steps.clear()
-        self.encoder_calls.clear()
 
-    def _wrap_schedule(self, schedule: Callable[[], Any]) -> Callable[[], Any]:
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._phases[name] += time.perf_counter() - start
+
+        return timed
+
+    def _keep_plan(self, schedule: Callable[[], Any]) -> Callable[[], Any]:
         def recorded() -> Any:
             self._plan = schedule()
             return self._plan
 
         return recorded
 
-    def _wrap_step(self, step: Callable[[], Any]) -> Callable[[], Any]:
+    def _recorded_step(self, step: Callable[[], Any]) -> Callable[[], Any]:
         def recorded() -> Any:
             self._plan = None
+            self._phases = defaultdict(float)
             start = time.perf_counter()
             updates = step()
             end = time.perf_counter()
@@ -89,38 +107,32 @@ class StepRecorder:
             if plan is not None:
                 prefill = sum(s.num_new_tokens for s in plan.sequences if s.num_new_tokens > 1)
                 decode = sum(1 for s in plan.sequences if s.num_new_tokens == 1)
-                self.steps.append(StepRecord(start, end, prefill, decode, len(plan.encoder_inputs)))
+                images = len(plan.encoder_inputs)
+                self.steps.append(
+                    StepRecord(start, end, prefill, decode, images, dict(self._phases))
+                )
             return updates
-
-        return recorded
-
-    def _wrap_encode(self, encode: Callable[[list], Any]) -> Callable[[list], Any]:
-        def recorded(inputs: list) -> Any:
-            start = time.perf_counter()
-            result = encode(inputs)
-            self.encoder_calls.append((time.perf_counter() - start, len(inputs)))
-            return result
 
         return recorded
 
 
 def summarize(run: Any, started: float, recorder: StepRecorder) -> dict[str, Any]:
     steps = recorder.steps
-    by_kind: dict[str, dict[str, float]] = defaultdict(lambda: {"steps": 0, "seconds": 0.0})
+    by_kind: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for record in steps:
-        by_kind[record.kind]["steps"] += 1
-        by_kind[record.kind]["seconds"] += record.end - record.start
+        kind = by_kind[record.kind]
+        kind["steps"] += 1
+        kind["seconds"] += record.end - record.start
+        for phase, seconds in record.phases.items():
+            kind[phase] += seconds
     between = sum(later.start - earlier.end for earlier, later in itertools.pairwise(steps))
     return {
         "seconds": run.seconds,
         "finished": run.finished,
         "add_requests_seconds": steps[0].start - started if steps else None,
         "steps": len(steps),
-        "by_kind": dict(by_kind),
+        "by_kind": {kind: dict(values) for kind, values in by_kind.items()},
         "between_steps_seconds": between,
-        "encoder_calls": len(recorder.encoder_calls),
-        "encoder_host_seconds": sum(seconds for seconds, _ in recorder.encoder_calls),
-        "encoded_images": sum(images for _, images in recorder.encoder_calls),
         "prefill_tokens_per_step": [r.prefill_tokens for r in steps if r.prefill_tokens],
     }
 
@@ -131,8 +143,9 @@ def profile(engine: Any, workload: OfflineWorkload, recorder: StepRecorder) -> d
     started = time.perf_counter()
     run = run_offline(engine, prompts, workload.new_tokens, Deadline(None))
     result = {"workload": vars(workload), **summarize(run, started, recorder)}
-    kinds = ", ".join(
-        f"{kind} {v['steps']} steps {v['seconds']:.3f} s" for kind, v in result["by_kind"].items()
+    kinds = "; ".join(
+        f"{kind}: " + ", ".join(f"{name} {value:.3f}" for name, value in values.items())
+        for kind, values in result["by_kind"].items()
     )
     log(
         f"{workload.name}: {run.seconds:.2f} s; add_requests {result['add_requests_seconds']:.3f}"
