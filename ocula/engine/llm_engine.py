@@ -71,7 +71,7 @@ class LLMEngine:
         self, prompt: Prompt, decoded: list[LoadedImage] | None = None
     ) -> tuple[list[int], list[ImageSpan]]:
         """Token ids of a prompt, and the spans of its images (multimodal prompts). `decoded`:
-        the prompt's images already decoded (`_decode_all_images`), else decoded here."""
+        the prompt's images already decoded (by `_start_decoding`'s threads), else decoded here."""
         if isinstance(prompt, dict):
             return self._tokenize_with_images(prompt, decoded)
         return self._tokenize_text(prompt), []
