@@ -1,8 +1,9 @@
 """Where an offline workload's time goes, step by step (diagnosis, not part of `run_all`).
 
 Runs bench_offline.py's workloads (multimodal, then its text twin) through the in-process engine
-once each, after the same warm-up (`bench_offline.warm_up`), and records for every `EngineCore.step` its wall time and what
-its plan held: prefill tokens, decode sequences, images sent to the vision encoder. Reports:
+once each, after the same warm-up (`bench_offline.warm_up`), and records for every
+`EngineCore.step` its wall time and what its plan held: prefill tokens, decode sequences, images
+sent to the vision encoder. Reports:
 - the time `add_requests` took (tokenizing, decoding every image to check it) before the first
   step;
 - wall time summed by step kind (prefill / decode / with images), and the time spent between
