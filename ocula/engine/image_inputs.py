@@ -9,8 +9,9 @@ has one row per placeholder. The scheduler admits a request, then this class:
 - for every prefill chunk, names the slices of embeddings that replace the placeholder rows of
   that chunk (a chunk may start or end inside an image: the embedding is sliced, never
   recomputed);
-- releases the request's embeddings when it stops running; evicted keys reach the runner with
-  the next plan.
+- releases the request's embeddings once its last image token is planned (at the next plan's
+  start) or when it stops running, whichever comes first; evicted keys reach the runner as a
+  plan's frees, which it drops before that plan's encodes.
 
 Tiling an image (decode, resize, crop) is CPU work of a millisecond to tens of milliseconds;
 done at admission it would stall the engine loop, and every running request with it. So tiling

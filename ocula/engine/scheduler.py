@@ -62,6 +62,7 @@ class Scheduler:
         self.kv = RequestKV(allocator, prefix_cache)
         self.num_preemptions = 0
         self._admitted_images: list[PendingImage] = []  # this plan's, until `finish_plan`
+        self._images_to_release: list[Request] = []  # at the next plan's start
 
     # -- queue management ---------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -109,6 +110,9 @@ class Scheduler:
         for row, start, slots in self.kv.take_repoints():
             plan.table_writes.add(row, start, slots)
         if self.images is not None:
+            for request in self._images_to_release:  # a finished one has released them already
+                self.images.release(request)
+            self._images_to_release = []
             plan.encoder_frees += self.images.take_pending_frees()
         budget = self.batch_max_tokens
         preempted = False
@@ -146,6 +150,7 @@ class Scheduler:
             if slots is None:
                 break
             plan_chunk(plan, request, slots)
+            self._release_embedded_images(request)
             budget -= num_new
             index += 1
         decode_slots.give_back()
@@ -196,6 +201,7 @@ class Scheduler:
                 self._admit_images(plan, request, prefix_len)
             self.running.append(request)
             plan_chunk(plan, request, slots)
+            self._release_embedded_images(request)
             budget -= num_new
 
     def _admit_images(self, plan: StepPlan, request: Request, prefix_len: int) -> None:
@@ -204,6 +210,18 @@ class Scheduler:
         to_encode, evicted = self.images.admit(request, prefix_len)
         self._admitted_images += to_encode
         plan.encoder_frees += evicted
+
+    def _release_embedded_images(self, request: Request) -> None:
+        """Once the chunk holding a request's last image token is planned, the request no longer
+        needs its embeddings, so GPU memory for embeddings stays near `--cache_capacity` entries
+        however many requests run (a recompute after preemption acquires or encodes them again).
+        They are released at the start of the next plan: that plan's frees come before its
+        encodes, and this plan, which reads them, is launched before it."""
+        if not request.held_image_keys:
+            return
+        images_end = max(span.offset + span.length for span in request.images)
+        if request.num_scheduled_tokens >= images_end:
+            self._images_to_release.append(request)
 
     def _last_token_in_flight(self, request: Request) -> bool:
         """A step in flight samples this request's last token: the length limits end it there."""

@@ -42,3 +42,47 @@ def test_misuse_is_refused() -> None:
         cache.release("a")
     with pytest.raises(ValueError, match="capacity"):
         EmbeddingCacheIndex(0)
+
+
+def test_running_requests_stop_holding_embeddings_once_their_images_are_planned() -> None:
+    import torch
+
+    from ocula.engine.image_inputs import ImageScheduler
+    from ocula.engine.prefix_cache import RadixCache
+    from ocula.engine.request import ImageSpan, Request
+    from ocula.engine.scheduler import Scheduler
+    from ocula.engine.slot_allocator import SlotAllocator
+    from ocula.engine.step_plan import SampledToken
+    from ocula.sampling.params import SamplingParams
+
+    def tile(span: ImageSpan) -> torch.Tensor:
+        return torch.zeros((1, 3, 2, 2), dtype=torch.uint8)
+
+    def run(plan) -> None:
+        scheduler.update(plan, [SampledToken(s.request_id, 7) for s in plan.sequences if s.samples])
+
+    images = ImageScheduler(1, tile)
+    allocator = SlotAllocator(256)
+    # Chunks of 8 tokens: a prompt of 4 text tokens, an 8-token image, 4 text tokens takes two.
+    scheduler = Scheduler(allocator, RadixCache(allocator), 8, 8, 8, 100, images=images)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+
+    def with_image(name: str, key: str, first_token: int) -> Request:
+        span = ImageSpan(key, 4, 8, image_bytes=b"x")
+        return Request(name, [first_token + i for i in range(16)], params, frozenset(), [span])
+
+    first = with_image("a", "ka", 100)
+    scheduler.add_request(first)
+    plan = scheduler.schedule()  # tokens 0-7: half the image
+    assert [item.key for item in plan.encoder_inputs] == ["ka"] and first.held_image_keys
+    run(plan)
+    plan = scheduler.schedule()  # tokens 8-15: the image's end, released at the next plan
+    assert first.held_image_keys == ["ka"] and plan.encoder_frees == []
+    run(plan)
+    # `first` now decodes and holds nothing: a new image may take the cache's only entry, and
+    # the plan that encodes it frees the old one first (the runner drops, then encodes).
+    second = with_image("b", "kb", 300)
+    scheduler.add_request(second)
+    plan = scheduler.schedule()
+    assert first.held_image_keys == [] and images.index.num_in_use == 1
+    assert plan.encoder_frees == ["ka"] and [i.key for i in plan.encoder_inputs] == ["kb"]
