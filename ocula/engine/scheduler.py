@@ -130,6 +130,7 @@ class Scheduler:
                 slot = decode_slots.take()
                 if slot is not None:
                     plan_decode(plan, request, slot)
+                    self._release_embedded_images(request)  # a prompt ending in an image
                     budget -= 1
                     index += 1
                     continue
