@@ -27,9 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.bench_offline import warm_up
 from benchmarks.common import Deadline, engine_options, log, make_llm, run_metadata, write_json
 from benchmarks.engine_driver import run_offline
+from benchmarks.host_sync_trace import HostSyncTrace, TritonCompileLog
 from benchmarks.workloads import (
     MULTIMODAL,
     TEXT_ONLY,
@@ -37,6 +40,10 @@ from benchmarks.workloads import (
     TINY_TEXT_ONLY,
     OfflineWorkload,
 )
+
+# Images no earlier run of this script or its warm-up has used.
+SECOND_RUN_SEED = 500_009
+TRACED_RUN_SEED = 1_000_003
 
 
 @dataclass
@@ -64,6 +71,12 @@ class StepRecorder:
     def __init__(self, engine: Any) -> None:
         core = engine.core
         self.steps: list[StepRecord] = []
+        # When set: traced from the next step on, for `trace_steps` steps (`traced` the report).
+        self.trace: HostSyncTrace | None = None
+        self.trace_steps = 0
+        self.traced: dict[str, Any] | None = None
+        self.compiles = TritonCompileLog()  # installed by the caller around the runs
+        self.compiled: list[dict[str, Any]] = []  # this run's compiles, with their step index
         self._plan: Any = None
         self._phases: dict[str, float] = defaultdict(float)
         core.scheduler.schedule = self._keep_plan(self._timed("schedule", core.scheduler.schedule))
@@ -79,12 +92,14 @@ class StepRecorder:
 
     def clear(self) -> None:
         self.steps.clear()
+        self.compiled.clear()
 
     def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                with torch.profiler.record_function(name):
+                    return fn(*args, **kwargs)
             finally:
                 self._phases[name] += time.perf_counter() - start
 
@@ -101,10 +116,17 @@ class StepRecorder:
         def recorded() -> Any:
             self._plan = None
             self._phases = defaultdict(float)
+            if self.trace is not None and not self.trace.active and self.traced is None:
+                self.trace.start()
             start = time.perf_counter()
             updates = step()
             end = time.perf_counter()
             plan = self._plan
+            compiles = self.compiles.take()
+            if compiles:
+                self._phases["triton_compiles"] += len(compiles)
+                self._phases["triton_compile_s"] += sum(e["seconds"] or 0.0 for e in compiles)
+                self.compiled.extend({**e, "step": len(self.steps)} for e in compiles)
             if plan is not None:
                 prefill = sum(s.num_new_tokens for s in plan.sequences if s.num_new_tokens > 1)
                 decode = sum(1 for s in plan.sequences if s.num_new_tokens == 1)
@@ -112,6 +134,8 @@ class StepRecorder:
                 self.steps.append(
                     StepRecord(start, end, prefill, decode, images, dict(self._phases))
                 )
+            if self.trace is not None and self.trace.active and len(self.steps) >= self.trace_steps:
+                self.traced = self.trace.stop()
             return updates
 
         return recorded
@@ -138,18 +162,36 @@ def summarize(run: Any, started: float, recorder: StepRecorder) -> dict[str, Any
     }
 
 
-def profile(engine: Any, workload: OfflineWorkload, recorder: StepRecorder) -> dict[str, Any]:
+def profile(
+    engine: Any,
+    workload: OfflineWorkload,
+    recorder: StepRecorder,
+    trace_steps: int = 0,
+    seed: int = 7,
+) -> dict[str, Any]:
+    """Runs `workload` once, every step timed; its first `trace_steps` steps also traced for
+    host waits (`host_sync_trace`, slower: the step times of a traced run are not comparable).
+    `seed` picks the prompts and images: a run with new images misses the embedding cache."""
     recorder.clear()
-    prompts = workload.prompts(seed=7)
+    if trace_steps:
+        recorder.trace = HostSyncTrace(engine.core.runner.device)
+        recorder.trace_steps, recorder.traced = trace_steps, None
+    prompts = workload.prompts(seed=seed)
     started = time.perf_counter()
     run = run_offline(engine, prompts, workload.new_tokens, Deadline(None))
     result = {"workload": vars(workload), **summarize(run, started, recorder)}
+    result["triton_compiles"] = list(recorder.compiled)
+    if recorder.trace is not None:
+        if recorder.trace.active:  # the run had fewer steps
+            recorder.traced = recorder.trace.stop()
+        result["host_sync_trace"] = recorder.traced
+        recorder.trace = None
     kinds = "; ".join(
         f"{kind}: " + ", ".join(f"{name} {value:.3f}" for name, value in values.items())
         for kind, values in result["by_kind"].items()
     )
     log(
-        f"{workload.name}: {run.seconds:.2f} s; add_requests {result['add_requests_seconds']:.3f}"
+        f"{workload.name}: {run.seconds:.2f} s; {len(recorder.compiled)} Triton compiles; add_requests {result['add_requests_seconds']:.3f}"
         f" s; {kinds}; between steps {result['between_steps_seconds']:.3f} s"
     )
     return result
@@ -161,15 +203,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--engine_args", default="")
     parser.add_argument("--tiny", action="store_true", help="bench_offline's tiny workloads")
+    parser.add_argument(
+        "--trace_steps",
+        type=int,
+        default=0,
+        help="also trace the multimodal run's first N steps for host waits (a separate run)",
+    )
     args = parser.parse_args()
     llm = make_llm(engine_options(args.checkpoint, args.engine_args))
     engine = llm.engine
     warm_up(engine)
     recorder = StepRecorder(engine)
+    recorder.compiles.install()
     workloads = (TINY_MULTIMODAL, TINY_TEXT_ONLY) if args.tiny else (MULTIMODAL, TEXT_ONLY)
     results: dict[str, Any] = {"meta": run_metadata(engine.core.runner.device)}
     for workload in workloads:
         results[workload.name] = profile(engine, workload, recorder)
+    # Once more with new images: what the first run paid once (Triton compiles of shapes the
+    # warm-up did not cover, say) is not paid again.
+    results[f"{workloads[0].name}_again"] = profile(
+        engine, workloads[0], recorder, seed=SECOND_RUN_SEED
+    )
+    if args.trace_steps:
+        traced = profile(engine, workloads[0], recorder, args.trace_steps, TRACED_RUN_SEED)
+        results[f"{workloads[0].name}_traced"] = traced
+        for row in traced["host_sync_trace"]["long_calls"][:10]:
+            log(f"long call {row['name']} {row['host_ms']} ms under {row['under'][:6]}")
+    recorder.compiles.uninstall()
     write_json(args.out, results)
 
 
