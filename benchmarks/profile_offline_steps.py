@@ -162,6 +162,13 @@ def summarize(run: Any, started: float, recorder: StepRecorder) -> dict[str, Any
     }
 
 
+def device_segment_counts(device: torch.device) -> dict[str, int]:
+    if device.type != "cuda":
+        return {"num_device_alloc": 0, "num_device_free": 0}
+    stats = torch.cuda.memory_stats(device)
+    return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_device_free")}
+
+
 def profile(
     engine: Any,
     workload: OfflineWorkload,
@@ -177,9 +184,17 @@ def profile(
         recorder.trace = HostSyncTrace(engine.core.runner.device)
         recorder.trace_steps, recorder.traced = trace_steps, None
     prompts = workload.prompts(seed=seed)
+    device = engine.core.runner.device
+    segments_before = device_segment_counts(device)
     started = time.perf_counter()
     run = run_offline(engine, prompts, workload.new_tokens, Deadline(None))
     result = {"workload": vars(workload), **summarize(run, started, recorder)}
+    # cudaMalloc / cudaFree calls of the caching allocator during the run (each can wait for
+    # the device's queued work).
+    segments_after = device_segment_counts(device)
+    result["device_segments"] = {
+        key: segments_after[key] - segments_before[key] for key in segments_after
+    }
     result["triton_compiles"] = list(recorder.compiled)
     if recorder.trace is not None:
         if recorder.trace.active:  # the run had fewer steps
@@ -191,8 +206,9 @@ def profile(
         for kind, values in result["by_kind"].items()
     )
     log(
-        f"{workload.name}: {run.seconds:.2f} s; {len(recorder.compiled)} Triton compiles; add_requests {result['add_requests_seconds']:.3f}"
-        f" s; {kinds}; between steps {result['between_steps_seconds']:.3f} s"
+        f"{workload.name}: {run.seconds:.2f} s; {len(recorder.compiled)} Triton compiles; "
+        f"device segments {result['device_segments']}; "
+        f"add_requests {result['add_requests_seconds']:.3f} s; {kinds}; between steps {result['between_steps_seconds']:.3f} s"
     )
     return result
 
@@ -220,7 +236,7 @@ def main() -> None:
     for workload in workloads:
         results[workload.name] = profile(engine, workload, recorder)
     # Once more with new images: what the first run paid once (Triton compiles of shapes the
-    # warm-up did not cover, say) is not paid again.
+    # warm-up did not cover, new allocator segments) is not paid again.
     results[f"{workloads[0].name}_again"] = profile(
         engine, workloads[0], recorder, seed=SECOND_RUN_SEED
     )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
-from ocula.layers.linear import CheckpointTensor, ShardId, copy_into, narrow_checkpoint
+from ocula.layers.linear import CheckpointTensor, ShardId, copy_into, linear, narrow_checkpoint
 
 VOCAB_PAD_ROWS = 64
 
@@ -89,7 +89,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
         The matmul runs in the weight dtype (as transformers does), the cast to float32 after.
         """
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         logits = self.tp.all_gather(logits, dim=-1)
         return logits[:, : self.num_embeddings].float()
 

@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
+from ocula.kernels import gemv as gemv_kernel
+
+# Whether one row of x on the GPU goes to the GEMV kernel instead of cuBLAS (benchmarks A/B it).
+USE_GEMV = True
 
 
 class LazySlice(Protocol):
@@ -79,6 +83,23 @@ def _new_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); one row on the GPU (a batch-1 decode step) streams the weight
+    through `ocula.kernels.gemv` instead (faster than cuBLAS there, see that module)."""
+    if (
+        USE_GEMV
+        and x.is_cuda
+        and x.numel() == weight.shape[-1] > 0
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.dtype == weight.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and weight.is_contiguous()
+    ):
+        row = x.reshape(1, -1).contiguous()
+        return gemv_kernel.gemv(row, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
 def load_replicated(
     param: nn.Parameter, loaded: CheckpointTensor, shard_id: ShardId = None
 ) -> None:
@@ -114,7 +135,7 @@ class ColumnParallelLinear(nn.Module):
         copy_into(param, narrow_checkpoint(loaded, 0, self.tp.rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -253,8 +274,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -1,0 +1,96 @@
+"""y = W x (+ b) for one row x: the projections of a batch-1 decode step.
+
+With one row the product is bound by reading W once, so the kernel is a weight stream: each
+program owns `BLOCK_N` output features and walks K in `BLOCK_K` steps, multiplying the W tile by
+x on the CUDA cores and summing in float32. Small `BLOCK_N` gives many programs, so every SM
+keeps loads in flight from the start and the tail is short: on an H200 this streams a 7B model's
+projections up to ~25% faster than cuBLAS at batch 1 (BENCHMARKS.md). With two or more rows
+cuBLAS stays ahead (its time does not grow up to 8 rows), so the kernel takes one.
+
+The torch reference is `F.linear(x, weight, bias)`. Products and sums are float32, the bias is
+added in float32, and the result is rounded once to x's dtype (as cuBLAS's epilogue does); the
+order of the K sum differs from cuBLAS's, so results agree to float32 summation, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    N,
+    K: tl.constexpr,  # a model constant; a runtime loop bound the interpreter cannot run
+    HAS_BIAS: tl.constexpr,
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    depth = tl.arange(0, BLOCK_K)
+    feature_ok = features < N
+    w_ptrs = w_ptr + features[:, None].to(tl.int64) * K + depth[None, :]
+    partial = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN:
+            w = tl.load(w_ptrs + k)
+            x = tl.load(x_ptr + k + depth)
+        else:
+            depth_ok = (depth + k) < K
+            w = tl.load(w_ptrs + k, mask=feature_ok[:, None] & depth_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + k + depth, mask=depth_ok, other=0.0)
+        partial += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(partial, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + features, mask=feature_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + features, y.to(y_ptr.dtype.element_ty), mask=feature_ok)
+
+
+def gemv_config(features: int, depth: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps), from sweeps of Qwen2.5-7B's projections on an H200
+    (`benchmarks/profile_gemv.py`): few features per program, longer K steps for long rows,
+    twice the features when there are tens of thousands of them."""
+    block_n = 8 if features >= 16384 else 4
+    block_k = 512 if depth >= 8192 else 256
+    return block_n, min(block_k, triton.next_power_of_2(depth)), 4
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """x [1, K] (contiguous) times weight [N, K] (contiguous)^T, + bias [N]: [1, N] in x's
+    dtype. `config` overrides `gemv_config` (for sweeps)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} cannot multiply weight {tuple(weight.shape)}^T")
+    if x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row, got {x.shape[0]}")
+    if not x.is_contiguous() or not weight.is_contiguous():
+        raise ValueError("x and weight must be contiguous")
+    features, depth = weight.shape
+    if bias is not None and bias.shape != (features,):
+        raise ValueError(f"bias must be [{features}], got {tuple(bias.shape)}")
+    block_n, block_k, num_warps = config or gemv_config(features, depth)
+    y = torch.empty((1, features), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(features, block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        features,
+        depth,
+        HAS_BIAS=bias is not None,
+        EVEN=features % block_n == 0 and depth % block_k == 0,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return y
