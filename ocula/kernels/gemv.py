@@ -4,8 +4,9 @@ With one row the product is bound by reading W once, so the kernel is a weight s
 program owns `BLOCK_N` output features and walks K in `BLOCK_K` steps, multiplying the W tile by
 x on the CUDA cores and summing in float32. Small `BLOCK_N` gives many programs, so every SM
 keeps loads in flight from the start and the tail is short: on an H200 this streams a 7B model's
-projections up to ~25% faster than cuBLAS at batch 1 (BENCHMARKS.md). With two or more rows
-cuBLAS stays ahead (its time does not grow up to 8 rows), so the kernel takes one.
+projections 8-28% faster than cuBLAS at batch 1 (BENCHMARKS.md). With two or more rows cuBLAS
+stays ahead (its time does not grow up to 8 rows; a tile of several rows here lost), so the
+kernel takes one.
 
 The torch reference is `F.linear(x, weight, bias)`. Products and sums are float32, the bias is
 added in float32, and the result is rounded once to x's dtype (as cuBLAS's epilogue does); the

@@ -90,7 +90,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         USE_GEMV
         and x.is_cuda
         and x.numel() == weight.shape[-1] > 0
-        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and x.dtype == weight.dtype
         and (bias is None or bias.dtype == x.dtype)
         and weight.is_contiguous()

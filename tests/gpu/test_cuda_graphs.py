@@ -38,6 +38,29 @@ def test_graph_decode_equals_transformers(tiny_checkpoint, arch) -> None:
     assert generate(checkpoint, PROMPTS, graph_max_batch_size=8) == expected
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "internlm2"])
+def test_batch_one_decode_through_the_gemv_equals_transformers(
+    tiny_checkpoint, arch, monkeypatch
+) -> None:
+    """One prompt at a time, so every decode step has one row: its projections and LM head run
+    the GEMV kernel (counted), inside the batch-1 decode graph."""
+    import ocula.kernels.gemv as gemv_module
+
+    calls = []
+    original = gemv_module.gemv
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gemv_module, "gemv", counted)
+    checkpoint = tiny_checkpoint(arch)
+    for prompt in PROMPTS[:2]:
+        expected = reference_continuations(checkpoint, [prompt], NEW_TOKENS)
+        assert generate(checkpoint, [prompt], graph_max_batch_size=8) == expected
+    assert calls  # the graphs captured their batch-1 bucket through the GEMV
+
+
 @pytest.mark.parametrize("count", [1, 3, 4, 9])
 def test_graphs_equal_eager_and_reference_backend(tiny_checkpoint, count) -> None:
     checkpoint = tiny_checkpoint("qwen2")
