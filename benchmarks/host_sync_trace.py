@@ -7,7 +7,7 @@ host allocators' counters. `stop` reports:
 - runtime calls by name: count and host milliseconds (a `cudaStreamSynchronize`,
   `cudaMemcpyAsync` from pageable memory, `cudaFree` or `cudaHostAlloc` that waits shows here);
 - the longest single calls with the chain of operators and `record_function` labels above them;
-- the synchronizing operators' warnings, counted by distinct stack;
+- the warnings raised meanwhile (the synchronizing operators' among them), by distinct stack;
 - the allocators' counters that changed (`num_alloc_retries`: the caching allocator freed its
   cache, which synchronizes; `num_host_alloc`: a new pinned block).
 """
@@ -33,10 +33,10 @@ class HostSyncTrace:
         self.device = device
         self._profiler: Any = None
         self._warnings: Counter[str] = Counter()
-        self._saved_showwarning: Any = None
         self._memory_before: dict[str, Any] = {}
         self._host_before: dict[str, Any] = {}
-        self._filters: Any = None
+        self._catcher: Any = None
+        self._sync_mode_before = 0
 
     @property
     def active(self) -> bool:
@@ -50,26 +50,28 @@ class HostSyncTrace:
         if cuda:
             self._memory_before = torch.cuda.memory_stats(self.device)
             self._host_before = torch.cuda.host_memory_stats()
+            self._sync_mode_before = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("warn")
-        self._filters = warnings.filters[:]
+        # Every warning is kept while tracing (with its stack); the filters come back on stop.
+        self._catcher = warnings.catch_warnings()
+        self._catcher.__enter__()
         warnings.simplefilter("always")
-        self._saved_showwarning = warnings.showwarning
         warnings.showwarning = self._keep_warning
 
     def stop(self) -> dict[str, Any]:
-        warnings.showwarning = self._saved_showwarning
-        warnings.filters[:] = self._filters
+        """Ends the trace (the profiler's exit waits for the device, outside the recorded
+        calls) and reports it."""
+        self._catcher.__exit__(None, None, None)
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.set_sync_debug_mode(0)
-            torch.cuda.synchronize(self.device)
+            torch.cuda.set_sync_debug_mode(self._sync_mode_before)
         self._profiler.__exit__(None, None, None)
         events = self._profiler.events()
         self._profiler = None
         report: dict[str, Any] = {
             "runtime_calls": runtime_call_totals(events),
             "long_calls": long_runtime_calls(events),
-            "sync_warnings": [
+            "warnings": [  # the synchronizing operators' among them
                 {"count": count, "warning": text} for text, count in self._warnings.most_common()
             ],
         }
@@ -138,18 +140,19 @@ class TritonCompileLog:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self._started: dict[Any, float] = {}
+        self._previous: tuple[Any, Any] = (None, None)
 
     def install(self) -> None:
         from triton import knobs
 
+        self._previous = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
         knobs.runtime.jit_cache_hook = self._before_compile
         knobs.runtime.jit_post_compile_hook = self._after_compile
 
     def uninstall(self) -> None:
         from triton import knobs
 
-        knobs.runtime.jit_cache_hook = None
-        knobs.runtime.jit_post_compile_hook = None
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._previous
 
     def take(self) -> list[dict[str, Any]]:
         events, self.events = self.events, []

@@ -3,9 +3,9 @@
 For each projection of Qwen2.5-7B (qkv with its bias, o, gate_up, down, and the LM head) with
 one row of x, and for comparison cuBLAS at 2 and 8 rows: microseconds per product with cuBLAS
 (`F.linear`), with `ocula.kernels.gemv` at its default tile shape, and at every shape of a
-sweep. Each
-timing is one CUDA graph of a product per copy of the weight, the copies together larger than
-the L2 cache (successive layers' weights are not in L2 either), divided by the copies. The
+sweep. Each timing is one CUDA graph of a product per copy of the weight, the copies together
+larger than the L2 cache (successive layers' weights are not in L2 either), divided by the
+copies. The
 bandwidth ratio is the weight bytes per microsecond over the device-to-device copy bandwidth
 measured in the same run (read-only streams can exceed it slightly). Also checks every result
 against cuBLAS's (the largest difference, relative to the largest output).
@@ -48,7 +48,8 @@ def projections(shape: TextShape, vocab: int) -> dict[str, tuple[int, int, bool]
 
 
 def graph_us(products: list[Any], device: torch.device, reps: int = 10) -> float:
-    """Median microseconds per call of one CUDA graph (eager on CPU) of `products`, per product."""
+    """Median microseconds per product of one CUDA graph of `products`; NaN off CUDA (the tiny
+    CPU run only exercises the code)."""
 
     def run() -> None:
         for product in products:

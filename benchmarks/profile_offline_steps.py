@@ -98,7 +98,9 @@ class StepRecorder:
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                with torch.profiler.record_function(name):
+                if self.trace is None or not self.trace.active:
+                    return fn(*args, **kwargs)
+                with torch.profiler.record_function(name):  # labels the traced runtime calls
                     return fn(*args, **kwargs)
             finally:
                 self._phases[name] += time.perf_counter() - start
@@ -119,7 +121,12 @@ class StepRecorder:
             if self.trace is not None and not self.trace.active and self.traced is None:
                 self.trace.start()
             start = time.perf_counter()
-            updates = step()
+            try:
+                updates = step()
+            except BaseException:
+                if self.trace is not None and self.trace.active:
+                    self.trace.stop()  # leaves the profiler and the warning filters as they were
+                raise
             end = time.perf_counter()
             plan = self._plan
             compiles = self.compiles.take()
@@ -231,21 +238,23 @@ def main() -> None:
     warm_up(engine)
     recorder = StepRecorder(engine)
     recorder.compiles.install()
-    workloads = (TINY_MULTIMODAL, TINY_TEXT_ONLY) if args.tiny else (MULTIMODAL, TEXT_ONLY)
-    results: dict[str, Any] = {"meta": run_metadata(engine.core.runner.device)}
-    for workload in workloads:
-        results[workload.name] = profile(engine, workload, recorder)
-    # Once more with new images: what the first run paid once (Triton compiles of shapes the
-    # warm-up did not cover, new allocator segments) is not paid again.
-    results[f"{workloads[0].name}_again"] = profile(
-        engine, workloads[0], recorder, seed=SECOND_RUN_SEED
-    )
-    if args.trace_steps:
-        traced = profile(engine, workloads[0], recorder, args.trace_steps, TRACED_RUN_SEED)
-        results[f"{workloads[0].name}_traced"] = traced
-        for row in traced["host_sync_trace"]["long_calls"][:10]:
-            log(f"long call {row['name']} {row['host_ms']} ms under {row['under'][:6]}")
-    recorder.compiles.uninstall()
+    try:
+        workloads = (TINY_MULTIMODAL, TINY_TEXT_ONLY) if args.tiny else (MULTIMODAL, TEXT_ONLY)
+        results: dict[str, Any] = {"meta": run_metadata(engine.core.runner.device)}
+        for workload in workloads:
+            results[workload.name] = profile(engine, workload, recorder)
+        # Once more with new images: what the first run paid once (Triton compiles of shapes the
+        # warm-up did not cover, new allocator segments) is not paid again.
+        results[f"{workloads[0].name}_again"] = profile(
+            engine, workloads[0], recorder, seed=SECOND_RUN_SEED
+        )
+        if args.trace_steps:
+            traced = profile(engine, workloads[0], recorder, args.trace_steps, TRACED_RUN_SEED)
+            results[f"{workloads[0].name}_traced"] = traced
+            for row in (traced["host_sync_trace"] or {}).get("long_calls", [])[:10]:
+                log(f"long call {row['name']} {row['host_ms']} ms under {row['under'][:6]}")
+    finally:
+        recorder.compiles.uninstall()
     write_json(args.out, results)
 
 

@@ -3,8 +3,9 @@
 With one row the product is bound by reading W once, so the kernel is a weight stream: each
 program owns `BLOCK_N` output features and walks K in `BLOCK_K` steps, multiplying the W tile by
 x on the CUDA cores and summing in float32. Small `BLOCK_N` gives many programs, so every SM
-keeps loads in flight from the start and the tail is short: on an H200 this streams a 7B model's
-projections 8-28% faster than cuBLAS at batch 1 (BENCHMARKS.md). With two or more rows cuBLAS
+keeps loads in flight from the start and the tail is short: on an H200 a 7B model's bf16
+projections take 8-28% less time than with cuBLAS at batch 1 (BENCHMARKS.md; fp32 rows take the
+same kernel, untimed, so the fp32 token-exact GPU tests cover it). With two or more rows cuBLAS
 stays ahead (its time does not grow up to 8 rows; a tile of several rows here lost), so the
 kernel takes one.
 
@@ -68,8 +69,8 @@ def gemv(
     bias: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """x [1, K] (contiguous) times weight [N, K] (contiguous)^T, + bias [N]: [1, N] in x's
-    dtype. `config` overrides `gemv_config` (for sweeps)."""
+    """x [1, K] times weight [N, K]^T, + bias [N] (all contiguous, one dtype and device):
+    [1, N] in x's dtype. `config` overrides `gemv_config` (for sweeps)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} cannot multiply weight {tuple(weight.shape)}^T")
     if x.shape[0] != 1:
@@ -77,8 +78,11 @@ def gemv(
     if not x.is_contiguous() or not weight.is_contiguous():
         raise ValueError("x and weight must be contiguous")
     features, depth = weight.shape
-    if bias is not None and bias.shape != (features,):
-        raise ValueError(f"bias must be [{features}], got {tuple(bias.shape)}")
+    if bias is not None and (bias.shape != (features,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{features}], got {tuple(bias.shape)}")
+    others = [weight] + ([bias] if bias is not None else [])
+    if any(t.dtype != x.dtype or t.device != x.device for t in others):
+        raise ValueError("x, weight and bias must share a dtype and a device")
     block_n, block_k, num_warps = config or gemv_config(features, depth)
     y = torch.empty((1, features), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(features, block_n),)](

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
-from ocula.kernels import gemv as gemv_kernel
+from ocula.kernels import use_triton
 
-# Whether one row of x on the GPU goes to the GEMV kernel instead of cuBLAS (benchmarks A/B it).
+# Whether one row of x on the GPU goes to the GEMV kernel instead of cuBLAS. A constant; the
+# benchmarks' cuBLAS A/B sets it to False before building the engine.
 USE_GEMV = True
 
 
@@ -88,15 +89,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     through `ocula.kernels.gemv` instead (faster than cuBLAS there, see that module)."""
     if (
         USE_GEMV
-        and x.is_cuda
-        and x.numel() == weight.shape[-1] > 0
+        and x.shape[-1] == weight.shape[-1] > 0
+        and x.numel() == x.shape[-1]
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and x.dtype == weight.dtype
-        and (bias is None or bias.dtype == x.dtype)
+        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
         and weight.is_contiguous()
+        and use_triton(x)
     ):
+        from ocula.kernels.gemv import gemv  # Triton is imported only on the CUDA path
+
         row = x.reshape(1, -1).contiguous()
-        return gemv_kernel.gemv(row, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return gemv(row, weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

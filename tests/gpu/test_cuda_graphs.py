@@ -42,23 +42,36 @@ def test_graph_decode_equals_transformers(tiny_checkpoint, arch) -> None:
 def test_batch_one_decode_through_the_gemv_equals_transformers(
     tiny_checkpoint, arch, monkeypatch
 ) -> None:
-    """One prompt at a time, so every decode step has one row: its projections and LM head run
-    the GEMV kernel (counted), inside the batch-1 decode graph."""
+    """One prompt at a time, so every decode step has one row: the batch-1 decode graph is
+    captured with every projection and the LM head on the GEMV kernel (their weight shapes are
+    recorded), and its greedy tokens equal transformers'."""
     import ocula.kernels.gemv as gemv_module
+    from ocula.layers.embedding import ParallelLMHead
+    from ocula.layers.linear import ColumnParallelLinear, RowParallelLinear
 
-    calls = []
+    shapes = set()
     original = gemv_module.gemv
 
-    def counted(*args, **kwargs):
-        calls.append(args[1].shape)
-        return original(*args, **kwargs)
+    def recorded(x, weight, *args, **kwargs):
+        shapes.add(tuple(weight.shape))
+        return original(x, weight, *args, **kwargs)
 
-    monkeypatch.setattr(gemv_module, "gemv", counted)
+    monkeypatch.setattr(gemv_module, "gemv", recorded)
     checkpoint = tiny_checkpoint(arch)
+    llm = LLM(
+        str(checkpoint),
+        device="cuda",
+        data_type="fp32",
+        max_total_token_num=8192,
+        graph_max_batch_size=8,
+    )
+    model = llm.engine.core.runner.model
+    projections = (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)
+    every_weight = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, projections)}
+    assert every_weight <= shapes
     for prompt in PROMPTS[:2]:
         expected = reference_continuations(checkpoint, [prompt], NEW_TOKENS)
-        assert generate(checkpoint, [prompt], graph_max_batch_size=8) == expected
-    assert calls  # the graphs captured their batch-1 bucket through the GEMV
+        assert [out.token_ids for out in llm.generate([prompt], GREEDY)] == expected
 
 
 @pytest.mark.parametrize("count", [1, 3, 4, 9])
