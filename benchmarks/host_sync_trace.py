@@ -59,8 +59,7 @@ class HostSyncTrace:
         warnings.showwarning = self._keep_warning
 
     def stop(self) -> dict[str, Any]:
-        """Ends the trace (the profiler's exit waits for the device, outside the recorded
-        calls) and reports it."""
+        """Ends the trace, restores the warning filters and the sync debug mode, and reports."""
         self._catcher.__exit__(None, None, None)
         cuda = self.device.type == "cuda"
         if cuda:

@@ -187,11 +187,11 @@ def profile(
     host waits (`host_sync_trace`, slower: the step times of a traced run are not comparable).
     `seed` picks the prompts and images: a run with new images misses the embedding cache."""
     recorder.clear()
+    device = engine.core.runner.device
     if trace_steps:
-        recorder.trace = HostSyncTrace(engine.core.runner.device)
+        recorder.trace = HostSyncTrace(device)
         recorder.trace_steps, recorder.traced = trace_steps, None
     prompts = workload.prompts(seed=seed)
-    device = engine.core.runner.device
     segments_before = device_segment_counts(device)
     started = time.perf_counter()
     run = run_offline(engine, prompts, workload.new_tokens, Deadline(None))
@@ -215,7 +215,8 @@ def profile(
     log(
         f"{workload.name}: {run.seconds:.2f} s; {len(recorder.compiled)} Triton compiles; "
         f"device segments {result['device_segments']}; "
-        f"add_requests {result['add_requests_seconds']:.3f} s; {kinds}; between steps {result['between_steps_seconds']:.3f} s"
+        f"add_requests {result['add_requests_seconds']:.3f} s; {kinds}; "
+        f"between steps {result['between_steps_seconds']:.3f} s"
     )
     return result
 
