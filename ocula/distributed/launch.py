@@ -9,6 +9,7 @@ the device is CUDA and on gloo on the CPU; step plans and sizes always travel ov
 
 from __future__ import annotations
 
+import gc
 import logging
 from datetime import timedelta
 from typing import Any
@@ -92,9 +93,14 @@ def init_rank(
 
 
 def leave_group() -> None:
-    """Tears torch.distributed down in this process, if it was set up."""
+    """Tears torch.distributed down in this process, if it was set up, and frees its groups.
+
+    Call it once nothing refers to a process group any more (no runner, no `ParallelGroup`): a
+    gloo group's worker threads stop only when its last reference goes, and one still finishing
+    a collective when the interpreter exits aborts the process (it dies taking the GIL)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # groups kept alive by reference cycles (models, runners) go now
 
 
 # -- which tp sizes a model takes ---------------------------------------------------------------

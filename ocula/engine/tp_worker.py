@@ -180,6 +180,7 @@ class FollowerRanks:
         if asked:
             self._wait_until_left(deadline)
         if graceful:
+            del self.group  # its last reference: `leave_group` frees it (see there why)
             leave_group()
 
     def _wait_until_left(self, deadline: float) -> None:
@@ -244,17 +245,7 @@ def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
         set_host_threads(device, args.ranks_per_node)
         store = join_rendezvous(host, port, args.tp)
         store.set(READY_KEY.format(rank=rank), "1")
-        group = init_rank(store, rank, args.tp, device)
-        check_same_flags(group, args, rank)
-        runner = build_model_runner(args, dataclasses.replace(setup, device=device), group)
-        logger.info("tensor-parallel rank %d ready on %s", rank, device)
-        while True:
-            message = group.broadcast_object(src=0)
-            if isinstance(message, StopRanks):
-                break
-            if isinstance(message, StepPlan):
-                runner.execute(message)
-                runner.take_vit_batch_sizes()  # only rank 0 reports them
+        _follow_steps(args, dataclasses.replace(setup, device=device), rank, store)
     except Exception:  # log with the rank, exit non-zero: rank 0 sees it and reports it
         logger.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
         sys.exit(1)
@@ -263,3 +254,20 @@ def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
     # has still left cleanly.
     with contextlib.suppress(RuntimeError):  # torch's store errors derive from RuntimeError
         store.set(LEFT_KEY.format(rank=rank), "1")
+
+
+def _follow_steps(args: EngineArgs, setup: ModelSetup, rank: int, store: dist.TCPStore) -> None:
+    """Joins the group, builds this rank's model and runs rank 0's step plans until it says
+    stop. The group and the runner are this call's locals, so they are gone when it returns and
+    `leave_group` can free the group (see there why that matters)."""
+    group = init_rank(store, rank, args.tp, setup.device)
+    check_same_flags(group, args, rank)
+    runner = build_model_runner(args, setup, group)
+    logger.info("tensor-parallel rank %d ready on %s", rank, setup.device)
+    while True:
+        message = group.broadcast_object(src=0)
+        if isinstance(message, StopRanks):
+            return
+        if isinstance(message, StepPlan):
+            runner.execute(message)
+            runner.take_vit_batch_sizes()  # only rank 0 reports them

@@ -82,6 +82,7 @@ def run_engine_process(args: ServerArgs, inbox_address: str, outbox_address: str
         context.term()
         sys.exit(1)
     if followers is not None:
+        del core, tp  # the group's last references go in `stop` (see `leave_group`)
         followers.stop(graceful=True)
     outbox.close(linger=1000)
     inbox.close(linger=0)

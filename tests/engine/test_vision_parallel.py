@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ocula.config import EngineArgs
+from ocula.distributed.launch import leave_group
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.distributed.vision_groups import VisionLayout, assign_images
 from ocula.engine.engine_core import build_model_runner
@@ -64,7 +65,7 @@ def _rank(rank: int, args: EngineArgs, store: Path, out: Path) -> None:
         embeddings = encode(args, ParallelGroup(rank, args.tp, dist.group.WORLD))
         torch.save(embeddings, out / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave_group()  # frees the group too: see there why
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ocula.distributed.launch import leave_group
 from ocula.distributed.parallel_group import ParallelGroup
 from tests.helpers.forward import PagedRunner
 from tests.models.conftest import PROMPTS, encode, load_ocula
@@ -91,7 +92,7 @@ def _gloo_rank(rank: int, size: int, checkpoint: Path, store: Path, out: Path) -
         tokens, logits = greedy_run(checkpoint, ParallelGroup(rank, size, dist.group.WORLD))
         torch.save({"tokens": tokens, "logits": logits}, out / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave_group()  # frees the group too: see there why
 
 
 @pytest.mark.slow
