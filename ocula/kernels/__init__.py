@@ -7,9 +7,14 @@ run the same kernels in Triton's interpreter (TRITON_INTERPRET=1, set by tests/c
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
+
+# Whether the kernels of a decode step's chain launch with programmatic dependent launch on GPUs
+# that have it. A constant; the benchmarks' A/B sets it to False before building the engine.
+USE_PDL = True
 
 
 def triton_available() -> bool:
@@ -19,3 +24,22 @@ def triton_available() -> bool:
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when `tensor` lives on a CUDA device and Triton can be imported: the fast path."""
     return tensor.is_cuda and triton_available()
+
+
+def launch_with_pdl(tensor: torch.Tensor) -> bool:
+    """Whether a kernel working on `tensor` launches with programmatic dependent launch (PDL):
+    on a CUDA GPU of compute capability 9.0 or later (Hopper on) while `USE_PDL`.
+
+    A kernel so launched may start while the kernel before it in the stream is still running, so
+    its contract is: every program calls `gdc_wait()` (which returns once the previous grid has
+    completed and its writes are visible) before it reads or writes anything another kernel
+    writes; only constants (weights) may be loaded before it. Every such kernel waits, so the
+    ordering holds transitively along the stream. Kernels then call `gdc_launch_dependents()`,
+    which lets the next launch begin early; its own wait still covers this kernel's writes.
+    """
+    return USE_PDL and tensor.is_cuda and _has_pdl(tensor.device.index)
+
+
+@functools.cache
+def _has_pdl(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9

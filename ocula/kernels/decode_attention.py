@@ -28,7 +28,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ocula.kernels import launch_with_pdl
 from ocula.kernels.prefill_attention import attend_key_range, checked_output, padded_head_dim
 
 # A split should cover at least this many keys, or its fixed cost (query load, scratch write,
@@ -85,6 +87,7 @@ def decode_attention(
     if num_seqs == 0 or q.shape[0] == 0:
         return out
     head_dim_pad = padded_head_dim(head_dim)
+    pdl = launch_with_pdl(q)
     wide = q.element_size() == 4  # fp32 tiles take twice the shared memory per pipeline stage
     # partials[b, h, s, :head_dim] is a split's unnormalized accumulator, [head_dim] its running
     # max, [head_dim + 1] its running sum. With one split it is unused and `out` stands in.
@@ -117,8 +120,10 @@ def decode_attention(
         BLOCK_N=block_n or (64 if head_dim_pad <= 128 else 32),
         USE_WINDOW=sliding_window is not None,
         INPUT_PRECISION="ieee" if wide else "tf32",
+        PDL=pdl,
         num_warps=4,
         num_stages=2 if wide else 3,
+        launch_pdl=pdl,
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
@@ -130,7 +135,9 @@ def decode_attention(
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
             NUM_SPLITS=num_splits,
+            PDL=pdl,
             num_warps=2,
+            launch_pdl=pdl,
         )
     return out
 
@@ -168,7 +175,11 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # see ocula.kernels.launch_with_pdl
+        gdc_wait()
+        gdc_launch_dependents()
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2).to(tl.int64)
@@ -239,9 +250,13 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,  # power of two
+    PDL: tl.constexpr,
 ):
     """out[row of b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s;
     empty splits (m_s = -inf) weigh 0, and a sequence with no keys at all gets zeros."""
+    if PDL:  # see ocula.kernels.launch_with_pdl
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     q_row = tl.load(query_start_loc_ptr + seq)

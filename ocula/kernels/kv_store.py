@@ -17,7 +17,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _copy_token(
+def copy_token_heads(
     src_ptr,
     src_head_stride,
     dst_ptr,
@@ -61,7 +61,7 @@ def _store_kv_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    _copy_token(
+    copy_token_heads(
         k_ptr + token * k_token_stride,
         k_head_stride,
         k_cache_ptr + slot * k_cache_slot_stride,
@@ -71,7 +71,7 @@ def _store_kv_kernel(
         BLOCK_H,
         BLOCK_D,
     )
-    _copy_token(
+    copy_token_heads(
         v_ptr + token * v_token_stride,
         v_head_stride,
         v_cache_ptr + slot * v_cache_slot_stride,
@@ -96,7 +96,7 @@ def store_kv(
     need no copy). Caches: [num_slots, kv_heads, head_dim], last stride 1; their dtype may differ
     from k/v's (converted on store). slots: [T] integers in [0, num_slots).
     """
-    _check(k, v, k_cache, v_cache, slots)
+    check_kv_inputs(k, v, k_cache, v_cache, slots)
     num_tokens, num_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -124,7 +124,7 @@ def store_kv(
     )
 
 
-def _check(
+def check_kv_inputs(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,

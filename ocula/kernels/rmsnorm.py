@@ -26,6 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ocula.kernels import launch_with_pdl
 
 
 @triton.jit
@@ -44,7 +47,11 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     MEAN_BY_RECIPROCAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # see ocula.kernels.launch_with_pdl
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -79,6 +86,7 @@ def _launch(
     if rows == 0:
         return
     block = triton.next_power_of_2(hidden)
+    pdl = launch_with_pdl(x)
     _rms_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
@@ -94,8 +102,10 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         MEAN_BY_RECIPROCAL=x.is_cuda,
         BLOCK=block,
+        PDL=pdl,
         num_warps=min(max(block // 512, 1), 8),
         enable_fp_fusion=False,
+        launch_pdl=pdl,
     )
 
 

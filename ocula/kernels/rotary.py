@@ -22,9 +22,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(
-    base_ptr,
-    head_stride,
+def rotate_token_heads(
+    src_ptr,
+    src_head_stride,
+    dst_ptr,
+    dst_head_stride,
     cos,
     sin,
     NUM_HEADS: tl.constexpr,
@@ -32,21 +34,47 @@ def _rotate_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    """Rotates the heads of one token (base_ptr points at its head 0) in blocks of BLOCK_H."""
-    dtype = base_ptr.dtype.element_ty
+    """Rotates the heads of one token (the pointers are at its head 0) in blocks of BLOCK_H,
+    rounding to src's dtype as the reference does, then storing in dst's dtype (a KV cache of
+    another dtype converts as `Tensor.to` would). src and dst may be the same heads."""
+    dtype = src_ptr.dtype.element_ty
     dims = tl.arange(0, BLOCK_HALF)
     for head_start in range(0, NUM_HEADS, BLOCK_H):
         heads = head_start + tl.arange(0, BLOCK_H)
         mask = (heads[:, None] < NUM_HEADS) & (dims[None, :] < HALF)
-        first_ptrs = base_ptr + heads[:, None].to(tl.int64) * head_stride + dims[None, :]
-        first = tl.load(first_ptrs, mask=mask, other=0.0).to(tl.float32)
-        second = tl.load(first_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        src_ptrs = src_ptr + heads[:, None].to(tl.int64) * src_head_stride + dims[None, :]
+        dst_ptrs = dst_ptr + heads[:, None].to(tl.int64) * dst_head_stride + dims[None, :]
+        first = tl.load(src_ptrs, mask=mask, other=0.0).to(tl.float32)
+        second = tl.load(src_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
         new_first = (first * cos).to(dtype).to(tl.float32) - (second * sin).to(dtype).to(tl.float32)
         new_second = (second * cos).to(dtype).to(tl.float32) + (first * sin).to(dtype).to(
             tl.float32
         )
-        tl.store(first_ptrs, new_first.to(dtype), mask=mask)
-        tl.store(first_ptrs + HALF, new_second.to(dtype), mask=mask)
+        out_dtype = dst_ptr.dtype.element_ty
+        tl.store(dst_ptrs, new_first.to(dtype).to(out_dtype), mask=mask)
+        tl.store(dst_ptrs + HALF, new_second.to(dtype).to(out_dtype), mask=mask)
+
+
+@triton.jit
+def token_cos_sin(
+    positions_ptr,
+    token,
+    cos_ptr,
+    sin_ptr,
+    table_stride,
+    activation_ptr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """cos and sin of one token's position, [1, BLOCK_HALF] float32 values rounded to the
+    activation dtype (`activation_ptr`'s) first, as the reference casts the tables."""
+    dtype = activation_ptr.dtype.element_ty
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < HALF
+    cos = tl.load(cos_ptr + position * table_stride + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(sin_ptr + position * table_stride + dims, mask=dim_mask, other=0.0)
+    return cos.to(dtype).to(tl.float32)[None, :], sin.to(dtype).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -68,17 +96,14 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    dim_mask = dims < HALF
-    dtype = q_ptr.dtype.element_ty
-    # The reference casts the float32 table to the activation dtype before multiplying.
-    cos = tl.load(cos_ptr + position * table_stride + dims, mask=dim_mask, other=0.0)
-    sin = tl.load(sin_ptr + position * table_stride + dims, mask=dim_mask, other=0.0)
-    cos = cos.to(dtype).to(tl.float32)[None, :]
-    sin = sin.to(dtype).to(tl.float32)[None, :]
-    _rotate_heads(
-        q_ptr + token * q_token_stride,
+    cos, sin = token_cos_sin(
+        positions_ptr, token, cos_ptr, sin_ptr, table_stride, q_ptr, HALF, BLOCK_HALF
+    )
+    q_token = q_ptr + token * q_token_stride
+    rotate_token_heads(
+        q_token,
+        q_head_stride,
+        q_token,
         q_head_stride,
         cos,
         sin,
@@ -87,8 +112,11 @@ def _rotary_kernel(
         BLOCK_H,
         BLOCK_HALF,
     )
-    _rotate_heads(
-        k_ptr + token * k_token_stride,
+    k_token = k_ptr + token * k_token_stride
+    rotate_token_heads(
+        k_token,
+        k_head_stride,
+        k_token,
         k_head_stride,
         cos,
         sin,
@@ -112,7 +140,7 @@ def apply_rotary_inplace(
     a position past the table reads out of bounds. cos_table, sin_table: float32
     [rows, head_dim / 2] with a last stride of 1. q and k share a dtype and must not overlap.
     """
-    _check(q, k, positions, cos_table, sin_table)
+    check_rotary_inputs(q, k, positions, cos_table, sin_table)
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens == 0:
         return
@@ -141,7 +169,7 @@ def apply_rotary_inplace(
     )
 
 
-def _check(
+def check_rotary_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,

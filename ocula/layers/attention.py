@@ -19,6 +19,7 @@ from torch import nn
 
 from ocula.attention.reference import paged_attention_reference
 from ocula.engine.forward_batch import ForwardBatch
+from ocula.layers.rotary import Rope
 
 
 class AttentionBackend(Protocol):
@@ -104,10 +105,21 @@ class Attention(nn.Module):
         self.backend = backend if backend is not None else ReferenceBackend()
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
-        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
-        batch.kv_pool.write(self.layer_id, batch.out_slots, k, v)
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim].
+
+        With `rope`, q and k are rotated here, together with the K/V store (one launch on the
+        kernel path); q and k are consumed either way."""
+        if rope is None:
+            batch.kv_pool.write(self.layer_id, batch.out_slots, k, v)
+        else:
+            q = rope.rotate_and_store(q, k, v, batch.kv_pool, self.layer_id, batch.out_slots)
         k_cache, v_cache = batch.kv_pool.layer(self.layer_id)
         out = self.backend.attend(q, k_cache, v_cache, batch, self.scale, self.sliding_window)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -84,10 +84,11 @@ def _new_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); one row on the GPU (a batch-1 decode step) streams the weight
-    through `ocula.kernels.gemv` instead (faster than cuBLAS there, see that module)."""
-    if (
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x times weight^T (+ bias) goes to the GEMV kernel: one row of x on the GPU (a
+    batch-1 decode step), where it streams the weight faster than cuBLAS (see
+    `ocula.kernels.gemv`)."""
+    return (
         USE_GEMV
         and x.shape[-1] == weight.shape[-1] > 0
         and x.numel() == x.shape[-1]
@@ -96,7 +97,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
         and weight.is_contiguous()
         and use_triton(x)
-    ):
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the GEMV kernel where `gemv_applies`."""
+    if gemv_applies(x, weight, bias):
         from ocula.kernels.gemv import gemv  # Triton is imported only on the CUDA path
 
         row = x.reshape(1, -1).contiguous()

@@ -16,11 +16,14 @@ must keep context lengths within `max_positions`.
 Applying it: `RotaryEmbedding.rope(positions, dtype)` binds one forward's positions into a `Rope`
 that every layer calls on its (q, k). On CUDA (`use_triton`) that is one Triton launch per layer
 which rotates q and k in place, reading the float32 tables by position itself
-(`ocula.kernels.rotary`, bit-identical to `apply_rotary`); elsewhere cos/sin are looked up once
-per forward and `apply_rotary` runs out of place.
+(`ocula.kernels.rotary`, bit-identical to `apply_rotary`), or with `Rope.rotate_and_store` one
+launch that also writes the layer's K/V into the pool (`ocula.kernels.rotary_store`); elsewhere
+cos/sin are looked up once per forward and `apply_rotary` runs out of place.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +31,9 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ocula.kernels import use_triton
+
+if TYPE_CHECKING:
+    from ocula.engine.kv_pool import KVCachePool
 
 
 def default_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -118,6 +124,30 @@ class Rope:
             return q, k
         cos, sin = self._cos_sin
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def rotate_and_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pool: KVCachePool,
+        layer_id: int,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotates q and k and stores k and v at `slots` of the pool's layer `layer_id`; returns
+        the rotated q (use it, not q). On the kernel path that is one launch (q rotated in
+        place, k only in its cached copy); otherwise `self(q, k)` then `pool.write`."""
+        if self._cos_sin is None:
+            from ocula.kernels.rotary_store import rotate_and_store_kv
+
+            k_cache, v_cache = pool.layer(layer_id)
+            rotate_and_store_kv(
+                q, k, v, self.positions, self._cos_table, self._sin_table, k_cache, v_cache, slots
+            )
+            return q
+        q, k = self(q, k)
+        pool.write(layer_id, slots, k, v)
+        return q
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

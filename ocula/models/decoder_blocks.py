@@ -5,8 +5,9 @@ blocks' fused projections in its `packed_modules_mapping`. All TP lives in the l
 hold only this rank's heads and MLP columns, and contain no collectives.
 
 On CUDA the layers dispatch to Triton kernels (`ocula.kernels`): fused residual-add + RMSNorm,
-in-place RoPE on the q/k views of the qkv output, SiLU-and-mul, one-launch KV store, and the
-image-embedding splice below. Tensors handed to those layers are consumed (see each layer).
+RoPE on the q/k views of the qkv output in the same launch as the KV store, SiLU-and-mul (at
+batch 1 inside the gate/up GEMV), and the image-embedding splice below. Tensors handed to those
+layers are consumed (see each layer).
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.kernels import use_triton
 from ocula.layers.activation import SiluAndMul
 from ocula.layers.attention import Attention, AttentionBackend
-from ocula.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ocula.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    gemv_applies,
+)
 from ocula.layers.norm import RMSNorm
 from ocula.layers.rotary import Rope, RotaryEmbedding
 
@@ -83,10 +89,10 @@ class SelfAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: Rope, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
-        # Views of the qkv output; the kernel path rotates them in place.
-        q, k = rope(q.view(num_tokens, -1, self.head_dim), k.view(num_tokens, -1, self.head_dim))
-        v = v.view(num_tokens, -1, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, batch))
+        # Views of the qkv output, rotated and stored by the attention layer (in one launch on
+        # the kernel path, which rotates q in place).
+        q, k, v = (x.view(num_tokens, -1, self.head_dim) for x in (q, k, v))
+        return self.o_proj(self.attn(q, k, v, batch, rope))
 
 
 class GatedMLP(nn.Module):
@@ -112,7 +118,14 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if gemv_applies(x, gate_up.weight, gate_up.bias):  # batch 1: the activation fused in
+            from ocula.kernels.gemv_silu import gemv_silu_and_mul
+
+            row = x.reshape(1, -1).contiguous()
+            activated = gemv_silu_and_mul(row, gate_up.weight, gate_up.bias)
+            return self.down_proj(activated.view(*x.shape[:-1], -1))
+        return self.down_proj(self.act_fn(gate_up(x)))
 
 
 def pre_norm_residual_step(

@@ -43,20 +43,28 @@ def test_batch_one_decode_through_the_gemv_equals_transformers(
     tiny_checkpoint, arch, monkeypatch
 ) -> None:
     """One prompt at a time, so every decode step has one row: the batch-1 decode graph is
-    captured with every projection and the LM head on the GEMV kernel (their weight shapes are
-    recorded), and its greedy tokens equal transformers'."""
+    captured with every projection and the LM head on the GEMV kernels, the gate/up projection
+    on the one with SiLU-and-mul fused in (their weight shapes are recorded), and its greedy
+    tokens equal transformers'."""
     import ocula.kernels.gemv as gemv_module
+    import ocula.kernels.gemv_silu as gemv_silu_module
     from ocula.layers.embedding import ParallelLMHead
     from ocula.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from ocula.models.decoder_blocks import GatedMLP
 
-    shapes = set()
-    original = gemv_module.gemv
+    shapes = {"gemv": set(), "gemv_silu_and_mul": set()}
 
-    def recorded(x, weight, *args, **kwargs):
-        shapes.add(tuple(weight.shape))
-        return original(x, weight, *args, **kwargs)
+    def record(module, name):
+        original = getattr(module, name)
 
-    monkeypatch.setattr(gemv_module, "gemv", recorded)
+        def recorded(x, weight, *args, **kwargs):
+            shapes[name].add(tuple(weight.shape))
+            return original(x, weight, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+
+    record(gemv_module, "gemv")
+    record(gemv_silu_module, "gemv_silu_and_mul")
     checkpoint = tiny_checkpoint(arch)
     llm = LLM(
         str(checkpoint),
@@ -68,7 +76,11 @@ def test_batch_one_decode_through_the_gemv_equals_transformers(
     model = llm.engine.core.runner.model
     projections = (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)
     every_weight = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, projections)}
-    assert every_weight <= shapes
+    gate_up = {
+        tuple(m.gate_up_proj.weight.shape) for m in model.modules() if isinstance(m, GatedMLP)
+    }
+    assert gate_up and gate_up == shapes["gemv_silu_and_mul"]
+    assert every_weight - gate_up <= shapes["gemv"]
     for prompt in PROMPTS[:2]:
         expected = reference_continuations(checkpoint, [prompt], NEW_TOKENS)
         assert [out.token_ids for out in llm.generate([prompt], GREEDY)] == expected

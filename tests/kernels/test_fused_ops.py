@@ -1,8 +1,9 @@
 """The fused elementwise kernels against their torch references, bit for bit.
 
-RMSNorm, RoPE, SiLU-and-mul, the KV store and the embedding splice, on the `device` fixture (CPU
-through Triton's interpreter: fp32 and fp16; CUDA natively, also bf16). Shapes include a
-non-power-of-two hidden size, block tails and strided views of a fused projection's output.
+RMSNorm, RoPE (alone and fused with the KV store), SiLU-and-mul, the KV store and the embedding
+splice, on the `device` fixture (CPU through Triton's interpreter: fp32 and fp16; CUDA natively,
+also bf16). Shapes include a non-power-of-two hidden size, block tails and strided views of a
+fused projection's output.
 
 Two things are device-specific by nature, and the tests say where:
 - RMSNorm's float32 sum of squares is summed in an order of each implementation's own. Rows whose
@@ -24,6 +25,7 @@ from ocula.kernels.activation import silu_and_mul
 from ocula.kernels.kv_store import store_kv
 from ocula.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from ocula.kernels.rotary import apply_rotary_inplace
+from ocula.kernels.rotary_store import rotate_and_store_kv
 from ocula.kernels.splice import splice_rows_
 from ocula.layers.activation import silu_and_mul_reference
 from ocula.layers.norm import rms_norm_reference
@@ -181,6 +183,42 @@ def test_rotary_in_place_is_bit_identical(
     )
     apply_rotary_inplace(q, k, positions, rotary.cos_cache, rotary.sin_cache)
     assert torch.equal(qkv, expected)  # q and k rotated in place, v untouched
+
+
+@each_dtype
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(4, 2, 16), (6, 3, 24)])
+def test_rotate_and_store_kv_equals_rotary_then_store(
+    device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int
+) -> None:
+    skip_unsupported(device, dtype)
+    config = LlamaConfig(
+        hidden_size=q_heads * head_dim,
+        num_attention_heads=q_heads,
+        max_position_embeddings=300,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    rotary = RotaryEmbedding(config, head_dim).to(device)
+    positions = torch.tensor([5, 0, 299, 17, 17, 123, 1], device=device)
+    slots = torch.tensor([3, 0, 11, 7, 0, 20, 1], device=device)  # 0: the shared scratch slot
+    qkv = fused_qkv(len(positions), q_heads, kv_heads, head_dim, dtype, device)
+    before = qkv.clone()
+    q, k, v = split_heads(qkv, q_heads, kv_heads, head_dim)
+    cos, sin = rotary.lookup(positions, dtype)
+    rotated_q, rotated_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    real = slots != 0  # which token lands in the scratch slot is unspecified
+    for cache_dtype in [dtype, torch.float16]:
+        k_cache = randn(24, kv_heads, head_dim, dtype=cache_dtype, device=device, seed=12)
+        v_cache = randn(24, kv_heads, head_dim, dtype=cache_dtype, device=device, seed=13)
+        expected_k, expected_v = k_cache.clone(), v_cache.clone()
+        expected_k[slots[real]] = rotated_k[real].to(cache_dtype)
+        expected_v[slots[real]] = v[real].to(cache_dtype)
+        qkv.copy_(before)
+        rotate_and_store_kv(
+            q, k, v, positions, rotary.cos_cache, rotary.sin_cache, k_cache, v_cache, slots
+        )
+        assert torch.equal(q, rotated_q)  # in place
+        assert torch.equal(qkv[:, q_heads * head_dim :], before[:, q_heads * head_dim :])
+        assert torch.equal(k_cache[1:], expected_k[1:]) and torch.equal(v_cache[1:], expected_v[1:])
 
 
 # ---------------------------------------------------------------------------------- SiLU

@@ -1,4 +1,5 @@
-"""The GEMV kernel (batch-1 decode projections) against a float64 reference.
+"""The GEMV kernel (batch-1 decode projections) against a float64 reference, and its variant with
+SiLU-and-mul fused in against the two kernels it replaces.
 
 The kernel sums K in float32 in an order of its own, so it is not bit-identical to F.linear.
 What it must meet: the error bound of its float32 summation, then one rounding to the output
@@ -18,7 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ocula.kernels.activation import silu_and_mul
 from ocula.kernels.gemv import gemv, gemv_config
+from ocula.kernels.gemv_silu import gemv_silu_and_mul, split_config
 from ocula.layers import linear as linear_module
 
 FLOAT32_UNIT = 2.0**-24
@@ -125,3 +128,29 @@ def test_linear_sends_one_row_on_the_gpu_to_the_gemv(device: torch.device) -> No
 def test_linear_is_f_linear_off_the_gpu() -> None:
     x, weight, bias = make(1, 32, 64, torch.float32, torch.device("cpu"))
     assert torch.equal(linear_module.linear(x, weight, bias), F.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "width,depth,config",
+    [(64, 512, None), (35, 300, None), (48, 256, (2, 64, 2)), (40, 384, (16, 128, 4))],
+)
+def test_gemv_silu_and_mul_is_the_gemv_then_the_activation_bit_for_bit(
+    device: torch.device, dtype: torch.dtype, width: int, depth: int, config
+) -> None:
+    if dtype not in dtypes(device):
+        pytest.skip("bf16 runs on CUDA only (the interpreter computes bf16 wrongly)")
+    x, weight, bias = make(1, 2 * width, depth, dtype, device, seed=5)
+    weight, bias = 4 * weight, 2 * bias  # gates well into both tails of the SiLU
+    used = config or split_config(width, depth)
+    for with_bias in (None, bias):
+        got = gemv_silu_and_mul(x, weight, with_bias, config)
+        expected = silu_and_mul(gemv(x, weight, with_bias, config=used))
+        assert got.shape == (1, width) and got.dtype == dtype
+        assert torch.equal(got, expected)
+
+
+def test_gemv_silu_and_mul_needs_two_halves(device: torch.device) -> None:
+    x, weight, _ = make(1, 33, 64, torch.float32, device)
+    with pytest.raises(ValueError, match="two equal halves"):
+        gemv_silu_and_mul(x, weight)

@@ -5,10 +5,11 @@ so the Triton path runs on CPU too (in the interpreter) and the torch path can r
 Three steps go through a real KV pool: a prefill of two sequences with spliced image rows, then
 a mixed step (two decodes and a new prefill), so the stored K/V are read back by attention.
 
-Bit-identical: RoPE, the KV store and the splice everywhere, SiLU-and-mul on CUDA (on CPU the
-interpreter's numpy exp is not torch's). With every kernel on, RMSNorm's float32 sum of squares
-is summed in the kernel's own order (see ocula/kernels/rmsnorm.py), so that check allows the
-rounding-level differences such an order change makes in float32.
+Bit-identical: RoPE (which, switched on, also stores the layer's K/V in the same launch), the KV
+store and the splice everywhere, SiLU-and-mul on CUDA (on CPU the interpreter's numpy exp is not
+torch's). With every kernel on, RMSNorm's float32 sum of squares is summed in the kernel's own
+order (see ocula/kernels/rmsnorm.py), so that check allows the rounding-level differences such an
+order change makes in float32.
 """
 
 from __future__ import annotations
