@@ -83,6 +83,12 @@ def _store_kv_kernel(
     )
 
 
+def copy_blocks(num_heads: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_D) of `copy_token_heads`: up to 4096 elements per block."""
+    block_d = triton.next_power_of_2(head_dim)
+    return max(1, min(triton.next_power_of_2(num_heads), 4096 // block_d)), block_d
+
+
 def store_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -100,8 +106,7 @@ def store_kv(
     num_tokens, num_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    block_d = triton.next_power_of_2(head_dim)
-    block_h = max(1, min(triton.next_power_of_2(num_heads), 4096 // block_d))
+    block_h, block_d = copy_blocks(num_heads, head_dim)
     _store_kv_kernel[(num_tokens,)](
         k,
         v,

@@ -127,6 +127,12 @@ def _rotary_kernel(
     )
 
 
+def rotary_blocks(max_heads: int, half: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_HALF) of `rotate_token_heads`: up to 2048 elements of a half per block."""
+    block_half = triton.next_power_of_2(half)
+    return max(1, min(triton.next_power_of_2(max_heads), 2048 // block_half)), block_half
+
+
 def apply_rotary_inplace(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,9 +151,7 @@ def apply_rotary_inplace(
     if num_tokens == 0:
         return
     half = head_dim // 2
-    block_half = triton.next_power_of_2(half)
-    max_heads = max(num_q_heads, k.shape[1])
-    block_h = max(1, min(triton.next_power_of_2(max_heads), 2048 // block_half))
+    block_h, block_half = rotary_blocks(max(num_q_heads, k.shape[1]), half)
     _rotary_kernel[(num_tokens,)](
         q,
         k,

@@ -20,8 +20,13 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ocula.kernels import launch_with_pdl
-from ocula.kernels.kv_store import check_kv_inputs, copy_token_heads
-from ocula.kernels.rotary import check_rotary_inputs, rotate_token_heads, token_cos_sin
+from ocula.kernels.kv_store import check_kv_inputs, copy_blocks, copy_token_heads
+from ocula.kernels.rotary import (
+    check_rotary_inputs,
+    rotary_blocks,
+    rotate_token_heads,
+    token_cos_sin,
+)
 
 
 @triton.jit
@@ -124,9 +129,9 @@ def rotate_and_store_kv(
     if num_tokens == 0:
         return
     half = head_dim // 2
-    block_half = triton.next_power_of_2(half)
-    block_d = triton.next_power_of_2(head_dim)
     num_kv_heads = k.shape[1]
+    block_h, block_half = rotary_blocks(max(num_q_heads, num_kv_heads), half)
+    block_kv_h, block_d = copy_blocks(num_kv_heads, head_dim)
     pdl = launch_with_pdl(q)
     _rotary_store_kernel[(num_tokens,)](
         q,
@@ -150,11 +155,9 @@ def rotate_and_store_kv(
         NUM_Q_HEADS=num_q_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=half,
-        BLOCK_H=max(
-            1, min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), 2048 // block_half)
-        ),
+        BLOCK_H=block_h,
         BLOCK_HALF=block_half,
-        BLOCK_KV_H=max(1, min(triton.next_power_of_2(num_kv_heads), 4096 // block_d)),
+        BLOCK_KV_H=block_kv_h,
         BLOCK_D=block_d,
         PDL=pdl,
         num_warps=4,

@@ -160,19 +160,24 @@ def split_heads(
     )
 
 
-@each_dtype
-@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(4, 2, 16), (6, 3, 24), (2, 2, 64)])
-def test_rotary_in_place_is_bit_identical(
-    device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int
-) -> None:
-    skip_unsupported(device, dtype)
+def rotary_tables(q_heads: int, head_dim: int, device: torch.device) -> RotaryEmbedding:
+    """Default RoPE over 300 positions."""
     config = LlamaConfig(
         hidden_size=q_heads * head_dim,
         num_attention_heads=q_heads,
         max_position_embeddings=300,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
-    rotary = RotaryEmbedding(config, head_dim).to(device)
+    return RotaryEmbedding(config, head_dim).to(device)
+
+
+@each_dtype
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(4, 2, 16), (6, 3, 24), (2, 2, 64)])
+def test_rotary_in_place_is_bit_identical(
+    device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int
+) -> None:
+    skip_unsupported(device, dtype)
+    rotary = rotary_tables(q_heads, head_dim, device)
     positions = torch.tensor([5, 0, 299, 17, 17, 123, 1], device=device)  # out of order, repeats
     qkv = fused_qkv(len(positions), q_heads, kv_heads, head_dim, dtype, device)
     q, k, v = split_heads(qkv, q_heads, kv_heads, head_dim)
@@ -191,13 +196,7 @@ def test_rotate_and_store_kv_equals_rotary_then_store(
     device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int
 ) -> None:
     skip_unsupported(device, dtype)
-    config = LlamaConfig(
-        hidden_size=q_heads * head_dim,
-        num_attention_heads=q_heads,
-        max_position_embeddings=300,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-    rotary = RotaryEmbedding(config, head_dim).to(device)
+    rotary = rotary_tables(q_heads, head_dim, device)
     positions = torch.tensor([5, 0, 299, 17, 17, 123, 1], device=device)
     slots = torch.tensor([3, 0, 11, 7, 0, 20, 1], device=device)  # 0: the shared scratch slot
     qkv = fused_qkv(len(positions), q_heads, kv_heads, head_dim, dtype, device)
