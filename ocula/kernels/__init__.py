@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -42,4 +43,8 @@ def launch_with_pdl(tensor: torch.Tensor) -> bool:
 
 @functools.cache
 def _has_pdl(device_index: int | None) -> bool:
+    # Not in Triton's interpreter (no inline PTX there, even for CUDA tensors) nor on ROCm
+    # (griddepcontrol is PTX).
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None:
+        return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
