@@ -79,6 +79,12 @@ class EngineArgs:
     enable_multimodal: bool = option(False, "Serve images with a vision-language checkpoint.")
     visual_infer_batch_size: int = option(1, "Most images in one vision-encoder forward.")
     cache_capacity: int = option(200, "Image embeddings kept in the LRU embedding cache.")
+    image_cache_gb: float = option(
+        4.0,
+        "Most device memory (GiB) for cached image embeddings, set aside at start-up inside "
+        "--mem_fraction: the cache holds --cache_capacity images or what fits here, whichever is "
+        "fewer (and always one request's images).",
+    )
     visual_dp: int = option(1, "Data-parallel groups of the vision encoder.")
     visual_tp: int | None = option(
         None, "Tensor-parallel degree of the vision encoder; default: --tp / --visual_dp."
@@ -118,6 +124,8 @@ class EngineArgs:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not self.image_cache_gb > 0:
+            raise ValueError(f"--image_cache_gb must be above 0, got {self.image_cache_gb}")
         if self.piecewise_graph_max_tokens < 0:
             raise ValueError(
                 "--piecewise_graph_max_tokens must be 0 (off) or more, got "

@@ -119,7 +119,10 @@ class EngineCore:
         if self.is_multimodal:
             from ocula.multimodal.preprocess_span import preprocess_span
 
-            self.images = ImageScheduler(args.cache_capacity, preprocess_span)
+            pool = self.runner.embedding_pool
+            self.images = ImageScheduler(
+                args.cache_capacity, preprocess_span, pool.num_pages, pool.page_rows
+            )
         self.scheduler = Scheduler(
             self.allocator,
             self.prefix_cache,
@@ -152,6 +155,13 @@ class EngineCore:
             raise RequestRejectedError(problem)
         if request.images and self.images is None:
             raise RequestRejectedError("this model has no vision encoder: it cannot take images")
+        if request.images and self.images.pages_needed(request) > self.images.index.num_pages:
+            pool = self.runner.embedding_pool
+            raise RequestRejectedError(
+                f"the request's images take {self.images.pages_needed(request)} tiles of "
+                f"embeddings but the image-embedding cache holds {pool.num_pages} "
+                "(--cache_capacity)"
+            )
         if self.args.disable_chunked_prefill and prompt_len > self.scheduler.batch_max_tokens:
             raise RequestRejectedError(
                 f"the prompt has {prompt_len} tokens, more than --batch_max_tokens "

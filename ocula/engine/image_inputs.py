@@ -4,8 +4,10 @@ embeddings to drop, and which embedding rows go where in the batch.
 An image sits in a request's tokens as a span of placeholder tokens (`ImageSpan`); its embedding
 has one row per placeholder. The scheduler admits a request, then this class:
 - skips images entirely inside the prefix-cache hit (their KV is cached: no embedding needed);
-- acquires cached embeddings (a hit skips preprocessing and the ViT), or registers a miss and
-  queues its pixels for encoding in this very step, before the forward;
+- acquires cached embeddings (a hit skips preprocessing and the ViT), or registers a miss, with
+  pages of the runner's embedding pool to hold it, and queues its pixels for encoding in this very
+  step, before the forward; `can_admit` says beforehand whether the pool has room for a request's
+  misses (evicting free entries), else the request waits;
 - for every prefill chunk, names the slices of embeddings that replace the placeholder rows of
   that chunk (a chunk may start or end inside an image: the embedding is sliced, never
   recomputed);
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ocula.engine.embedding_cache import EmbeddingCacheIndex
+from ocula.engine.embedding_pool import pages_for_rows
 from ocula.engine.request import ImageSpan, Request
 
 
@@ -41,6 +44,7 @@ from ocula.engine.request import ImageSpan, Request
 class EncoderInput:
     key: str
     pixel_values: torch.Tensor  # [tiles, 3, H, W] CPU: uint8 tiles, or float32 normalized
+    pages: list[int]  # of the embedding pool, in row order, where the embedding goes
 
 
 @dataclass
@@ -49,6 +53,7 @@ class PendingImage:
 
     key: str
     pixel_values: Future[torch.Tensor]
+    pages: list[int]
 
 
 @dataclass
@@ -75,9 +80,15 @@ PREFETCH_LOOKAHEAD = 256
 
 class ImageScheduler:
     def __init__(
-        self, cache_capacity: int, preprocess: Callable[[ImageSpan], torch.Tensor] | None
+        self,
+        cache_capacity: int,
+        preprocess: Callable[[ImageSpan], torch.Tensor] | None,
+        num_pages: int,
+        page_rows: int,
     ) -> None:
-        self.index = EmbeddingCacheIndex(cache_capacity)
+        """`num_pages` pages of `page_rows` embedding rows: the runner's `EmbeddingPool`."""
+        self.index = EmbeddingCacheIndex(cache_capacity, num_pages)
+        self.page_rows = page_rows
         self._preprocess = preprocess
         self._pending_frees: list[str] = []
         self.num_served_by_prefix_cache = 0  # images whose KV was cached: no embedding needed
@@ -129,11 +140,32 @@ class ImageScheduler:
             self._pool = ThreadPoolExecutor(PREFETCH_THREADS, "ocula-tiling")
         return self._pool.submit(self._preprocess, span)
 
+    def _new_images(self, request: Request, cached_prefix_len: int) -> dict[str, int]:
+        """Pages of each image the request would encode now (not cached, not in its prefix hit)."""
+        return {
+            span.key: pages_for_rows(span.length, self.page_rows)
+            for span in request.images
+            if span.offset + span.length > cached_prefix_len and span.key not in self.index
+        }
+
+    def pages_needed(self, request: Request) -> int:
+        """Pool pages the request's images take at most (none cached, no prefix hit)."""
+        lengths = {span.key: span.length for span in request.images}
+        return sum(pages_for_rows(length, self.page_rows) for length in lengths.values())
+
+    def can_admit(self, request: Request, cached_prefix_len: int) -> bool:
+        """Whether the pool has room for the request's images now (see `admit`)."""
+        cached = [s.key for s in request.images if s.offset + s.length > cached_prefix_len]
+        return self.index.can_fit(
+            sum(self._new_images(request, cached_prefix_len).values()), cached
+        )
+
     def admit(
         self, request: Request, cached_prefix_len: int
     ) -> tuple[list[PendingImage], list[str]]:
         """Acquires the embeddings a newly admitted request needs; returns what to encode now and
-        which keys were evicted for room. The pixel values come with `finish_plan`."""
+        which keys were evicted for room. The pixel values come with `finish_plan`. Only for a
+        request `can_admit` allowed, with nothing admitted in between."""
         to_encode: list[PendingImage] = []
         evicted: list[str] = []
         for span in request.images:
@@ -149,8 +181,10 @@ class ImageScheduler:
             if self.index.lookup(span.key):
                 self.index.acquire(span.key)
             else:
-                evicted += self.index.add(span.key)
-                to_encode.append(PendingImage(span.key, self._pixels(span, prefetched)))
+                pages = pages_for_rows(span.length, self.page_rows)
+                evicted += self.index.add(span.key, pages)
+                pixels = self._pixels(span, prefetched)
+                to_encode.append(PendingImage(span.key, pixels, self.index.pages_of(span.key)))
             request.held_image_keys.append(span.key)
         return to_encode, evicted
 
@@ -163,7 +197,9 @@ class ImageScheduler:
             for request in itertools.islice(waiting, PREFETCH_LOOKAHEAD):
                 if not self.prefetch(request):
                     break
-        return [EncoderInput(item.key, item.pixel_values.result()) for item in to_encode]
+        return [
+            EncoderInput(item.key, item.pixel_values.result(), item.pages) for item in to_encode
+        ]
 
     def _pixels(
         self, span: ImageSpan, prefetched: Future[torch.Tensor] | None

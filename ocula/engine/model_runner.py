@@ -28,6 +28,7 @@ from ocula.config import EngineArgs
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.distributed.vision_groups import VisionLayout, make_vision_group
 from ocula.engine.cuda_graphs import DecodeGraphs, capture_forward_graphs
+from ocula.engine.embedding_pool import EmbeddingPool, build_embedding_pool
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.image_encoder import ImageEncoder
 from ocula.engine.kv_pool import KVCachePool
@@ -81,6 +82,10 @@ class ModelRunner:
             attention_backend=backend,
             vision_tp=vision_tp,
         )
+        # Before the KV pool is sized: the embedding cache is part of --mem_fraction.
+        self.embedding_pool: EmbeddingPool | None = None
+        if hasattr(self.model, "encode_images"):
+            self.embedding_pool = build_embedding_pool(self.model, args, dtype, device)
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
         bytes_per_token = KVCachePool.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         uses_graphs = (
@@ -123,9 +128,10 @@ class ModelRunner:
                 self.model, backend, self.kv_pool, self.slot_table, args, image_width
             )
         self.sampling = RequestSampler(device, args.seed) if tp.rank == 0 else None
-        # Image embeddings by cache key, [placeholder tokens, hidden] in the model's dtype. The
-        # scheduler's EmbeddingCacheIndex decides what is here (plan.encoder_inputs/frees).
-        self.image_embeddings: dict[str, torch.Tensor] = {}
+        # Pages of `embedding_pool` (CPU int64, in row order) of each cached image's embedding,
+        # by cache key. The scheduler's EmbeddingCacheIndex decides what is here and where
+        # (plan.encoder_inputs with their pages, plan.encoder_frees).
+        self.image_pages: dict[str, torch.Tensor] = {}
         self.image_encoder: ImageEncoder | None = None
         if hasattr(self.model, "encode_images"):
             encode = self.model.encode_images
@@ -190,9 +196,14 @@ class ModelRunner:
 
     def _update_image_embeddings(self, plan: StepPlan) -> None:
         for key in plan.encoder_frees:
-            self.image_embeddings.pop(key, None)
-        if plan.encoder_inputs and self.image_encoder is not None:
-            self.image_embeddings.update(self.image_encoder.encode(plan.encoder_inputs))
+            self.image_pages.pop(key, None)
+        if not plan.encoder_inputs or self.image_encoder is None or self.embedding_pool is None:
+            return
+        encoded = self.image_encoder.encode(plan.encoder_inputs)
+        for item in plan.encoder_inputs:
+            pages = torch.tensor(item.pages, dtype=torch.int64)
+            self.embedding_pool.write(pages, encoded[item.key])
+            self.image_pages[item.key] = pages
 
     def take_vit_batch_sizes(self) -> list[int]:
         """Images per ViT forward run by this rank's ViT group since the last call."""
@@ -203,15 +214,19 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rows of the batch whose embeddings come from images, and those embeddings."""
         rows: list[torch.Tensor] = []
-        embeds: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []  # rows of the embedding pool
         for seq, base in zip(plan.sequences, query_starts, strict=False):
             for piece in seq.image_slices:
                 first = base + piece.dst_start
                 rows.append(torch.arange(first, first + piece.src_end - piece.src_start))
-                embeds.append(self.image_embeddings[piece.key][piece.src_start : piece.src_end])
+                pages = self.image_pages[piece.key]
+                sources.append(
+                    self.embedding_pool.row_indices(pages, piece.src_start, piece.src_end)
+                )
         if not rows:
             return None
-        return to_device_async(torch.cat(rows), self.device), torch.cat(embeds)
+        both = to_device_async(torch.stack([torch.cat(rows), torch.cat(sources)]), self.device)
+        return both[0], self.embedding_pool.gather(both[1])
 
     def _build_batch(self, plan: StepPlan) -> ForwardBatch:
         query_lens = [s.num_new_tokens for s in plan.sequences]

@@ -5,8 +5,8 @@ Each step the scheduler builds one varlen batch under a token budget (`batch_max
    chunk for those still prefilling (prompts longer than `chunked_prefill_size`, or tokens to
    recompute after a preemption);
 2. then waiting requests, first come first served, while the budget, the row limit
-   (`running_max_req_size`) and the KV pool allow. A new request first looks its prompt up in the
-   prefix cache and computes only the rest.
+   (`running_max_req_size`), the KV pool and the image-embedding pool allow. A new request first
+   looks its prompt up in the prefix cache and computes only the rest.
 
 KV slots are taken from the allocator, evicting unreferenced prefix-cache entries when it runs
 dry. When a running request still cannot get a slot, the most recently admitted request is
@@ -172,10 +172,14 @@ class Scheduler:
             prefix_len = self.kv.match_prefix(request)
             num_new = self._chunk_size(request, budget)
             # Admit only if this chunk fits and every running request can still take one more
-            # token next step; preemption covers the rest.
+            # token next step (preemption covers the rest), and its new images fit the
+            # embedding pool (the ones in use free up as their requests' prefills pass them).
             headroom = len(self.running) + 1
             available = self.allocator.num_free + self.prefix_cache.evictable_size
-            if num_new == 0 or available < num_new + headroom:
+            images_fit = not request.images or (
+                self.images is not None and self.images.can_admit(request, prefix_len)
+            )
+            if num_new == 0 or available < num_new + headroom or not images_fit:
                 self.kv.unlock_prefix(request)
                 break
             slots = self.kv.allocate(num_new)

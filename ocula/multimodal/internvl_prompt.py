@@ -43,15 +43,8 @@ class VisionSpec:
                 f"patch {config.patch_size})^2 x downsample_ratio {config.downsample_ratio}^2); "
                 f"set INTERNVL_IMAGE_LENGTH={config.tokens_per_tile} or leave it unset"
             )
-        tiling = InternVLImageConfig(
-            image_size=config.image_size,
-            min_num=config.min_dynamic_patch,
-            max_num=config.max_dynamic_patch,
-            use_thumbnail=config.use_thumbnail,
-            dynamic=config.dynamic_image_size,
-        )
         return cls(
-            tiling,
+            tiling_from_config(config),
             config.tokens_per_tile,
             config.image_token_id_for(tokenizer),
             config.image_start_token,
@@ -60,8 +53,34 @@ class VisionSpec:
         )
 
     def tiling_for(self, requested_max_tiles: int | None) -> InternVLImageConfig:
-        max_tiles = resolve_max_tiles(requested_max_tiles, env.max_patch_num(), self.tiling.max_num)
-        return replace(self.tiling, max_num=max(max_tiles, self.tiling.min_num))
+        return tiling_for_request(self.tiling, requested_max_tiles)
+
+
+def tiling_from_config(config: Any) -> InternVLImageConfig:
+    """The checkpoint's tiling (an InternVLModelConfig's); max_num = its max_dynamic_patch."""
+    return InternVLImageConfig(
+        image_size=config.image_size,
+        min_num=config.min_dynamic_patch,
+        max_num=config.max_dynamic_patch,
+        use_thumbnail=config.use_thumbnail,
+        dynamic=config.dynamic_image_size,
+    )
+
+
+def tiling_for_request(
+    base: InternVLImageConfig, requested_max_tiles: int | None
+) -> InternVLImageConfig:
+    """`base` with the tile cap a request gets: its own, else MAX_PATCH_NUM, else base's."""
+    max_tiles = resolve_max_tiles(requested_max_tiles, env.max_patch_num(), base.max_num)
+    return replace(base, max_num=max(max_tiles, base.min_num))
+
+
+def default_tiles_per_image(config: Any) -> int:
+    """Most tiles (thumbnail included) an image gets when its request sets no tile cap."""
+    tiling = tiling_for_request(tiling_from_config(config), None)
+    if not tiling.dynamic:
+        return 1
+    return tiling.max_num + (1 if tiling.use_thumbnail and tiling.max_num > 1 else 0)
 
 
 def count_image_tags(text: str) -> int:

@@ -1,4 +1,4 @@
-"""The image-embedding cache index: LRU order, pinning by users, hit/miss counts."""
+"""The image-embedding cache index: LRU order, pinning by users, hit/miss counts, pool pages."""
 
 from __future__ import annotations
 
@@ -8,40 +8,69 @@ from ocula.engine.embedding_cache import EmbeddingCacheIndex
 
 
 def test_lru_eviction_skips_entries_in_use() -> None:
-    cache = EmbeddingCacheIndex(capacity=2)
-    assert cache.add("a") == [] and cache.add("b") == []  # each held by the request adding it
+    cache = EmbeddingCacheIndex(capacity=2, num_pages=100)
+    assert cache.add("a", 1) == [] and cache.add("b", 1) == []  # each held by its request
     assert cache.release("b") == []
-    assert cache.add("c") == ["b"]  # a is in use, b is the least recently used free entry
+    assert cache.add("c", 1) == ["b"]  # a is in use, b is the least recently used free entry
     assert "a" in cache and "c" in cache and "b" not in cache
     # Every entry in use: the cache grows past capacity instead of dropping one.
-    assert cache.add("d") == []
+    assert cache.add("d", 1) == []
     assert len(cache) == 3 and cache.num_in_use == 3
     assert cache.release("a") == ["a"]  # freed and over capacity: dropped at once
     assert len(cache) == 2
 
 
 def test_lookup_counts_and_refreshes_recency() -> None:
-    cache = EmbeddingCacheIndex(capacity=2)
-    cache.add("a")
-    cache.add("b")
+    cache = EmbeddingCacheIndex(capacity=2, num_pages=100)
+    cache.add("a", 1)
+    cache.add("b", 1)
     cache.release("a")
     cache.release("b")
     assert cache.lookup("a") is True  # a becomes the most recent
     assert cache.lookup("z") is False
     assert (cache.hits, cache.misses) == (1, 1)
-    assert cache.add("c") == ["b"]
+    assert cache.add("c", 1) == ["b"]
+
+
+def test_pages_are_a_hard_limit_met_by_evicting_free_entries_oldest_first() -> None:
+    cache = EmbeddingCacheIndex(capacity=10, num_pages=8)
+    cache.add("a", 3)
+    cache.add("b", 3)
+    cache.add("c", 2)
+    assert cache.num_free_pages == 0
+    pages = {key: cache.pages_of(key) for key in "abc"}
+    assert sorted(p for ps in pages.values() for p in ps) == list(range(8))
+    assert not cache.can_fit(1)  # everything in use
+    with pytest.raises(RuntimeError, match="in use"):
+        cache.add("d", 1)
+    cache.release("b")
+    cache.release("a")
+    cache.lookup("b")  # b is now more recent than a
+    assert cache.can_fit(6) and not cache.can_fit(7)
+    # Room for 4 pages: a (oldest, 3 pages) is not enough alone, so b goes too.
+    assert cache.add("d", 4) == ["a", "b"]
+    assert set(cache.pages_of("d")) <= set(pages["a"]) | set(pages["b"])
+    assert cache.num_free_pages == 2
+    # A cached free entry the request is about to use does not count as room.
+    cache.add("e", 2)
+    cache.release("e")
+    assert cache.can_fit(2) and not cache.can_fit(2, keep=["e"])
+    cache.acquire("e")
+    assert not cache.can_fit(1)
 
 
 def test_misuse_is_refused() -> None:
-    cache = EmbeddingCacheIndex(capacity=1)
-    cache.add("a")
+    cache = EmbeddingCacheIndex(capacity=1, num_pages=4)
+    cache.add("a", 1)
     with pytest.raises(ValueError, match="already cached"):
-        cache.add("a")
+        cache.add("a", 1)
     cache.release("a")
     with pytest.raises(RuntimeError, match="no request holds"):
         cache.release("a")
     with pytest.raises(ValueError, match="capacity"):
-        EmbeddingCacheIndex(0)
+        EmbeddingCacheIndex(0, 4)
+    with pytest.raises(ValueError, match="page"):
+        EmbeddingCacheIndex(1, 0)
 
 
 def test_running_requests_stop_holding_embeddings_once_their_images_are_planned() -> None:
@@ -61,7 +90,7 @@ def test_running_requests_stop_holding_embeddings_once_their_images_are_planned(
     def run(plan) -> None:
         scheduler.update(plan, [SampledToken(s.request_id, 7) for s in plan.sequences if s.samples])
 
-    images = ImageScheduler(1, tile)
+    images = ImageScheduler(1, tile, num_pages=4, page_rows=4)
     allocator = SlotAllocator(256)
     # Chunks of 8 tokens: a prompt of 4 text tokens, an 8-token image, 4 text tokens takes two.
     scheduler = Scheduler(allocator, RadixCache(allocator), 8, 8, 8, 100, images=images)

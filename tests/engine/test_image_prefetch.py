@@ -14,6 +14,10 @@ from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.request import ImageSpan, Request
 from ocula.sampling.params import SamplingParams
 
+# An embedding pool with room for everything these tests admit (its limits are tested elsewhere).
+PAGES = 4096
+PAGE_ROWS = 256
+
 TileFn = Callable[[ImageSpan], torch.Tensor]
 
 
@@ -46,7 +50,7 @@ def admitted(images: ImageScheduler, req: Request, waiting: list[Request] = ()) 
 def test_images_are_tiled_ahead_in_a_worker_thread_and_taken_once() -> None:
     gate = threading.Event()
     tile, calls = recording_tiler(gate)
-    images = ImageScheduler(8, tile)
+    images = ImageScheduler(8, tile, PAGES, PAGE_ROWS)
     first, same_image, other = request("a", "x"), request("b", "x"), request("c", "yy", "z")
     for r in (first, same_image, other, first):  # prefetching twice changes nothing
         assert images.prefetch(r)
@@ -74,7 +78,7 @@ def test_the_window_is_bounded_and_topped_up_from_the_waiting_queue() -> None:
     gate = threading.Event()
     gate.set()
     tile, calls = recording_tiler(gate)
-    images = ImageScheduler(64, tile)
+    images = ImageScheduler(64, tile, PAGES, PAGE_ROWS)
     per_window = 3
     length = image_inputs.MAX_PREFETCHED_TOKENS // per_window
     queue = [request(f"r{i}", f"k{i}", length=length) for i in range(per_window + 2)]
@@ -107,7 +111,7 @@ def test_images_admitted_before_their_prefetch_are_tiled_in_parallel(
         names.append(threading.current_thread().name)
         return torch.zeros((1, 3, 2, 2), dtype=torch.uint8)
 
-    images = ImageScheduler(8, tile)
+    images = ImageScheduler(8, tile, PAGES, PAGE_ROWS)
     first, second = request("a", "p"), request("b", "q")  # never prefetched
     to_encode, _ = images.admit(first, 0)
     more, _ = images.admit(second, 0)
@@ -120,7 +124,7 @@ def test_a_failed_tiling_surfaces_at_finish_plan() -> None:
     def tile(span: ImageSpan) -> torch.Tensor:
         raise OSError("truncated file")
 
-    images = ImageScheduler(8, tile)
+    images = ImageScheduler(8, tile, PAGES, PAGE_ROWS)
     to_encode, _ = images.admit(request("a", "bad"), 0)
     with pytest.raises(OSError, match="truncated"):
         images.finish_plan(to_encode, [])
@@ -130,7 +134,7 @@ def test_an_image_whose_kv_is_cached_is_tiled_once_for_all_its_waiting_requests(
     gate = threading.Event()
     gate.set()
     tile, calls = recording_tiler(gate)
-    images = ImageScheduler(8, tile)
+    images = ImageScheduler(8, tile, PAGES, PAGE_ROWS)
     waiting = [request(f"r{i}", "k", length=4) for i in range(4)]
     for r in waiting:
         images.prefetch(r)
@@ -153,7 +157,7 @@ def test_a_request_ending_while_preempted_takes_its_prefetched_tiles_along() -> 
     gate = threading.Event()
     gate.set()
     tile, _ = recording_tiler(gate)
-    images = ImageScheduler(1, tile)
+    images = ImageScheduler(1, tile, PAGES, PAGE_ROWS)
     allocator = SlotAllocator(64)
     scheduler = Scheduler(allocator, RadixCache(allocator), 64, None, 4, 100, images=images)
 

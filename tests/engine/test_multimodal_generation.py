@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ocula import LLM, SamplingParams
+from ocula.engine import embedding_pool
 from ocula.multimodal.image_processing import normalize_pixels
 from ocula.multimodal.preprocess_span import preprocess_span
 from tests.helpers.tiny_internvl import load_hf_reference, make_hf_internvl, write_original_layout
@@ -121,10 +122,44 @@ def test_full_cache_evicts_least_recently_used_only(hf_checkpoint) -> None:
         llm.generate({"prompt": f"step {step}: <image>", "images": [image]}, GREEDY)
     index = llm.engine.core.images.index
     assert len(index) == 2 and index.num_in_use == 0
-    assert set(llm.engine.core.runner.image_embeddings) == set(index._users)
+    assert set(llm.engine.core.runner.image_pages) == set(index._entries)
     llm.generate({"prompt": "x <image>", "images": [images[0]]}, GREEDY)
     assert index.hits == 2  # images[0] was refreshed, so images[2] evicted images[1]
     assert index.misses == 3
+
+
+def test_requests_wait_for_room_in_a_small_embedding_pool(hf_checkpoint) -> None:
+    # Six images of 9 tiles (4 tokens each) at once; the pool has 16 pages (max(1 image x 13
+    # tiles, 64 tokens / 4)), so one embedding fits at a time and the rest wait for pages.
+    prompts = [
+        {"prompt": f"image {i}: <image>", "images": [image_bytes(200, 90, 40 + i)]}
+        for i in range(6)
+    ]
+    roomy = LLM(str(hf_checkpoint), max_total_token_num=4096)
+    expected = [out.token_ids for out in roomy.generate(prompts, GREEDY)]
+    tight = LLM(
+        str(hf_checkpoint), max_total_token_num=4096, cache_capacity=1, max_req_total_len=64
+    )
+    core = tight.engine.core
+    assert core.runner.embedding_pool.num_pages == 16
+    assert [s.length for s in tight.engine.tokenize(prompts[0])[1]] == [36]
+    assert [out.token_ids for out in tight.generate(prompts, GREEDY)] == expected
+    index = core.images.index
+    assert index.num_in_use == 0 and index.misses == 6
+    assert index.num_free_pages + sum(len(index.pages_of(k)) for k in index._entries) == 16
+
+
+def test_a_request_whose_images_never_fit_the_pool_is_refused(hf_checkpoint, monkeypatch) -> None:
+    # The pool always holds one request of --max_req_total_len tokens; should it ever hold less,
+    # a request it cannot hold is refused on arrival instead of blocking the queue for good.
+    monkeypatch.setattr(embedding_pool, "embedding_pool_pages", lambda *args: 4)
+    llm = LLM(str(hf_checkpoint), max_total_token_num=4096)
+    big = {"prompt": "<image>", "images": [image_bytes(200, 90, 50)]}  # 9 tiles
+    with pytest.raises(ValueError, match="take 9 tiles of embeddings but the image-embedding"):
+        llm.generate(big, GREEDY)
+    small = {"prompt": "<image>", "images": [image_bytes(40, 40, 51)]}
+    assert len(llm.generate(small, GREEDY)[0].token_ids) == GREEDY.max_new_tokens
+    assert llm.engine.core.images.index.num_in_use == 0
 
 
 def test_images_batch_together_and_requests_are_checked(hf_checkpoint) -> None:

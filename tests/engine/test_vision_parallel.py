@@ -32,10 +32,14 @@ TILES = (3, 1, 2, 1, 5)  # five images of different tile counts: shares are unev
 
 def encoder_inputs(image_size: int) -> list[EncoderInput]:
     generator = torch.Generator().manual_seed(7)
-    return [
-        EncoderInput(f"image-{i}", torch.randn(t, 3, image_size, image_size, generator=generator))
-        for i, t in enumerate(TILES)
-    ]
+    inputs, first_page = [], 0
+    for i, tiles in enumerate(TILES):
+        pixels = torch.randn(tiles, 3, image_size, image_size, generator=generator)
+        inputs.append(
+            EncoderInput(f"image-{i}", pixels, list(range(first_page, first_page + tiles)))
+        )
+        first_page += tiles
+    return inputs
 
 
 def engine_args(checkpoint: Path, tp: int, visual_dp: int, visual_tp: int) -> EngineArgs:
@@ -144,5 +148,5 @@ def test_a_batch_mixing_uint8_tiles_and_float_pixels_normalizes_each() -> None:
     )
     tiles = torch.randint(0, 256, (1, 3, 2, 2), dtype=torch.uint8)
     floats = torch.randn(2, 3, 2, 2)
-    encoder.encode([EncoderInput("a", tiles), EncoderInput("b", floats)])
+    encoder.encode([EncoderInput("a", tiles, [0]), EncoderInput("b", floats, [1, 2])])
     assert torch.equal(seen[0], torch.cat([normalize_pixels(tiles), floats]))

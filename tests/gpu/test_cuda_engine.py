@@ -61,3 +61,43 @@ def test_pixel_normalization_on_cuda_is_bit_identical_to_the_cpu() -> None:
     on_cpu = normalize_pixels(tiles)
     on_cuda = normalize_pixels(tiles.cuda())
     assert on_cuda.is_cuda and torch.equal(on_cuda.cpu(), on_cpu)
+
+
+def test_image_embedding_pool_is_part_of_mem_fraction(tmp_path, monkeypatch) -> None:
+    from tests.engine.test_multimodal_generation import image_bytes
+    from tests.helpers.tiny_internvl import make_hf_internvl
+
+    monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "4")
+    checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
+    prompt = {"prompt": "<image>\ndescribe it", "images": [image_bytes(200, 90, 2)]}
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    gib = 1 << 30
+    kv_tokens, pool_bytes, outputs = [], [], []
+    for cache_gb in (2.0, 0.01):
+        torch.cuda.empty_cache()
+        # Capacity for a million images: --image_cache_gb bounds the pool.
+        llm = LLM(
+            str(checkpoint),
+            mem_fraction=0.3,
+            device="cuda",
+            cache_capacity=1_000_000,
+            image_cache_gb=cache_gb,
+        )
+        core = llm.engine.core
+        pool = core.runner.embedding_pool
+        page = pool.nbytes // pool.num_pages
+        assert pool.pages.is_cuda and cache_gb * gib - page < pool.nbytes <= cache_gb * gib
+        free, total = torch.cuda.mem_get_info()
+        assert total - free <= 0.3 * total + (256 << 20)
+        outputs.append(llm.generate(prompt, params)[0].token_ids)
+        kv_tokens.append(core.allocator.capacity)
+        pool_bytes.append(pool.nbytes)
+        bytes_per_token = core.runner.kv_pool.bytes_per_token(
+            *core.runner.model.kv_cache_shape(), pool.pages.dtype
+        )
+        del llm, core, pool
+    assert outputs[0] == outputs[1]
+    # The larger pool came out of the KV cache.
+    freed = (kv_tokens[1] - kv_tokens[0]) * bytes_per_token
+    assert freed >= 0.9 * (pool_bytes[0] - pool_bytes[1])
+    torch.cuda.empty_cache()
