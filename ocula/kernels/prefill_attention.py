@@ -118,13 +118,13 @@ def prefill_attention(
         *k_cache.stride()[:2],
         *out.stride()[:2],
         *slot_table.stride(),
+        int(skip_decode_rows),
         GROUP=num_heads // k_cache.shape[1],
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None,
-        SKIP_DECODE_ROWS=skip_decode_rows,
         # fp32 inputs keep full precision on tensor cores (no tf32); 16-bit inputs ignore it.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
@@ -206,7 +206,11 @@ def attend_key_range(
     return acc, row_max, row_sum
 
 
-@triton.jit
+# skip_decode_rows is a runtime flag, not a constexpr, and exempt from Triton's specialization on
+# the value 1: a mixed batch (prefill chunks beside decodes) then runs the kernels compiled at
+# start-up for prefills alone instead of compiling a variant of its own on first use (1.5 s on an
+# H200, inside a request's latency).
+@triton.jit(do_not_specialize=["skip_decode_rows"])
 def _prefill_attention_kernel(
     q_ptr,
     k_ptr,
@@ -227,13 +231,13 @@ def _prefill_attention_kernel(
     stride_o_head,  # out's last stride is 1
     stride_table_row,
     stride_table_col,
+    skip_decode_rows,  # 1: sequences with one new token are left to the decode kernel
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # power of two >= max(HEAD_DIM, 16)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
-    SKIP_DECODE_ROWS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     q_block = tl.program_id(0)
@@ -241,9 +245,7 @@ def _prefill_attention_kernel(
     seq = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    done = q_block * BLOCK_M >= q_len
-    if SKIP_DECODE_ROWS:
-        done = done | (q_len == 1)
+    done = (q_block * BLOCK_M >= q_len) | ((q_len == 1) & (skip_decode_rows != 0))
     if done:
         return
     ctx_len = tl.load(seq_lens_ptr + seq)

@@ -229,6 +229,29 @@ def test_mixed_batch_split_between_the_kernels(device: torch.device) -> None:
         assert_close(out, reference(q, batch, None), q)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiles on the GPU")
+def test_a_mixed_batch_runs_the_kernel_compiled_for_prefills(device: torch.device) -> None:
+    from triton import knobs
+
+    compiled: list[str] = []
+
+    def record(*, repr: str, **_: object) -> bool:
+        compiled.append(repr)
+        return False  # compile as usual
+
+    q, batch = make_batch(MIXED, 4, 2, 24, torch.float16, device, seed=14)
+    run_prefill(q, batch, None, block_m=16, block_n=16)  # prefills only: may compile
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = record
+    try:
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
+        run_prefill(q, batch, None, skip_decode_rows=True, out=out, block_m=16, block_n=16)
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+    assert not [name for name in compiled if "prefill" in name]
+    assert out.isnan().sum() == 2 * out[0].numel()  # the decode rows were still skipped
+
+
 def test_num_splits_is_a_power_of_two_from_host_values() -> None:
     assert decode_num_splits(1, 1, 8) == 1
     assert decode_num_splits(300, 1, 8) == 2
