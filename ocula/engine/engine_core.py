@@ -51,6 +51,8 @@ class EngineStats:
     image_cache_hits: int = 0
     image_cache_misses: int = 0
     image_cache_entries: int = 0
+    image_cache_tiles: int = 0  # pages of the device pool of embeddings, one tile each
+    image_cache_tiles_free: int = 0  # pages no cached image holds
     images_in_prefix_cache: int = 0  # images whose KV the prefix cache already held
 
 
@@ -221,5 +223,7 @@ class EngineCore:
             image_cache_hits=self.images.index.hits if self.images else 0,
             image_cache_misses=self.images.index.misses if self.images else 0,
             image_cache_entries=len(self.images.index) if self.images else 0,
+            image_cache_tiles=self.images.index.num_pages if self.images else 0,
+            image_cache_tiles_free=self.images.index.num_free_pages if self.images else 0,
             images_in_prefix_cache=self.images.num_served_by_prefix_cache if self.images else 0,
         )

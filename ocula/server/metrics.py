@@ -100,6 +100,14 @@ class ServerMetrics:
         self.image_cache_entries = Gauge(
             "ocula_image_cache_entries", "Image embeddings held by the cache", registry=r
         )
+        self.image_cache_tiles = Gauge(
+            "ocula_image_cache_tiles",
+            "Tiles of image embeddings the cache's device pool holds",
+            registry=r,
+        )
+        self.image_cache_tiles_free = Gauge(
+            "ocula_image_cache_tiles_free", "Tiles of the pool no cached image holds", registry=r
+        )
         self.vit_batch_size = Histogram(
             "ocula_vit_batch_size",
             "Images per vision-encoder forward",
@@ -125,6 +133,8 @@ class ServerMetrics:
         if stats is None:
             return
         self.image_cache_entries.set(stats.image_cache_entries)
+        self.image_cache_tiles.set(stats.image_cache_tiles)
+        self.image_cache_tiles_free.set(stats.image_cache_tiles_free)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_capacity.set(stats.kv_capacity)

@@ -147,6 +147,8 @@ def test_requests_wait_for_room_in_a_small_embedding_pool(hf_checkpoint) -> None
     index = core.images.index
     assert index.num_in_use == 0 and index.misses == 6
     assert index.num_free_pages + sum(len(index.pages_of(k)) for k in index._entries) == 16
+    stats = core.stats()
+    assert (stats.image_cache_tiles, stats.image_cache_tiles_free) == (16, index.num_free_pages)
 
 
 def test_a_request_whose_images_never_fit_the_pool_is_refused(hf_checkpoint, monkeypatch) -> None:

@@ -158,8 +158,11 @@ def test_a_repeated_image_skips_the_vit(vlm_server) -> None:
     misses = metric(vlm_server, "ocula_image_cache_misses_total")
     hits = metric(vlm_server, "ocula_image_cache_hits_total")
     encodes = metric(vlm_server, "ocula_vit_batch_size_count")
+    # 16384 tokens (--max_req_total_len) of 4-token tiles: more than 16 images of 13 tiles.
+    assert metric(vlm_server, "ocula_image_cache_tiles") == 4096
     ask("first question")
     assert metric(vlm_server, "ocula_image_cache_misses_total") == misses + 1
+    assert 0 <= metric(vlm_server, "ocula_image_cache_tiles_free") < 4096  # its tiles stay cached
     assert metric(vlm_server, "ocula_vit_batch_size_count") == encodes + 1
     again = ask("another question")  # different text before the image: an embedding-cache hit
     assert metric(vlm_server, "ocula_image_cache_hits_total") == hits + 1
