@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ocula.config import EngineArgs
+from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.utils.device import to_device_async
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,15 @@ class EmbeddingPool:
 
 
 def build_embedding_pool(
-    model: nn.Module, args: EngineArgs, dtype: torch.dtype, device: torch.device
+    model: nn.Module,
+    args: EngineArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp: ParallelGroup = SINGLE_RANK,
 ) -> EmbeddingPool:
-    """The pool of a vision model (`encode_images`, `tokens_per_tile`, an InternVL config)."""
+    """The pool of a vision model (`encode_images`, `tokens_per_tile`, an InternVL config).
+    Collective over `tp`: every rank gets the smallest size any rank computed (MAX_PATCH_NUM
+    may differ between nodes), since rank 0's cache index hands out the pages of all of them."""
     from ocula.multimodal.internvl_prompt import default_tiles_per_image
 
     tiles = default_tiles_per_image(model.config)
@@ -104,6 +111,7 @@ def build_embedding_pool(
         args.max_req_total_len,
         page_rows,
     )
+    num_pages = tp.min_over_ranks(num_pages)
     pool = EmbeddingPool(num_pages, page_rows, hidden_size, dtype, device)
     logger.info(
         "image embedding cache: %d tiles, %.2f GiB (--cache_capacity %d images of up to %d "

@@ -85,7 +85,7 @@ class ModelRunner:
         # Before the KV pool is sized: the embedding cache is part of --mem_fraction.
         self.embedding_pool: EmbeddingPool | None = None
         if hasattr(self.model, "encode_images"):
-            self.embedding_pool = build_embedding_pool(self.model, args, dtype, device)
+            self.embedding_pool = build_embedding_pool(self.model, args, dtype, device, tp)
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
         bytes_per_token = KVCachePool.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         uses_graphs = (
