@@ -157,12 +157,12 @@ class EngineCore:
             raise RequestRejectedError(problem)
         if request.images and self.images is None:
             raise RequestRejectedError("this model has no vision encoder: it cannot take images")
-        if request.images and self.images.pages_needed(request) > self.images.index.num_pages:
-            pool = self.runner.embedding_pool
+        # A safety net: the pool holds a whole --max_req_total_len of image tokens.
+        tiles = self.images.pages_needed(request) if request.images and self.images else 0
+        if self.images is not None and tiles > self.images.index.num_pages:
             raise RequestRejectedError(
-                f"the request's images take {self.images.pages_needed(request)} tiles of "
-                f"embeddings but the image-embedding cache holds {pool.num_pages} "
-                "(--cache_capacity)"
+                f"the request's images take {tiles} tiles of embeddings but the image-embedding "
+                f"cache holds {self.images.index.num_pages} (--image_cache_gb, --cache_capacity)"
             )
         if self.args.disable_chunked_prefill and prompt_len > self.scheduler.batch_max_tokens:
             raise RequestRejectedError(

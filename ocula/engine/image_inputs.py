@@ -168,13 +168,19 @@ class ImageScheduler:
         request `can_admit` allowed, with nothing admitted in between."""
         to_encode: list[PendingImage] = []
         evicted: list[str] = []
+        wanted = []
         for span in request.images:
             if span.offset + span.length <= cached_prefix_len:
                 # Its KV is cached: no embedding needed here, but other waiting requests may
                 # still need the tiles.
                 self._drop_waiter(span.key, request.request_id)
                 self.num_served_by_prefix_cache += 1
-                continue
+            else:
+                wanted.append(span)
+        # Cached images first: acquired, they cannot be evicted to make room for this request's
+        # new ones (as `can_admit` assumed).
+        cached = [span for span in wanted if span.key in self.index]
+        for span in cached + [span for span in wanted if span.key not in self.index]:
             # Taken whether the embedding is cached or encoded now: requests waiting with the
             # same image will find it in the cache.
             prefetched = self._take_prefetched(span.key)

@@ -1,8 +1,8 @@
 """How many KV-cache slots fit in `--mem_fraction` of the GPU.
 
 The KV pool gets what is left of `total * mem_fraction` after the memory already in use (weights,
-the image-embedding pool of a vision model, the CUDA context), the activation peak of the largest eager forward (`--batch_max_tokens` prompt
-tokens) and, when CUDA graphs are on, the language model's graph pool. Those graphs are captured
+the image-embedding pool of a vision model, the CUDA context), the activation peak of the largest
+eager forward (`--batch_max_tokens` prompt tokens) and, when CUDA graphs are on, the language model's graph pool. Those graphs are captured
 after the KV pool exists (they read its addresses), so their share is estimated beforehand: the
 activations of their largest forward (all share one pool and never replay at the same time) plus
 what each graph keeps allocated between replays (decode logits, the final hidden states of each
@@ -125,7 +125,7 @@ def kv_pool_slots(
             f"no GPU memory left for the KV cache: {used / gib:.1f} GiB in use, activation "
             f"peak {activations / gib:.1f} GiB, CUDA graphs {graphs / gib:.1f} GiB, "
             f"--mem_fraction {args.mem_fraction} of {total / gib:.1f} GiB; raise --mem_fraction, "
-            "lower --batch_max_tokens, --graph_max_batch_size or --cache_capacity (image "
+            "lower --batch_max_tokens, --graph_max_batch_size or --image_cache_gb (image "
             "embeddings)"
         )
     logger.info(

@@ -218,8 +218,9 @@ class Scheduler:
 
     def _release_embedded_images(self, request: Request) -> None:
         """Once the chunk holding a request's last image token is planned, the request no longer
-        needs its embeddings, so GPU memory for embeddings stays near `--cache_capacity` entries
-        however many requests run (a recompute after preemption acquires or encodes them again).
+        needs its embeddings: their pages of the embedding pool become evictable for waiting
+        requests' new images, however many requests run (a recompute after preemption acquires
+        or encodes them again).
         They are released at the start of the next plan: that plan's frees come before its
         encodes, and this plan, which reads them, is launched before it."""
         if not request.held_image_keys:

@@ -111,11 +111,12 @@ async def serve(args: ServerArgs) -> int:
     )
     if engine.images is not None:
         logger.info(
-            "images: %d tokens per tile, up to %d tiles, embedding cache of %d images, "
-            "%d images per ViT forward",
+            "images: %d tokens per tile, up to %d tiles, embedding cache of %d images within "
+            "%g GiB, %d images per ViT forward",
             engine.images.vision.tokens_per_tile,
             engine.images.vision.tiling.max_num,
             args.cache_capacity,
+            args.image_cache_gb,
             args.visual_infer_batch_size,
         )
     app = build_app(engine, args)

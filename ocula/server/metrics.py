@@ -102,7 +102,7 @@ class ServerMetrics:
         )
         self.image_cache_tiles = Gauge(
             "ocula_image_cache_tiles",
-            "Tiles of image embeddings the cache's device pool holds",
+            "Tiles the device pool of image embeddings has room for",
             registry=r,
         )
         self.image_cache_tiles_free = Gauge(

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ocula.engine.embedding_cache import EmbeddingCacheIndex
+from ocula.engine.image_inputs import ImageScheduler
+from ocula.engine.prefix_cache import RadixCache
+from ocula.engine.request import ImageSpan, Request
+from ocula.engine.scheduler import Scheduler
+from ocula.engine.slot_allocator import SlotAllocator
+from ocula.engine.step_plan import SampledToken
+from ocula.sampling.params import SamplingParams
+
+
+def tile(span: ImageSpan) -> torch.Tensor:
+    return torch.zeros((1, 3, 2, 2), dtype=torch.uint8)
 
 
 def test_lru_eviction_skips_entries_in_use() -> None:
@@ -73,20 +85,28 @@ def test_misuse_is_refused() -> None:
         EmbeddingCacheIndex(1, 0)
 
 
+def test_a_request_keeps_its_cached_image_while_making_room_for_its_new_one() -> None:
+    def with_images(name: str, *spans: tuple[str, int]) -> Request:
+        images, offset = [], 0
+        for key, length in spans:
+            images.append(ImageSpan(key, offset, length, image_bytes=b"x"))
+            offset += length
+        return Request(name, [5] * offset, SamplingParams(), frozenset(), images)
+
+    images = ImageScheduler(8, tile, num_pages=3, page_rows=4)
+    for name, key in (("first", "k"), ("second", "x")):  # k then x cached, both free
+        request = with_images(name, (key, 4))
+        images.admit(request, 0)
+        images.release(request)
+    # A new 2-page image before the cached k: room must come from x alone, not from k.
+    request = with_images("third", ("a", 8), ("k", 4))
+    assert images.can_admit(request, 0)
+    to_encode, evicted = images.admit(request, 0)
+    assert [item.key for item in to_encode] == ["a"] and evicted == ["x"]
+    assert (images.index.hits, images.index.misses) == (1, 3)
+
+
 def test_running_requests_stop_holding_embeddings_once_their_images_are_planned() -> None:
-    import torch
-
-    from ocula.engine.image_inputs import ImageScheduler
-    from ocula.engine.prefix_cache import RadixCache
-    from ocula.engine.request import ImageSpan, Request
-    from ocula.engine.scheduler import Scheduler
-    from ocula.engine.slot_allocator import SlotAllocator
-    from ocula.engine.step_plan import SampledToken
-    from ocula.sampling.params import SamplingParams
-
-    def tile(span: ImageSpan) -> torch.Tensor:
-        return torch.zeros((1, 3, 2, 2), dtype=torch.uint8)
-
     def run(plan) -> None:
         scheduler.update(plan, [SampledToken(s.request_id, 7) for s in plan.sequences if s.samples])
 
