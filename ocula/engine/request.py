@@ -42,6 +42,7 @@ class ImageSpan:
     offset: int
     length: int
     image_bytes: bytes | None = None  # to preprocess on a cache miss
+    image_base64: str | None = None  # the bytes' base64 (checked by the front), when not given
     tiling: Any = None  # the InternVLImageConfig that preprocessing must use
     pixel_values: Any = None  # [tiles, 3, H, W]: uint8 tiles or float32 pixel values
 

@@ -140,7 +140,12 @@ def build_image_prompt(
     token_ids += compact[previous:]
     spans = [
         ImageSpan(
-            image_cache_key(img.md5, img.size, tiling), offset, length, img.data, tiling=tiling
+            image_cache_key(img.md5, img.size, tiling),
+            offset,
+            length,
+            img.data,
+            tiling=tiling,
+            image_base64=img.base64,
         )
         for img, offset, length in zip(images, offsets, lengths, strict=True)
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import torch
 
 from ocula.engine.request import ImageSpan
@@ -15,6 +17,9 @@ _NO_LIMITS = ImageLimits(max_bytes=1 << 62, max_pixels=1 << 62)
 def preprocess_span(span: ImageSpan) -> torch.Tensor:
     """The span's tiles, uint8 [tiles, 3, S, S] (`tile_pixels`): the image encoder normalizes
     them on its device (`normalize_pixels`)."""
-    if span.image_bytes is None or span.tiling is None:
+    data = span.image_bytes
+    if data is None and span.image_base64 is not None:
+        data = base64.b64decode(span.image_base64 + "=" * (-len(span.image_base64) % 4))
+    if data is None or span.tiling is None:
         raise ValueError(f"image {span.key} has no bytes or tiling to preprocess")
-    return tile_pixels(decode_image(span.image_bytes, _NO_LIMITS), span.tiling)
+    return tile_pixels(decode_image(data, _NO_LIMITS), span.tiling)

@@ -257,6 +257,12 @@ def test_load_image_returns_bytes_md5_and_rgb():
     assert status_of(run_load_image, not_an_image) == 400
 
 
+async def run_known(payload: str, known: KnownImageSizes):
+    async with make_http_client() as client:
+        source = ImageSource.parse({"type": "base64", "data": payload})
+        return await load_image(source, LIMITS, client, known)
+
+
 def test_an_image_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyPatch):
     from ocula.multimodal import loaded_images
 
@@ -285,12 +291,22 @@ def test_an_image_seen_before_is_not_decoded_again(monkeypatch: pytest.MonkeyPat
 
     first = asyncio.run(load_all(pictures[:2]))
     again = asyncio.run(load_all(pictures[:2]))
-    assert len(decoded) == 2 and again == first  # same bytes, md5 and size, no second decode
+    # The same payloads: neither decoded nor even base64-decoded again; the payload stands in
+    # for the bytes (the engine decodes it on a cache miss).
+    assert len(decoded) == 2
+    assert [(i.md5, i.size) for i in again] == [(i.md5, i.size) for i in first]
+    for image, seen in zip(again, first, strict=True):
+        assert image.data is None and base64.b64decode(image.base64) == seen.data
     assert all(image.size == (24, 16) for image in again)
     asyncio.run(load_all(pictures[2:]))  # a third image evicts the least recently used
     assert len(known) == 2 and known.get(hashlib.sha256(pictures[0]).hexdigest()) is None
     asyncio.run(load_all(pictures[:1]))
     assert len(decoded) == 4
+    # The same bytes in another payload (no '=' padding): base64-decoded, not decoded again.
+    unpadded = base64.b64encode(pictures[0]).decode().rstrip("=")
+    assert unpadded != base64.b64encode(pictures[0]).decode()
+    other = asyncio.run(run_known(unpadded, known))
+    assert len(decoded) == 4 and (other.data, other.md5) == (pictures[0], first[0].md5)
     # Bytes that failed to decode are not remembered: they fail again, with the same status.
     bad = {"type": "base64", "data": base64.b64encode(b"plain text").decode()}
     for _ in range(2):
@@ -465,3 +481,25 @@ def test_large_payloads_are_decoded_and_hashed_off_the_event_loop(
     main = threading.main_thread().name
     assert threads["base64"][0] != main and threads["digests"][0] != main
     assert threads["base64"][1] == threads["digests"][1] == main  # small: inline
+
+
+def test_a_payload_seen_before_reaches_the_engine_as_base64_and_tiles_the_same():
+    import torch
+
+    from ocula.engine.request import ImageSpan
+    from ocula.multimodal.image_processing import InternVLImageConfig
+    from ocula.multimodal.preprocess_span import preprocess_span
+
+    known = KnownImageSizes()
+    payload = base64.b64encode(encode(gradient(), "PNG")).decode()
+    first = asyncio.run(run_known(payload, known))
+    # Wrapped at 76 columns (MIME style): the same payload once the whitespace is gone.
+    wrapped = "\n".join(payload[i : i + 76] for i in range(0, len(payload), 76))
+    again = asyncio.run(run_known(wrapped, known))
+    assert first.data is not None and again.data is None and again.base64 == payload
+    tiling = InternVLImageConfig(image_size=8, max_num=6)
+    tiles = [
+        preprocess_span(ImageSpan("k", 0, 1, i.data, tiling=tiling, image_base64=i.base64))
+        for i in (first, again)
+    ]
+    assert tiles[0].shape[0] > 1 and torch.equal(tiles[0], tiles[1])
