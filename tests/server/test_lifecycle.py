@@ -39,6 +39,7 @@ def test_sigterm_stops_every_process_and_frees_the_port(tiny_checkpoint, tmp_pat
         (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
         (["--port", "eighty"], "--port: invalid int value"),
         (["--mem_fraction", "1.5"], "--mem_fraction must be in (0, 1]"),
+        (["--image_cache_gb", "0"], "--image_cache_gb must be above 0"),
         (["--visual_dp", "2"], "--visual_dp (2) x --visual_tp"),
         (["--data_type", "int3"], "--data_type: invalid choice"),
     ],
