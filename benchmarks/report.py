@@ -40,10 +40,11 @@ def _options_line(engine: dict[str, Any]) -> str:
 def _model_line(results: dict[str, Any]) -> str:
     if results.get("tiny"):
         return "Tiny random checkpoints (`--tiny`): the numbers only show that the pipeline runs."
-    return (
-        "Random bf16 weights of InternVL3-8B's shape (InternViT-300M-448px + Qwen2.5-7B), real "
-        "Qwen2 vocabulary, loaded through Ocula's loader."
-    )
+    if results.get("model") == "internvl2_5-8b":
+        shape = "InternVL2.5-8B's shape (InternViT-300M-448px + InternLM2.5-7B, original layout)"
+    else:
+        shape = "InternVL3-8B's shape (InternViT-300M-448px + Qwen2.5-7B)"
+    return f"Random bf16 weights of {shape}, real Qwen2 vocabulary, loaded through Ocula's loader."
 
 
 def markdown(results: dict[str, Any]) -> str:

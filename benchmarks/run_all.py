@@ -4,7 +4,8 @@ Runs, each in its own process (so each gets the whole GPU, and a part that overr
 without losing the others): checkpoints, hardware, engine, offline (transformers first, then
 Ocula), serving, agreement (the fp32 reference against the engine part's greedy tokens) and,
 when at least `EXTRA_MIN_S` seconds remain, the InternVL2.5-8B checkpoint through the engine
-benchmark (decode at batch 1 and 64, prefill). Each part gets a deadline from what remains of
+benchmark (decode at batch 1 and 64, prefill). `--model internvl2_5-8b` runs the whole suite on
+InternVL2.5-8B instead (no transformers peer then: its text twin is InternVL3-8B's Qwen2). Each part gets a deadline from what remains of
 `--budget_s` (a part's own `--time_limit` a little shorter, so it stops measuring and writes its
 JSON first). After every part the combined results are rewritten to
 `<results_dir>/<gpu>-<date>.json`; at the end the Markdown section for BENCHMARKS.md is printed
@@ -62,6 +63,7 @@ class Suite:
             ),
             "budget_s": args.budget_s,
             "tiny": args.tiny,
+            "model": args.model,
             "parts": {},
         }
         self.results_path: Path | None = None
@@ -161,22 +163,27 @@ def main() -> None:
     parser.add_argument("--results_dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--engine_args", default="", help="engine flags for every part")
     parser.add_argument("--internvl2_5", choices=("auto", "yes", "no"), default="auto")
+    parser.add_argument(
+        "--model", choices=("internvl3-8b", "internvl2_5-8b"), default="internvl3-8b"
+    )
     args = parser.parse_args()
     suite = Suite(args)
     from benchmarks.checkpoints import default_root
 
-    root = args.ckpt_dir or default_root(["internvl3-8b"], args.tiny)
-    checkpoint = root / model_spec("internvl3-8b", args.tiny).name
-    text_twin = root / text_twin_name(args.tiny)
+    root = args.ckpt_dir or default_root([args.model], args.tiny)
+    checkpoint = root / model_spec(args.model, args.tiny).name
+    main_model = args.model == "internvl3-8b"
     engine_flags = ["--engine_args", args.engine_args]
-    suite.run("checkpoints", "checkpoints", "--out_dir", str(root), "--models", "internvl3-8b")
+    suite.run("checkpoints", "checkpoints", "--out_dir", str(root), "--models", args.model)
     hardware = suite.run("hardware", "hardware")
     suite.name_results(hardware)
     hw = ["--hardware", str(suite.work / "hardware.json")] if hardware else []
     engine = suite.run(
         "engine", "bench_engine", "--checkpoint", str(checkpoint), *hw, *engine_flags
     )
-    offline = ["--checkpoint", str(checkpoint), "--text_checkpoint", str(text_twin)]
+    offline = ["--checkpoint", str(checkpoint)]
+    if main_model:
+        offline += ["--text_checkpoint", str(root / text_twin_name(args.tiny))]
     suite.run("offline", "bench_offline", *offline, *hw, *engine_flags)
     server_log = suite.work / "server.log"
     serving = ["--checkpoint", str(checkpoint), "--log", str(server_log)]
@@ -191,8 +198,9 @@ def main() -> None:
         suite.run("agreement", "engine_agreement", *agreement, *engine_flags)
     else:
         suite.results["parts"]["agreement"] = {"status": "skipped: no engine tokens to compare"}
-    wanted = args.internvl2_5 == "yes" or (
-        args.internvl2_5 == "auto" and suite.deadline.allows(EXTRA_MIN_S)
+    wanted = main_model and (
+        args.internvl2_5 == "yes"
+        or (args.internvl2_5 == "auto" and suite.deadline.allows(EXTRA_MIN_S))
     )
     if wanted:
         built = suite.run(
@@ -207,7 +215,7 @@ def main() -> None:
         extra += ["--parts", "prefill,decode", "--decode_batches", "1,64"]
         if built is not None:
             suite.run("internvl2_5", "bench_engine", *extra, *hw, *engine_flags)
-    else:
+    elif main_model:
         suite.results["parts"]["internvl2_5"] = {"status": "skipped: not enough budget left"}
     suite.save()
     report = markdown(suite.results)
