@@ -158,12 +158,13 @@ class EngineCore:
         if request.images and self.images is None:
             raise RequestRejectedError("this model has no vision encoder: it cannot take images")
         # A safety net: the pool holds a whole --max_req_total_len of image tokens.
-        tiles = self.images.pages_needed(request) if request.images and self.images else 0
-        if self.images is not None and tiles > self.images.index.num_pages:
-            raise RequestRejectedError(
-                f"the request's images take {tiles} tiles of embeddings but the image-embedding "
-                f"cache holds {self.images.index.num_pages} (--image_cache_gb, --cache_capacity)"
-            )
+        if request.images and self.images is not None:
+            tiles, held = self.images.pages_needed(request), self.images.index.num_pages
+            if tiles > held:
+                raise RequestRejectedError(
+                    f"the request's images take {tiles} tiles of embeddings but the "
+                    f"image-embedding cache holds {held} (--image_cache_gb, --cache_capacity)"
+                )
         if self.args.disable_chunked_prefill and prompt_len > self.scheduler.batch_max_tokens:
             raise RequestRejectedError(
                 f"the prompt has {prompt_len} tokens, more than --batch_max_tokens "

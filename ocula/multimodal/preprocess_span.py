@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-
 import torch
 
 from ocula.engine.request import ImageSpan
-from ocula.multimodal.image_loading import ImageLimits, decode_image
+from ocula.multimodal.image_loading import ImageLimits, decode_base64, decode_image
 from ocula.multimodal.image_processing import tile_pixels
 
 # The front already checked the bytes against the request's limits; no new limit applies here.
@@ -19,7 +17,7 @@ def preprocess_span(span: ImageSpan) -> torch.Tensor:
     them on its device (`normalize_pixels`)."""
     data = span.image_bytes
     if data is None and span.image_base64 is not None:
-        data = base64.b64decode(span.image_base64 + "=" * (-len(span.image_base64) % 4))
+        data = decode_base64(span.image_base64, _NO_LIMITS)
     if data is None or span.tiling is None:
         raise ValueError(f"image {span.key} has no bytes or tiling to preprocess")
     return tile_pixels(decode_image(data, _NO_LIMITS), span.tiling)
