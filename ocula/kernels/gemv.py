@@ -12,16 +12,67 @@ kernel takes one.
 The torch reference is `F.linear(x, weight, bias)`. Products and sums are float32, the bias is
 added in float32, and the result is rounded once to x's dtype (as cuBLAS's epilogue does); the
 order of the K sum differs from cuBLAS's, so results agree to float32 summation, not bit for bit.
+
+The kernel can also normalize x first (`RowNorm`; `ocula.kernels.gemv_residual` folds the
+decoder's RMSNorms into the GEMVs this way).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ocula.kernels import launch_with_pdl
+
+
+@triton.jit
+def row_rstd(
+    partials_ptr,
+    K,
+    eps,
+    NUM_PARTIALS: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr,
+    NO_CONTRACT: tl.constexpr,
+):
+    """rsqrt(mean of squares + eps) of a row whose sum of squares comes in NUM_PARTIALS float32
+    pieces (`ocula.kernels.gemv_residual`), rounded as `ocula.kernels.rmsnorm` rounds it on the
+    tensors' device: CUDA's mean multiplies by float32(1 / K) (NO_CONTRACT keeps that product
+    and the + eps two roundings, not one fma), the interpreter's divides."""
+    pieces = tl.arange(0, PARTIALS_BLOCK)
+    squares = tl.load(partials_ptr + pieces, mask=pieces < NUM_PARTIALS, other=0.0)
+    sum_sq = tl.sum(squares, axis=0)
+    hidden = tl.full([], K, tl.float32)
+    if NO_CONTRACT:
+        variance = libdevice.mul_rn(sum_sq, tl.math.div_rn(1.0, hidden))
+        shifted = libdevice.add_rn(variance, eps)
+    else:
+        shifted = tl.math.div_rn(sum_sq, hidden) + eps
+    return tl.math.rsqrt(shifted)
+
+
+@triton.jit
+def x_slice(x_ptr, norm_w_ptr, rstd, k, depth, K, EVEN: tl.constexpr, NORM: tl.constexpr):
+    """x[k + depth] as the GEMV multiplies it. With NORM, x is the residual stream and this is
+    its RMSNorm, rounded as `ocula.layers.norm.rms_norm_reference` rounds: x * rstd to x's
+    dtype, then times the norm weight (of x's dtype) to x's dtype."""
+    if EVEN:
+        x = tl.load(x_ptr + k + depth)
+    else:
+        x = tl.load(x_ptr + k + depth, mask=(depth + k) < K, other=0.0)
+    if NORM:
+        dtype = x_ptr.dtype.element_ty
+        if EVEN:
+            gain = tl.load(norm_w_ptr + k + depth)
+        else:
+            gain = tl.load(norm_w_ptr + k + depth, mask=(depth + k) < K, other=0.0)
+        normed = (x.to(tl.float32) * rstd).to(dtype)
+        x = (normed.to(tl.float32) * gain.to(tl.float32)).to(dtype)
+    return x
 
 
 @triton.jit
@@ -35,10 +86,19 @@ def rows_times_x(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL_WAIT: tl.constexpr,
+    norm_w_ptr,
+    partials_ptr,
+    eps,
+    NORM: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr,
+    NO_CONTRACT: tl.constexpr,
 ):
     """[BLOCK_N] float32 sums of W's rows `features` times x, K walked in BLOCK_K steps.
     With PDL_WAIT the first W tile is loaded before waiting for the previous kernel (see
-    `ocula.kernels.launch_with_pdl`): weights are constants, x is that kernel's output."""
+    `ocula.kernels.launch_with_pdl`): weights are constants, x is that kernel's output.
+    With NORM, x is RMSNorm(x) with weight `norm_w_ptr` and the sum of squares of x in
+    NUM_PARTIALS pieces at `partials_ptr` (see `x_slice`, `row_rstd`)."""
     depth = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + features[:, None].to(tl.int64) * K + depth[None, :]
     if EVEN:
@@ -48,16 +108,18 @@ def rows_times_x(
     if PDL_WAIT:
         gdc_wait()
         gdc_launch_dependents()
-    x = tl.load(x_ptr + depth, mask=depth < K, other=0.0)
+    rstd = 1.0
+    if NORM:
+        rstd = row_rstd(partials_ptr, K, eps, NUM_PARTIALS, PARTIALS_BLOCK, NO_CONTRACT)
+    x = x_slice(x_ptr, norm_w_ptr, rstd, 0, depth, K, EVEN, NORM)
     partial = w.to(tl.float32) * x.to(tl.float32)[None, :]
     for k in range(BLOCK_K, K, BLOCK_K):
         if EVEN:
             w = tl.load(w_ptrs + k)
-            x = tl.load(x_ptr + k + depth)
         else:
             depth_ok = (depth + k) < K
             w = tl.load(w_ptrs + k, mask=feature_ok[:, None] & depth_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + k + depth, mask=depth_ok, other=0.0)
+        x = x_slice(x_ptr, norm_w_ptr, rstd, k, depth, K, EVEN, NORM)
         partial += w.to(tl.float32) * x.to(tl.float32)[None, :]
     return tl.sum(partial, axis=1)
 
@@ -68,6 +130,9 @@ def _gemv_kernel(
     w_ptr,
     bias_ptr,
     y_ptr,
+    norm_w_ptr,
+    partials_ptr,
+    eps,
     N,
     K: tl.constexpr,  # a model constant; a runtime loop bound the interpreter cannot run
     HAS_BIAS: tl.constexpr,
@@ -75,10 +140,17 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    NORM: tl.constexpr,  # x is a residual stream to RMSNorm first (see rows_times_x)
+    NUM_PARTIALS: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr,
+    NO_CONTRACT: tl.constexpr,
 ):
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_ok = features < N
-    y = rows_times_x(x_ptr, w_ptr, features, feature_ok, K, EVEN, BLOCK_N, BLOCK_K, PDL)
+    y = rows_times_x(
+        x_ptr, w_ptr, features, feature_ok, K, EVEN, BLOCK_N, BLOCK_K, PDL,
+        norm_w_ptr, partials_ptr, eps, NORM, NUM_PARTIALS, PARTIALS_BLOCK, NO_CONTRACT,
+    )  # fmt: skip
     if HAS_BIAS:
         y += tl.load(bias_ptr + features, mask=feature_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + features, y.to(y_ptr.dtype.element_ty), mask=feature_ok)
@@ -102,15 +174,40 @@ def gemv(
     """x [1, K] times weight [N, K]^T, + bias [N] (all contiguous, one dtype and device):
     [1, N] in x's dtype. `config` overrides `gemv_config` (for sweeps)."""
     check_gemv_inputs(x, weight, bias)
+    return launch_gemv(x, weight, bias, None, config)
+
+
+@dataclass(frozen=True)
+class RowNorm:
+    """An RMSNorm to apply to the GEMV's x first: its weight (x's dtype, [K]), its eps, and the
+    float32 sum of squares of x in pieces that add up to it (`ocula.kernels.gemv_residual`)."""
+
+    weight: torch.Tensor
+    eps: float
+    partial_squares: torch.Tensor
+
+
+def launch_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm: RowNorm | None,
+    config: tuple[int, int, int] | None,
+) -> torch.Tensor:
+    """The GEMV of checked inputs, of RMSNorm(x) with `norm`: [1, N] in x's dtype."""
     features, depth = weight.shape
     block_n, block_k, num_warps = config or gemv_config(features, depth)
     pdl = launch_with_pdl(x)
+    partials = norm.partial_squares.numel() if norm is not None else 1
     y = torch.empty((1, features), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(features, block_n),)](
         x,
         weight,
         bias if bias is not None else weight,
         y,
+        norm.weight if norm is not None else weight,
+        norm.partial_squares if norm is not None else weight,
+        norm.eps if norm is not None else 0.0,
         features,
         depth,
         HAS_BIAS=bias is not None,
@@ -118,6 +215,10 @@ def gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         PDL=pdl,
+        NORM=norm is not None,
+        NUM_PARTIALS=partials,
+        PARTIALS_BLOCK=triton.next_power_of_2(partials),
+        NO_CONTRACT=x.is_cuda,
         num_warps=num_warps,
         launch_pdl=pdl,
     )

@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ocula.kernels import launch_with_pdl
-from ocula.kernels.gemv import check_gemv_inputs, gemv_config, rows_times_x
+from ocula.kernels.gemv import RowNorm, check_gemv_inputs, gemv_config, rows_times_x
 
 
 @triton.jit
@@ -29,6 +29,9 @@ def _gemv_silu_and_mul_kernel(
     w_ptr,
     bias_ptr,
     out_ptr,
+    norm_w_ptr,
+    partials_ptr,
+    eps,
     WIDTH: tl.constexpr,  # features per half; W holds 2 * WIDTH rows [gate | up]
     K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -37,11 +40,21 @@ def _gemv_silu_and_mul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,  # see ocula.kernels.launch_with_pdl: the gate half's pass waits first
+    NORM: tl.constexpr,  # x is a residual stream to RMSNorm first (see gemv.rows_times_x)
+    NUM_PARTIALS: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr,
+    NO_CONTRACT: tl.constexpr,
 ):
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_ok = features < WIDTH
-    gate = rows_times_x(x_ptr, w_ptr, features, feature_ok, K, EVEN, BLOCK_N, BLOCK_K, PDL)
-    up = rows_times_x(x_ptr, w_ptr, features + WIDTH, feature_ok, K, EVEN, BLOCK_N, BLOCK_K, False)
+    gate = rows_times_x(
+        x_ptr, w_ptr, features, feature_ok, K, EVEN, BLOCK_N, BLOCK_K, PDL,
+        norm_w_ptr, partials_ptr, eps, NORM, NUM_PARTIALS, PARTIALS_BLOCK, NO_CONTRACT,
+    )  # fmt: skip
+    up = rows_times_x(
+        x_ptr, w_ptr, features + WIDTH, feature_ok, K, EVEN, BLOCK_N, BLOCK_K, False,
+        norm_w_ptr, partials_ptr, eps, NORM, NUM_PARTIALS, PARTIALS_BLOCK, NO_CONTRACT,
+    )  # fmt: skip
     if HAS_BIAS:
         gate += tl.load(bias_ptr + features, mask=feature_ok, other=0.0).to(tl.float32)
         up += tl.load(bias_ptr + WIDTH + features, mask=feature_ok, other=0.0).to(tl.float32)
@@ -65,10 +78,12 @@ def gemv_silu_and_mul(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
     """x [1, K], weight [2 * width, K] ([gate | up] rows), bias [2 * width] or None (contiguous,
     one dtype and device) -> silu(gate) * up, [1, width] in x's dtype. `config` overrides
-    `split_config` (BLOCK_N counts the rows of one half)."""
+    `split_config` (BLOCK_N counts the rows of one half). With `norm`, of RMSNorm(x) (checked
+    by `ocula.kernels.gemv_residual.normed_gemv_silu_and_mul`)."""
     check_gemv_inputs(x, weight, bias)
     features, depth = weight.shape
     if features % 2:
@@ -76,12 +91,16 @@ def gemv_silu_and_mul(
     width = features // 2
     block_n, block_k, num_warps = config or split_config(width, depth)
     pdl = launch_with_pdl(x)
+    partials = norm.partial_squares.numel() if norm is not None else 1
     out = torch.empty((1, width), dtype=x.dtype, device=x.device)
     _gemv_silu_and_mul_kernel[(triton.cdiv(width, block_n),)](
         x,
         weight,
         bias if bias is not None else weight,
         out,
+        norm.weight if norm is not None else weight,
+        norm.partial_squares if norm is not None else weight,
+        norm.eps if norm is not None else 0.0,
         width,
         depth,
         HAS_BIAS=bias is not None,
@@ -90,6 +109,10 @@ def gemv_silu_and_mul(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         PDL=pdl,
+        NORM=norm is not None,
+        NUM_PARTIALS=partials,
+        PARTIALS_BLOCK=triton.next_power_of_2(partials),
+        NO_CONTRACT=x.is_cuda,
         num_warps=num_warps,
         launch_pdl=pdl,
     )

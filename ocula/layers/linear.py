@@ -89,9 +89,17 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     batch-1 decode step), where it streams the weight faster than cuBLAS (see
     `ocula.kernels.gemv`)."""
     return (
-        USE_GEMV
-        and x.shape[-1] == weight.shape[-1] > 0
+        x.shape[-1] == weight.shape[-1] > 0
         and x.numel() == x.shape[-1]
+        and gemv_takes(x, weight, bias)
+    )
+
+
+def gemv_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the GEMV kernel takes this weight and bias for rows of x's dtype and device
+    (shapes aside)."""
+    return (
+        USE_GEMV
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and x.dtype == weight.dtype
         and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))

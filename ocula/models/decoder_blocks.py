@@ -31,6 +31,10 @@ from ocula.layers.linear import (
 )
 from ocula.layers.norm import RMSNorm
 from ocula.layers.rotary import Rope, RotaryEmbedding
+from ocula.models.folded_row import FoldedResidual, folded_row_step, folds_row_norms
+
+# What a layer passes the next beside its hidden states (see `pre_norm_residual_step`).
+Residual = torch.Tensor | FoldedResidual | None
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -87,12 +91,16 @@ class SelfAttention(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor, rope: Rope, batch: ForwardBatch) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
+        return self.o_proj(self.attend(self.qkv_proj(hidden), rope, batch))
+
+    def attend(self, qkv: torch.Tensor, rope: Rope, batch: ForwardBatch) -> torch.Tensor:
+        """Attention of the tokens' fused q/k/v projection [T, q + k + v]: the input of o_proj."""
+        num_tokens = qkv.shape[0]
+        q, k, v = self.qkv_proj.split_output(qkv)
         # Views of the qkv output, rotated and stored by the attention layer (in one launch on
         # the kernel path, which rotates q in place).
         q, k, v = (x.view(num_tokens, -1, self.head_dim) for x in (q, k, v))
-        return self.o_proj(self.attn(q, k, v, batch, rope))
+        return self.attn(q, k, v, batch, rope)
 
 
 class GatedMLP(nn.Module):
@@ -133,16 +141,25 @@ def pre_norm_residual_step(
     attention: SelfAttention,
     mlp_norm: RMSNorm,
     mlp: GatedMLP,
-    hidden: torch.Tensor,
-    residual: torch.Tensor | None,
+    hidden: torch.Tensor | None,
+    residual: Residual,
     rope: Rope,
     batch: ForwardBatch,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, Residual]:
     """One pre-norm decoder layer with the residual carried separately.
 
     Invariant: the layer's true output is `hidden + residual`; the add is deferred into the next
-    norm (fused), which computes it exactly as the unfused reference would.
+    norm (fused), which computes it exactly as the unfused reference would. A one-row step on
+    the GPU folds the norms into its GEMVs instead and carries a `FoldedResidual` (hidden None;
+    see `ocula.models.folded_row`).
     """
+    if isinstance(residual, FoldedResidual) or (
+        hidden is not None and folds_row_norms(hidden, attention_norm, attention, mlp_norm, mlp)
+    ):
+        return folded_row_step(
+            attention_norm, attention, mlp_norm, mlp, hidden, residual, rope, batch
+        )
+    assert hidden is not None  # only a FoldedResidual comes without hidden states
     if residual is None:
         residual = hidden
         hidden = attention_norm(hidden)
@@ -183,9 +200,13 @@ def run_decoder(
     """Embedding, every layer (called as `layer(hidden, residual, rope, batch)`), final norm."""
     hidden = embed_with_splice(embed_tokens, batch)
     rope = rotary.rope(batch.positions, hidden.dtype)
-    residual = None
+    residual: Residual = None
+    state: torch.Tensor | None = hidden
     for layer in layers:
-        hidden, residual = layer(hidden, residual, rope, batch)
+        state, residual = layer(state, residual, rope, batch)
+    if isinstance(residual, FoldedResidual):
+        return final_norm(residual.stream)
+    assert state is not None
     if residual is None:
-        return final_norm(hidden)
-    return final_norm(hidden, residual)[0]
+        return final_norm(state)
+    return final_norm(state, residual)[0]

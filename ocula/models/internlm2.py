@@ -35,6 +35,7 @@ from ocula.layers.norm import RMSNorm
 from ocula.layers.rotary import RotaryEmbedding
 from ocula.models.decoder_blocks import (
     GatedMLP,
+    Residual,
     Rope,
     SelfAttention,
     head_dim_of,
@@ -98,11 +99,11 @@ class InternLM2DecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        residual: Residual,
         rope: Rope,
         batch: ForwardBatch,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, Residual]:
         return pre_norm_residual_step(
             self.attention_norm,
             self.attention,

@@ -27,6 +27,7 @@ from ocula.layers.norm import RMSNorm
 from ocula.layers.rotary import RotaryEmbedding
 from ocula.models.decoder_blocks import (
     GatedMLP,
+    Residual,
     Rope,
     SelfAttention,
     head_dim_of,
@@ -63,11 +64,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        residual: Residual,
         rope: Rope,
         batch: ForwardBatch,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, Residual]:
         return pre_norm_residual_step(
             self.input_layernorm,
             self.self_attn,

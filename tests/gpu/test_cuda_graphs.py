@@ -44,27 +44,32 @@ def test_batch_one_decode_through_the_gemv_equals_transformers(
 ) -> None:
     """One prompt at a time, so every decode step has one row: the batch-1 decode graph is
     captured with every projection and the LM head on the GEMV kernels, the gate/up projection
-    on the one with SiLU-and-mul fused in (their weight shapes are recorded), and its greedy
-    tokens equal transformers'."""
+    on one with SiLU-and-mul fused in, the norms folded in where the layer allows it (their
+    weight shapes are recorded), and its greedy tokens equal transformers'."""
     import ocula.kernels.gemv as gemv_module
+    import ocula.kernels.gemv_residual as gemv_residual_module
     import ocula.kernels.gemv_silu as gemv_silu_module
     from ocula.layers.embedding import ParallelLMHead
     from ocula.layers.linear import ColumnParallelLinear, RowParallelLinear
     from ocula.models.decoder_blocks import GatedMLP
 
-    shapes = {"gemv": set(), "gemv_silu_and_mul": set()}
+    shapes: dict[str, set] = {}
 
     def record(module, name):
         original = getattr(module, name)
+        shapes[name] = set()
 
-        def recorded(x, weight, *args, **kwargs):
+        def recorded(x, *args, **kwargs):
+            weight = args[1] if name.startswith("normed") else args[0]
             shapes[name].add(tuple(weight.shape))
-            return original(x, weight, *args, **kwargs)
+            return original(x, *args, **kwargs)
 
         monkeypatch.setattr(module, name, recorded)
 
     record(gemv_module, "gemv")
     record(gemv_silu_module, "gemv_silu_and_mul")
+    for name in ("gemv_add_residual", "normed_gemv", "normed_gemv_silu_and_mul"):
+        record(gemv_residual_module, name)
     checkpoint = tiny_checkpoint(arch)
     llm = LLM(
         str(checkpoint),
@@ -79,8 +84,10 @@ def test_batch_one_decode_through_the_gemv_equals_transformers(
     gate_up = {
         tuple(m.gate_up_proj.weight.shape) for m in model.modules() if isinstance(m, GatedMLP)
     }
-    assert gate_up and gate_up == shapes["gemv_silu_and_mul"]
-    assert every_weight - gate_up <= shapes["gemv"]
+    assert gate_up and gate_up == shapes["gemv_silu_and_mul"] | shapes["normed_gemv_silu_and_mul"]
+    plain = shapes["gemv"] | shapes["normed_gemv"] | shapes["gemv_add_residual"]
+    assert every_weight - gate_up <= plain
+    assert shapes["normed_gemv"] and shapes["gemv_add_residual"]  # the layers fold their norms
     for prompt in PROMPTS[:2]:
         expected = reference_continuations(checkpoint, [prompt], NEW_TOKENS)
         assert [out.token_ids for out in llm.generate([prompt], GREEDY)] == expected
