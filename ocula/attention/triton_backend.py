@@ -18,6 +18,11 @@ import triton
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.kernels.decode_attention import decode_attention
 from ocula.kernels.prefill_attention import prefill_attention
+from ocula.kernels.rotary_store import NewTokens
+
+# Whether a step of decodes only rotates and stores its new K/V inside the decode kernel. A
+# constant; the benchmarks' A/B sets it to False before building the engine.
+ROTATE_IN_DECODE = True
 
 
 class TritonBackend:
@@ -71,20 +76,62 @@ class TritonBackend:
                 out=out,
             )
         if decode_lens:
-            out = decode_attention(
-                q,
-                k_cache,
-                v_cache,
-                batch.slot_table,
-                batch.table_rows,
-                batch.query_start_loc,
-                batch.seq_lens,
-                scale,
-                max_context_len=self.decode_bound(decode_lens),
-                sliding_window=sliding_window,
-                out=out,
-            )
+            bound = self.decode_bound(decode_lens)
+            out = self._decode(q, k_cache, v_cache, batch, scale, sliding_window, bound, out)
         return out if out is not None else torch.empty_like(q)
+
+    def attend_rotating(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        sliding_window: int | None,
+        positions: torch.Tensor,
+        cos_table: torch.Tensor,
+        sin_table: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """`attend` for q and k not rotated yet and this step's K/V not in the caches: a step of
+        decodes only rotates and stores them inside the decode kernel (`decode_attention`'s
+        `new_tokens`), one launch fewer per layer. None for any other step, for a single
+        sequence, or with `ROTATE_IN_DECODE` off: the caller rotates and stores, then calls
+        `attend`. A single sequence keeps the separate launch because it measured faster
+        there (H200, InternVL3-8B shape: 4.00 against 3.98 ms per batch-1 step, while batches 8
+        and 64 gained 0.03 ms; BENCHMARKS.md): every split program rotates the query again, and
+        at batch 1 the splits are many."""
+        if not ROTATE_IN_DECODE or not batch.decode_only or batch.num_seqs < 2:
+            return None
+        new = NewTokens(k, v, positions, batch.out_slots, cos_table, sin_table)
+        bound = self.decode_bound(batch.seq_lens_cpu)
+        return self._decode(q, k_cache, v_cache, batch, scale, sliding_window, bound, None, new)
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        sliding_window: int | None,
+        bound: int,
+        out: torch.Tensor | None,
+        new_tokens: NewTokens | None = None,
+    ) -> torch.Tensor:
+        tables = (batch.slot_table, batch.table_rows, batch.query_start_loc, batch.seq_lens)
+        return decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            *tables,
+            scale,
+            max_context_len=bound,
+            sliding_window=sliding_window,
+            out=out,
+            new_tokens=new_tokens,
+        )
 
     def decode_bound(self, decode_context_lens: list[int]) -> int:
         """The context bound the decode kernel chooses its splits from (host values only)."""

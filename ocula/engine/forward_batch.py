@@ -10,6 +10,7 @@ forward context.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,11 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    @functools.cached_property
+    def decode_only(self) -> bool:
+        """Whether every sequence has exactly one new token (host values only)."""
+        return all(n == 1 for n in self.query_lens_cpu)
 
     def context_slots(self, b: int) -> torch.Tensor:
         """Slots of the whole context of sequence b (cached prefix plus this step's tokens)."""

@@ -14,6 +14,13 @@ context leaves some splits empty; each split writes its running max, sum and unn
 accumulator (float32) to scratch, and a second kernel merges the splits of each (sequence, head).
 With one split the first kernel writes the output itself and the merge is skipped.
 
+Given this step's tokens unrotated (`new_tokens`, a step of decodes only), the first kernel also
+does `rotate_and_store_kv`'s work: every program rotates its query heads in registers, and the
+one program whose keys include the new token rotates and stores its K and V into the caches,
+then reads them back like any other key. Under programmatic dependent launch the step's metadata
+(query starts, context lengths, table rows, positions) is read before the wait: it is written
+before the step's first kernel, never by the kernel just before this one.
+
 CUDA graphs: nothing here reads a device tensor on the host or branches on one; the grid, the
 block sizes and `num_splits` are functions of host values only (tensor shapes, `max_context_len`,
 the window), and scratch comes from torch.empty. The result is correct for any seq_lens whatever
@@ -31,7 +38,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ocula.kernels import launch_with_pdl
-from ocula.kernels.prefill_attention import attend_key_range, checked_output, padded_head_dim
+from ocula.kernels.decode_split import decode_split_kernel
+from ocula.kernels.prefill_attention import checked_output, padded_head_dim
+from ocula.kernels.rotary_store import NewTokens, check_new_tokens
 
 # A split should cover at least this many keys, or its fixed cost (query load, scratch write,
 # merge) outweighs the keys it reads.
@@ -66,6 +75,7 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
+    new_tokens: NewTokens | None = None,
 ) -> torch.Tensor:
     """Attention of the single new token of each decode sequence (see the module docstring).
 
@@ -76,8 +86,15 @@ def decode_attention(
     `num_splits` must be a power of two. Writes into `out` ([T, num_heads, head_dim], q's dtype;
     a new tensor when None) and returns it. `block_n` overrides the key block (power of two
     >= 16); leave it None outside tests.
+
+    With `new_tokens`, q is not rotated yet and this step's K/V are not in the caches: the kernel
+    does what `ocula.kernels.rotary_store.rotate_and_store_kv` would have done first (q is not
+    modified; its rotation is used in registers), bit for bit. Every sequence must then have one
+    new token (a step of decodes only): another's K/V would not be stored.
     """
     out = checked_output(q, k_cache, v_cache, slot_table, seq_lens, sliding_window, out)
+    if new_tokens is not None:
+        check_new_tokens(q, k_cache, v_cache, new_tokens)
     num_heads, head_dim = q.shape[1:]
     num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[1]
     if num_splits is None:
@@ -95,7 +112,7 @@ def decode_attention(
     if num_splits > 1:
         shape = (num_seqs, num_heads, num_splits, head_dim + 2)
         partials = torch.empty(shape, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_splits, num_kv_heads, num_seqs)](
+    decode_split_kernel[(num_splits, num_kv_heads, num_seqs)](
         q,
         k_cache,
         v_cache,
@@ -105,6 +122,11 @@ def decode_attention(
         seq_lens,
         out,
         partials,
+        *(
+            (rope.k, rope.v, rope.positions, rope.slots, rope.cos_table, rope.sin_table)
+            if (rope := new_tokens)
+            else (q,) * 6
+        ),
         scale * math.log2(math.e),
         sliding_window or 0,
         *q.stride(),
@@ -112,6 +134,8 @@ def decode_attention(
         *slot_table.stride(),
         *out.stride()[:2],
         *partials.stride()[:3],
+        *(new_tokens.k.stride()[:2] if new_tokens else (0, 0)),
+        new_tokens.cos_table.stride(0) if new_tokens else 0,
         GROUP=num_heads // num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
         HEAD_DIM=head_dim,
@@ -121,6 +145,8 @@ def decode_attention(
         USE_WINDOW=sliding_window is not None,
         INPUT_PRECISION="ieee" if wide else "tf32",
         PDL=pdl,
+        ROTATE=new_tokens is not None,
+        NO_CONTRACT=q.is_cuda,
         num_warps=4,
         num_stages=2 if wide else 3,
         launch_pdl=pdl,
@@ -140,101 +166,6 @@ def decode_attention(
             launch_pdl=pdl,
         )
     return out
-
-
-@triton.jit
-def _decode_split_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    slot_table_ptr,
-    table_rows_ptr,
-    query_start_loc_ptr,
-    seq_lens_ptr,
-    out_ptr,  # written only when NUM_SPLITS == 1
-    partials_ptr,  # [B, H, NUM_SPLITS, HEAD_DIM + 2] fp32, unit last stride; NUM_SPLITS > 1
-    qk_scale,  # softmax scale * log2(e)
-    window,  # sliding window, read only when USE_WINDOW
-    stride_q_token,
-    stride_q_head,
-    stride_q_dim,
-    stride_kv_slot,  # k_cache and v_cache share strides; their last stride is 1
-    stride_kv_head,
-    stride_table_row,
-    stride_table_col,
-    stride_o_token,
-    stride_o_head,  # out's last stride is 1
-    stride_p_seq,
-    stride_p_head,
-    stride_p_split,
-    GROUP: tl.constexpr,  # query heads per KV head
-    GROUP_PAD: tl.constexpr,  # power of two >= max(GROUP, 16): tl.dot's row count
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    if PDL:  # see ocula.kernels.launch_with_pdl
-        gdc_wait()
-        gdc_launch_dependents()
-    split = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.program_id(2).to(tl.int64)
-    q_row = tl.load(query_start_loc_ptr + seq)
-    if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
-        return
-    q_row = q_row.to(tl.int64)
-    ctx_len = tl.load(seq_lens_ptr + seq)
-    table_row = tl.load(table_rows_ptr + seq).to(tl.int64)
-    # Visible keys are [lo, ctx_len); split s takes the block-aligned slice [start, end) of them.
-    lo = 0
-    if USE_WINDOW:
-        lo = tl.maximum(ctx_len - window, 0)
-    split_len = tl.cdiv(tl.cdiv(ctx_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = lo + split * split_len
-    end = tl.minimum(start + split_len, ctx_len)
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    head_valid = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    dim_valid = offs_d < HEAD_DIM
-    tile_mask = head_valid[:, None] & dim_valid[None, :]
-    q_ptrs = q_ptr + q_row * stride_q_token + heads[:, None] * stride_q_head
-    q = tl.load(q_ptrs + offs_d[None, :] * stride_q_dim, mask=tile_mask, other=0.0)
-    table_ptrs = slot_table_ptr + table_row * stride_table_row
-    k_head_ptr = k_ptr + kv_head * stride_kv_head + offs_d[None, :]
-    v_head_ptr = v_ptr + kv_head * stride_kv_head + offs_d[None, :]
-    row_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    # Every key of [start, end) is visible to every head: whole blocks skip the masks, and only
-    # the tail block masks keys past `end` (q_pos = ctx_len - 1 hides nothing else).
-    full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
-    q_pos = tl.zeros([GROUP_PAD], dtype=tl.int32) + ctx_len - 1
-    acc, row_max, row_sum = attend_key_range(
-        acc, row_max, row_sum, q, q_pos, start, full_end, table_ptrs, stride_table_col,
-        k_head_ptr, v_head_ptr, stride_kv_slot, dim_valid, qk_scale, window,
-        BLOCK_N, False, False, INPUT_PRECISION,
-    )  # fmt: skip
-    acc, row_max, row_sum = attend_key_range(
-        acc, row_max, row_sum, q, q_pos, full_end, end, table_ptrs, stride_table_col,
-        k_head_ptr, v_head_ptr, stride_kv_slot, dim_valid, qk_scale, window,
-        BLOCK_N, True, False, INPUT_PRECISION,
-    )  # fmt: skip
-
-    if NUM_SPLITS == 1:
-        out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-        o_ptrs = out_ptr + q_row * stride_o_token + heads[:, None] * stride_o_head
-        tl.store(o_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_mask)
-    else:
-        p_ptrs = partials_ptr + seq * stride_p_seq + heads * stride_p_head + split * stride_p_split
-        tl.store(p_ptrs[:, None] + offs_d[None, :], acc, mask=tile_mask)
-        tl.store(p_ptrs + HEAD_DIM, row_max, mask=head_valid)
-        tl.store(p_ptrs + HEAD_DIM + 1, row_sum, mask=head_valid)
 
 
 @triton.jit

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -75,6 +76,52 @@ def token_cos_sin(
     cos = tl.load(cos_ptr + position * table_stride + dims, mask=dim_mask, other=0.0)
     sin = tl.load(sin_ptr + position * table_stride + dims, mask=dim_mask, other=0.0)
     return cos.to(dtype).to(tl.float32)[None, :], sin.to(dtype).to(tl.float32)[None, :]
+
+
+@triton.jit
+def position_cos_sin(
+    position, cos_ptr, sin_ptr, table_stride, dtype, HALF: tl.constexpr, HEAD_DIM_PAD: tl.constexpr
+):
+    """cos and sin of `position` for each dim of a whole head, [HEAD_DIM_PAD] float32 (dim d and
+    d + HALF share an angle; padding dims 0), rounded to `dtype` first like `token_cos_sin`."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    valid = dims < 2 * HALF
+    angle = position.to(tl.int64) * table_stride + dims % HALF
+    cos = tl.load(cos_ptr + angle, mask=valid, other=0.0)
+    sin = tl.load(sin_ptr + angle, mask=valid, other=0.0)
+    return cos.to(dtype).to(tl.float32), sin.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def rotated_heads(
+    head_ptrs,
+    head_valid,
+    cos,
+    sin,
+    HALF: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NO_CONTRACT: tl.constexpr,
+):
+    """[G, HEAD_DIM_PAD] heads loaded from `head_ptrs` ([G] pointers to each head's dim 0, dims
+    contiguous) and rotated by `position_cos_sin`'s cos/sin, rounded exactly as
+    `rotate_token_heads` rounds (in the heads' dtype; padding rows and dims 0). NO_CONTRACT
+    keeps each product's own rounding in a kernel compiled with contraction on (CUDA)."""
+    dtype = head_ptrs.dtype.element_ty
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    mask = head_valid[:, None] & (dims < 2 * HALF)[None, :]
+    partner = tl.where(dims < HALF, dims + HALF, dims - HALF)
+    x = tl.load(head_ptrs[:, None] + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    other = tl.load(head_ptrs[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NO_CONTRACT:
+        x_cos = libdevice.mul_rn(x, cos[None, :])
+        other_sin = libdevice.mul_rn(other, sin[None, :])
+    else:
+        x_cos = x * cos[None, :]
+        other_sin = other * sin[None, :]
+    x_cos = x_cos.to(dtype).to(tl.float32)
+    other_sin = other_sin.to(dtype).to(tl.float32)
+    # first' = first cos - second sin; second' = second cos + first sin
+    return tl.where(dims[None, :] < HALF, x_cos - other_sin, x_cos + other_sin).to(dtype)
 
 
 @triton.jit

@@ -14,6 +14,8 @@ k itself is left as it was (only its cached copy is rotated): attention reads K 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -164,3 +166,29 @@ def rotate_and_store_kv(
         enable_fp_fusion=False,  # keeps the products' rounding (see ocula.kernels.rotary)
         launch_pdl=pdl,
     )
+
+
+@dataclass(frozen=True)
+class NewTokens:
+    """This step's new tokens, for `decode_attention` to rotate and store into the caches itself:
+    their unrotated k and v ([T, kv_heads, head_dim], one layout, last stride 1), positions [T],
+    cache slots [T], and the float32 RoPE tables [positions, head_dim / 2] (as
+    `ocula.kernels.rotary_store.rotate_and_store_kv` takes them)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+
+
+def check_new_tokens(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, new: NewTokens
+) -> None:
+    """Raises ValueError unless `new` fits q and the caches (the contracts of
+    `rotate_and_store_kv`, and one layout for k and v)."""
+    check_rotary_inputs(q, new.k, new.positions, new.cos_table, new.sin_table)
+    check_kv_inputs(new.k, new.v, k_cache, v_cache, new.slots)
+    if new.k.stride() != new.v.stride():
+        raise ValueError("the new k and v must share one layout")

@@ -115,7 +115,17 @@ class Attention(nn.Module):
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim].
 
         With `rope`, q and k are rotated here, together with the K/V store (one launch on the
-        kernel path); q and k are consumed either way."""
+        kernel path, none of its own when the backend's `attend_rotating` takes the step); q and
+        k are consumed either way."""
+        tables = rope.kernel_tables() if rope is not None else None
+        rotating = getattr(self.backend, "attend_rotating", None)
+        if tables is not None and rotating is not None:  # may rotate and store inside itself
+            k_cache, v_cache = batch.kv_pool.layer(self.layer_id)
+            out = rotating(
+                q, k, v, k_cache, v_cache, batch, self.scale, self.sliding_window, *tables
+            )
+            if out is not None:
+                return out.reshape(out.shape[0], self.num_heads * self.head_dim)
         if rope is None:
             batch.kv_pool.write(self.layer_id, batch.out_slots, k, v)
         else:

@@ -125,6 +125,13 @@ class Rope:
         cos, sin = self._cos_sin
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+    def kernel_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(positions, cos table, sin table) for a kernel that rotates by itself (float32
+        tables [max_positions, head_dim / 2]); None off the kernel path."""
+        if self._cos_sin is not None:
+            return None
+        return self.positions, self._cos_table, self._sin_table
+
     def rotate_and_store(
         self,
         q: torch.Tensor,
