@@ -8,7 +8,9 @@ the reference (in its own process, with the GPU to itself) and compares. Both ge
 tokens for the same prompts: half text (random token ids, 32 to 256 long), half
 one 448 x 448 image plus a question. Random weights give flat next-token distributions, so bf16
 rounding flips near-ties more often than with a trained model; the report gives the rates as
-measured and where each prompt first diverges.
+measured, where each prompt first diverges, and the reference's log-probability gap between its
+choice and the runner-up there (against the median gap over all positions: divergences at
+near-ties are rounding, divergences at clear choices would be a bug).
 
     python -m benchmarks.engine_agreement --checkpoint DIR --compare_with engine.json --out a.json
 """
@@ -43,16 +45,37 @@ def agreement_prompts(tiny: bool) -> list[Any]:
 
 
 def greedy_tokens(llm: Any, prompts: list[Any], tiny: bool) -> list[list[int]]:
+    return [tokens for tokens, _ in greedy_with_margins(llm, prompts, tiny, margins=False)]
+
+
+def greedy_with_margins(
+    llm: Any, prompts: list[Any], tiny: bool, margins: bool = True
+) -> list[tuple[list[int], list[float]]]:
+    """Each prompt's greedy tokens and, with `margins`, at every step the log-probability gap
+    between the chosen token and the runner-up (how near a tie the choice was)."""
     from ocula import SamplingParams
 
     count = TINY_TOKENS if tiny else TOKENS
-    params = SamplingParams(temperature=0, max_new_tokens=count, ignore_eos=True)
-    return [output.token_ids for output in llm.generate(prompts, params)]
+    params = SamplingParams(
+        temperature=0, max_new_tokens=count, ignore_eos=True, logprobs=2 if margins else None
+    )
+    results = []
+    for output in llm.generate(prompts, params):
+        gaps = []
+        for step in output.outputs[0].logprobs or []:
+            best = sorted((logprob for _, logprob in step.top_logprobs), reverse=True)
+            gaps.append(best[0] - best[1] if len(best) > 1 else float("inf"))
+        results.append((output.token_ids, gaps))
+    return results
 
 
-def compare(tested: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
+def compare(
+    tested: list[list[int]], reference: list[list[int]], margins: list[list[float]] | None = None
+) -> dict[str, Any]:
     """Agreement rates and, per prompt, the first position where the tokens differ (None: all
-    equal)."""
+    equal). With the reference's `margins` (see `greedy_with_margins`): the reference's gap at
+    each first divergence, beside the median gap over every position, to show whether the
+    tested engine departs at near-ties (rounding) or at clear choices (a bug)."""
     divergence: list[int | None] = []
     for got, want in zip(tested, reference, strict=True):
         first = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
@@ -60,7 +83,7 @@ def compare(tested: list[list[int]], reference: list[list[int]]) -> dict[str, An
     count = len(divergence)
     length = len(reference[0]) if reference else 0
     prefix = [length if d is None else d for d in divergence]
-    return {
+    result: dict[str, Any] = {
         "prompts": count,
         "tokens_per_prompt": length,
         "all_tokens_agree_rate": sum(d is None for d in divergence) / count,
@@ -69,6 +92,20 @@ def compare(tested: list[list[int]], reference: list[list[int]]) -> dict[str, An
         "mean_common_prefix": sum(prefix) / count,
         "first_divergence": divergence,
     }
+    if margins is not None:
+        at_divergence = [
+            gaps[d] for gaps, d in zip(margins, divergence, strict=True) if d is not None
+        ]
+        every = sorted(gap for gaps in margins for gap in gaps)
+        result["reference_gap_at_divergence"] = at_divergence
+        result["reference_gap_median_at_divergence"] = median(at_divergence)
+        result["reference_gap_median_all_positions"] = median(every)
+    return result
+
+
+def median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
 
 
 def main() -> None:
@@ -85,13 +122,19 @@ def main() -> None:
     options = engine_options(args.checkpoint, args.engine_args, **REFERENCE_OPTIONS)
     llm = make_llm(options)
     log("agreement: fp32 reference engine loaded")
-    tokens = greedy_tokens(llm, agreement_prompts(args.tiny), args.tiny)
-    result: dict[str, Any] = {"reference_options": options, "reference_tokens": tokens}
+    generated = greedy_with_margins(llm, agreement_prompts(args.tiny), args.tiny)
+    tokens = [tokens for tokens, _ in generated]
+    margins = [gaps for _, gaps in generated]
+    result: dict[str, Any] = {
+        "reference_options": options,
+        "reference_tokens": tokens,
+        "reference_gaps": margins,
+    }
     if args.compare_with is not None:
         found = args.compare_with.is_file()
         tested = read_json(args.compare_with).get("agreement_tokens", {}) if found else {}
         if "tokens" in tested:
-            result["agreement"] = compare(tested["tokens"], tokens)
+            result["agreement"] = compare(tested["tokens"], tokens, margins)
             log(
                 f"agreement: {result['agreement']['all_tokens_agree_rate']:.0%} of prompts agree on all tokens"
             )

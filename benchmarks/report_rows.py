@@ -120,6 +120,17 @@ def _positions(divergence: list[int | None]) -> str:
     return ", ".join(map(str, positions)) if positions else "none"
 
 
+def _gaps(agreement: dict[str, Any]) -> str:
+    at, every = (
+        agreement.get(f"reference_gap_median_{k}") for k in ("at_divergence", "all_positions")
+    )
+    if at is None or every is None:
+        return ""
+    return (
+        f"; fp32 log-prob gap to the runner-up there, median {at:.3g} (all positions {every:.3g})"
+    )
+
+
 def agreement_rows(part: dict[str, Any]) -> list[Row]:
     agreement = _sub(part, "agreement")
     rows: list[Row] = []
@@ -131,7 +142,8 @@ def agreement_rows(part: dict[str, Any]) -> list[Row]:
                 f"all tokens: {agreement['all_tokens_agree_rate']:.0%}; first token: "
                 f"{agreement['first_token_agree_rate']:.0%}; first 4: "
                 f"{agreement['first_4_tokens_agree_rate']:.0%}",
-                f"diverging prompts split at {_positions(agreement['first_divergence'])}",
+                f"diverging prompts split at {_positions(agreement['first_divergence'])}"
+                + _gaps(agreement),
                 f"mean common prefix {agreement['mean_common_prefix']:.1f}",
                 "most prompts agree on the first tokens",
             )
