@@ -34,8 +34,10 @@ def launch_with_pdl(tensor: torch.Tensor) -> bool:
     A kernel so launched may start while the kernel before it in the stream is still running, so
     its contract is: every program calls `gdc_wait()` (which returns once the previous grid has
     completed and its writes are visible) before it reads or writes anything another kernel
-    writes; only constants (weights) may be loaded before it. Every such kernel waits, so the
-    ordering holds transitively along the stream. Kernels then call `gdc_launch_dependents()`,
+    writes. Only constants (weights) and the step's metadata may be loaded before it: tensors the
+    host copies in before the step's first kernel (lengths, slot tables, positions), which no
+    kernel of the step writes. Every such kernel waits, in every program (one that exits early
+    waits first), so the ordering holds transitively along the stream. Kernels then call `gdc_launch_dependents()`,
     which lets the next launch begin early; its own wait still covers this kernel's writes.
     """
     return USE_PDL and tensor.is_cuda and _has_pdl(tensor.device.index)

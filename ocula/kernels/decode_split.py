@@ -60,10 +60,9 @@ def decode_split_kernel(
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2).to(tl.int64)
-    # The step's metadata is written before its first kernel: read it before the PDL wait.
+    # The step's metadata is read before the PDL wait (see ocula.kernels.launch_with_pdl).
     q_row = tl.load(query_start_loc_ptr + seq)
-    if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
-        return
+    other_query_len = tl.load(query_start_loc_ptr + seq + 1) - q_row != 1  # not a decode
     q_row = q_row.to(tl.int64)
     ctx_len = tl.load(seq_lens_ptr + seq)
     table_row = tl.load(table_rows_ptr + seq).to(tl.int64)
@@ -76,6 +75,8 @@ def decode_split_kernel(
     if PDL:  # see ocula.kernels.launch_with_pdl
         gdc_wait()
         gdc_launch_dependents()
+    if other_query_len:
+        return
     # Visible keys are [lo, ctx_len); split s takes the block-aligned slice [start, end) of them.
     lo = 0
     if USE_WINDOW:
@@ -95,7 +96,10 @@ def decode_split_kernel(
         q = rotated_heads(q_heads, head_valid, cos, sin, HEAD_DIM // 2, HEAD_DIM_PAD, NO_CONTRACT)
         # The one program whose keys include this step's stores its rotated K and V, then reads
         # them back through the cache like every other key (the barrier makes its own writes
-        # visible to all its threads), so the key loop below is the plain one.
+        # visible to all its threads), so the key loop below is the plain one. CUDA-graph
+        # padding rows all store to and read the scratch slot 0; they are identical (same
+        # inputs), so which one's store a padding row reads does not matter, and no real row
+        # reads slot 0.
         owner = (start <= ctx_len - 1) & (ctx_len - 1 < end)
         new_row = q_row * stride_new_token + kv_head * stride_new_head
         new_k = rotated_heads(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ocula.kernels import launch_with_pdl
 from ocula.kernels.gemv import RowNorm, check_gemv_inputs, gemv_config, launch_gemv, rows_times_x
@@ -44,6 +45,7 @@ def _gemv_add_residual_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,  # see ocula.kernels.launch_with_pdl; the residual is read after the wait
+    NO_CONTRACT: tl.constexpr,  # CUDA: each square rounded on its own, as the norm kernel's
 ):
     program = tl.program_id(0)
     features = program * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,7 +62,8 @@ def _gemv_add_residual_kernel(
     summed = (y + residual.to(tl.float32)).to(dtype)  # masked features: 0, adding no square
     tl.store(residual_ptr + features, summed, mask=feature_ok)
     summed32 = summed.to(tl.float32)
-    tl.store(partials_ptr + program, tl.sum(summed32 * summed32, axis=0))
+    squares = libdevice.mul_rn(summed32, summed32) if NO_CONTRACT else summed32 * summed32
+    tl.store(partials_ptr + program, tl.sum(squares, axis=0))
 
 
 def gemv_add_residual(
@@ -97,6 +100,7 @@ def gemv_add_residual(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         PDL=pdl,
+        NO_CONTRACT=x.is_cuda,
         num_warps=num_warps,
         launch_pdl=pdl,
     )

@@ -6,7 +6,10 @@ missing never breaks `import ocula`; the engine picks one by name (its CLI choic
 `ATTENTION_BACKENDS`) and passes the object to the model.
 
 Backend contract (the one `ocula.attention.reference` documents): when `attend` runs, the new
-tokens' K/V are already in the pool, so each sequence attends over its whole context slots.
+tokens' K/V are already in the pool, so each sequence attends over its whole context slots. A
+backend may also offer `attend_rotating` (the Triton one does), which takes q and k unrotated and
+the new K/V not stored yet, and returns None for a step it does not take; `Attention` then
+rotates, stores and calls `attend`.
 """
 
 from __future__ import annotations

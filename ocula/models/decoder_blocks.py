@@ -153,12 +153,13 @@ def pre_norm_residual_step(
     the GPU folds the norms into its GEMVs instead and carries a `FoldedResidual` (hidden None;
     see `ocula.models.folded_row`).
     """
-    if isinstance(residual, FoldedResidual) or (
-        hidden is not None and folds_row_norms(hidden, attention_norm, attention, mlp_norm, mlp)
-    ):
-        return folded_row_step(
-            attention_norm, attention, mlp_norm, mlp, hidden, residual, rope, batch
-        )
+    blocks = (attention_norm, attention, mlp_norm, mlp)
+    if isinstance(residual, FoldedResidual):
+        if folds_row_norms(residual.stream, *blocks):
+            return folded_row_step(*blocks, None, residual, rope, batch)
+        hidden, residual = residual.stream, None  # the add is done: the stream is the output
+    elif hidden is not None and folds_row_norms(hidden, *blocks):
+        return folded_row_step(*blocks, hidden, residual, rope, batch)
     assert hidden is not None  # only a FoldedResidual comes without hidden states
     if residual is None:
         residual = hidden

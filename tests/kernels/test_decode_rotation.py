@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ocula.engine.forward_batch import ForwardBatch
 from ocula.kernels.rotary_store import NewTokens, rotate_and_store_kv
 from tests.kernels.test_paged_attention import (  # noqa: F401 (an autouse fixture)
     DECODE,
@@ -23,7 +24,9 @@ def rope_tables(head_dim: int, positions: int) -> tuple[torch.Tensor, torch.Tens
     return angles.cos(), angles.sin()
 
 
-def new_kv(tokens: int, num_kv_heads: int, head_dim: int, like: torch.Tensor, seed: int):
+def new_kv(
+    tokens: int, num_kv_heads: int, head_dim: int, like: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unrotated k and v of the new tokens: views of one wider projection output, as in a model."""
     generator = torch.Generator().manual_seed(seed)
     width = (2 * num_kv_heads + 3) * head_dim
@@ -33,7 +36,16 @@ def new_kv(tokens: int, num_kv_heads: int, head_dim: int, like: torch.Tensor, se
     return k, v.unflatten(-1, (num_kv_heads, head_dim))
 
 
-def both_ways(q, batch, window, num_splits, k, v, cos, sin):
+def both_ways(
+    q: torch.Tensor,
+    batch: ForwardBatch,
+    window: int | None,
+    num_splits: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(output, K cache, V cache) unfused and fused, each from the same starting caches."""
     results = []
     for fused in (False, True):
@@ -78,19 +90,22 @@ def test_rotating_in_the_kernel_equals_rotating_first_bit_for_bit(
         assert torch.equal(q, original_q)  # the rotation stays in registers
 
 
-def test_a_padded_row_stores_nothing(device: torch.device) -> None:
-    """A CUDA-graph batch pads with sequences of no context whose slot is the scratch slot 0:
-    the fused kernel skips them (the unfused store writes them to slot 0; nothing reads it)."""
+def test_cuda_graph_padding_rows(device: torch.device) -> None:
+    """A CUDA-graph batch pads with rows as `ocula.engine.cuda_graphs` builds them: context 1,
+    position 0, the all-zero padding row of the slot table and out slot 0 (the scratch slot), and
+    identical inputs. Both ways give the same outputs and caches, slot 0 included."""
     cos, sin = rope_tables(16, 64)
-    q, batch = make_batch([(20, 1), (5, 1)], 4, 2, 16, torch.float32, device, seed=9)
-    batch.seq_lens[1] = 0
-    batch.out_slots[1] = 0
-    k, v = new_kv(2, 2, 16, q, seed=10)
+    q, batch = make_batch([(20, 1), (5, 1), (0, 1), (0, 1)], 4, 2, 16, torch.float32, device)
+    k, v = new_kv(4, 2, 16, q, seed=10)
+    padding_row = batch.table_rows[2]
+    batch.slot_table[padding_row] = 0
+    batch.table_rows[3] = padding_row
+    batch.out_slots[2:] = 0
+    for tensor in (q, k, v):
+        tensor[3] = tensor[2]
     unfused, fused = both_ways(q, batch, None, 4, k, v, cos, sin)
-    assert torch.equal(fused[0], unfused[0])
-    assert torch.equal(fused[0][1], torch.zeros_like(fused[0][1]))
-    for expected, got in zip(unfused[1:], fused[1:], strict=True):
-        assert torch.equal(got[1:], expected[1:])
+    for expected, got in zip(unfused, fused, strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_new_tokens_are_checked(device: torch.device) -> None:

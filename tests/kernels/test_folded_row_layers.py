@@ -60,3 +60,23 @@ def test_the_unfolded_path_is_kept_when_folding_is_off(
     llm = LLM(str(checkpoint), device=device.type, data_type="fp32", max_total_token_num=1024)
     assert llm.generate(PROMPTS[0], GREEDY)[0].token_ids == expected[0]
     assert folded_steps == []
+
+
+def test_a_layer_that_cannot_fold_takes_the_stream_unfolded(
+    tiny_checkpoint, device: torch.device, folded_steps: list[int], monkeypatch
+) -> None:
+    """Folded and unfolded layers mixed in one step (every second layer refuses to fold): the
+    stream a folded layer hands on is taken as an unfused layer's input, tokens unchanged."""
+    real = decoder_blocks.folds_row_norms
+    asked: list[int] = []
+
+    def every_other_layer(*args, **kwargs) -> bool:
+        asked.append(1)
+        return len(asked) % 2 == 1 and real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_blocks, "folds_row_norms", every_other_layer)
+    checkpoint = tiny_checkpoint("llama")
+    expected = reference_continuations(checkpoint, PROMPTS[:1], GREEDY.max_new_tokens)
+    llm = LLM(str(checkpoint), device=device.type, data_type="fp32", max_total_token_num=1024)
+    assert llm.generate(PROMPTS[0], GREEDY)[0].token_ids == expected[0]
+    assert folded_steps  # some layers did fold
