@@ -35,6 +35,8 @@ from benchmarks.accounting import (
 from benchmarks.common import (
     Deadline,
     add_common_args,
+    add_switches_arg,
+    apply_switches,
     engine_options,
     exit_on_sigterm,
     hardware_peaks,
@@ -223,6 +225,7 @@ class EngineBench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
+    add_switches_arg(parser)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset")
     parser.add_argument("--decode_batches", help="comma-separated batch sizes")
@@ -235,6 +238,7 @@ def main() -> None:
     results: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
     exit_on_sigterm()
     try:
+        results["switches"] = apply_switches(args.switches)
         options = engine_options(args.checkpoint, args.engine_args)
         started = time.monotonic()
         llm = make_llm(options)

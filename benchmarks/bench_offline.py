@@ -43,6 +43,8 @@ from benchmarks.accounting import (
 from benchmarks.common import (
     Deadline,
     add_common_args,
+    add_switches_arg,
+    apply_switches,
     engine_options,
     exit_on_sigterm,
     hardware_peaks,
@@ -141,6 +143,7 @@ class OfflineBench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
+    add_switches_arg(parser)
     parser.add_argument("--checkpoint", type=Path, required=True, help="the InternVL checkpoint")
     parser.add_argument("--text_checkpoint", type=Path, help="text twin, for transformers")
     parser.add_argument("--peer_timeout", type=float, default=240.0)
@@ -159,6 +162,7 @@ def main() -> None:
                 deadline,
                 60,
             )
+        results["switches"] = apply_switches(args.switches)
         options = engine_options(args.checkpoint, args.engine_args)
         started = time.monotonic()
         llm = make_llm(options)

@@ -76,6 +76,42 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time_limit", type=float, help="seconds this script may take")
 
 
+# Kernel paths an A/B can turn off in this process before the engine is built: the engine's module
+# constants that choose them (`--switches "fold_row_norms=off,pdl=off"`).
+KERNEL_SWITCHES = {
+    "gemv": ("ocula.layers.linear", "USE_GEMV"),
+    "pdl": ("ocula.kernels", "USE_PDL"),
+    "fold_row_norms": ("ocula.models.folded_row", "FOLD_ROW_NORMS"),
+    "rotate_in_decode": ("ocula.attention.triton_backend", "ROTATE_IN_DECODE"),
+}
+
+
+def add_switches_arg(parser: argparse.ArgumentParser) -> None:
+    names = ", ".join(KERNEL_SWITCHES)
+    parser.add_argument(
+        "--switches", default="", help=f"comma-separated NAME=on|off of the kernel paths {names}"
+    )
+
+
+def apply_switches(spec: str) -> dict[str, bool]:
+    """Sets the engine constants `spec` names ("fold_row_norms=off,pdl=on"); returns every
+    switch's value afterwards, for the results. Call before building the engine."""
+    import importlib
+
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in KERNEL_SWITCHES or value not in ("on", "off"):
+            raise SystemExit(
+                f"--switches: {item!r} is not NAME=on|off with NAME in {list(KERNEL_SWITCHES)}"
+            )
+        module, constant = KERNEL_SWITCHES[name]
+        setattr(importlib.import_module(module), constant, value == "on")
+    return {
+        name: bool(getattr(importlib.import_module(module), constant))
+        for name, (module, constant) in KERNEL_SWITCHES.items()
+    }
+
+
 def engine_options(model_dir: Path, engine_args: str, **forced: Any) -> dict[str, Any]:
     """Every EngineArgs field for `model_dir`: defaults, then `engine_args` (engine flag syntax),
     then `forced`. A forced option the engine does not have is left out (the returned dict

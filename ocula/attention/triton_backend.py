@@ -21,7 +21,8 @@ from ocula.kernels.prefill_attention import prefill_attention
 from ocula.kernels.rotary_store import NewTokens
 
 # Whether a step of decodes only rotates and stores its new K/V inside the decode kernel. A
-# constant; the benchmarks' A/B sets it to False before building the engine.
+# constant; the benchmark scripts' `--switches` (benchmarks/common.py) set it before building the
+# engine.
 ROTATE_IN_DECODE = True
 
 

@@ -14,7 +14,7 @@ import os
 import torch
 
 # Whether the kernels of a decode step's chain launch with programmatic dependent launch on GPUs
-# that have it. A constant; the benchmarks' A/B sets it to False before building the engine.
+# that have it. A constant; the benchmark scripts' `--switches` set it before building the engine.
 USE_PDL = True
 
 

@@ -25,7 +25,7 @@ from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.kernels import use_triton
 
 # Whether one row of x on the GPU goes to the GEMV kernel instead of cuBLAS. A constant; the
-# benchmarks' cuBLAS A/B sets it to False before building the engine.
+# benchmark scripts' `--switches` (benchmarks/common.py) set it before building the engine.
 USE_GEMV = True
 
 

@@ -26,8 +26,8 @@ from ocula.layers.rotary import Rope
 if TYPE_CHECKING:
     from ocula.models.decoder_blocks import GatedMLP, SelfAttention
 
-# Whether one-row steps fold their norms into the GEMVs. A constant; the benchmarks' A/B sets it
-# to False before building the engine.
+# Whether one-row steps fold their norms into the GEMVs. A constant; the benchmark scripts'
+# `--switches` (benchmarks/common.py) set it before building the engine.
 FOLD_ROW_NORMS = True
 
 
