@@ -158,7 +158,11 @@ def pre_norm_residual_step(
         if folds_row_norms(residual.stream, *blocks):
             return folded_row_step(*blocks, None, residual, rope, batch)
         hidden, residual = residual.stream, None  # the add is done: the stream is the output
-    elif hidden is not None and folds_row_norms(hidden, *blocks):
+    elif (
+        hidden is not None
+        and (residual is None or residual.is_contiguous())  # it becomes the folded stream
+        and folds_row_norms(hidden, *blocks)
+    ):
         return folded_row_step(*blocks, hidden, residual, rope, batch)
     assert hidden is not None  # only a FoldedResidual comes without hidden states
     if residual is None:
