@@ -155,9 +155,10 @@ class ImageScheduler:
 
     def can_admit(self, request: Request, cached_prefix_len: int) -> bool:
         """Whether the pool has room for the request's images now (see `admit`)."""
-        cached = [s.key for s in request.images if s.offset + s.length > cached_prefix_len]
+        # Every image the request still needs: the cached ones among them must not be evicted.
+        wanted = [s.key for s in request.images if s.offset + s.length > cached_prefix_len]
         return self.index.can_fit(
-            sum(self._new_images(request, cached_prefix_len).values()), cached
+            sum(self._new_images(request, cached_prefix_len).values()), keep=wanted
         )
 
     def admit(

@@ -2,8 +2,9 @@
 
 The KV pool gets what is left of `total * mem_fraction` after the memory already in use (weights,
 the image-embedding pool of a vision model, the CUDA context), the activation peak of the largest
-eager forward (`--batch_max_tokens` prompt tokens) and, when CUDA graphs are on, the language model's graph pool. Those graphs are captured
-after the KV pool exists (they read its addresses), so their share is estimated beforehand: the
+eager forward (`--batch_max_tokens` prompt tokens) and, when CUDA graphs are on, the language
+model's graph pool. Those graphs are captured after the KV pool exists (they read its
+addresses), so their share is estimated beforehand: the
 activations of their largest forward (all share one pool and never replay at the same time) plus
 what each graph keeps allocated between replays (decode logits, the final hidden states of each
 piecewise bucket's pieces and of its whole-step graph, the shared attention buffers). Not
