@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from benchmarks.common import (
@@ -44,6 +43,7 @@ from benchmarks.common import (
     run_part,
     write_json,
 )
+from benchmarks.http_stream import StreamingClient
 from benchmarks.serving_client import ServerProcess, StreamResult, generate_body, stream
 from benchmarks.workloads import chat_prompt, image_bytes, poisson_arrivals, words
 
@@ -69,7 +69,7 @@ def _ms(values: list[float], q: float) -> float | None:
 
 async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
     cases: dict[str, list[float]] = {case: [] for case in IDLE_CASES}
-    async with httpx.AsyncClient(timeout=None) as client:
+    async with StreamingClient(url) as client:
         for rep in range(reps):
             seed = 100 + rep
             first = image_request(seed, seed, 1)
@@ -80,7 +80,7 @@ async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
                 "prompt_cached": first,
             }
             for case, body in bodies.items():
-                result = await stream(client, url, body)
+                result = await stream(client, body)
                 if not result.ok:
                     raise RuntimeError(f"idle {case} request failed: {result.error}")
                 cases[case].append(result.ttft)
@@ -101,14 +101,13 @@ async def at_rate(
     arrivals = poisson_arrivals(int(rate * 1000), rate, count)
     drain = max(5.0, min(drain, deadline.remaining() - arrivals[-1] - 5))
     bodies = [image_request(10_000 * (1 + int(rate)) + i, i, new_tokens) for i in range(count)]
-    limits = httpx.Limits(max_connections=count + 8, max_keepalive_connections=count + 8)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    async with StreamingClient(url) as client:
         loop = asyncio.get_running_loop()
         start = loop.time()
 
         async def send(at: float, body: bytes) -> StreamResult:
             await asyncio.sleep(max(0.0, start + at - loop.time()))
-            return await stream(client, url, body)
+            return await stream(client, body)
 
         tasks = [
             asyncio.create_task(send(at, body)) for at, body in zip(arrivals, bodies, strict=True)
@@ -196,9 +195,9 @@ def main() -> None:
 
 
 async def _sequential(url: str, bodies: list[bytes]) -> None:
-    async with httpx.AsyncClient(timeout=None) as client:
+    async with StreamingClient(url) as client:
         for body in bodies:
-            result = await stream(client, url, body)
+            result = await stream(client, body)
             if not result.ok:
                 raise RuntimeError(f"warm-up request failed: {result.error}")
 

@@ -2,11 +2,13 @@
 
 The server is `python -m ocula.server.api_server` on a free port, in its own process group (so
 that a hung server and its engine process can be stopped together). Requests go to LightLLM's
-`/generate_stream`; the client notes the time each token event arrives.
+`/generate_stream` through `http_stream.StreamingClient`; the client notes the time each token
+event arrives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import REPO_ROOT, log
+from benchmarks.http_stream import HttpProtocolError, StreamingClient
 
 
 def free_port() -> int:
@@ -116,25 +119,27 @@ def generate_body(inputs: str, images: list[str], new_tokens: int) -> bytes:
     return json.dumps(body).encode()
 
 
-async def stream(client: httpx.AsyncClient, url: str, body: bytes) -> StreamResult:
+async def stream(client: StreamingClient, body: bytes) -> StreamResult:
     """POSTs `body` to /generate_stream and records when each token event arrives."""
     result = StreamResult(time.perf_counter())
-    headers = {"Content-Type": "application/json"}
     try:
-        request = client.stream("POST", url + "/generate_stream", content=body, headers=headers)
-        async with request as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:200]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line[len("data:") :])
-                if event.get("token"):
-                    result.token_times.append(time.perf_counter())
-                if event.get("finished"):
-                    break
-    except httpx.HTTPError as error:
+        response, connection = await client.post("/generate_stream", body)
+    except (OSError, asyncio.IncompleteReadError, HttpProtocolError) as error:
         result.error = f"{type(error).__name__}: {error}"
+        return result
+    try:
+        if response.status != 200:
+            text = (await response.read()).decode(errors="replace")
+            result.error = f"HTTP {response.status}: {text[:200]}"
+            return result
+        async for payload in response.sse_data():
+            event = json.loads(payload)
+            if event.get("token"):
+                result.token_times.append(time.perf_counter())
+            if "error" in event:
+                result.error = f"stream error: {event['error']}"
+    except (OSError, asyncio.IncompleteReadError, HttpProtocolError) as error:
+        result.error = f"{type(error).__name__}: {error}"
+    finally:  # a response not read to its end (an error, a cancellation) closes its connection
+        client.release(response, connection)
     return result
