@@ -141,7 +141,7 @@ def test_candidate_grid_order_matches_reference_set_order():
     # comprehension from max_num 16 on), which decides exact ties between them.
     for min_num in range(1, 25):
         for max_num in range(min_num, 25):
-            assert candidate_grids(min_num, max_num) == reference_grids(min_num, max_num)
+            assert list(candidate_grids(min_num, max_num)) == reference_grids(min_num, max_num)
 
 
 def test_known_tile_counts():
