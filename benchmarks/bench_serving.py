@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import shlex
 import tempfile
 from pathlib import Path
@@ -94,6 +95,25 @@ async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
     return summary
 
 
+def _outliers(results: list[StreamResult]) -> dict[str, Any]:
+    """Where the tails come from: the three slowest first tokens and the longest gap between
+    two tokens of one request, each with its time since the first request was sent."""
+    if not results:
+        return {}
+    first_sent = min(r.sent_at for r in results)
+    slowest = sorted(results, key=lambda r: r.ttft, reverse=True)[:3]
+    gaps = [(b - a, a) for r in results for a, b in itertools.pairwise(r.token_times)]
+    longest = max(gaps, default=None)
+    return {
+        "slowest_ttft": [
+            {"sent_at_s": r.sent_at - first_sent, "ttft_ms": r.ttft * 1e3} for r in slowest
+        ],
+        "longest_token_gap": None
+        if longest is None
+        else {"ms": longest[0] * 1e3, "at_s": longest[1] - first_sent},
+    }
+
+
 async def at_rate(
     url: str, rate: float, duration: float, new_tokens: int, drain: float, deadline: Deadline
 ) -> dict[str, Any]:
@@ -123,6 +143,7 @@ async def at_rate(
     tpot = [t for t in (r.tpot for r in ok) if t is not None]
     tokens = sum(len(r.token_times) for r in results)
     summary = {
+        **_outliers(ok),
         "rate_per_s": rate,
         "requests": count,
         "completed": len(ok),
