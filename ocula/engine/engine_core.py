@@ -16,6 +16,7 @@ had one more token computed, which is dropped.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from ocula.config import EngineArgs
@@ -32,6 +33,10 @@ from ocula.engine.slot_allocator import SlotAllocator
 from ocula.engine.step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
+
+# A step longer than this is logged: a first use (a Triton kernel compiled for a new
+# specialization, a vision graph captured for a new tile count) or a stall worth finding.
+SLOW_STEP_SECONDS = 0.5
 
 
 class RequestRejectedError(ValueError):
@@ -192,6 +197,7 @@ class EngineCore:
     def step(self) -> list[TokenUpdate]:
         """Launches one forward of whatever the scheduler picks and applies the results of the
         step before it (with overlap) or of this one (without); [] when there is nothing."""
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         self.tp.broadcast_object(plan)  # the other ranks run the same plan (no-op at tp=1)
         launched = (plan, self.runner.launch(plan))
@@ -200,6 +206,16 @@ class EngineCore:
         if not self.overlap or plan.is_empty:  # nothing to overlap with: finish it now
             updates += self._apply(launched)
             self._in_flight = None
+        elapsed = time.perf_counter() - started
+        if elapsed > SLOW_STEP_SECONDS:
+            logger.warning(
+                "a step took %.2f s (launching %d sequence(s), %d new token(s), %d image(s) to "
+                "encode; and finishing the step before it)",
+                elapsed,
+                len(plan.sequences),
+                sum(seq.num_new_tokens for seq in plan.sequences),
+                len(plan.encoder_inputs),
+            )
         return updates
 
     def _apply(self, launched: tuple[StepPlan, PendingSamples | None]) -> list[TokenUpdate]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from ocula import LLM, SamplingParams
+from ocula.engine import engine_core
 from ocula.engine.engine_core import EngineCore
 from ocula.engine.request import Request
 from tests.engine.conftest import PROMPTS, reference_continuations
@@ -148,3 +151,13 @@ def test_request_counters_after_a_run(llama) -> None:
     assert request.num_output_tokens == GREEDY.max_new_tokens
     assert request.finish_reason.value == "length"
     assert request.table_row is None and request.prefix_node is None
+
+
+def test_slow_steps_are_logged(llama, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(engine_core, "SLOW_STEP_SECONDS", 0.0)  # every step counts as slow
+    llm = LLM(str(llama), max_total_token_num=1024)
+    with caplog.at_level(logging.WARNING, logger=engine_core.__name__):
+        llm.generate(PROMPTS[0], GREEDY)
+    messages = [r.getMessage() for r in caplog.records if r.name == engine_core.__name__]
+    prompt_tokens = len(llm.tokenizer.encode(PROMPTS[0]))
+    assert any(f"1 sequence(s), {prompt_tokens} new token(s)" in m for m in messages), messages
