@@ -22,9 +22,22 @@ class RequestKV:
         # Slot-table fixes found while applying a step's results, shipped with the next plan.
         # Keyed by request so that a request that stops before then takes its fix with it.
         self._pending_repoints: dict[str, tuple[int, int, torch.Tensor]] = {}
+        # Running requests whose computed prompt goes to the prefix cache at the next plan.
+        self._prompts_to_cache: dict[str, Request] = {}
+
+    def cache_prompt_at_next_plan(self, request: Request) -> None:
+        """Queues `cache_computed_tokens(request, keep_running=True)` for the start of the next
+        plan (`take_repoints`) instead of now, so that the step's tokens reach the front before
+        this bookkeeping runs. Nothing is admitted in between, so requests that arrive meanwhile
+        still find the prompt; one that stops first has `release` cache it instead."""
+        self._prompts_to_cache[request.request_id] = request
 
     def take_repoints(self) -> list[tuple[int, int, torch.Tensor]]:
-        """(table row, first column, slots) writes the next plan must carry; clears them."""
+        """Caches the queued prompts, then returns the (table row, first column, slots)
+        writes the next plan must carry; clears both."""
+        for request in self._prompts_to_cache.values():
+            self.cache_computed_tokens(request, keep_running=True)
+        self._prompts_to_cache.clear()
         repoints = list(self._pending_repoints.values())
         self._pending_repoints.clear()
         return repoints
@@ -94,6 +107,7 @@ class RequestKV:
         """Gives up all of a request's slots: computed ones to the prefix cache (or freed),
         those of tokens still being computed freed (stream order keeps a step in flight safe)."""
         self._pending_repoints.pop(request.request_id, None)
+        self._prompts_to_cache.pop(request.request_id, None)
         in_flight = request.in_flight_slots()
         if len(in_flight):
             self.allocator.free(in_flight.clone())

@@ -297,8 +297,8 @@ class Scheduler:
             request.token_ids[position] = token.token_id
             if running and self.prefix_cache.enabled and not request.prefill_cached:
                 # The prompt (or the recomputed sequence) is complete: share it with requests
-                # that arrive while this one is still decoding.
-                self.kv.cache_computed_tokens(request, keep_running=True)
+                # that arrive while this one is still decoding (from the next plan on).
+                self.kv.cache_prompt_at_next_plan(request)
                 request.prefill_cached = True
             reason = request.check_stop(position, self.max_req_total_len)
             updates.append(

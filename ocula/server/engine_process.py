@@ -23,7 +23,7 @@ import zmq
 
 from ocula.distributed.launch import check_model_splits
 from ocula.distributed.parallel_group import SINGLE_RANK
-from ocula.engine.engine_core import EngineCore, RequestRejectedError
+from ocula.engine.engine_core import EngineCore, EngineStats, RequestRejectedError
 from ocula.engine.model_setup import resolve_model
 from ocula.engine.request import Request
 from ocula.engine.tp_worker import FollowerRanks, RankDiedError
@@ -95,6 +95,7 @@ def _serve(
     parent = multiprocessing.parent_process()
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
+    sent_stats: EngineStats | None = None
     while True:
         timeout = 0 if core.has_work() else IDLE_POLL_MS
         while poller.poll(timeout):
@@ -112,8 +113,13 @@ def _serve(
             updates = core.step()
             if followers is not None:
                 followers.note_step()
-            outputs = StepOutputs(updates, core.stats(), core.take_vit_batch_sizes())
-            outbox.send(pickle.dumps(outputs))
+            stats, vit_batch_sizes = core.stats(), core.take_vit_batch_sizes()
+            # A step with nothing new for the front (an overlapped step's first half, an empty
+            # plan) sends nothing: each message wakes the front, and one that arrives right
+            # after a token delays that token's delivery.
+            if updates or vit_batch_sizes or stats != sent_stats:
+                outbox.send(pickle.dumps(StepOutputs(updates, stats, vit_batch_sizes)))
+                sent_stats = stats
         elif followers is not None:
             followers.heartbeat_if_due()
 

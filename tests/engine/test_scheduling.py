@@ -78,10 +78,13 @@ def test_concurrent_requests_share_a_prompt_once_its_prefill_is_done(llama, expe
     llm = LLM(str(llama), max_total_token_num=1024)
     engine = llm.engine
     engine.add_request("first", PREFIXED_PROMPTS[0], GREEDY)
-    # The first prompt's prefill completes, and once its first token is applied (one step
-    # later with overlap scheduling) the prompt is cached while the request decodes.
-    while engine.core.prefix_cache.total_size == 0:
+    # The step that applies the first token (one step after the prefill with overlap
+    # scheduling) sends it before caching the prompt; the next plan caches it before it admits
+    # anything, so a request added right after that token still shares the whole prompt.
+    (first,) = engine.core.scheduler.requests.values()
+    while first.num_computed_tokens < first.num_prompt_tokens:
         engine.step()
+    assert engine.core.prefix_cache.total_size == 0
     engine.add_request("second", PREFIXED_PROMPTS[0], GREEDY)
     done = {}
     while engine.has_unfinished_requests():
