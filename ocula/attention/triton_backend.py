@@ -12,11 +12,14 @@ Importing this module imports Triton; the attention layer's registry imports it 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 import triton
 
 from ocula.engine.forward_batch import ForwardBatch
-from ocula.kernels.decode_attention import decode_attention
+from ocula.kernels.decode_attention import MAX_SPLITS, decode_attention
 from ocula.kernels.prefill_attention import prefill_attention
 from ocula.kernels.rotary_store import NewTokens
 
@@ -133,6 +136,45 @@ class TritonBackend:
             out=out,
             new_tokens=new_tokens,
         )
+
+    def compile_decode_splits(
+        self,
+        attentions: Iterable[Any],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_table: torch.Tensor,
+        padding_row: int,
+    ) -> int:
+        """Compiles the decode kernel, as `attend` launches it, for every split count, before
+        serving. Decode graphs compile only their batch sizes' counts, and for the in-kernel
+        rotation; a step that mixes prefills with decodes launches the plain kernel eagerly with
+        the count its number of sequences gives (16 for 5-8 sequences, 8 for 9-16, ...), a
+        Triton constant that was otherwise compiled inside the first such step, ~1 s each on an
+        H200 host (BENCHMARKS.md). `attentions`: the model's layers (their heads, head size,
+        scale and window); each launch reads only the scratch slot, through `padding_row`.
+        Returns how many layer shapes were compiled."""
+        shapes = {(a.num_heads, a.head_dim, a.scale, a.sliding_window) for a in attentions}
+        device = slot_table.device
+        table_rows = torch.full((1,), padding_row, dtype=torch.int64, device=device)
+        query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+        for heads, head_dim, scale, window in shapes:
+            q = torch.zeros((1, heads, head_dim), dtype=k_cache.dtype, device=device)
+            for exponent in range(MAX_SPLITS.bit_length()):
+                decode_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    slot_table,
+                    table_rows,
+                    query_start_loc,
+                    seq_lens,
+                    scale,
+                    max_context_len=1,
+                    sliding_window=window,
+                    num_splits=1 << exponent,
+                )
+        return len(shapes)
 
     def decode_bound(self, decode_context_lens: list[int]) -> int:
         """The context bound the decode kernel chooses its splits from (host values only)."""

@@ -25,7 +25,7 @@ from ocula.config import EngineArgs
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.piecewise_graphs import PiecewiseGraphs, token_count_buckets
-from ocula.layers.attention import AttentionBackend
+from ocula.layers.attention import Attention, AttentionBackend
 from ocula.utils.device import copy_padded_, no_garbage_collection
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,11 @@ def capture_forward_graphs(
         decode.capture()
         if piecewise is not None:
             piecewise.capture(decode.pool)
+    compile_splits = getattr(backend, "compile_decode_splits", None)
+    if compile_splits is not None:  # the Triton backend: see its docstring
+        attentions = [m for m in model.modules() if isinstance(m, Attention)]
+        compile_splits(attentions, *kv_pool.layer(0), slot_table, padding_row)
+        torch.cuda.synchronize()
     used = free_before - torch.cuda.mem_get_info(slot_table.device)[0]
     # Compare with the estimate memory_budget reserved (logged when the KV pool was sized).
     logger.info("CUDA graphs took %.3f GiB of device memory", used / 2**30)
