@@ -6,7 +6,8 @@ same server, 2026-12-04: 1.0 ms between its send and the server's first middlewa
 between the server's first event and its own), against 0.7 ms for this client, which does only
 what LightLLM's `/generate_stream` needs: POST a prepared body, read a chunked (or sized) answer,
 split it into SSE `data:` payloads. Idle connections are kept for the next request (as httpx's
-pool did); a kept connection the server has closed meanwhile is replaced by a new one once.
+pool did); a kept connection the server has closed meanwhile is dropped, and the request goes
+on the next kept one or a new one.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class HttpResponse:
                         pass  # trailer fields
                     break
                 data = await reader.readexactly(size + 2)
+                if data[-2:] != b"\r\n":
+                    raise HttpProtocolError("a chunk does not end with CRLF")
                 yield data[:-2]
         elif "content-length" in self.headers:
             remaining = int(self.headers["content-length"])

@@ -124,7 +124,7 @@ async def stream(client: StreamingClient, body: bytes) -> StreamResult:
     result = StreamResult(time.perf_counter())
     try:
         response, connection = await client.post("/generate_stream", body)
-    except (OSError, asyncio.IncompleteReadError, HttpProtocolError) as error:
+    except (OSError, ValueError, asyncio.IncompleteReadError, HttpProtocolError) as error:
         result.error = f"{type(error).__name__}: {error}"
         return result
     try:
@@ -138,7 +138,7 @@ async def stream(client: StreamingClient, body: bytes) -> StreamResult:
                 result.token_times.append(time.perf_counter())
             if "error" in event:
                 result.error = f"stream error: {event['error']}"
-    except (OSError, asyncio.IncompleteReadError, HttpProtocolError) as error:
+    except (OSError, ValueError, asyncio.IncompleteReadError, HttpProtocolError) as error:
         result.error = f"{type(error).__name__}: {error}"
     finally:  # a response not read to its end (an error, a cancellation) closes its connection
         client.release(response, connection)

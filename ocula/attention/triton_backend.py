@@ -13,7 +13,7 @@ Importing this module imports Triton; the attention layer's registry imports it 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -22,6 +22,9 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.kernels.decode_attention import MAX_SPLITS, decode_attention
 from ocula.kernels.prefill_attention import prefill_attention
 from ocula.kernels.rotary_store import NewTokens
+
+if TYPE_CHECKING:
+    from ocula.layers.attention import Attention
 
 # Whether a step of decodes only rotates and stores its new K/V inside the decode kernel. A
 # constant; the benchmark scripts' `--switches` (benchmarks/common.py) set it before building the
@@ -139,7 +142,7 @@ class TritonBackend:
 
     def compile_decode_splits(
         self,
-        attentions: Iterable[Any],
+        attentions: Iterable[Attention],
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_table: torch.Tensor,
@@ -151,15 +154,25 @@ class TritonBackend:
         the count its number of sequences gives (16 for 5-8 sequences, 8 for 9-16, ...), a
         Triton constant that was otherwise compiled inside the first such step, ~1 s each on an
         H200 host (BENCHMARKS.md). `attentions`: the model's layers (their heads, head size,
-        scale and window); each launch reads only the scratch slot, through `padding_row`.
-        Returns how many layer shapes were compiled."""
-        shapes = {(a.num_heads, a.head_dim, a.scale, a.sliding_window) for a in attentions}
+        scale and window); q is a view of a fused qkv row, as the layers pass it; each launch
+        reads only the scratch slot, through `padding_row`. Returns how many layer shapes were
+        compiled.
+
+        Not covered (still compiled on first use): runs without graphs, whose context bound and
+        so split counts vary per step, and eager decode-only steps past the largest graph, which
+        rotate in the kernel with a count no graph took (only with one KV head per rank).
+        """
+        shapes = {
+            (a.num_heads, a.num_kv_heads, a.head_dim, a.scale, a.sliding_window) for a in attentions
+        }
         device = slot_table.device
         table_rows = torch.full((1,), padding_row, dtype=torch.int64, device=device)
         query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
         seq_lens = torch.ones(1, dtype=torch.int32, device=device)
-        for heads, head_dim, scale, window in shapes:
-            q = torch.zeros((1, heads, head_dim), dtype=k_cache.dtype, device=device)
+        for heads, kv_heads, head_dim, scale, window in shapes:
+            width = (heads + 2 * kv_heads) * head_dim
+            qkv = torch.zeros((1, width), dtype=k_cache.dtype, device=device)
+            q = qkv[:, : heads * head_dim].unflatten(-1, (heads, head_dim))
             for exponent in range(MAX_SPLITS.bit_length()):
                 decode_attention(
                     q,

@@ -170,12 +170,14 @@ def capture_forward_graphs(
         decode.capture()
         if piecewise is not None:
             piecewise.capture(decode.pool)
-    compile_splits = getattr(backend, "compile_decode_splits", None)
-    if compile_splits is not None:  # the Triton backend: see its docstring
-        attentions = [m for m in model.modules() if isinstance(m, Attention)]
-        compile_splits(attentions, *kv_pool.layer(0), slot_table, padding_row)
-        torch.cuda.synchronize()
     used = free_before - torch.cuda.mem_get_info(slot_table.device)[0]
     # Compare with the estimate memory_budget reserved (logged when the KV pool was sized).
     logger.info("CUDA graphs took %.3f GiB of device memory", used / 2**30)
+    # A backend may offer to compile, now, kernels an eager step would otherwise compile on
+    # first use (the Triton backend's decode split counts).
+    compile_splits = getattr(backend, "compile_decode_splits", None)
+    if compile_splits is not None:
+        attentions = [m for m in model.modules() if isinstance(m, Attention)]
+        compile_splits(attentions, *kv_pool.layer(0), slot_table, padding_row)
+        torch.cuda.synchronize()
     return decode, piecewise

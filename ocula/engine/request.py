@@ -97,7 +97,8 @@ class Request:
         self.table_row: int | None = None
         self.prefix_node: Any = None
         self.num_tree_tokens = 0
-        self.prefill_cached = False  # computed tokens handed to the prefix cache since admission
+        # The prompt was handed (or queued, see RequestKV) to the prefix cache since admission.
+        self.prefill_cached = False
         self._kv_slots = torch.empty(0, dtype=torch.int64)
         self._kv_slots_numpy = self._kv_slots.numpy()  # the same memory, for one-slot writes
 

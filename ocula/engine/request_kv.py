@@ -27,14 +27,14 @@ class RequestKV:
 
     def cache_prompt_at_next_plan(self, request: Request) -> None:
         """Queues `cache_computed_tokens(request, keep_running=True)` for the start of the next
-        plan (`take_repoints`) instead of now, so that the step's tokens reach the front before
+        plan (`start_plan`) instead of now, so that the step's tokens reach the front before
         this bookkeeping runs. Nothing is admitted in between, so requests that arrive meanwhile
         still find the prompt; one that stops first has `release` cache it instead."""
         self._prompts_to_cache[request.request_id] = request
 
-    def take_repoints(self) -> list[tuple[int, int, torch.Tensor]]:
-        """Caches the queued prompts, then returns the (table row, first column, slots)
-        writes the next plan must carry; clears both."""
+    def start_plan(self) -> list[tuple[int, int, torch.Tensor]]:
+        """Called first by each plan: caches the queued prompts, then returns the (table row,
+        first column, slots) writes the plan must carry; clears both."""
         for request in self._prompts_to_cache.values():
             self.cache_computed_tokens(request, keep_running=True)
         self._prompts_to_cache.clear()

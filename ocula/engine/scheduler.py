@@ -107,7 +107,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan(finished_request_ids=self._finished_since_last_plan)
         self._finished_since_last_plan = []
-        for row, start, slots in self.kv.take_repoints():
+        for row, start, slots in self.kv.start_plan():
             plan.table_writes.add(row, start, slots)
         if self.images is not None:
             for request in self._images_to_release:  # a finished one has released them already

@@ -111,3 +111,45 @@ def test_error_event_in_stream_fails_the_result() -> None:
     (result,) = asyncio.run(_run(server, [b"{}"]))
     assert len(result.token_times) == 1
     assert not result.ok and "503" in (result.error or "")
+
+
+def test_trailers_and_a_sized_body_in_pieces() -> None:
+    payload = b"data:" + json.dumps(EVENTS[2]).encode() + b"\n\n"
+    chunked = _chunked(payload, 9)[: -len(b"\r\n")] + b"x-trailer: 1\r\n\r\n"
+    trailed = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunked
+    body = b'{"error": "' + b"e" * 200_000 + b'"}'  # several reads
+    sized = f"HTTP/1.1 422 Unprocessable\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+    server = ScriptedServer([trailed, sized, _sse_answer(50)])
+    results = asyncio.run(_run(server, [b"{}", b"{}", b"{}"]))
+    assert results[0].ok and len(results[0].token_times) == 1
+    assert results[1].error is not None and results[1].error.startswith("HTTP 422")
+    assert results[2].ok
+    assert server.connections == 1
+
+
+def test_cancelled_stream_closes_its_connection() -> None:
+    async def scenario() -> bytes:
+        seen_eof = asyncio.get_running_loop().create_future()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            first = b'data:{"token":{"id":1},"finished":false}\n\n'
+            head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            writer.write(head + f"{len(first):x}\r\n".encode() + first + b"\r\n")
+            await writer.drain()
+            seen_eof.set_result(await reader.read())  # b"" once the client has gone
+
+        listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            async with StreamingClient(f"http://127.0.0.1:{port}") as client:
+                task = asyncio.create_task(stream(client, b"{}"))
+                await asyncio.sleep(0.2)  # the first event is in, the stream waits for more
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return await asyncio.wait_for(seen_eof, 5)
+        finally:
+            listener.close()
+
+    assert asyncio.run(scenario()) == b""
