@@ -1,13 +1,13 @@
 """A lean HTTP/1.1 client for the serving benchmark's streamed requests.
 
-The benchmark times the server, so the client must add as little as it can to each TTFT. httpx's
-AsyncClient added about 1.6 ms per streamed request on the H200 machine's host (a trace of the
-same server, 2026-12-04: 1.0 ms between its send and the server's first middleware, 0.7 ms
-between the server's first event and its own), against 0.7 ms for this client, which does only
-what LightLLM's `/generate_stream` needs: POST a prepared body, read a chunked (or sized) answer,
-split it into SSE `data:` payloads. Idle connections are kept for the next request (as httpx's
-pool did); a kept connection the server has closed meanwhile is dropped, and the request goes
-on the next kept one or a new one.
+The benchmark times the server, so the client must add as little as it can to each TTFT. With
+httpx's AsyncClient the two spans that hold the client's own work, from its send to the
+server's first middleware and from the server's first event to the client's token, took 1.58 + 0.79 ms on the
+H200 machine's host; with a bare asyncio client 0.60 + 0.12 ms (a trace of the same server,
+2026-12-04). This client does only what LightLLM's `/generate_stream` needs: POST a prepared
+body, read a chunked (or sized) answer, split it into SSE `data:` payloads. Idle connections
+are kept for the next request (as httpx's pool did); a kept connection the server has closed
+meanwhile is dropped, and the request goes on the next kept one or a new one.
 """
 
 from __future__ import annotations
