@@ -40,14 +40,14 @@ class HttpResponse:
     def __init__(self, connection: _Connection, status: int, headers: dict[str, str]) -> None:
         self.status = status
         self.headers = headers
-        self._connection = connection
+        self.connection = connection
         self._done = False
         if headers.get("connection", "").lower() == "close":
             connection.reusable = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (chunked transfer coding, Content-Length, or to EOF)."""
-        reader = self._connection.reader
+        reader = self.connection.reader
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
                 size_line = await reader.readline()
@@ -72,7 +72,7 @@ class HttpResponse:
                 remaining -= len(data)
                 yield data
         else:
-            self._connection.reusable = False
+            self.connection.reusable = False
             while data := await reader.read(1 << 16):
                 yield data
         self._done = True
@@ -114,7 +114,7 @@ class StreamingClient:
             connection.close()
         self._idle.clear()
 
-    async def post(self, path: str, body: bytes) -> tuple[HttpResponse, _Connection]:
+    async def post(self, path: str, body: bytes) -> HttpResponse:
         """Sends the request and reads the status line and headers. A kept connection that
         fails before any answer (the server closed it while idle) is retried on a new one."""
         request = (
@@ -127,7 +127,7 @@ class StreamingClient:
                 connection.close()
                 continue
             try:
-                return await self._exchange(connection, request), connection
+                return await self._exchange(connection, request)
             except (ConnectionError, asyncio.IncompleteReadError, HttpProtocolError):
                 connection.close()  # stale: fall through to a new connection
             except BaseException:
@@ -136,14 +136,15 @@ class StreamingClient:
         reader, writer = await asyncio.open_connection(self.host, self.port)
         connection = _Connection(reader, writer)
         try:
-            return await self._exchange(connection, request), connection
+            return await self._exchange(connection, request)
         except BaseException:
             connection.close()
             raise
 
-    def release(self, response: HttpResponse, connection: _Connection) -> None:
+    def release(self, response: HttpResponse) -> None:
         """Keeps the connection for the next request if its response was read to the end;
         otherwise closes it (which tells the server the client left)."""
+        connection = response.connection
         if response.complete and connection.reusable:
             self._idle.append(connection)
         else:

@@ -123,7 +123,7 @@ async def stream(client: StreamingClient, body: bytes) -> StreamResult:
     """POSTs `body` to /generate_stream and records when each token event arrives."""
     result = StreamResult(time.perf_counter())
     try:
-        response, connection = await client.post("/generate_stream", body)
+        response = await client.post("/generate_stream", body)
     except (OSError, ValueError, asyncio.IncompleteReadError, HttpProtocolError) as error:
         result.error = f"{type(error).__name__}: {error}"
         return result
@@ -141,5 +141,5 @@ async def stream(client: StreamingClient, body: bytes) -> StreamResult:
     except (OSError, ValueError, asyncio.IncompleteReadError, HttpProtocolError) as error:
         result.error = f"{type(error).__name__}: {error}"
     finally:  # a response not read to its end (an error, a cancellation) closes its connection
-        client.release(response, connection)
+        client.release(response)
     return result
