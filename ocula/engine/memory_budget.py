@@ -9,7 +9,7 @@ activations of their largest forward (all share one pool and never replay at the
 what each graph keeps allocated between replays (decode logits, the final hidden states of each
 piecewise bucket's pieces and of its whole-step graph, the shared attention buffers). Not
 reserved (they live in the rest of the GPU, 1 - mem_fraction): the vision encoder's activations
-and its graphs, captured per tile count on first use, and what the driver itself holds for the
+and its graphs, captured per tile count at start-up, and what the driver itself holds for the
 graphs and the kernels loaded after sizing.
 """
 

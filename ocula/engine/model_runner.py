@@ -136,7 +136,10 @@ class ModelRunner:
         if hasattr(self.model, "encode_images"):
             encode = self.model.encode_images
             if device.type == "cuda" and not args.disable_cudagraph:
-                encode = VisionGraphs(encode, VISION_GRAPH_MAX_TILES)
+                config = self.model.config
+                tile = (config.vision_config.num_channels, config.image_size, config.image_size)
+                encode = VisionGraphs(encode, tile, dtype, device, VISION_GRAPH_MAX_TILES)
+                encode.capture()  # collective under vision tensor parallelism
             self.image_encoder = ImageEncoder(
                 encode,
                 self.model.tokens_per_tile,

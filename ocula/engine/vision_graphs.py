@@ -1,22 +1,25 @@
-"""CUDA graphs of the vision encoder, one per tile count, captured the first time it is seen.
+"""CUDA graphs of the vision encoder, one per tile count, all captured at start-up.
 
 A ViT forward over a few tiles launches hundreds of small kernels (24 layers of norms, matmuls,
 attention, activations, layer scales), so for one 448px tile the launches, not the GPU, set the
-time. Tile counts up to `max_tiles` run as a replayed graph instead: the pixels are copied into
-the graph's static input, the graph replays, and the embeddings are copied out (the static
-output is overwritten by the next replay). Larger batches run eagerly, where launch overhead is
-small next to the work.
+time. Forwards of 1 to `max_tiles` tiles run as a replayed graph instead: the pixels are copied
+into the static input, the graph replays, and the embeddings are copied out of the static
+output. Larger batches, and tiles of another shape or dtype, run eagerly, where launch overhead
+is small next to the work.
 
-Graphs are captured lazily (a request's image sets the tile count), each after one eager warm-up
-forward of the same shape (Triton compiles there, outside the capture), and they share one
-memory pool: replays never overlap, and every graph's static output stays allocated. Under
-vision tensor parallelism every rank of the group encodes the same tile counts in the same
-order, so the ranks capture together.
+`capture` records every tile count before serving, largest first, each after one eager warm-up
+forward of its shape (Triton compiles there, outside the capture). Captured on first use
+instead, the first image of each new tile count paid ~2 s (kernel compiles and the capture) on
+an H200 (BENCHMARKS.md). The graphs share one memory pool (replays never overlap), one static
+input and one static output, each graph reading and writing their first rows, so what stays
+allocated is the largest forward's activations plus one max-size input and output. Under
+vision tensor parallelism every rank of the group captures the same counts in the same order.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -29,34 +32,66 @@ EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class VisionGraphs:
-    def __init__(self, encode_images: EncodeFn, max_tiles: int) -> None:
+    def __init__(
+        self,
+        encode_images: EncodeFn,
+        tile_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_tiles: int,
+    ) -> None:
+        """`tile_shape`: one tile's (channels, height, width) as the encoder is fed; graphs cover
+        [1..max_tiles, *tile_shape] tiles of `dtype` once `capture` has run."""
         self.encode_images = encode_images
+        self.tile_shape = tuple(tile_shape)
+        self.dtype = dtype
         self.max_tiles = max_tiles
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._pool = None
+        self._input = torch.zeros((max_tiles, *self.tile_shape), dtype=dtype, device=device)
+        self._output: torch.Tensor | None = None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Same contract as `encode_images`; the result is a fresh tensor."""
-        if not pixel_values.is_cuda or pixel_values.shape[0] > self.max_tiles:
+        tiles = pixel_values.shape[0]
+        graph = self._graphs.get(tiles)
+        if (
+            graph is None
+            or tuple(pixel_values.shape[1:]) != self.tile_shape
+            or pixel_values.dtype != self.dtype
+            or pixel_values.device != self._input.device
+        ):
             return self.encode_images(pixel_values)
-        key = (tuple(pixel_values.shape), pixel_values.dtype)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(pixel_values)
-            self._graphs[key] = entry
-        graph, static_input, static_output = entry
-        static_input.copy_(pixel_values)
+        self._input[:tiles].copy_(pixel_values)
         graph.replay()
-        return static_output.clone()
+        return self._output[:tiles].clone()
 
-    def _capture(self, pixel_values: torch.Tensor) -> tuple:
-        static_input = pixel_values.clone()
-        self.encode_images(static_input)  # warm-up: compiles kernels, settles the allocator
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Captures a graph for every tile count (collective under vision tensor parallelism)."""
+        started = time.perf_counter()
+        # The largest forward first: its warm-up sizes the output, and the smaller captures
+        # reuse the pool blocks it leaves.
+        for tiles in range(self.max_tiles, 0, -1):
+            self._graphs[tiles] = self._capture(tiles)
+        logger.info(
+            "vision encoder graphs captured for 1-%d tiles in %.2f s",
+            self.max_tiles,
+            time.perf_counter() - started,
+        )
+
+    def _capture(self, tiles: int) -> torch.cuda.CUDAGraph:
+        pixels = self._input[:tiles]
+        warm = self.encode_images(pixels)  # compiles kernels, settles the allocator
+        if self._output is None:
+            self._output = torch.empty(
+                (self.max_tiles, *warm.shape[1:]), dtype=warm.dtype, device=warm.device
+            )
+        del warm
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with no_garbage_collection(), torch.cuda.graph(graph, pool=self._pool):
-            static_output = self.encode_images(static_input)
-        self._pool = graph.pool()
-        logger.info("vision encoder graph captured for %d tile(s)", pixel_values.shape[0])
-        return graph, static_input, static_output
+        pool = next(iter(self._graphs.values())).pool() if self._graphs else None
+        with no_garbage_collection(), torch.cuda.graph(graph, pool=pool):
+            # The encoder's own output is freed after the copy; later captures may reuse it.
+            self._output[:tiles].copy_(self.encode_images(pixels))
+        return graph

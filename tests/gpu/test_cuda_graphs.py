@@ -103,6 +103,7 @@ def test_graphs_equal_eager_and_reference_backend(tiny_checkpoint, count) -> Non
 
 
 def test_vision_graphs_equal_eager_encoding(tmp_path, monkeypatch) -> None:
+    from ocula.engine.model_runner import VISION_GRAPH_MAX_TILES
     from ocula.engine.vision_graphs import VisionGraphs
     from tests.helpers.tiny_internvl import make_hf_internvl
 
@@ -110,11 +111,21 @@ def test_vision_graphs_equal_eager_encoding(tmp_path, monkeypatch) -> None:
     checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
     llm = LLM(str(checkpoint), device="cuda", data_type="fp32", max_total_token_num=4096)
     encoder = llm.engine.core.runner.image_encoder
-    assert isinstance(encoder.encode_images, VisionGraphs)
+    graphs = encoder.encode_images
+    assert isinstance(graphs, VisionGraphs)
+    # Every tile count was captured at start-up; a larger batch runs eagerly.
+    assert sorted(graphs._graphs) == list(range(1, VISION_GRAPH_MAX_TILES + 1))
     model = llm.engine.core.runner.model
     size = model.config.image_size
     generator = torch.Generator(device="cuda").manual_seed(0)
-    for tiles in (1, 3, 1, 3):  # captured on first sight, replayed after
+    earlier = []
+    for tiles in (1, 3, VISION_GRAPH_MAX_TILES, 1, 3, VISION_GRAPH_MAX_TILES + 1):
         pixels = torch.randn(tiles, 3, size, size, device="cuda", generator=generator)
         with torch.inference_mode():
-            assert torch.equal(encoder.encode_images(pixels), model.encode_images(pixels))
+            expected = model.encode_images(pixels)
+            encoded = graphs(pixels)
+        assert torch.equal(encoded, expected)
+        earlier.append((encoded, expected.clone()))
+    # Results are fresh tensors: later replays, which share one static output, left them alone.
+    assert all(torch.equal(encoded, expected) for encoded, expected in earlier)
+    assert len(graphs._graphs) == VISION_GRAPH_MAX_TILES
