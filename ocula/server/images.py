@@ -15,6 +15,7 @@ from ocula.multimodal.image_loading import (
     ImageLimits,
     ImageSource,
     make_http_client,
+    warm_image_decoders,
 )
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt, count_image_tags
 from ocula.multimodal.loaded_images import KnownImageSizes, LoadedImage, load_image
@@ -30,6 +31,7 @@ class FrontImages:
         self.limits = ImageLimits(allow_local=allow_local_media)
         self.client = make_http_client()
         self.known_sizes = KnownImageSizes()
+        warm_image_decoders()
 
     async def load(self, sources: list[Any]) -> list[LoadedImage]:
         """Fetches and decodes every image concurrently. Raises ImageError (4xx) naming the
