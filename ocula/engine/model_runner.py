@@ -150,6 +150,18 @@ class ModelRunner:
                 tp,
                 layout,
             )
+        if device.type == "cuda":
+            self._warm_up_sampling()
+
+    @torch.inference_mode()
+    def _warm_up_sampling(self) -> None:
+        """Loads the LM head's and the sampler's kernels before the first request (collective:
+        the LM head gathers the vocabulary over the ranks)."""
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        hidden = torch.zeros(1, text_config.hidden_size, dtype=self.dtype, device=self.device)
+        logits = self.model.compute_logits(hidden)
+        if self.sampling is not None:
+            self.sampling.warm_up(logits)
 
     # -- one step -----------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> list[SampledToken]:
