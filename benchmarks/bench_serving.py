@@ -15,7 +15,9 @@ Starts `python -m ocula.server.api_server --enable_multimodal` on the checkpoint
   question and `--new_tokens` tokens (ignore_eos); TTFT and TPOT (mean gap between a request's
   tokens after the first) p50/p99 over the completed requests. Requests still running
   `--drain` seconds after the last arrival are cancelled and counted.
-Times are the client's, from just before sending the (pre-encoded) body.
+The three warm-up requests' TTFTs are recorded too (`warmup_ttft_ms`): the first is the first
+image the server ever sees. Times are the client's, from just before sending the (pre-encoded)
+body.
 
     python -m benchmarks.bench_serving --checkpoint DIR --out serving.json [--tiny]
 """
