@@ -11,7 +11,7 @@ is small next to the work.
 forward of its shape (Triton compiles there, outside the capture). Captured on first use
 instead, the first image of each new tile count paid ~2 s (kernel compiles and the capture) on
 an H200 (BENCHMARKS.md). The graphs share one memory pool (replays never overlap), one static
-input and one static output, each graph reading and writing their first rows, so what stays
+input and one static output, each graph reading and writing its first rows, so what stays
 allocated is the largest forward's activations plus one max-size input and output. Under
 vision tensor parallelism every rank of the group captures the same counts in the same order.
 """

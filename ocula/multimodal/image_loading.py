@@ -192,8 +192,11 @@ def warm_image_decoders() -> None:
         if format_name not in _allowed_formats():
             continue
         buffer = io.BytesIO()
-        Image.new("RGB", (16, 16), (128, 64, 32)).save(buffer, format=format_name)
-        decode_image(buffer.getvalue(), limits)
+        try:  # a Pillow built without a codec can open its files but not write them
+            Image.new("RGB", (16, 16), (128, 64, 32)).save(buffer, format=format_name)
+            decode_image(buffer.getvalue(), limits)
+        except (OSError, KeyError, ValueError, ImageError):
+            continue
 
 
 @functools.cache
