@@ -124,8 +124,10 @@ class EngineCore:
         )
         self.images: ImageScheduler | None = None
         if self.is_multimodal:
+            from ocula.multimodal.image_loading import warm_image_decoders
             from ocula.multimodal.preprocess_span import preprocess_span
 
+            warm_image_decoders()  # this process decodes every image it encodes
             pool = self.runner.embedding_pool
             self.images = ImageScheduler(
                 args.cache_capacity, preprocess_span, pool.num_pages, pool.page_rows

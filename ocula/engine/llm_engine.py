@@ -27,7 +27,6 @@ from ocula.engine.request import ImageSpan, Request
 from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
-    warm_image_decoders,
 )
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt
 from ocula.multimodal.loaded_images import LoadedImage
@@ -58,7 +57,6 @@ class LLMEngine:
         self.vision: VisionSpec | None = None
         if self.core.is_multimodal:
             self.vision = VisionSpec.for_model(self.model_config, self.tokenizer)
-            warm_image_decoders()
         self._groups: dict[str, RequestGroup] = {}
         self._sequences: dict[str, tuple[RequestGroup, SequenceStream]] = {}
         self._decode_pool: ThreadPoolExecutor | None = None  # see `add_requests`
