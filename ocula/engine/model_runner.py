@@ -43,7 +43,7 @@ from ocula.kernels import triton_available
 from ocula.layers.attention import get_attention_backend
 from ocula.models.loader import load_model
 from ocula.sampling.batch import host_to_device
-from ocula.utils.device import to_device_async
+from ocula.utils.device import host_arrays_to_device, to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -256,25 +256,39 @@ class ModelRunner:
         query_starts = [0, *itertools.accumulate(query_lens)]
         sampling_ends = [query_starts[i + 1] - 1 for i, s in enumerate(plan.sequences) if s.samples]
         spliced = self._spliced_embeddings(plan, query_starts)
-
-        def to_device(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return host_to_device(values, dtype, self.device)
-
-        positions_dev = to_device(positions)
-        token_rows_dev = to_device(token_rows)
-        input_ids = to_device(token_ids)
+        int64, int32 = torch.int64, torch.int32
+        (
+            input_ids,
+            positions_dev,
+            token_rows_dev,
+            table_rows,
+            logits_indices,
+            query_start_loc,
+            seq_lens_dev,
+        ) = host_arrays_to_device(
+            [
+                (token_ids, int64),
+                (positions, int64),
+                (token_rows, int64),
+                ([s.table_row for s in plan.sequences], int64),
+                (sampling_ends, int64),
+                (query_starts, int32),
+                (seq_lens, int32),
+            ],
+            self.device,
+        )
         if any(s.token_ids[-1] == PLACEHOLDER_TOKEN for s in plan.sequences):
             # Tokens sampled by the step before, not yet on the host: read on the device.
             input_ids = torch.where(input_ids < 0, self.last_tokens[token_rows_dev], input_ids)
         return ForwardBatch(
             input_ids=input_ids,
             positions=positions_dev,
-            query_start_loc=to_device(query_starts, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens_dev,
             slot_table=self.slot_table,
-            table_rows=to_device([s.table_row for s in plan.sequences]),
+            table_rows=table_rows,
             out_slots=self.slot_table[token_rows_dev, positions_dev],
-            logits_indices=to_device(sampling_ends),
+            logits_indices=logits_indices,
             kv_pool=self.kv_pool,
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,

@@ -22,6 +22,7 @@ from ocula.sampling.params import (
     DEFAULT_TOP_P,
     SamplingParams,
 )
+from ocula.utils.device import host_arrays_to_device
 
 
 class SamplingRequest(Protocol):
@@ -152,11 +153,21 @@ class SamplingBatch:
             if params.logprobs is not None:
                 num_logprobs = max(num_logprobs, params.logprobs)
 
-        # Two host-to-device copies in all: one for the float parameters, one for top_k.
-        floats = host_to_device(
-            [temperatures, top_ps, min_ps, repetition, presence, frequency], torch.float32, device
+        # One host-to-device transfer for every parameter.
+        f32 = torch.float32
+        floats = host_arrays_to_device(
+            [
+                (temperatures, f32),
+                (top_ps, f32),
+                (min_ps, f32),
+                (repetition, f32),
+                (presence, f32),
+                (frequency, f32),
+                (top_ks, torch.int64),
+            ],
+            device,
         )
-        top_ks_device = host_to_device(top_ks, torch.int64, device)
+        top_ks_device = floats[6]
         greedy_flags = [t == 0 for t in temperatures]
         sampled_rows = [i for i, greedy in enumerate(greedy_flags) if not greedy]
         enabled_top_ks = [top_ks[i] for i in sampled_rows if top_ks[i] > 0]

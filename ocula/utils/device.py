@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 _DTYPES = {
@@ -49,6 +50,38 @@ def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+# Byte alignment of each array in `host_arrays_to_device`'s transfer: Triton specializes a
+# pointer argument on whether it is 16-byte aligned, as a tensor of its own always is.
+STAGING_ALIGNMENT = 16
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+
+
+def host_arrays_to_device(
+    arrays: Sequence[tuple[Sequence[int] | Sequence[float], torch.dtype]], device: torch.device
+) -> list[torch.Tensor]:
+    """Each (values, dtype) as a 1-D tensor on `device`, all through one staging buffer and one
+    transfer, without blocking the host (pinned staging on CUDA, as `to_device_async`). A
+    step's batch has several small arrays; copied one by one, each paid a pinned allocation and
+    a copy launch. The results are views of one buffer, each 16-byte aligned (int64, int32 and
+    float32 values)."""
+    offsets = []
+    total = 0
+    for values, dtype in arrays:
+        offsets.append(total)
+        size = len(values) * dtype.itemsize
+        total += -(-size // STAGING_ALIGNMENT) * STAGING_ALIGNMENT
+    host_bytes = np.empty(max(total, 1), dtype=np.uint8)
+    for (values, dtype), offset in zip(arrays, offsets, strict=True):
+        size = len(values) * dtype.itemsize
+        host_bytes[offset : offset + size].view(_NUMPY_DTYPES[dtype])[:] = values
+    staging = torch.from_numpy(host_bytes)
+    moved = to_device_async(staging, device) if device.type == "cuda" else staging
+    return [
+        moved[offset : offset + len(values) * dtype.itemsize].view(dtype)
+        for (values, dtype), offset in zip(arrays, offsets, strict=True)
+    ]
 
 
 # Host threads of torch's CPU operators in a process that drives a GPU. Its CPU work is small
