@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -47,6 +47,10 @@ _MAX_INCOMPLETE_CHAR_TOKENS = 3
 # Emitted tokens kept before the held ones as decoding context (whole emitted chunks are kept, so
 # the context may be longer by less than one chunk).
 CONTEXT_TOKENS = 6
+# The context is trimmed back to CONTEXT_TOKENS only once it has grown this much past them: a trim
+# decodes the context again, which on every token would double the decodes. At most
+# MAX_HELD_TOKENS, so that a window stays within CONTEXT_TOKENS + 2 * MAX_HELD_TOKENS.
+CONTEXT_SLACK_TOKENS = 10
 # How far back from the prompt's end to look for context tokens that decode() does not skip.
 _PROMPT_SCAN_TOKENS = 64
 
@@ -73,6 +77,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
     ) -> None:
         self._tokenizer = tokenizer
+        self._backend = rust_backend(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         # Tokens that decode() drops; never entered into a window, so that context is real text.
         self._skipped_ids = _special_token_ids(tokenizer) if skip_special_tokens else frozenset()
@@ -134,6 +139,8 @@ class IncrementalDetokenizer:
         self._context_ids.extend(chunk)
         self._context_chunk_sizes.append(len(chunk))
         self._context_text = window_text
+        if len(self._context_ids) < CONTEXT_TOKENS + CONTEXT_SLACK_TOKENS:
+            return new_text
         trimmed = False
         while (
             len(self._context_chunk_sizes) > 1
@@ -169,11 +176,37 @@ class IncrementalDetokenizer:
                 return
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(
             token_ids,
             skip_special_tokens=self._skip_special_tokens,
             clean_up_tokenization_spaces=False,
         )
+
+
+def rust_backend(tokenizer: object) -> Any | None:
+    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer whose decode only forwards
+    to it (as it does without clean-up), else None. Called directly it skips transformers'
+    argument handling, paid on every streamed token of every request: with the context slack
+    above, English text detokenized at 2.3 us a token instead of 5.9 us on the CPU machine."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not callable(getattr(backend, "decode", None)):
+        return None
+    try:
+        from transformers import tokenization_utils_base, tokenization_utils_tokenizers
+    except ImportError:
+        return None
+    fast_base = getattr(tokenization_utils_tokenizers, "TokenizersBackend", None)
+    fast_base = fast_base or getattr(tokenization_utils_tokenizers, "PreTrainedTokenizerFast", None)
+    if fast_base is None or not isinstance(tokenizer, fast_base):
+        return None
+    cls = type(tokenizer)
+    forwards_only = (
+        cls._decode is fast_base._decode
+        and cls.decode is tokenization_utils_base.PreTrainedTokenizerBase.decode
+    )
+    return backend if forwards_only else None
 
 
 def _special_token_ids(tokenizer: Detokenizable) -> frozenset[int]:

@@ -3,6 +3,7 @@ SentencePiece-style tokenizer (leading-space strip, byte fallback) built here.""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import random
@@ -17,6 +18,7 @@ from ocula.engine.detokenizer import (
     MAX_HELD_TOKENS,
     REPLACEMENT_CHAR,
     IncrementalDetokenizer,
+    rust_backend,
 )
 
 # Session fixtures `qwen_tokenizer` and `qwen_tokenizer_dir`, defined once for all modules.
@@ -271,3 +273,20 @@ def test_decode_window_is_bounded(qwen_tokenizer) -> None:
     assert detokenizer.text == full_decode(qwen_tokenizer, output_ids, True)
     assert len(output_ids) > 2000
     assert max(recorder.decode_lengths) <= CONTEXT_TOKENS + 2 * MAX_HELD_TOKENS
+
+
+def test_fast_tokenizers_decode_through_their_rust_backend(qwen_tokenizer) -> None:
+    """transformers' decode only forwards to the Rust tokenizer here, so the detokenizer calls it
+    directly; a wrapper or a subclass with its own decode keeps transformers' path."""
+    assert rust_backend(qwen_tokenizer) is qwen_tokenizer._tokenizer
+    assert rust_backend(RecordingTokenizer(qwen_tokenizer)) is None
+
+    class OwnDecode(type(qwen_tokenizer)):
+        def _decode(self, token_ids, **kwargs) -> str:
+            return "x"
+
+    custom = copy.copy(qwen_tokenizer)
+    custom.__class__ = OwnDecode
+    assert rust_backend(custom) is None
+    detokenizer = IncrementalDetokenizer(custom, [])
+    assert detokenizer.push([100]) == "x"  # its own _decode wrote the text
