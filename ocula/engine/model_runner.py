@@ -135,11 +135,16 @@ class ModelRunner:
         self.image_encoder: ImageEncoder | None = None
         if hasattr(self.model, "encode_images"):
             encode = self.model.encode_images
+            config = self.model.config
+            tile = (config.vision_config.num_channels, config.image_size, config.image_size)
             if device.type == "cuda" and not args.disable_cudagraph:
-                config = self.model.config
-                tile = (config.vision_config.num_channels, config.image_size, config.image_size)
                 encode = VisionGraphs(encode, tile, dtype, device, VISION_GRAPH_MAX_TILES)
                 encode.capture()  # collective under vision tensor parallelism
+            elif device.type == "cuda":
+                # Eager: the encoder's kernels compile now rather than in the first image's step
+                # (collective under vision tensor parallelism).
+                with torch.inference_mode():
+                    encode(torch.zeros((1, *tile), dtype=dtype, device=device))
             self.image_encoder = ImageEncoder(
                 encode,
                 self.model.tokens_per_tile,

@@ -129,3 +129,38 @@ def test_vision_graphs_equal_eager_encoding(tmp_path, monkeypatch) -> None:
     # Results are fresh tensors: later replays, which share one static output, left them alone.
     assert all(torch.equal(encoded, expected) for encoded, expected in earlier)
     assert len(graphs._graphs) == VISION_GRAPH_MAX_TILES
+
+
+def test_eager_vision_encoder_compiles_at_start_up(tmp_path, monkeypatch) -> None:
+    """With --disable_cudagraph the encoder runs eagerly; its kernels are compiled at start-up,
+    so the first image compiles nothing."""
+    from triton import knobs
+
+    from tests.helpers.tiny_internvl import make_hf_internvl
+
+    monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "4")
+    checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
+    llm = LLM(
+        str(checkpoint),
+        device="cuda",
+        data_type="fp32",
+        max_total_token_num=4096,
+        disable_cudagraph=True,
+    )
+    runner = llm.engine.core.runner
+    assert runner.image_encoder.encode_images == runner.model.encode_images  # no graphs
+    size = runner.model.config.image_size
+    compiled: list[str] = []
+
+    def record(*, repr: str, **_: object) -> bool:
+        compiled.append(repr)
+        return False  # compile as usual
+
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = record
+    try:
+        with torch.inference_mode():
+            runner.image_encoder.encode_images(torch.randn(1, 3, size, size, device="cuda"))
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+    assert compiled == []
