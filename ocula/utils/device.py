@@ -77,7 +77,7 @@ def host_arrays_to_device(
         size = len(values) * dtype.itemsize
         host_bytes[offset : offset + size].view(_NUMPY_DTYPES[dtype])[:] = values
     staging = torch.from_numpy(host_bytes)
-    moved = to_device_async(staging, device) if device.type == "cuda" else staging
+    moved = staging if device.type == "cpu" else to_device_async(staging, device)
     return [
         moved[offset : offset + len(values) * dtype.itemsize].view(dtype)
         for (values, dtype), offset in zip(arrays, offsets, strict=True)
