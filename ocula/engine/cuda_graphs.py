@@ -26,7 +26,7 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.piecewise_graphs import PiecewiseGraphs, token_count_buckets
 from ocula.layers.attention import Attention, AttentionBackend
-from ocula.utils.device import copy_padded_, no_garbage_collection
+from ocula.utils.device import copy_padded_, no_garbage_collection, replay_once
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class DecodeGraphs:
                 self.logits[size] = self._forward(batch)
             pool = graph.pool()
             self.graphs[size] = graph
-        torch.cuda.synchronize()
+        replay_once(self.graphs.values())
         self.pool = pool
         logger.info("CUDA graphs captured for decode batch sizes %s", self.buckets)
 

@@ -44,7 +44,7 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.piece_recorder import CapturedBucket, PieceRecorder, StaticOutputBackend
 from ocula.layers.attention import Attention, AttentionBackend
-from ocula.utils.device import copy_padded_
+from ocula.utils.device import copy_padded_, replay_once
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,10 @@ class PiecewiseGraphs:
             finally:
                 self._swap_backends(self.backend)
             recorder.pool = whole.pool()
-        torch.cuda.synchronize()
+        replay_once(
+            [piece for bucket in self.captured.values() for piece in bucket.pieces]
+            + [graph for graph, _ in self.whole.values()]
+        )
         logger.info(
             "piecewise CUDA graphs captured for batches of up to %d tokens (%d buckets), and "
             "whole-step graphs for single sequences",

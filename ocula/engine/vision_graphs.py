@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from ocula.utils.device import no_garbage_collection
+from ocula.utils.device import no_garbage_collection, replay_once
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class VisionGraphs:
         # reuse the pool blocks it leaves.
         for tiles in range(self.max_tiles, 0, -1):
             self._graphs[tiles] = self._capture(tiles)
+        replay_once(self._graphs.values())
         logger.info(
             "vision encoder graphs captured for 1-%d tiles in %.2f s",
             self.max_tiles,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +106,20 @@ def copy_padded_(static: torch.Tensor, values: torch.Tensor | None, size: int, p
         static[:count].copy_(values)
     if count < size:
         static[count:size].fill_(pad)
+
+
+def replay_once(graphs: Iterable[torch.cuda.CUDAGraph]) -> None:
+    """Replays each freshly captured graph once, in order, then waits (collective where the
+    graphs hold collectives: every rank passes the same graphs in the same order).
+
+    A graph's first launch also uploads it to the device (torch does not expose cudaGraphUpload);
+    on an H200 the first replay of the image prefill's whole-step graph took 15 ms of host time
+    in the first request, the later ones ~0.6 ms. Right after capture every static input still
+    holds its capture values (padding rows, the scratch slot, no request's KV), so these replays
+    write nothing a request will read."""
+    for graph in graphs:
+        graph.replay()
+    torch.cuda.synchronize()
 
 
 @contextlib.contextmanager
