@@ -155,7 +155,7 @@ class SamplingBatch:
 
         # One host-to-device transfer for every parameter.
         f32 = torch.float32
-        floats = host_arrays_to_device(
+        on_device = host_arrays_to_device(
             [
                 (temperatures, f32),
                 (top_ps, f32),
@@ -167,18 +167,17 @@ class SamplingBatch:
             ],
             device,
         )
-        top_ks_device = floats[6]
         greedy_flags = [t == 0 for t in temperatures]
         sampled_rows = [i for i, greedy in enumerate(greedy_flags) if not greedy]
         enabled_top_ks = [top_ks[i] for i in sampled_rows if top_ks[i] > 0]
         return cls(
-            temperatures=floats[0],
-            top_ps=floats[1],
-            top_ks=top_ks_device,
-            min_ps=floats[2],
-            repetition_penalties=floats[3],
-            presence_penalties=floats[4],
-            frequency_penalties=floats[5],
+            temperatures=on_device[0],
+            top_ps=on_device[1],
+            top_ks=on_device[6],
+            min_ps=on_device[2],
+            repetition_penalties=on_device[3],
+            presence_penalties=on_device[4],
+            frequency_penalties=on_device[5],
             generators=[request.generator for request in requests],
             prompt_token_ids=prompts,
             output_token_ids=outputs,
