@@ -197,6 +197,10 @@ def rust_backend(tokenizer: object) -> Any | None:
         from transformers import tokenization_utils_base, tokenization_utils_tokenizers
     except ImportError:
         return None
+    if getattr(tokenization_utils_tokenizers, "_TOKENIZER_NEEDS_LOCK", False):
+        # Later transformers serialize their calls into the Rust tokenizer with a lock (a call
+        # that mutates it must not meet a decode): keep their path there.
+        return None
     fast_base = getattr(tokenization_utils_tokenizers, "TokenizersBackend", None)
     fast_base = fast_base or getattr(tokenization_utils_tokenizers, "PreTrainedTokenizerFast", None)
     if fast_base is None or not isinstance(tokenizer, fast_base):

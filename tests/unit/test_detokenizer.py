@@ -290,3 +290,12 @@ def test_fast_tokenizers_decode_through_their_rust_backend(qwen_tokenizer) -> No
     assert rust_backend(custom) is None
     detokenizer = IncrementalDetokenizer(custom, [])
     assert detokenizer.push([100]) == "x"  # its own _decode wrote the text
+
+
+def test_a_transformers_that_locks_its_tokenizer_keeps_its_own_decode(
+    qwen_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import tokenization_utils_tokenizers
+
+    monkeypatch.setattr(tokenization_utils_tokenizers, "_TOKENIZER_NEEDS_LOCK", True, raising=False)
+    assert rust_backend(qwen_tokenizer) is None
