@@ -1,7 +1,7 @@
 """Tensor-parallel ranks 1..tp-1: processes that follow rank 0's step plans in lock-step.
 
-Rank 0 is the engine process (scheduler, ZMQ to the front); it spawns the other ranks itself,
-so the front keeps one process handle and rank 0 can watch its peers. The contract between
+Rank 0 is the engine process (scheduler, the channel to the front); it spawns the other ranks
+itself, so the front keeps one process handle and rank 0 can watch its peers. The contract between
 them is one stream of broadcasts over the group's gloo side, in which every rank takes part:
 
 - a `StepPlan`: every rank runs it on its runner (rank 0 samples, the others only compute);

@@ -7,18 +7,13 @@ process, so the engine process only ever sees token ids.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
-import pickle
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import zmq
-import zmq.asyncio
 
 from ocula.engine.engine_core import EngineStats, request_size_problem
 from ocula.engine.model_setup import resolve_model
@@ -28,12 +23,15 @@ from ocula.engine.request import ImageSpan
 from ocula.multimodal.internvl_prompt import VisionSpec
 from ocula.sampling.params import SamplingParams
 from ocula.server.args import ServerArgs
+from ocula.server.engine_channel import FrontSideChannel
 from ocula.server.engine_process import run_engine_process
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
 from ocula.server.images import FrontImages
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 
 logger = logging.getLogger(__name__)
+
+STARTUP_POLL_SECONDS = 0.05  # how often start-up checks on the engine process
 
 
 class RequestError(ValueError):
@@ -90,10 +88,9 @@ class AsyncEngine:
         self.stats: EngineStats | None = None
         self.failure: str | None = None
         self._queues: dict[str, asyncio.Queue[TokenUpdate | Exception]] = {}
-        self._socket_dir = Path(tempfile.mkdtemp(prefix="ocula-"))
-        self._context = zmq.asyncio.Context()
-        self._to_engine = self._context.socket(zmq.PUSH)
-        self._from_engine = self._context.socket(zmq.PULL)
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="ocula-"))  # private: mode 0700
+        self._channel = FrontSideChannel(self._on_message, self._on_channel_closed)
+        self._stopping = False
         self._process: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # Called with every step's stats and ViT batch sizes (the metrics hook).
@@ -102,27 +99,21 @@ class AsyncEngine:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> EngineReady:
         """Starts the engine process and waits until it has loaded the model."""
-        inbox = f"ipc://{self._socket_dir}/to_engine"
-        outbox = f"ipc://{self._socket_dir}/from_engine"
-        self._to_engine.bind(inbox)
-        self._from_engine.bind(outbox)
+        channel_path = self._socket_dir / "engine.sock"
+        await self._channel.listen(channel_path)
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(
-            target=run_engine_process, args=(self.args, inbox, outbox), name="ocula-engine"
+            target=run_engine_process, args=(self.args, str(channel_path)), name="ocula-engine"
         )
         self._process.start()
         while self.ready is None:
-            if await self._from_engine.poll(500):
-                message = pickle.loads(await self._from_engine.recv())
-                if isinstance(message, EngineFailed):
-                    raise EngineUnavailableError(f"the engine failed to start: {message.message}")
-                if isinstance(message, EngineReady):
-                    self.ready = message
-            elif not self._process.is_alive():
+            if self.failure is not None:
+                raise EngineUnavailableError(f"the engine failed to start: {self.failure}")
+            if not self._process.is_alive():
                 raise EngineUnavailableError(
                     f"the engine process exited with code {self._process.exitcode} while starting"
                 )
-        self._tasks.append(asyncio.create_task(self._receive_loop()))
+            await asyncio.sleep(STARTUP_POLL_SECONDS)
         self._tasks.append(asyncio.create_task(self._watch_process()))
         return self.ready
 
@@ -135,16 +126,14 @@ class AsyncEngine:
             task.cancel()
         if self.images is not None:
             await self.images.close()
+        self._stopping = True
         if self._process is not None and self._process.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
-                await self._to_engine.send(pickle.dumps(Shutdown()))
+            self._channel.send(Shutdown())
             await asyncio.to_thread(self._process.join, 10)
             if self._process.is_alive():
                 self._process.kill()
                 await asyncio.to_thread(self._process.join, 5)
-        self._to_engine.close(linger=0)
-        self._from_engine.close(linger=0)
-        self._context.term()
+        self._channel.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _fail(self, message: str) -> None:
@@ -160,23 +149,30 @@ class AsyncEngine:
         if self.failure is None:
             self._fail(f"the engine process exited with code {self._process.exitcode}")
 
-    async def _receive_loop(self) -> None:
-        while True:
-            message = pickle.loads(await self._from_engine.recv())
-            if isinstance(message, StepOutputs):
-                self.stats = message.stats
-                for listener in self.stats_listeners:
-                    listener(message.stats, message.vit_batch_sizes)
-                for update in message.updates:
-                    queue = self._queues.get(update.request_id)
-                    if queue is not None:
-                        queue.put_nowait(update)
-            elif isinstance(message, RequestFailed):
-                queue = self._queues.get(message.request_id)
+    def _on_message(self, message: object) -> None:
+        """Every message from the engine, as it arrives (on the event loop)."""
+        if isinstance(message, StepOutputs):
+            self.stats = message.stats
+            for listener in self.stats_listeners:
+                listener(message.stats, message.vit_batch_sizes)
+            for update in message.updates:
+                queue = self._queues.get(update.request_id)
                 if queue is not None:
-                    queue.put_nowait(RequestError(message.message))
-            elif isinstance(message, EngineFailed):
-                self._fail(message.message)
+                    queue.put_nowait(update)
+        elif isinstance(message, RequestFailed):
+            queue = self._queues.get(message.request_id)
+            if queue is not None:
+                queue.put_nowait(RequestError(message.message))
+        elif isinstance(message, EngineReady):
+            self.ready = message
+        elif isinstance(message, EngineFailed):
+            self._fail(message.message)
+
+    def _on_channel_closed(self) -> None:
+        """The engine process closed its end without being asked: it exited or is exiting;
+        `_watch_process` reports its exit code, unless it fails to exit."""
+        if self.failure is None and not self._stopping:
+            logger.warning("the engine process closed its channel")
 
     # -- requests -----------------------------------------------------------------------------
     def image_support_error(self) -> str | None:
@@ -301,7 +297,5 @@ class AsyncEngine:
             self._send(AbortRequest(request_id))
 
     def _send(self, message: object) -> None:
-        """Never blocks (the engine drains its inbox every step), so that it can run in the
-        cleanup of a cancelled stream."""
-        with contextlib.suppress(zmq.Again):
-            self._to_engine.send(pickle.dumps(message), flags=zmq.NOBLOCK)
+        """Never blocks, so that it can run in the cleanup of a cancelled stream."""
+        self._channel.send(message)

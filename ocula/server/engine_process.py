@@ -1,8 +1,9 @@
-"""The engine process: an `EngineCore` stepping in a loop, fed and drained over ZMQ.
+"""The engine process: an `EngineCore` stepping in a loop, fed and drained over the front's
+channel (`engine_channel.py`).
 
-It leaves when the front sends `Shutdown`, when the front process dies (checked while idle and
-between steps), or on an error it cannot recover from, which it reports as `EngineFailed`
-before exiting non-zero.
+It leaves when the front sends `Shutdown`, when the front process dies or closes the channel
+(checked while idle and between steps), or on an error it cannot recover from, which it reports
+as `EngineFailed` before exiting non-zero.
 
 With `--tp N` this process is rank 0: it spawns ranks 1..N-1 (`FollowerRanks`), broadcasts every
 step's plan to them, checks between steps that they are alive and stops them when it leaves. A
@@ -11,15 +12,13 @@ rank that dies makes this process report `EngineFailed` naming it, so the front 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
-import pickle
 import sys
 import time
 import traceback
-
-import zmq
 
 from ocula.distributed.launch import check_model_splits
 from ocula.distributed.parallel_group import SINGLE_RANK
@@ -28,6 +27,7 @@ from ocula.engine.model_setup import resolve_model
 from ocula.engine.request import Request
 from ocula.engine.tp_worker import FollowerRanks, RankDiedError
 from ocula.server.args import ServerArgs
+from ocula.server.engine_channel import ChannelClosedError, EngineSideChannel
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 from ocula.utils.device import set_host_threads
@@ -38,14 +38,10 @@ IDLE_POLL_MS = 200
 SHUTDOWN_WAIT_SECONDS = 10.0
 
 
-def run_engine_process(args: ServerArgs, inbox_address: str, outbox_address: str) -> None:
-    """Process entry point (spawned by the front)."""
+def run_engine_process(args: ServerArgs, channel_path: str) -> None:
+    """Process entry point (spawned by the front, which listens at `channel_path`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    context = zmq.Context()
-    inbox = context.socket(zmq.PULL)
-    inbox.connect(inbox_address)
-    outbox = context.socket(zmq.PUSH)
-    outbox.connect(outbox_address)
+    channel = EngineSideChannel(channel_path)
     followers: FollowerRanks | None = None
     try:
         setup = resolve_model(args)
@@ -56,16 +52,17 @@ def run_engine_process(args: ServerArgs, inbox_address: str, outbox_address: str
             followers = FollowerRanks(args, setup)
             setup, tp = followers.setup, followers.group
         core = EngineCore(args, setup, tp)
-        outbox.send(
-            pickle.dumps(
-                EngineReady(
-                    kv_capacity=core.allocator.capacity,
-                    max_req_total_len=core.max_req_total_len,
-                    batch_max_tokens=core.scheduler.batch_max_tokens,
-                )
+        channel.send(
+            EngineReady(
+                kv_capacity=core.allocator.capacity,
+                max_req_total_len=core.max_req_total_len,
+                batch_max_tokens=core.scheduler.batch_max_tokens,
             )
         )
-        _serve(core, inbox, outbox, followers)
+        try:
+            _serve(core, channel, followers)
+        except ChannelClosedError:  # a send found the front gone: as if it said Shutdown
+            logger.info("the front closed the channel; engine process %d exits", os.getpid())
     except Exception as error:  # report, then exit non-zero: the front must not hang
         message = f"{type(error).__name__}: {error}"
         if followers is not None and not isinstance(error, RankDiedError):
@@ -73,38 +70,29 @@ def run_engine_process(args: ServerArgs, inbox_address: str, outbox_address: str
             if dead is not None:
                 message = f"{dead}; {message}"
         logger.error("engine failed: %s\n%s", message, traceback.format_exc())
-        outbox.send(pickle.dumps(EngineFailed(message)))
+        with contextlib.suppress(ChannelClosedError):
+            channel.send(EngineFailed(message))
         if followers is not None:
             followers.stop(graceful=False)
-        _await_shutdown(inbox)
-        outbox.close(linger=2000)
-        inbox.close(linger=0)  # context.term() waits for every socket to be closed
-        context.term()
+        _await_shutdown(channel)
+        channel.close()
         sys.exit(1)
     if followers is not None:
         del core, tp  # the group's last references go in `stop` (see `leave_group`)
         followers.stop(graceful=True)
-    outbox.close(linger=1000)
-    inbox.close(linger=0)
-    context.term()
+    channel.close()
 
 
-def _serve(
-    core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, followers: FollowerRanks | None
-) -> None:
+def _serve(core: EngineCore, channel: EngineSideChannel, followers: FollowerRanks | None) -> None:
     parent = multiprocessing.parent_process()
-    poller = zmq.Poller()
-    poller.register(inbox, zmq.POLLIN)
     sent_stats: EngineStats | None = None
     while True:
         timeout = 0 if core.has_work() else IDLE_POLL_MS
-        while poller.poll(timeout):
-            message = pickle.loads(inbox.recv())
+        for message in channel.receive(timeout):
             if isinstance(message, Shutdown):
                 return
-            _handle(core, message, outbox)
-            timeout = 0
-        if parent is not None and not parent.is_alive():
+            _handle(core, message, channel)
+        if channel.closed or (parent is not None and not parent.is_alive()):
             logger.info("the front process is gone; engine process %d exits", os.getpid())
             return
         if followers is not None:
@@ -118,24 +106,25 @@ def _serve(
             # plan) sends nothing: each message wakes the front, and one that arrives right
             # after a token delays that token's delivery.
             if updates or vit_batch_sizes or stats != sent_stats:
-                outbox.send(pickle.dumps(StepOutputs(updates, stats, vit_batch_sizes)))
+                channel.send(StepOutputs(updates, stats, vit_batch_sizes))
                 sent_stats = stats
         elif followers is not None:
             followers.heartbeat_if_due()
 
 
-def _await_shutdown(inbox: zmq.Socket) -> None:
-    """After EngineFailed: the front answers with Shutdown while it sees this process alive, and
-    its push would block forever once the inbox is closed; so the inbox is read until Shutdown
-    arrives, the front is gone, or SHUTDOWN_WAIT_SECONDS pass."""
+def _await_shutdown(channel: EngineSideChannel) -> None:
+    """After EngineFailed: the front answers with Shutdown while it sees this process alive; the
+    channel is read until Shutdown arrives, the front is gone, or SHUTDOWN_WAIT_SECONDS pass, so
+    that the front's shutdown finds this process still reading."""
     parent = multiprocessing.parent_process()
     deadline = time.monotonic() + SHUTDOWN_WAIT_SECONDS
     while time.monotonic() < deadline and (parent is None or parent.is_alive()):
-        if inbox.poll(IDLE_POLL_MS) and isinstance(pickle.loads(inbox.recv()), Shutdown):
+        messages = channel.receive(IDLE_POLL_MS)
+        if channel.closed or any(isinstance(message, Shutdown) for message in messages):
             return
 
 
-def _handle(core: EngineCore, message: object, outbox: zmq.Socket) -> None:
+def _handle(core: EngineCore, message: object, channel: EngineSideChannel) -> None:
     if isinstance(message, AddRequest):
         request = Request(
             message.request_id,
@@ -147,7 +136,7 @@ def _handle(core: EngineCore, message: object, outbox: zmq.Socket) -> None:
         try:
             core.add_request(request)
         except RequestRejectedError as error:
-            outbox.send(pickle.dumps(RequestFailed(message.request_id, str(error))))
+            channel.send(RequestFailed(message.request_id, str(error)))
     elif isinstance(message, AbortRequest):
         core.abort_request(message.request_id)
     else:

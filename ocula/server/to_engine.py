@@ -1,4 +1,4 @@
-"""Messages from the HTTP front to the engine process (pickled over a ZMQ socket on this host)."""
+"""Messages from the HTTP front to the engine process (pickled over `engine_channel.py`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,197 @@
+"""The channel between the front and the engine process: pickled messages over one Unix socket.
+
+Each message is one frame: an 8-byte little-endian length, then the pickle. The front listens on
+a socket in a private temporary folder before it spawns the engine process, which connects to it
+first thing; one connection carries both directions.
+
+A plain stream socket rather than ZMQ: a message then wakes only the process that reads it,
+where ZMQ's PUSH/PULL pass it through an I/O thread on each side; a request's first token crosses
+two such hops (BENCHMARKS.md has the measurements).
+
+- The engine side (`EngineSideChannel`) is synchronous: it waits for messages with a timeout,
+  reads whatever has arrived without blocking, and sends with a blocking write (a front that
+  stops reading slows the engine, it does not lose messages).
+- The front side (`FrontSideChannel`) is an asyncio protocol: frames are decoded and handed to a
+  callback as they arrive on the event loop, and `send` never blocks (the event loop's transport
+  buffers what the socket cannot take yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import select
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+logger = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<Q")
+# A sanity bound on one frame (a request's images are bounded far below it by the body limit):
+# a larger length means the stream is corrupt.
+MAX_FRAME_BYTES = 1 << 34
+# The engine side reads up to this much per system call into one buffer it keeps.
+READ_CHUNK_BYTES = 1 << 20
+# Room in the kernel for the engine's outputs while the front's event loop is busy elsewhere.
+SEND_BUFFER_BYTES = 4 << 20
+
+
+class ChannelClosedError(ConnectionError):
+    """The other side closed the channel (its process exited or is exiting)."""
+
+
+def encode(message: object) -> tuple[bytes, bytes]:
+    """A message's frame as (header, pickle), to be written one after the other."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(data)), data
+
+
+class FrameDecoder:
+    """Splits a byte stream into the frames' payloads, whatever the pieces it arrives in."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Adds bytes; returns the payloads of the frames they complete, in order."""
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        start = 0
+        while len(buffer) - start >= HEADER.size:
+            (length,) = HEADER.unpack_from(buffer, start)
+            if length > MAX_FRAME_BYTES:
+                raise ValueError(f"a frame of {length} bytes: the channel's stream is corrupt")
+            end = start + HEADER.size + length
+            if end > len(buffer):
+                break
+            frames.append(bytes(buffer[start + HEADER.size : end]))
+            start = end
+        if start:
+            del buffer[:start]
+        return frames
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of a frame not complete yet."""
+        return len(self._buffer)
+
+
+class EngineSideChannel:
+    """The engine process's end: connects to the front's socket at `path`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        self._socket.connect(str(path))
+        self._poller = select.poll()
+        self._poller.register(self._socket, select.POLLIN)
+        self._chunk = bytearray(READ_CHUNK_BYTES)
+        self._view = memoryview(self._chunk)
+        self._decoder = FrameDecoder()
+        self.closed = False  # the front closed its end: nothing more will arrive
+
+    def send(self, message: object) -> None:
+        """Writes one message; blocks while the socket's buffer is full. Raises
+        ChannelClosedError when the front is gone."""
+        header, data = encode(message)
+        try:
+            self._socket.sendall(header + data)
+        except (BrokenPipeError, ConnectionResetError) as error:
+            self.closed = True
+            raise ChannelClosedError("the front closed the channel") from error
+
+    def receive(self, timeout_ms: int) -> list[Any]:
+        """Every message that has arrived, waiting up to `timeout_ms` for the first one ([] when
+        none came). Sets `closed` when the front has closed its end."""
+        if self.closed or not self._poller.poll(timeout_ms):
+            return []
+        frames: list[bytes] = []
+        while True:
+            try:
+                count = self._socket.recv_into(self._view, READ_CHUNK_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except ConnectionResetError:
+                count = 0
+            if count == 0:
+                self.closed = True
+                break
+            frames += self._decoder.feed(self._view[:count])
+            if count < READ_CHUNK_BYTES and not self._decoder.pending_bytes:
+                break  # drained: save the system call that would say so
+        return [pickle.loads(frame) for frame in frames]
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+class FrontSideChannel(asyncio.Protocol):
+    """The front's end: listens at `path` for the engine process's one connection, then hands
+    every message to `on_message` on the event loop and calls `on_close` once if the engine's
+    end closes (not after `close`)."""
+
+    def __init__(self, on_message: Callable[[Any], None], on_close: Callable[[], None]) -> None:
+        self._on_message = on_message
+        self._on_close = on_close
+        self._decoder = FrameDecoder()
+        self._server: asyncio.AbstractServer | None = None
+        self._transport: asyncio.Transport | None = None
+        self._backlog: list[tuple[bytes, bytes]] = []  # sent before the engine connected
+        self._closing = False
+
+    async def listen(self, path: str | Path) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._accept, str(path))
+
+    def _accept(self) -> asyncio.Protocol:
+        if self._transport is not None or self._closing:
+            return _Refused()  # one engine connection; nothing else may talk to the engine
+        return self
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._server is not None:
+            self._server.close()  # stop listening: the engine is the only peer
+        for frame in self._backlog:
+            self._transport.writelines(frame)
+        self._backlog.clear()
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self._decoder.feed(data):
+            self._on_message(pickle.loads(frame))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closing:
+            self._on_close()
+
+    def send(self, message: object) -> None:
+        """Queues one message for the engine; never blocks."""
+        frame = encode(message)
+        if self._transport is None:
+            self._backlog.append(frame)
+        elif not self._transport.is_closing():
+            self._transport.writelines(frame)
+
+    def close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+        if self._server is not None:
+            self._server.close()
+
+
+class _Refused(asyncio.Protocol):
+    """A second connection to the front's socket: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        logger.warning("refused a second connection to the engine channel's socket")
+        transport.close()

@@ -1,0 +1,201 @@
+"""The channel between the front and the engine process: frames, order, large messages, closing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ocula.server.engine_channel import (
+    HEADER,
+    READ_CHUNK_BYTES,
+    ChannelClosedError,
+    EngineSideChannel,
+    FrameDecoder,
+    FrontSideChannel,
+    encode,
+)
+
+
+def _loop_factories() -> list[Any]:
+    factories = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    try:
+        import uvloop
+    except ImportError:
+        return factories
+    return [*factories, pytest.param(uvloop.new_event_loop, id="uvloop")]
+
+
+LOOPS = _loop_factories()
+
+
+def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine) -> Any:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(asyncio.wait_for(coro, timeout=30))
+
+
+class Inbox:
+    """What the front side received, with a way to wait for it."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.closed = 0
+        self._changed = asyncio.Event()
+
+    def on_message(self, message: Any) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    def on_close(self) -> None:
+        self.closed += 1
+        self._changed.set()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self._changed.clear()
+            await self._changed.wait()
+
+
+def receive_all(channel: EngineSideChannel, count: int) -> list[Any]:
+    """The engine side's loop: receive until `count` messages came or the channel closed."""
+    received: list[Any] = []
+    while len(received) < count and not channel.closed:
+        received += channel.receive(100)
+    return received
+
+
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
+def test_frames_come_out_whole_whatever_pieces_the_bytes_arrive_in() -> None:
+    payloads = [b"", b"a", os.urandom(1000), b"xyz" * 50_000]
+    stream = b"".join(frame(p) for p in payloads)
+    for piece in (1, 7, 4096, len(stream)):
+        decoder = FrameDecoder()
+        out: list[bytes] = []
+        for start in range(0, len(stream), piece):
+            out += decoder.feed(stream[start : start + piece])
+        assert out == payloads
+        assert decoder.pending_bytes == 0
+
+
+def test_a_corrupt_length_is_an_error_not_a_huge_allocation() -> None:
+    with pytest.raises(ValueError, match="corrupt"):
+        FrameDecoder().feed(HEADER.pack(1 << 62) + b"x")
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_messages_cross_both_ways_in_order_large_ones_included(
+    loop_factory: Any, tmp_path: Path
+) -> None:
+    big = os.urandom(3 * READ_CHUNK_BYTES + 17)  # more than the engine reads per call
+    sent = [{"index": i, "data": big if i % 3 == 0 else b"small"} for i in range(12)]
+
+    async def scenario() -> None:
+        inbox = Inbox()
+        front = FrontSideChannel(inbox.on_message, inbox.on_close)
+        path = tmp_path / "engine.sock"
+        await front.listen(path)
+        front.send(sent[0])  # before the engine connects: kept until it does
+        engine = await asyncio.to_thread(EngineSideChannel, path)
+        for message in sent[1:]:
+            front.send(message)
+        received = await asyncio.to_thread(receive_all, engine, len(sent))
+        assert received == sent
+        for message in received:  # and back, in order
+            await asyncio.to_thread(engine.send, message)
+        await inbox.wait_for(lambda: len(inbox.messages) == len(sent))
+        assert inbox.messages == sent
+        front.close()
+        engine.close()
+
+    run(loop_factory, scenario())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_each_side_sees_the_other_close(loop_factory: Any, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        inbox = Inbox()
+        front = FrontSideChannel(inbox.on_message, inbox.on_close)
+        await front.listen(tmp_path / "a.sock")
+        engine = await asyncio.to_thread(EngineSideChannel, tmp_path / "a.sock")
+        engine.close()  # the engine exits: the front is told once
+        await inbox.wait_for(lambda: inbox.closed > 0)
+        assert inbox.closed == 1
+
+        inbox = Inbox()
+        front = FrontSideChannel(inbox.on_message, inbox.on_close)
+        await front.listen(tmp_path / "b.sock")
+        engine = await asyncio.to_thread(EngineSideChannel, tmp_path / "b.sock")
+        front.send("last words")
+        await asyncio.sleep(0.05)
+        front.close()  # the front goes: the engine reads what was sent, then sees it closed
+        assert await asyncio.to_thread(receive_all, engine, 2) == ["last words"]
+        assert engine.closed
+        with pytest.raises(ChannelClosedError):
+            for _ in range(100):  # the first writes may still fit the socket's buffer
+                engine.send("anyone there?")
+        await asyncio.sleep(0.05)
+        assert inbox.closed == 0  # the front's own close is not reported to it
+        engine.close()
+
+    run(loop_factory, scenario())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_only_one_engine_may_connect(loop_factory: Any, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        inbox = Inbox()
+        front = FrontSideChannel(inbox.on_message, inbox.on_close)
+        path = tmp_path / "engine.sock"
+        await front.listen(path)
+        engine = await asyncio.to_thread(EngineSideChannel, path)
+        await asyncio.sleep(0.05)
+        intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Listening stopped once the engine connected (or, racing it, the peer is dropped).
+            connected = intruder.connect_ex(str(path)) == 0
+            if connected:
+                intruder.settimeout(5)
+                assert intruder.recv(1) == b""
+        finally:
+            intruder.close()
+        front.send("still here")
+        assert await asyncio.to_thread(receive_all, engine, 1) == ["still here"]
+        front.close()
+        engine.close()
+
+    run(loop_factory, scenario())
+
+
+def test_the_engine_side_returns_nothing_when_nothing_arrives(tmp_path: Path) -> None:
+    path = tmp_path / "engine.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    engine = EngineSideChannel(path)
+    peer, _ = listener.accept()
+    try:
+        assert engine.receive(0) == []
+        assert engine.receive(20) == []
+        header, data = encode({"hello": 1})
+        # A frame written in two pieces, the second after the engine has looked once.
+        peer.sendall(header + data[:3])
+        assert engine.receive(100) == []
+        timer = threading.Timer(0.05, peer.sendall, args=(data[3:],))
+        timer.start()
+        received = receive_all(engine, 1)
+        timer.join()
+        assert received == [{"hello": 1}]
+        assert not engine.closed
+    finally:
+        engine.close()
+        peer.close()
+        listener.close()
