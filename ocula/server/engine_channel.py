@@ -9,8 +9,8 @@ where ZMQ's PUSH/PULL pass it through an I/O thread on each side; a request's fi
 two such hops (BENCHMARKS.md has the measurements).
 
 - The engine side (`EngineSideChannel`) is synchronous: it waits for messages with a timeout,
-  reads whatever has arrived without blocking, and sends with a blocking write (a front that
-  stops reading slows the engine, it does not lose messages).
+  reads whatever has arrived without blocking, and never blocks on a send (what the socket
+  cannot take yet is queued and written in order later, as ZMQ's queue did).
 - The front side (`FrontSideChannel`) is an asyncio protocol: frames are decoded and handed to a
   callback as they arrive on the event loop, and `send` never blocks (the event loop's transport
   buffers what the socket cannot take yet).
@@ -19,11 +19,14 @@ two such hops (BENCHMARKS.md has the measurements).
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import pickle
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +39,8 @@ HEADER = struct.Struct("<Q")
 MAX_FRAME_BYTES = 1 << 34
 # The engine side reads up to this much per system call into one buffer it keeps.
 READ_CHUNK_BYTES = 1 << 20
+# Buffers per write call, well under the system's IOV_MAX (1024 on Linux).
+MAX_PIECES_PER_WRITE = 64
 # Room in the kernel for the engine's outputs while the front's event loop is busy elsewhere.
 SEND_BUFFER_BYTES = 4 << 20
 
@@ -82,7 +87,11 @@ class FrameDecoder:
 
 
 class EngineSideChannel:
-    """The engine process's end: connects to the front's socket at `path`."""
+    """The engine process's end: connects to the front's socket at `path`.
+
+    Sending never blocks the engine loop: what the socket cannot take yet (the front's event
+    loop busy elsewhere, its buffer full) waits in `_unsent` and goes out on later calls of
+    `send` and `receive`, in order."""
 
     def __init__(self, path: str | Path) -> None:
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -93,22 +102,48 @@ class EngineSideChannel:
         self._chunk = bytearray(READ_CHUNK_BYTES)
         self._view = memoryview(self._chunk)
         self._decoder = FrameDecoder()
+        self._unsent: collections.deque[memoryview] = collections.deque()
         self.closed = False  # the front closed its end: nothing more will arrive
 
+    @property
+    def unsent_bytes(self) -> int:
+        return sum(len(piece) for piece in self._unsent)
+
     def send(self, message: object) -> None:
-        """Writes one message; blocks while the socket's buffer is full. Raises
-        ChannelClosedError when the front is gone."""
-        header, data = encode(message)
-        try:
-            self._socket.sendall(header + data)
-        except (BrokenPipeError, ConnectionResetError) as error:
-            self.closed = True
-            raise ChannelClosedError("the front closed the channel") from error
+        """Queues one message and writes what the socket takes now. Raises ChannelClosedError
+        when the front is gone."""
+        self._unsent.extend(memoryview(piece) for piece in encode(message))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._unsent:
+            try:
+                pieces = list(itertools.islice(self._unsent, MAX_PIECES_PER_WRITE))
+                sent = self._socket.sendmsg(pieces, [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, ConnectionResetError) as error:
+                self.closed = True
+                raise ChannelClosedError("the front closed the channel") from error
+            while sent and sent >= len(self._unsent[0]):
+                sent -= len(self._unsent.popleft())
+            if sent:
+                self._unsent[0] = self._unsent[0][sent:]
+                return  # a partial write: the socket is full
 
     def receive(self, timeout_ms: int) -> list[Any]:
         """Every message that has arrived, waiting up to `timeout_ms` for the first one ([] when
-        none came). Sets `closed` when the front has closed its end."""
-        if self.closed or not self._poller.poll(timeout_ms):
+        none came); unsent messages go out meanwhile. Sets `closed` when the front has closed its
+        end."""
+        if self.closed:
+            return []
+        self._flush()
+        events = select.POLLIN | (select.POLLOUT if self._unsent else 0)
+        self._poller.modify(self._socket, events)
+        ready = self._poller.poll(timeout_ms)
+        if self._unsent:
+            self._flush()
+        if not any(event & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, event in ready):
             return []
         frames: list[bytes] = []
         while True:
@@ -126,7 +161,16 @@ class EngineSideChannel:
                 break  # drained: save the system call that would say so
         return [pickle.loads(frame) for frame in frames]
 
-    def close(self) -> None:
+    def close(self, flush_seconds: float = 2.0) -> None:
+        """Closes the socket after trying for up to `flush_seconds` to write what is unsent."""
+        deadline = time.monotonic() + flush_seconds
+        try:
+            while self._unsent and time.monotonic() < deadline:
+                self._flush()
+                if self._unsent:
+                    select.select([], [self._socket], [], max(0.0, deadline - time.monotonic()))
+        except ChannelClosedError:
+            pass
         self._socket.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import socket
 import threading
 from collections.abc import Callable, Coroutine
@@ -195,6 +196,37 @@ def test_the_engine_side_returns_nothing_when_nothing_arrives(tmp_path: Path) ->
         timer.join()
         assert received == [{"hello": 1}]
         assert not engine.closed
+    finally:
+        engine.close()
+        peer.close()
+        listener.close()
+
+
+def test_the_engine_never_blocks_on_a_front_that_does_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "engine.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    engine = EngineSideChannel(path)
+    peer, _ = listener.accept()
+    sent = [os.urandom(100_000) for _ in range(200)]  # 20 MB: far more than the socket holds
+    try:
+        for message in sent:
+            engine.send(message)  # returns at once; the rest waits in the channel
+        assert engine.unsent_bytes > 0
+        received: list[bytes] = []
+
+        def read() -> None:
+            decoder = FrameDecoder()
+            while len(received) < len(sent):
+                received.extend(decoder.feed(peer.recv(1 << 20)))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        while engine.unsent_bytes:  # the engine loop's receive calls write the rest
+            engine.receive(10)
+        reader.join(timeout=30)
+        assert [pickle.loads(data) for data in received] == sent
     finally:
         engine.close()
         peer.close()
