@@ -45,6 +45,7 @@ class ImageSpan:
     image_base64: str | None = None  # the bytes' base64 (checked by the front), when not given
     tiling: Any = None  # the InternVLImageConfig that preprocessing must use
     pixel_values: Any = None  # [tiles, 3, H, W]: uint8 tiles or float32 pixel values
+    payload_key: str | None = None  # SHA-256 of the bytes: the payload's identity in transit
 
     def cache_keys(self) -> list[tuple[str, int]]:
         """Prefix-cache items of the span: never equal to a token id or another image's."""

@@ -146,6 +146,7 @@ def build_image_prompt(
             img.data,
             tiling=tiling,
             image_base64=img.base64,
+            payload_key=img.sha256,
         )
         for img, offset, length in zip(images, offsets, lengths, strict=True)
     ]

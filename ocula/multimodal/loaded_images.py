@@ -41,7 +41,7 @@ class KnownImageSizes:
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()
-        self._payloads: OrderedDict[str, tuple[str, tuple[int, int]]] = OrderedDict()
+        self._payloads: OrderedDict[str, tuple[str, tuple[int, int], str]] = OrderedDict()
 
     def get(self, digest: str) -> tuple[int, int] | None:
         return _lru_get(self._sizes, digest)
@@ -49,12 +49,13 @@ class KnownImageSizes:
     def put(self, digest: str, size: tuple[int, int]) -> None:
         _lru_put(self._sizes, digest, size, self.capacity)
 
-    def payload(self, digest: str) -> tuple[str, tuple[int, int]] | None:
-        """(MD5 of the bytes, size) of the payload whose SHA-256 is `digest`, if seen."""
+    def payload(self, digest: str) -> tuple[str, tuple[int, int], str] | None:
+        """(MD5 of the bytes, size, SHA-256 of the bytes) of the payload whose SHA-256 is
+        `digest`, if seen."""
         return _lru_get(self._payloads, digest)
 
-    def put_payload(self, digest: str, md5: str, size: tuple[int, int]) -> None:
-        _lru_put(self._payloads, digest, (md5, size), self.capacity)
+    def put_payload(self, digest: str, md5: str, size: tuple[int, int], sha256: str) -> None:
+        _lru_put(self._payloads, digest, (md5, size, sha256), self.capacity)
 
     def __len__(self) -> int:
         return len(self._sizes)
@@ -82,6 +83,9 @@ class LoadedImage:
     # A base64 payload seen decode before (`KnownImageSizes`), whitespace removed, in place of
     # its bytes: the engine decodes it on a cache miss.
     base64: str | None = None
+    # SHA-256 of the bytes, when the front loaded them: the payload's identity on its way to the
+    # engine process (`server/image_payloads.py`).
+    sha256: str | None = None
 
     @classmethod
     def decoded(cls, data: bytes, limits: ImageLimits) -> LoadedImage:
@@ -113,7 +117,7 @@ async def load_image(
                 payload_digest = _payload_digest(payload)
             seen = known.payload(payload_digest)
             if seen is not None:
-                return LoadedImage(None, seen[0], seen[1], base64=payload)
+                return LoadedImage(None, seen[0], seen[1], base64=payload, sha256=seen[2])
     if source.kind == "base64" and len(source.data) > INLINE_WORK_BYTES:
         data = await asyncio.to_thread(decode_base64, source.data, limits)
     else:
@@ -128,8 +132,8 @@ async def load_image(
         if known is not None:
             known.put(digest, size)
     if known is not None and payload_digest is not None:
-        known.put_payload(payload_digest, md5, size)
-    return LoadedImage(data, md5, size)
+        known.put_payload(payload_digest, md5, size, digest)
+    return LoadedImage(data, md5, size, sha256=digest)
 
 
 def _payload_digest(payload: str) -> str:

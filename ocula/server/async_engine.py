@@ -26,6 +26,7 @@ from ocula.server.args import ServerArgs
 from ocula.server.engine_channel import FrontSideChannel
 from ocula.server.engine_process import run_engine_process
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
+from ocula.server.image_payloads import FrontPayloads
 from ocula.server.images import FrontImages
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 
@@ -91,6 +92,7 @@ class AsyncEngine:
         self._socket_dir = Path(tempfile.mkdtemp(prefix="ocula-"))  # private: mode 0700
         self._channel = FrontSideChannel(self._on_message, self._on_channel_closed)
         self._stopping = False
+        self._payloads = FrontPayloads()  # which image payloads the engine process holds
         self._process: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # Called with every step's stats and ViT batch sizes (the metrics hook).
@@ -298,4 +300,6 @@ class AsyncEngine:
 
     def _send(self, message: object) -> None:
         """Never blocks, so that it can run in the cleanup of a cancelled stream."""
+        if isinstance(message, AddRequest):
+            message = self._payloads.strip(message)  # only here: sending order is its contract
         self._channel.send(message)

@@ -29,6 +29,7 @@ from ocula.engine.tp_worker import FollowerRanks, RankDiedError
 from ocula.server.args import ServerArgs
 from ocula.server.engine_channel import ChannelClosedError, EngineSideChannel
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
+from ocula.server.image_payloads import EnginePayloads
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 from ocula.utils.device import set_host_threads
 
@@ -86,11 +87,14 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
 def _serve(core: EngineCore, channel: EngineSideChannel, followers: FollowerRanks | None) -> None:
     parent = multiprocessing.parent_process()
     sent_stats: EngineStats | None = None
+    payloads = EnginePayloads()  # the image payloads received, mirrored by the front
     while True:
         timeout = 0 if core.has_work() else IDLE_POLL_MS
         for message in channel.receive(timeout):
             if isinstance(message, Shutdown):
                 return
+            if isinstance(message, AddRequest):
+                message = payloads.restore(message)
             _handle(core, message, channel)
         if channel.closed or (parent is not None and not parent.is_alive()):
             logger.info("the front process is gone; engine process %d exits", os.getpid())

@@ -173,6 +173,39 @@ def test_a_repeated_image_skips_the_vit(vlm_server) -> None:
     assert metric(vlm_server, "ocula_vit_batch_size_count") == encodes + 1
 
 
+def test_an_evicted_image_sent_again_is_encoded_from_the_copy_the_engine_kept(
+    vlm_server, offline
+) -> None:
+    """The second time, the front leaves the image's bytes out of the request (the engine process
+    holds them since the first); its embedding is gone by then, so the engine encodes it again
+    from its own copy."""
+    image = png(90, 90, 7)
+
+    def ask(lead: str, picture: bytes) -> str:
+        body = {
+            "inputs": f"{lead}<img></img>What is it?",
+            "parameters": {"max_new_tokens": 8, "do_sample": False},
+            "multimodal_params": {
+                "images": [{"type": "base64", "data": base64.b64encode(picture).decode()}]
+            },
+        }
+        response = httpx.post(vlm_server.url + "/generate", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["generated_text"][0]
+
+    ask("First look. ", image)
+    for seed in range(100, 117):  # 17 other images: more than --cache_capacity 16 embeddings
+        ask("Filler. ", png(60, 60, seed))
+    misses = metric(vlm_server, "ocula_image_cache_misses_total")
+    answer = ask("Second look. ", image)
+    assert metric(vlm_server, "ocula_image_cache_misses_total") == misses + 1
+    expected = offline.generate(
+        {"prompt": "Second look. <img></img>What is it?", "images": [image]},
+        SamplingParams(temperature=0, max_new_tokens=8),
+    )[0]
+    assert answer == expected.text
+
+
 def test_concurrent_requests_share_vit_batches(vlm_server) -> None:
     before = metric(vlm_server, "ocula_vit_batch_size_count")
     singles = metric(vlm_server, 'ocula_vit_batch_size_bucket{le="1.0"}')
