@@ -220,6 +220,11 @@ class EngineCore:
             )
         return updates
 
+    def release_finished(self) -> None:
+        """Releases the KV of the requests the last `step` finished: call it once their updates
+        are sent (the next step does it otherwise)."""
+        self.scheduler.release_finished()
+
     def _apply(self, launched: tuple[StepPlan, PendingSamples | None]) -> list[TokenUpdate]:
         plan, pending = launched
         return self.scheduler.update(plan, self.runner.collect(pending))

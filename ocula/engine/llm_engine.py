@@ -235,7 +235,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns the outputs of the requests that finished in it."""
         finished: list[RequestOutput] = []
-        for update in self.core.step():
+        updates = self.core.step()
+        self.core.release_finished()  # nothing waits for the updates in-process
+        for update in updates:
             entry = self._sequences.get(update.request_id)
             if entry is None:
                 continue

@@ -18,8 +18,9 @@ core prepares step n+1 while the device runs step n). A sequence that samples ap
 PLACEHOLDER_TOKEN to its request at once, so the next plan already decodes it (the runner reads
 the token from the device), and counts run from `num_scheduled_tokens`; a request whose last
 token by the length limits is in flight is not scheduled again. `update()` of step n replaces
-the placeholder; a request that stops there (EOS, a stop token) is released then, and its
-sequence in step n+1, already launched, is ignored when that step is applied.
+the placeholder; a request that stops there (EOS, a stop token) gives its KV up once that
+step's outputs are sent (`release_finished`), and its sequence in step n+1, already launched,
+is ignored when that step is applied.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._admitted_images: list[PendingImage] = []  # this plan's, until `finish_plan`
         self._images_to_release: list[Request] = []  # at the next plan's start
+        self._finished_holding_kv: list[Request] = []  # see `release_finished`
 
     # -- queue management ---------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -104,7 +106,15 @@ class Scheduler:
         return self.allocator.capacity
 
     # -- scheduling ---------------------------------------------------------------------------
+    def release_finished(self) -> None:
+        """Releases the KV of the requests `update` finished, which it leaves for after their
+        last token is sent (the engine loop's call); the next plan does it first otherwise."""
+        for request in self._finished_holding_kv:
+            self._release_kv(request)
+        self._finished_holding_kv = []
+
     def schedule(self) -> StepPlan:
+        self.release_finished()
         plan = StepPlan(finished_request_ids=self._finished_since_last_plan)
         self._finished_since_last_plan = []
         for row, start, slots in self.kv.start_plan():
@@ -317,7 +327,7 @@ class Scheduler:
                 continue
             if running:
                 self.running.remove(request)
-                self._release_kv(request)
+                self._finished_holding_kv.append(request)
             else:
                 self._leave_waiting(request)
             self._finish(request, reason)  # drops the placeholder the next step samples

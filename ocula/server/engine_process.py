@@ -112,6 +112,7 @@ def _serve(core: EngineCore, channel: EngineSideChannel, followers: FollowerRank
             if updates or vit_batch_sizes or stats != sent_stats:
                 channel.send(StepOutputs(updates, stats, vit_batch_sizes))
                 sent_stats = stats
+            core.release_finished()  # after the send: a request's last token goes out first
         elif followers is not None:
             followers.heartbeat_if_due()
 
