@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from ocula.engine.request import ImageSpan
@@ -230,7 +230,7 @@ async def generate(request: Request) -> Response:
 
 
 @router.post("/generate_stream")
-async def generate_stream(request: Request) -> StreamingResponse:
+async def generate_stream(request: Request) -> serving.EagerStreamingResponse:
     body = await read_body(request, GenerateRequest)
     state = serving.server_state(request)
     if body.parameters.num_sequences > 1:
@@ -243,7 +243,9 @@ async def generate_stream(request: Request) -> StreamingResponse:
     # Errors up to the first token (admission, engine refusal) raise here, before any byte.
     events = await serving.primed(serving.run_request(state, request_id, prepared))
     writer = _DetailWriter(state.engine.tokenizer, len(prepared.prompt_token_ids))
-    return StreamingResponse(stream_events(events, writer), media_type="text/event-stream")
+    return serving.EagerStreamingResponse(
+        stream_events(events, writer), media_type="text/event-stream"
+    )
 
 
 @router.post("/tokens")

@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
@@ -23,7 +23,13 @@ from ocula.server.async_engine import (
 )
 from ocula.server.errors import OverloadedError
 from ocula.server.routes_openai_common import OpenAIError
-from ocula.server.serving import ServerState, collect_unless_disconnected, primed, run_request
+from ocula.server.serving import (
+    EagerStreamingResponse,
+    ServerState,
+    collect_unless_disconnected,
+    primed,
+    run_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +149,7 @@ def sse_error(error: Exception) -> str:
     return sse(OpenAIError(500, internal, error_type="internal_error").body())
 
 
-class EventStreamResponse(StreamingResponse):
+class EventStreamResponse(EagerStreamingResponse):
     """A server-sent-events response that runs `on_close` however the response ends (finished,
     client gone, server stopping), so that the request is aborted in the engine and its KV freed
     at once rather than whenever its generators are garbage-collected."""

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine, PreparedRequest, StreamEvent
@@ -122,6 +124,48 @@ async def primed(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEven
             await events.aclose()
 
     return replay()
+
+
+class EagerStreamingResponse(StreamingResponse):
+    """A StreamingResponse that sends its headers and first chunk back to back, before it starts
+    watching for the client's disconnect, instead of sending the headers, then setting up that
+    watch (Starlette's task group), then asking its body for a first chunk. The routes prime
+    their streams (`primed`), so the first chunk is ready at once: the first token leaves
+    sooner. The rest streams as Starlette streams it."""
+
+    _started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks = aiter(self.body_iterator)
+        first = await anext(chunks, None)
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        self._started = True
+        if first is not None:
+            await send(
+                {"type": "http.response.body", "body": self._bytes(first), "more_body": True}
+            )
+        self.body_iterator = chunks
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send: Send) -> None:
+        if not self._started:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+        async for chunk in self.body_iterator:
+            await send(
+                {"type": "http.response.body", "body": self._bytes(chunk), "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _bytes(self, chunk: str | bytes | memoryview) -> bytes | memoryview:
+        return chunk.encode(self.charset) if isinstance(chunk, str) else chunk
 
 
 async def collect_unless_disconnected(
