@@ -7,7 +7,7 @@ import os
 import pickle
 import socket
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,15 @@ class Inbox:
         while not condition():
             self._changed.clear()
             await self._changed.wait()
+
+
+async def connected(path: Path) -> tuple[Inbox, FrontSideChannel, EngineSideChannel]:
+    """A front listening at `path` and an engine side connected to it."""
+    inbox = Inbox()
+    front = FrontSideChannel(inbox.on_message, inbox.on_close)
+    await front.listen(path)
+    engine = await asyncio.to_thread(EngineSideChannel, path)
+    return inbox, front, engine
 
 
 def receive_all(channel: EngineSideChannel, count: int) -> list[Any]:
@@ -123,18 +132,12 @@ def test_messages_cross_both_ways_in_order_large_ones_included(
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_each_side_sees_the_other_close(loop_factory: Any, tmp_path: Path) -> None:
     async def scenario() -> None:
-        inbox = Inbox()
-        front = FrontSideChannel(inbox.on_message, inbox.on_close)
-        await front.listen(tmp_path / "a.sock")
-        engine = await asyncio.to_thread(EngineSideChannel, tmp_path / "a.sock")
+        inbox, front, engine = await connected(tmp_path / "a.sock")
         engine.close()  # the engine exits: the front is told once
         await inbox.wait_for(lambda: inbox.closed > 0)
         assert inbox.closed == 1
 
-        inbox = Inbox()
-        front = FrontSideChannel(inbox.on_message, inbox.on_close)
-        await front.listen(tmp_path / "b.sock")
-        engine = await asyncio.to_thread(EngineSideChannel, tmp_path / "b.sock")
+        inbox, front, engine = await connected(tmp_path / "b.sock")
         front.send("last words")
         await asyncio.sleep(0.05)
         front.close()  # the front goes: the engine reads what was sent, then sees it closed
@@ -153,17 +156,13 @@ def test_each_side_sees_the_other_close(loop_factory: Any, tmp_path: Path) -> No
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_only_one_engine_may_connect(loop_factory: Any, tmp_path: Path) -> None:
     async def scenario() -> None:
-        inbox = Inbox()
-        front = FrontSideChannel(inbox.on_message, inbox.on_close)
         path = tmp_path / "engine.sock"
-        await front.listen(path)
-        engine = await asyncio.to_thread(EngineSideChannel, path)
+        _, front, engine = await connected(path)
         await asyncio.sleep(0.05)
         intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Listening stopped once the engine connected (or, racing it, the peer is dropped).
-            connected = intruder.connect_ex(str(path)) == 0
-            if connected:
+            if intruder.connect_ex(str(path)) == 0:
                 intruder.settimeout(5)
                 assert intruder.recv(1) == b""
         finally:
@@ -176,58 +175,53 @@ def test_only_one_engine_may_connect(loop_factory: Any, tmp_path: Path) -> None:
     run(loop_factory, scenario())
 
 
-def test_the_engine_side_returns_nothing_when_nothing_arrives(tmp_path: Path) -> None:
+@pytest.fixture
+def engine_and_peer(tmp_path: Path) -> Iterator[tuple[EngineSideChannel, socket.socket]]:
+    """An engine side connected to a plain socket that plays the front."""
     path = tmp_path / "engine.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(1)
     engine = EngineSideChannel(path)
     peer, _ = listener.accept()
-    try:
-        assert engine.receive(0) == []
-        assert engine.receive(20) == []
-        header, data = encode({"hello": 1})
-        # A frame written in two pieces, the second after the engine has looked once.
-        peer.sendall(header + data[:3])
-        assert engine.receive(100) == []
-        timer = threading.Timer(0.05, peer.sendall, args=(data[3:],))
-        timer.start()
-        received = receive_all(engine, 1)
-        timer.join()
-        assert received == [{"hello": 1}]
-        assert not engine.closed
-    finally:
-        engine.close()
-        peer.close()
-        listener.close()
+    yield engine, peer
+    engine.close()
+    peer.close()
+    listener.close()
 
 
-def test_the_engine_never_blocks_on_a_front_that_does_not_read(tmp_path: Path) -> None:
-    path = tmp_path / "engine.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)
-    engine = EngineSideChannel(path)
-    peer, _ = listener.accept()
+def test_the_engine_side_returns_nothing_when_nothing_arrives(engine_and_peer) -> None:
+    engine, peer = engine_and_peer
+    assert engine.receive(0) == []
+    assert engine.receive(20) == []
+    header, data = encode({"hello": 1})
+    # A frame written in two pieces, the second after the engine has looked once.
+    peer.sendall(header + data[:3])
+    assert engine.receive(100) == []
+    timer = threading.Timer(0.05, peer.sendall, args=(data[3:],))
+    timer.start()
+    received = receive_all(engine, 1)
+    timer.join()
+    assert received == [{"hello": 1}]
+    assert not engine.closed
+
+
+def test_the_engine_never_blocks_on_a_front_that_does_not_read(engine_and_peer) -> None:
+    engine, peer = engine_and_peer
     sent = [os.urandom(100_000) for _ in range(200)]  # 20 MB: far more than the socket holds
-    try:
-        for message in sent:
-            engine.send(message)  # returns at once; the rest waits in the channel
-        assert engine.unsent_bytes > 0
-        received: list[bytes] = []
+    for message in sent:
+        engine.send(message)  # returns at once; the rest waits in the channel
+    assert engine.unsent_bytes > 0
+    received: list[bytes] = []
 
-        def read() -> None:
-            decoder = FrameDecoder()
-            while len(received) < len(sent):
-                received.extend(decoder.feed(peer.recv(1 << 20)))
+    def read() -> None:
+        decoder = FrameDecoder()
+        while len(received) < len(sent):
+            received.extend(decoder.feed(peer.recv(1 << 20)))
 
-        reader = threading.Thread(target=read)
-        reader.start()
-        while engine.unsent_bytes:  # the engine loop's receive calls write the rest
-            engine.receive(10)
-        reader.join(timeout=30)
-        assert [pickle.loads(data) for data in received] == sent
-    finally:
-        engine.close()
-        peer.close()
-        listener.close()
+    reader = threading.Thread(target=read)
+    reader.start()
+    while engine.unsent_bytes:  # the engine loop's receive calls write the rest
+        engine.receive(10)
+    reader.join(timeout=30)
+    assert [pickle.loads(data) for data in received] == sent
