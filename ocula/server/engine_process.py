@@ -124,7 +124,10 @@ def _await_shutdown(channel: EngineSideChannel) -> None:
     parent = multiprocessing.parent_process()
     deadline = time.monotonic() + SHUTDOWN_WAIT_SECONDS
     while time.monotonic() < deadline and (parent is None or parent.is_alive()):
-        messages = channel.receive(IDLE_POLL_MS)
+        try:
+            messages = channel.receive(IDLE_POLL_MS)
+        except ChannelClosedError:  # writing the EngineFailed still unsent found it gone
+            return
         if channel.closed or any(isinstance(message, Shutdown) for message in messages):
             return
 
