@@ -124,8 +124,8 @@ class EnginePayloads:
 
     def restore(self, message: AddRequest) -> AddRequest:
         """`message` with every span's payload. Call it for every message received, in order,
-        before anything can reject it. Raises KeyError if the front left out a payload this
-        side does not hold (the two sides disagree: a bug)."""
+        before anything can reject it. Raises RuntimeError if the front left out a payload
+        this side does not hold (the two sides disagree: a bug)."""
         if not message.images:
             return message
         spans = []
@@ -141,8 +141,13 @@ class EnginePayloads:
                     self._payloads[key] = payload
                 spans.append(span)
             else:
+                kept = self._payloads.get(key)
+                if kept is None:
+                    raise RuntimeError(
+                        f"a request left out the bytes of image {key}, which this engine does "
+                        "not hold: the front's and the engine's payload caches disagree"
+                    )
                 self.lru.touch(key)
-                kept = self._payloads[key]
                 if isinstance(kept, bytes):
                     spans.append(_with_payload(span, kept, None))
                 else:
