@@ -25,8 +25,8 @@ from ocula.multimodal.image_loading import (
 
 class KnownImageSizes:
     """Sizes of images that decoded within the limits before, by SHA-256 of their bytes, and the
-    MD5 and size of the bytes each base64 payload seen before decoded to, by SHA-256 of the
-    payload (whitespace removed); most recent last (LRU).
+    MD5, size and SHA-256 of the bytes each base64 payload seen before decoded to, by SHA-256 of
+    the payload (whitespace removed); most recent last (LRU).
 
     An image sent again (a follow-up question about it, the same picture in many requests) is
     not decoded again in the front: the engine's caches hold its embedding, so its size is all

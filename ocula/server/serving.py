@@ -133,31 +133,21 @@ class EagerStreamingResponse(StreamingResponse):
     their streams (`primed`), so the first chunk is ready at once: the first token leaves
     sooner. The rest streams as Starlette streams it."""
 
-    _started = False
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks = aiter(self.body_iterator)
         first = await anext(chunks, None)
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        self._started = True
         if first is not None:
             await send(
                 {"type": "http.response.body", "body": self._bytes(first), "more_body": True}
             )
         self.body_iterator = chunks
-        await super().__call__(scope, receive, send)
+        await super().__call__(scope, receive, send)  # streams the rest through stream_response
 
     async def stream_response(self, send: Send) -> None:
-        if not self._started:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": self.status_code,
-                    "headers": self.raw_headers,
-                }
-            )
+        """Starlette's, less the headers: `__call__` has sent them."""
         async for chunk in self.body_iterator:
             await send(
                 {"type": "http.response.body", "body": self._bytes(chunk), "more_body": True}

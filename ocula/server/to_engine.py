@@ -14,7 +14,9 @@ class AddRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams  # resolved against the model's defaults
     eos_token_ids: frozenset[int]
-    images: list[ImageSpan] = field(default_factory=list)  # bytes travel; pixels never do
+    images: list[ImageSpan] = field(
+        default_factory=list
+    )  # bytes travel once (image_payloads.py); pixels never
 
 
 @dataclass
