@@ -9,11 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ocula.engine.engine_core import EngineStats, request_size_problem
 from ocula.engine.model_setup import resolve_model
@@ -89,7 +86,6 @@ class AsyncEngine:
         self.stats: EngineStats | None = None
         self.failure: str | None = None
         self._queues: dict[str, asyncio.Queue[TokenUpdate | Exception]] = {}
-        self._socket_dir = Path(tempfile.mkdtemp(prefix="ocula-"))  # private: mode 0700
         self._channel = FrontSideChannel(self._on_message, self._on_channel_closed)
         self._stopping = False
         self._payloads = FrontPayloads()  # which image payloads the engine process holds
@@ -101,8 +97,7 @@ class AsyncEngine:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> EngineReady:
         """Starts the engine process and waits until it has loaded the model."""
-        channel_path = self._socket_dir / "engine.sock"
-        await self._channel.listen(channel_path)
+        channel_path = await self._channel.listen()
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(
             target=run_engine_process, args=(self.args, str(channel_path)), name="ocula-engine"
@@ -136,7 +131,6 @@ class AsyncEngine:
                 self._process.kill()
                 await asyncio.to_thread(self._process.join, 5)
         self._channel.close()
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _fail(self, message: str) -> None:
         self.failure = message

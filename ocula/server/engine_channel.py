@@ -2,7 +2,8 @@
 
 Each message is one frame: an 8-byte little-endian length, then the pickle. The front listens on
 a socket in a private temporary folder before it spawns the engine process, which connects to it
-first thing; one connection carries both directions.
+first thing; one connection carries both directions. The folder is removed as soon as the engine
+has connected, so a front killed later (SIGKILL included) leaves nothing behind in /tmp.
 
 A plain stream socket rather than ZMQ: a message then wakes only the process that reads it,
 where ZMQ's PUSH/PULL pass it through an I/O thread on each side; a request's first token crosses
@@ -24,8 +25,10 @@ import itertools
 import logging
 import pickle
 import select
+import shutil
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,9 +178,9 @@ class EngineSideChannel:
 
 
 class FrontSideChannel(asyncio.Protocol):
-    """The front's end: listens at `path` for the engine process's one connection, then hands
-    every message to `on_message` on the event loop and calls `on_close` once if the engine's
-    end closes (not after `close`)."""
+    """The front's end: listens in a private folder for the engine process's one connection,
+    then hands every message to `on_message` on the event loop and calls `on_close` once if the
+    engine's end closes (not after `close`)."""
 
     def __init__(self, on_message: Callable[[Any], None], on_close: Callable[[], None]) -> None:
         self._on_message = on_message
@@ -187,10 +190,25 @@ class FrontSideChannel(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._backlog: list[tuple[bytes, bytes]] = []  # sent before the engine connected
         self._closing = False
+        self._folder: Path | None = None  # holds the listening socket until the engine connects
 
-    async def listen(self, path: str | Path) -> None:
+    async def listen(self) -> Path:
+        """Listens in a new folder only this user can enter; returns the socket's path, for the
+        engine process to connect to."""
+        self._folder = Path(tempfile.mkdtemp(prefix="ocula-"))  # mode 0700
+        path = self._folder / "engine.sock"
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self._accept, str(path))
+        try:
+            self._server = await loop.create_unix_server(self._accept, str(path))
+        except BaseException:
+            self._remove_folder()
+            raise
+        return path
+
+    def _remove_folder(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     def _accept(self) -> asyncio.Protocol:
         if self._transport is not None or self._closing:
@@ -205,6 +223,7 @@ class FrontSideChannel(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if self._server is not None:
             self._server.close()  # stop listening: the engine is the only peer
+        self._remove_folder()  # nothing else connects: the path can go
         for frame in self._backlog:
             self._transport.writelines(frame)
         self._backlog.clear()
@@ -231,6 +250,7 @@ class FrontSideChannel(asyncio.Protocol):
             self._transport.close()
         if self._server is not None:
             self._server.close()
+        self._remove_folder()
 
 
 class _Refused(asyncio.Protocol):

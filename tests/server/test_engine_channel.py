@@ -63,11 +63,11 @@ class Inbox:
             await self._changed.wait()
 
 
-async def connected(path: Path) -> tuple[Inbox, FrontSideChannel, EngineSideChannel]:
-    """A front listening at `path` and an engine side connected to it."""
+async def connected() -> tuple[Inbox, FrontSideChannel, EngineSideChannel]:
+    """A listening front and an engine side connected to it."""
     inbox = Inbox()
     front = FrontSideChannel(inbox.on_message, inbox.on_close)
-    await front.listen(path)
+    path = await front.listen()
     engine = await asyncio.to_thread(EngineSideChannel, path)
     return inbox, front, engine
 
@@ -102,17 +102,14 @@ def test_a_corrupt_length_is_an_error_not_a_huge_allocation() -> None:
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
-def test_messages_cross_both_ways_in_order_large_ones_included(
-    loop_factory: Any, tmp_path: Path
-) -> None:
+def test_messages_cross_both_ways_in_order_large_ones_included(loop_factory: Any) -> None:
     big = os.urandom(3 * READ_CHUNK_BYTES + 17)  # more than the engine reads per call
     sent = [{"index": i, "data": big if i % 3 == 0 else b"small"} for i in range(12)]
 
     async def scenario() -> None:
         inbox = Inbox()
         front = FrontSideChannel(inbox.on_message, inbox.on_close)
-        path = tmp_path / "engine.sock"
-        await front.listen(path)
+        path = await front.listen()
         front.send(sent[0])  # before the engine connects: kept until it does
         engine = await asyncio.to_thread(EngineSideChannel, path)
         for message in sent[1:]:
@@ -130,14 +127,14 @@ def test_messages_cross_both_ways_in_order_large_ones_included(
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
-def test_each_side_sees_the_other_close(loop_factory: Any, tmp_path: Path) -> None:
+def test_each_side_sees_the_other_close(loop_factory: Any) -> None:
     async def scenario() -> None:
-        inbox, front, engine = await connected(tmp_path / "a.sock")
+        inbox, front, engine = await connected()
         engine.close()  # the engine exits: the front is told once
         await inbox.wait_for(lambda: inbox.closed > 0)
         assert inbox.closed == 1
 
-        inbox, front, engine = await connected(tmp_path / "b.sock")
+        inbox, front, engine = await connected()
         front.send("last words")
         await asyncio.sleep(0.05)
         front.close()  # the front goes: the engine reads what was sent, then sees it closed
@@ -154,23 +151,44 @@ def test_each_side_sees_the_other_close(loop_factory: Any, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
-def test_only_one_engine_may_connect(loop_factory: Any, tmp_path: Path) -> None:
+def test_only_one_engine_may_connect(loop_factory: Any) -> None:
     async def scenario() -> None:
-        path = tmp_path / "engine.sock"
-        _, front, engine = await connected(path)
-        await asyncio.sleep(0.05)
-        intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        inbox = Inbox()
+        front = FrontSideChannel(inbox.on_message, inbox.on_close)
+        path = await front.listen()
+        assert path.parent.stat().st_mode & 0o777 == 0o700  # only this user can reach it
+        engine = await asyncio.to_thread(EngineSideChannel, path)
+        # Racing the engine: a peer accepted after it is dropped at once.
+        racer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # Listening stopped once the engine connected (or, racing it, the peer is dropped).
-            if intruder.connect_ex(str(path)) == 0:
-                intruder.settimeout(5)
-                assert intruder.recv(1) == b""
+            if racer.connect_ex(str(path)) == 0:
+                racer.settimeout(5)
+                assert racer.recv(1) == b""
         finally:
-            intruder.close()
+            racer.close()
+        # Once the engine is in, the socket and its folder are gone: nothing else can connect,
+        # and a front killed from here on leaves nothing in /tmp.
+        for _ in range(100):
+            if not path.parent.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert not path.parent.exists()
         front.send("still here")
         assert await asyncio.to_thread(receive_all, engine, 1) == ["still here"]
         front.close()
         engine.close()
+
+    run(loop_factory, scenario())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_front_closed_before_the_engine_connects_removes_its_folder(loop_factory: Any) -> None:
+    async def scenario() -> None:
+        front = FrontSideChannel(lambda message: None, lambda: None)
+        path = await front.listen()
+        assert path.exists()
+        front.close()
+        assert not path.parent.exists()
 
     run(loop_factory, scenario())
 
