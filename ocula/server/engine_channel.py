@@ -190,6 +190,7 @@ class FrontSideChannel(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._backlog: list[tuple[bytes, bytes]] = []  # sent before the engine connected
         self._closing = False
+        self._accepted = False
         self._folder: Path | None = None  # holds the listening socket until the engine connects
 
     async def listen(self) -> Path:
@@ -211,8 +212,11 @@ class FrontSideChannel(asyncio.Protocol):
             self._folder = None
 
     def _accept(self) -> asyncio.Protocol:
-        if self._transport is not None or self._closing:
+        # Decided here, not in connection_made: the loop may accept a second connection, and
+        # ask for its protocol, before the first one's connection_made runs.
+        if self._accepted or self._closing:
             return _Refused()  # one engine connection; nothing else may talk to the engine
+        self._accepted = True
         return self
 
     @property
