@@ -121,6 +121,15 @@ class EmbeddingCacheIndex:
             self._free_entry_pages += len(entry.pages)
         return self._evict(lambda: len(self._entries) > self.capacity)
 
+    def clear(self) -> list[str]:
+        """Evicts every entry and starts the hit counters over; returns the evicted keys. Only
+        while no request holds an entry."""
+        if self.num_in_use:
+            raise RuntimeError(f"clear with {self.num_in_use} images in use")
+        self.hits = 0
+        self.misses = 0
+        return self._evict(lambda: True)
+
     def _evict(self, wanted: Callable[[], bool]) -> list[str]:
         """Evicts free entries, least recently used first, while `wanted()` holds."""
         evicted = []

@@ -226,6 +226,14 @@ class ImageScheduler:
             self._pending_frees += self.index.release(key)
         request.held_image_keys.clear()
 
+    def forget_all(self) -> None:
+        """Empties the embedding cache (its pages are freed with the next plan) and starts its
+        counters over. Only while no request holds or waits for an image."""
+        if self._prefetched:
+            raise RuntimeError("forget_all with images still being tiled")
+        self._pending_frees += self.index.clear()
+        self.num_served_by_prefix_cache = 0
+
     def take_pending_frees(self) -> list[str]:
         frees, self._pending_frees = self._pending_frees, []
         return frees

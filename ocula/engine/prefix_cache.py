@@ -227,6 +227,11 @@ class RadixCache:
         self.evict(self._evictable_size)
         assert self.total_size == 0 and not self._root.children
 
+    def reset_stats(self) -> None:
+        """Starts the hit-rate statistics over."""
+        self.num_tokens_queried = 0
+        self.num_tokens_hit = 0
+
     def _walk(self, key: tuple[Hashable, ...], split_at_end: bool) -> tuple[RadixNode, int]:
         """Follows `key` from the root, marking each node passed as used now. Returns the deepest
         node whose edge ends at or before the end of the match, and the match length. An edge

@@ -24,6 +24,11 @@ class ServerArgs(EngineArgs):
         1024, "Requests that may wait for a slot; beyond that new ones get 503 with Retry-After."
     )
     max_request_body_mb: float = option(64.0, "Largest HTTP request body, in MiB (413 beyond).")
+    skip_server_warmup: bool = option(
+        False,
+        "Serve without first running one synthetic request (with an image on a vision model) "
+        "through the engine; without it, the first real request pays every first use.",
+    )
 
     def validate(self) -> None:
         super().validate()

@@ -26,6 +26,7 @@ from ocula.engine.engine_core import EngineCore, EngineStats, RequestRejectedErr
 from ocula.engine.model_setup import resolve_model
 from ocula.engine.request import Request
 from ocula.engine.tp_worker import FollowerRanks, RankDiedError
+from ocula.engine.warm_up_request import warm_up_engine
 from ocula.server.args import ServerArgs
 from ocula.server.engine_channel import ChannelClosedError, EngineSideChannel
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
@@ -53,6 +54,8 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
             followers = FollowerRanks(args, setup)
             setup, tp = followers.setup, followers.group
         core = EngineCore(args, setup, tp)
+        if not args.skip_server_warmup:
+            warm_up_engine(core, setup.model_config, with_image=args.enable_multimodal)
         channel.send(
             EngineReady(
                 kv_capacity=core.allocator.capacity,

@@ -1,0 +1,96 @@
+"""The server's warm-up request: it runs an image through the whole engine, then leaves the engine
+as start-up left it (caches empty, counters at zero), so that requests after it get the same
+tokens and the same statistics as on an engine that never ran it."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ocula import LLM, SamplingParams
+from ocula.engine.warm_up_request import WARM_UP_REQUEST_ID, synthetic_image_span, warm_up_engine
+from ocula.multimodal.preprocess_span import preprocess_span
+from ocula.sampling.params import SamplingParams as Params
+from tests.helpers.tiny_internvl import make_hf_internvl
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_tile_length():
+    # The tiny checkpoints make 4 tokens per 56 px tile; INTERNVL_IMAGE_LENGTH must agree.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INTERNVL_IMAGE_LENGTH", "4")
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_hf_internvl(tmp_path_factory.mktemp("internvl-hf"), "qwen2")
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PROMPTS = [
+    {"prompt": "what is <image> here?", "images": [png(120, 60, 1)]},
+    {"prompt": "and <image> now?", "images": [png(120, 60, 1)]},  # the same image: a hit
+    "plain text after the images",
+]
+
+
+def test_the_synthetic_image_is_two_resized_tiles_and_a_thumbnail(checkpoint) -> None:
+    llm = LLM(str(checkpoint), device="cpu")
+    config = llm.engine.model_config
+    span = synthetic_image_span(config, offset=3)
+    tiles = preprocess_span(span)
+    side = config.image_size
+    assert tiles.shape == (3, 3, side, side)
+    assert span.length == 3 * config.tokens_per_tile
+    assert Image.open(io.BytesIO(span.image_bytes)).size == (side * 7 // 4, side)
+
+
+def test_requests_after_the_warm_up_see_a_fresh_engine(checkpoint) -> None:
+    fresh = LLM(str(checkpoint), device="cpu")
+    warmed = LLM(str(checkpoint), device="cpu")
+    core = warmed.engine.core
+    started = core.stats()
+    warm_up_engine(core, warmed.engine.model_config, with_image=True)
+
+    assert core.take_vit_batch_sizes() == [1]  # the image went through the vision encoder
+    assert core.stats() == started  # caches empty, counters at zero, all KV free
+    assert not core.has_work()
+    assert WARM_UP_REQUEST_ID not in core.scheduler.requests
+
+    expected = [out.outputs[0].token_ids for out in fresh.generate(PROMPTS, GREEDY)]
+    got = [out.outputs[0].token_ids for out in warmed.generate(PROMPTS, GREEDY)]
+    assert got == expected
+    assert core.stats() == fresh.engine.core.stats()
+    assert core.stats().image_cache_misses == 1 and core.stats().image_cache_hits == 1
+    # The runner dropped the warm-up's embedding with the first plan after it.
+    assert set(core.runner.image_pages) == set(fresh.engine.core.runner.image_pages)
+
+
+def test_a_text_only_warm_up_runs_no_vision_encoder(checkpoint) -> None:
+    llm = LLM(str(checkpoint), device="cpu")
+    core = llm.engine.core
+    started = core.stats()
+    warm_up_engine(core, llm.engine.model_config, with_image=False)
+    assert core.take_vit_batch_sizes() == []
+    assert core.stats() == started
+
+
+def test_the_warm_up_needs_an_idle_engine(checkpoint) -> None:
+    llm = LLM(str(checkpoint), device="cpu")
+    llm.engine.add_request("busy", "some text", Params(temperature=0, max_new_tokens=2))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        warm_up_engine(llm.engine.core, llm.engine.model_config, with_image=True)
