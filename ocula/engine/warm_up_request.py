@@ -21,19 +21,17 @@ from __future__ import annotations
 import io
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
+from ocula.engine.engine_core import EngineCore, RequestRejectedError
 from ocula.engine.request import ImageSpan, Request
 from ocula.multimodal.image_loading import md5_hex
 from ocula.multimodal.image_processing import count_tiles
 from ocula.multimodal.internvl_prompt import image_cache_key, tiling_for_request, tiling_from_config
 from ocula.sampling.params import SamplingParams
-
-if TYPE_CHECKING:
-    from ocula.engine.engine_core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -42,36 +40,54 @@ TEXT_TOKENS = 16  # prompt tokens around the image
 NEW_TOKENS = 2  # a prefill and one decode step
 
 
-def warm_up_engine(core: EngineCore, model_config: object, with_image: bool) -> float:
+def warm_up_engine(core: EngineCore, model_config: object, with_image: bool) -> float | None:
     """Runs the synthetic request to its end (with an image when `with_image` and the engine has
     a vision encoder), then clears what it left in the caches. Only on an engine with no request
-    yet. Returns the seconds it took."""
+    yet. Where the limits (KV, request length, image pool) refuse it, a smaller one runs: an
+    image of one tile, then text alone; None, and nothing runs, when even that is refused.
+    Returns the seconds it took."""
     if core.has_work():
         raise RuntimeError("the warm-up request needs an idle engine")
     started = time.perf_counter()
-    prompt = list(range(1, TEXT_TOKENS + 1))
-    images = []
-    if with_image and core.images is not None:
-        span = synthetic_image_span(model_config, offset=TEXT_TOKENS // 2)
-        prompt[span.offset : span.offset] = [0] * span.length  # the rows the embedding replaces
-        images.append(span)
+    for request in _candidates(core, model_config, with_image):
+        try:
+            core.add_request(request)
+        except RequestRejectedError:
+            continue
+        while core.has_work():
+            core.step()
+            core.release_finished()
+        core.forget_cached_state()
+        seconds = time.perf_counter() - started
+        logger.info(
+            "warm-up request (%d prompt tokens, %d image tokens) took %.2f s",
+            request.num_prompt_tokens,
+            sum(span.length for span in request.images),
+            seconds,
+        )
+        return seconds
+    logger.warning("no warm-up request fits this engine's limits; the first request pays it")
+    return None
+
+
+def _candidates(core: EngineCore, model_config: object, with_image: bool) -> Iterator[Request]:
     params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    core.add_request(Request(WARM_UP_REQUEST_ID, prompt, params, frozenset(), images=images))
-    while core.has_work():
-        core.step()
-        core.release_finished()
-    core.forget_cached_state()
-    seconds = time.perf_counter() - started
-    logger.info("warm-up request (%d prompt tokens) took %.2f s", len(prompt), seconds)
-    return seconds
+    text = list(range(1, TEXT_TOKENS + 1))
+    if with_image and core.images is not None:
+        for wide in (True, False):
+            span = synthetic_image_span(model_config, offset=TEXT_TOKENS // 2, wide=wide)
+            prompt = text[: span.offset] + [0] * span.length + text[span.offset :]
+            yield Request(WARM_UP_REQUEST_ID, prompt, params, frozenset(), images=[span])
+    yield Request(WARM_UP_REQUEST_ID, text, params, frozenset())
 
 
-def synthetic_image_span(model_config: object, offset: int) -> ImageSpan:
-    """A noisy JPEG 1.75 tiles wide and one tile high: the checkpoint's tiling (without a
-    request's cap) makes it two tiles, resized first, plus a thumbnail."""
+def synthetic_image_span(model_config: object, offset: int, wide: bool = True) -> ImageSpan:
+    """A noisy JPEG one tile high and, when `wide`, 1.75 tiles wide: the checkpoint's tiling
+    (without a request's cap) makes that two tiles, resized first, plus a thumbnail. Else one
+    tile, square."""
     tiling = tiling_for_request(tiling_from_config(model_config), None)
     side = tiling.image_size
-    width = side * 7 // 4
+    width = side * 7 // 4 if wide else side
     pixels = np.random.default_rng(0).integers(0, 256, size=(side, width, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)

@@ -89,6 +89,31 @@ def test_a_text_only_warm_up_runs_no_vision_encoder(checkpoint) -> None:
     assert core.stats() == started
 
 
+@pytest.mark.parametrize(
+    ("kv_tokens", "image_tokens"),
+    [(64, 12), (24, 4), (20, None), (12, "nothing")],
+    ids=["three-tiles", "one-tile", "text", "nothing-fits"],
+)
+def test_a_smaller_warm_up_runs_where_the_limits_refuse_the_first(
+    checkpoint, kv_tokens, image_tokens
+) -> None:
+    """16 text tokens, 4 per tile, 2 new tokens: 30, 22 and 18 tokens of KV."""
+    llm = LLM(str(checkpoint), device="cpu", max_total_token_num=kv_tokens)
+    core = llm.engine.core
+    started = core.stats()
+    ran = []
+    real_add = core.add_request
+    core.add_request = lambda request: (real_add(request), ran.append(request))[0]
+    seconds = warm_up_engine(core, llm.engine.model_config, with_image=True)
+    if image_tokens == "nothing":
+        assert seconds is None and ran == []
+    else:
+        [request] = ran
+        assert sum(span.length for span in request.images) == (image_tokens or 0)
+        assert core.take_vit_batch_sizes() == ([1] if image_tokens else [])
+    assert core.stats() == started
+
+
 def test_the_warm_up_needs_an_idle_engine(checkpoint) -> None:
     llm = LLM(str(checkpoint), device="cpu")
     llm.engine.add_request("busy", "some text", Params(temperature=0, max_new_tokens=2))

@@ -37,7 +37,9 @@ def test_the_first_request_finds_no_trace_of_the_warm_up(tmp_path) -> None:
         checkpoint, tmp_path, "--enable_multimodal", "--cache_capacity", "4", env=TILE_TOKENS
     )
     try:
-        assert re.search(r"warm-up request \(\d+ prompt tokens\) took", server.log())
+        assert re.search(
+            r"warm-up request \(\d+ prompt tokens, 12 image tokens\) took", server.log()
+        )
         image = {"type": "base64", "data": base64.b64encode(png(120, 60, 7)).decode()}
         body = {
             "inputs": "look: <img></img> what is it?",
