@@ -88,10 +88,7 @@ def synthetic_image_span(model_config: object, offset: int, wide: bool = True) -
     tiling = tiling_for_request(tiling_from_config(model_config), None)
     side = tiling.image_size
     width = side * 7 // 4 if wide else side
-    pixels = np.random.default_rng(0).integers(0, 256, size=(side, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    data = buffer.getvalue()
+    data = noise_jpeg(width, side)
     tiles = count_tiles(width, side, tiling)
     return ImageSpan(
         key=image_cache_key(md5_hex(data), (width, side), tiling),
@@ -100,3 +97,11 @@ def synthetic_image_span(model_config: object, offset: int, wide: bool = True) -
         image_bytes=data,
         tiling=tiling,
     )
+
+
+def noise_jpeg(width: int, height: int) -> bytes:
+    """A JPEG of random pixels: as much work to decode as a photo of its size."""
+    pixels = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

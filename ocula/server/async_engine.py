@@ -103,6 +103,8 @@ class AsyncEngine:
             target=run_engine_process, args=(self.args, str(channel_path)), name="ocula-engine"
         )
         self._process.start()
+        if self.images is not None and not self.args.skip_server_warmup:
+            await self.images.warm_up()  # while the engine loads
         while self.ready is None:
             if self.failure is not None:
                 raise EngineUnavailableError(f"the engine failed to start: {self.failure}")

@@ -1,9 +1,11 @@
 """The server's warm-up request: it runs an image through the whole engine, then leaves the engine
 as start-up left it (caches empty, counters at zero), so that requests after it get the same
-tokens and the same statistics as on an engine that never ran it."""
+tokens and the same statistics as on an engine that never ran it. The front's warm-up decodes and
+expands an image prompt, then forgets the image."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -13,8 +15,10 @@ from PIL import Image
 
 from ocula import LLM, SamplingParams
 from ocula.engine.warm_up_request import WARM_UP_REQUEST_ID, synthetic_image_span, warm_up_engine
+from ocula.multimodal import loaded_images
 from ocula.multimodal.preprocess_span import preprocess_span
 from ocula.sampling.params import SamplingParams as Params
+from ocula.server.images import FrontImages
 from tests.helpers.tiny_internvl import make_hf_internvl
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
@@ -119,3 +123,16 @@ def test_the_warm_up_needs_an_idle_engine(checkpoint) -> None:
     llm.engine.add_request("busy", "some text", Params(temperature=0, max_new_tokens=2))
     with pytest.raises(RuntimeError, match="idle engine"):
         warm_up_engine(llm.engine.core, llm.engine.model_config, with_image=True)
+
+
+def test_the_front_decodes_and_expands_an_image_then_forgets_it(checkpoint, monkeypatch) -> None:
+    llm = LLM(str(checkpoint), device="cpu")
+    images = FrontImages(llm.engine.vision, llm.engine.tokenizer, allow_local_media=False)
+    decoded = []
+    real_decode = loaded_images.decode_image
+    monkeypatch.setattr(
+        loaded_images, "decode_image", lambda *args: decoded.append(1) or real_decode(*args)
+    )
+    asyncio.run(images.warm_up())
+    assert decoded == [1]  # through the decoding thread, as a client's new image
+    assert len(images.known_sizes) == 0  # the first client image is decoded like any new one
