@@ -91,6 +91,7 @@ class ImageScheduler:
         self.page_rows = page_rows
         self._preprocess = preprocess
         self._pending_frees: list[str] = []
+        self._to_release: list[Request] = []  # at the next plan's start
         self.num_served_by_prefix_cache = 0  # images whose KV was cached: no embedding needed
         self._prefetched: dict[str, Future[torch.Tensor]] = {}  # by cache key
         self._prefetched_tokens: dict[str, int] = {}  # placeholder tokens of each prefetched key
@@ -232,9 +233,28 @@ class ImageScheduler:
         if self._prefetched:
             raise RuntimeError("forget_all with images still being tiled")
         self._pending_frees += self.index.clear()
+        self._to_release = []  # finished requests: they hold nothing any more
         self.num_served_by_prefix_cache = 0
 
-    def take_pending_frees(self) -> list[str]:
+    def release_once_planned(self, request: Request) -> None:
+        """Once the chunk holding a request's last image token is planned, the request no longer
+        needs its embeddings: their pages of the embedding pool become evictable for waiting
+        requests' new images, however many requests run (a recompute after preemption acquires
+        or encodes them again).
+        They are released at the start of the next plan (`start_plan`): that plan's frees come
+        before its encodes, and this plan, which reads them, is launched before it."""
+        if not request.held_image_keys:
+            return
+        images_end = max(span.offset + span.length for span in request.images)
+        if request.num_scheduled_tokens >= images_end:
+            self._to_release.append(request)
+
+    def start_plan(self) -> list[str]:
+        """Releases what `release_once_planned` deferred; returns the keys the runner must free
+        before the new plan's encodes (evicted since the last plan)."""
+        for request in self._to_release:  # a finished one has released them already
+            self.release(request)
+        self._to_release = []
         frees, self._pending_frees = self._pending_frees, []
         return frees
 

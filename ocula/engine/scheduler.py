@@ -63,7 +63,6 @@ class Scheduler:
         self.kv = RequestKV(allocator, prefix_cache)
         self.num_preemptions = 0
         self._admitted_images: list[PendingImage] = []  # this plan's, until `finish_plan`
-        self._images_to_release: list[Request] = []  # at the next plan's start
         self._finished_holding_kv: list[Request] = []  # see `release_finished`
 
     # -- queue management ---------------------------------------------------------------------
@@ -120,10 +119,7 @@ class Scheduler:
         for row, start, slots in self.kv.start_plan():
             plan.table_writes.add(row, start, slots)
         if self.images is not None:
-            for request in self._images_to_release:  # a finished one has released them already
-                self.images.release(request)
-            self._images_to_release = []
-            plan.encoder_frees += self.images.take_pending_frees()
+            plan.encoder_frees += self.images.start_plan()
         budget = self.batch_max_tokens
         preempted = False
         decodes = sum(
@@ -227,17 +223,8 @@ class Scheduler:
         plan.encoder_frees += evicted
 
     def _release_embedded_images(self, request: Request) -> None:
-        """Once the chunk holding a request's last image token is planned, the request no longer
-        needs its embeddings: their pages of the embedding pool become evictable for waiting
-        requests' new images, however many requests run (a recompute after preemption acquires
-        or encodes them again).
-        They are released at the start of the next plan: that plan's frees come before its
-        encodes, and this plan, which reads them, is launched before it."""
-        if not request.held_image_keys:
-            return
-        images_end = max(span.offset + span.length for span in request.images)
-        if request.num_scheduled_tokens >= images_end:
-            self._images_to_release.append(request)
+        if self.images is not None:
+            self.images.release_once_planned(request)
 
     def _last_token_in_flight(self, request: Request) -> bool:
         """A step in flight samples this request's last token: the length limits end it there."""
