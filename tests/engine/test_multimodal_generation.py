@@ -3,28 +3,19 @@ prompt, in both checkpoint layouts; the embedding cache and the prefix cache ski
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from ocula import LLM, SamplingParams
 from ocula.engine import embedding_pool
 from ocula.multimodal.image_processing import normalize_pixels
 from ocula.multimodal.preprocess_span import preprocess_span
+from tests.helpers.images import random_png
 from tests.helpers.tiny_internvl import load_hf_reference, make_hf_internvl, write_original_layout
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
-
-
-def image_bytes(width: int, height: int, seed: int) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,11 +53,11 @@ def reference_tokens(llm: LLM, checkpoint: Path, prompt: dict, max_new_tokens: i
 
 
 PROMPTS = {
-    "one-tile": {"prompt": "what is <image> here?", "images": [image_bytes(40, 40, 1)]},
-    "many-tiles": {"prompt": "<image>\ndescribe it", "images": [image_bytes(200, 90, 2)]},
+    "one-tile": {"prompt": "what is <image> here?", "images": [random_png(40, 40, 1)]},
+    "many-tiles": {"prompt": "<image>\ndescribe it", "images": [random_png(200, 90, 2)]},
     "two-images": {
         "prompt": "compare <img></img> and <image> please",
-        "images": [image_bytes(120, 60, 3), image_bytes(50, 170, 4)],
+        "images": [random_png(120, 60, 3), random_png(50, 170, 4)],
     },
 }
 
@@ -94,7 +85,7 @@ def test_greedy_tokens_equal_transformers(hf_checkpoint, tmp_path_factory, layou
 def test_second_turn_reuses_kv_and_embeddings_without_the_vit(hf_checkpoint) -> None:
     llm = LLM(str(hf_checkpoint), max_total_token_num=4096, cache_capacity=2)
     core = llm.engine.core
-    image = image_bytes(120, 60, 7)
+    image = random_png(120, 60, 7)
     first = {"prompt": "<image>\nwhat is it?", "images": [image]}
     out = llm.generate(first, GREEDY)[0]
     assert core.stats().image_cache_misses == 1
@@ -116,7 +107,7 @@ def test_second_turn_reuses_kv_and_embeddings_without_the_vit(hf_checkpoint) -> 
 
 def test_full_cache_evicts_least_recently_used_only(hf_checkpoint) -> None:
     llm = LLM(str(hf_checkpoint), max_total_token_num=4096, cache_capacity=2)
-    images = [image_bytes(40, 40, 10 + i) for i in range(3)]
+    images = [random_png(40, 40, 10 + i) for i in range(3)]
     # Different text before each image, so that the prefix cache never covers the image.
     for step, image in enumerate((images[0], images[1], images[0], images[2])):
         llm.generate({"prompt": f"step {step}: <image>", "images": [image]}, GREEDY)
@@ -132,8 +123,7 @@ def test_requests_wait_for_room_in_a_small_embedding_pool(hf_checkpoint) -> None
     # Six images of 9 tiles (4 tokens each) at once; the pool has 16 pages (max(1 image x 13
     # tiles, 64 tokens / 4)), so one embedding fits at a time and the rest wait for pages.
     prompts = [
-        {"prompt": f"image {i}: <image>", "images": [image_bytes(200, 90, 40 + i)]}
-        for i in range(6)
+        {"prompt": f"image {i}: <image>", "images": [random_png(200, 90, 40 + i)]} for i in range(6)
     ]
     roomy = LLM(str(hf_checkpoint), max_total_token_num=4096)
     expected = [out.token_ids for out in roomy.generate(prompts, GREEDY)]
@@ -156,10 +146,10 @@ def test_a_request_whose_images_never_fit_the_pool_is_refused(hf_checkpoint, mon
     # a request it cannot hold is refused on arrival instead of blocking the queue for good.
     monkeypatch.setattr(embedding_pool, "embedding_pool_pages", lambda *args: 4)
     llm = LLM(str(hf_checkpoint), max_total_token_num=4096)
-    big = {"prompt": "<image>", "images": [image_bytes(200, 90, 50)]}  # 9 tiles
+    big = {"prompt": "<image>", "images": [random_png(200, 90, 50)]}  # 9 tiles
     with pytest.raises(ValueError, match="take 9 tiles of embeddings but the image-embedding"):
         llm.generate(big, GREEDY)
-    small = {"prompt": "<image>", "images": [image_bytes(40, 40, 51)]}
+    small = {"prompt": "<image>", "images": [random_png(40, 40, 51)]}
     assert len(llm.generate(small, GREEDY)[0].token_ids) == GREEDY.max_new_tokens
     assert llm.engine.core.images.index.num_in_use == 0
 
@@ -167,7 +157,7 @@ def test_a_request_whose_images_never_fit_the_pool_is_refused(hf_checkpoint, mon
 def test_images_batch_together_and_requests_are_checked(hf_checkpoint) -> None:
     llm = LLM(str(hf_checkpoint), max_total_token_num=4096, visual_infer_batch_size=4)
     prompts = [
-        {"prompt": f"{i}: <image>", "images": [image_bytes(60, 60, 20 + i)]} for i in range(6)
+        {"prompt": f"{i}: <image>", "images": [random_png(60, 60, 20 + i)]} for i in range(6)
     ]
     llm.generate(prompts, GREEDY)
     assert llm.engine.core.runner.take_vit_batch_sizes() == [4, 2]
@@ -194,14 +184,14 @@ def test_a_batch_decodes_its_images_in_threads_and_is_queued_all_or_none(
         return real_decode(cls, data, limits)
 
     monkeypatch.setattr(LoadedImage, "decoded", classmethod(recording_decode))
-    good = [{"prompt": f"{i}: <image>", "images": [image_bytes(60, 60, 40 + i)]} for i in range(3)]
+    good = [{"prompt": f"{i}: <image>", "images": [random_png(60, 60, 40 + i)]} for i in range(3)]
     bad_image = {"prompt": "<image>", "images": [b"not an image"]}
     with pytest.raises(ValueError, match="prompt 2: image 0"):
         engine.add_requests([(f"r{i}", p, GREEDY) for i, p in enumerate([*good[:2], bad_image])])
     assert not engine.has_unfinished_requests()
     assert decoded_in and all(name.startswith("ocula-image-decode") for name in decoded_in)
     # The core refuses the last prompt (longer than max_req_total_len): the others leave too.
-    too_long = {"prompt": "word " * 80 + "<image>", "images": [image_bytes(60, 60, 50)]}
+    too_long = {"prompt": "word " * 80 + "<image>", "images": [random_png(60, 60, 50)]}
     with pytest.raises(ValueError, match=r"prompt 3: .*over the limit of 64 tokens"):
         engine.add_requests([(f"s{i}", p, GREEDY) for i, p in enumerate([*good, too_long])])
     assert not engine.has_unfinished_requests() and not engine.core.has_work()

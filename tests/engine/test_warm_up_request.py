@@ -10,7 +10,6 @@ import io
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from ocula import LLM, SamplingParams
@@ -19,6 +18,7 @@ from ocula.multimodal import loaded_images
 from ocula.multimodal.preprocess_span import preprocess_span
 from ocula.sampling.params import SamplingParams as Params
 from ocula.server.images import FrontImages
+from tests.helpers.images import random_png
 from tests.helpers.tiny_internvl import make_hf_internvl
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
@@ -37,17 +37,9 @@ def checkpoint(tmp_path_factory) -> Path:
     return make_hf_internvl(tmp_path_factory.mktemp("internvl-hf"), "qwen2")
 
 
-def png(width: int, height: int, seed: int) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 PROMPTS = [
-    {"prompt": "what is <image> here?", "images": [png(120, 60, 1)]},
-    {"prompt": "and <image> now?", "images": [png(120, 60, 1)]},  # the same image: a hit
+    {"prompt": "what is <image> here?", "images": [random_png(120, 60, 1)]},
+    {"prompt": "and <image> now?", "images": [random_png(120, 60, 1)]},  # the same image: a hit
     "plain text after the images",
 ]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import http.server
-import io
 import os
 import re
 import subprocess
@@ -17,10 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
-from PIL import Image
 
 from ocula import LLM, SamplingParams
+from tests.helpers.images import random_png
 from tests.helpers.server import RunningServer, free_port, start_server
 from tests.helpers.tiny_internvl import make_hf_internvl
 
@@ -33,16 +31,8 @@ QUERY = (
 LIGHTLLM_STOPS = [" <|endoftext|>", " <|im_start|>", " <|im_end|>"]
 
 
-def png(width: int, height: int, seed: int) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-URL_IMAGE = png(150, 70, 1)
-BASE64_IMAGE = png(60, 60, 2)
+URL_IMAGE = random_png(150, 70, 1)
+BASE64_IMAGE = random_png(60, 60, 2)
 
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
@@ -137,7 +127,7 @@ def test_lightllm_documented_client_gets_the_offline_answer(vlm_server, offline,
 
 def test_a_repeated_image_skips_the_vit(vlm_server) -> None:
     client = openai.OpenAI(base_url=vlm_server.url + "/v1", api_key="none")
-    uri = "data:image/png;base64," + base64.b64encode(png(120, 120, 3)).decode()
+    uri = "data:image/png;base64," + base64.b64encode(random_png(120, 120, 3)).decode()
 
     def ask(question: str):
         return client.chat.completions.create(
@@ -179,7 +169,7 @@ def test_an_evicted_image_sent_again_is_encoded_from_the_copy_the_engine_kept(
     """The second time, the front leaves the image's bytes out of the request (the engine process
     holds them since the first); its embedding is gone by then, so the engine encodes it again
     from its own copy."""
-    image = png(90, 90, 7)
+    image = random_png(90, 90, 7)
 
     def ask(lead: str, picture: bytes) -> str:
         body = {
@@ -195,7 +185,7 @@ def test_an_evicted_image_sent_again_is_encoded_from_the_copy_the_engine_kept(
 
     ask("First look. ", image)
     for seed in range(100, 117):  # 17 other images: more than --cache_capacity 16 embeddings
-        ask("Filler. ", png(60, 60, seed))
+        ask("Filler. ", random_png(60, 60, seed))
     misses = metric(vlm_server, "ocula_image_cache_misses_total")
     answer = ask("Second look. ", image)
     assert metric(vlm_server, "ocula_image_cache_misses_total") == misses + 1
@@ -211,7 +201,7 @@ def test_concurrent_requests_share_vit_batches(vlm_server) -> None:
     singles = metric(vlm_server, 'ocula_vit_batch_size_bucket{le="1.0"}')
 
     def send(seed: int) -> int:
-        image = base64.b64encode(png(56, 56, 100 + seed)).decode()
+        image = base64.b64encode(random_png(56, 56, 100 + seed)).decode()
         body = {
             "inputs": f"image {seed}: <img></img>",
             "parameters": {"max_new_tokens": 2},

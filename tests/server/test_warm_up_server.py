@@ -5,25 +5,15 @@ what clients sent."""
 from __future__ import annotations
 
 import base64
-import io
 import re
 
 import httpx
-import torch
-from PIL import Image
 
+from tests.helpers.images import random_png
 from tests.helpers.server import start_server
 from tests.helpers.tiny_internvl import make_hf_internvl
 
 TILE_TOKENS = {"INTERNVL_IMAGE_LENGTH": "4"}  # the tiny checkpoint's 56 px tiles
-
-
-def png(width: int, height: int, seed: int) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -40,7 +30,7 @@ def test_the_first_request_finds_no_trace_of_the_warm_up(tmp_path) -> None:
         assert re.search(
             r"warm-up request \(\d+ prompt tokens, 12 image tokens\) took", server.log()
         )
-        image = {"type": "base64", "data": base64.b64encode(png(120, 60, 7)).decode()}
+        image = {"type": "base64", "data": base64.b64encode(random_png(120, 60, 7)).decode()}
         body = {
             "inputs": "look: <img></img> what is it?",
             "parameters": {"max_new_tokens": 3, "ignore_eos": True},
