@@ -64,12 +64,12 @@ def test_pixel_normalization_on_cuda_is_bit_identical_to_the_cpu() -> None:
 
 
 def test_image_embedding_pool_is_part_of_mem_fraction(tmp_path, monkeypatch) -> None:
-    from tests.engine.test_multimodal_generation import image_bytes
+    from tests.helpers.images import random_png
     from tests.helpers.tiny_internvl import make_hf_internvl
 
     monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "4")
     checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
-    prompt = {"prompt": "<image>\ndescribe it", "images": [image_bytes(200, 90, 2)]}
+    prompt = {"prompt": "<image>\ndescribe it", "images": [random_png(200, 90, 2)]}
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     gib = 1 << 30
     kv_tokens, pool_bytes, outputs = [], [], []

@@ -121,17 +121,18 @@ def test_piecewise_equals_eager_on_cached_prefixes_and_long_prompts(
 
 
 def test_image_prompts_in_piecewise_graphs(tmp_path, monkeypatch) -> None:
-    from tests.engine.test_multimodal_generation import image_bytes, reference_tokens
+    from tests.engine.test_multimodal_generation import reference_tokens
+    from tests.helpers.images import random_png
     from tests.helpers.tiny_internvl import make_hf_internvl
 
     monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "4")
     checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
     prompts = [
-        {"prompt": "what is <image> here?", "images": [image_bytes(40, 40, 1)]},
-        {"prompt": "<image>\ndescribe it", "images": [image_bytes(200, 90, 2)]},
+        {"prompt": "what is <image> here?", "images": [random_png(40, 40, 1)]},
+        {"prompt": "<image>\ndescribe it", "images": [random_png(200, 90, 2)]},
         {
             "prompt": "compare <img></img> and <image> please",
-            "images": [image_bytes(120, 60, 3), image_bytes(50, 170, 4)],
+            "images": [random_png(120, 60, 3), random_png(50, 170, 4)],
         },
     ]
     llm = engine(checkpoint, **MIXED_STEPS)
@@ -146,7 +147,7 @@ def test_image_prompts_in_piecewise_graphs(tmp_path, monkeypatch) -> None:
     got.append(llm.generate(text_only, GREEDY)[0].token_ids)
     assert spliced and not any(spliced)
     # A new image prompt alone: image rows through the whole-step graphs' splice.
-    solo = {"prompt": "<image> alone: what is it?", "images": [image_bytes(90, 130, 5)]}
+    solo = {"prompt": "<image> alone: what is it?", "images": [random_png(90, 130, 5)]}
     spliced.clear()
     replays = record_whole_replays(llm, monkeypatch)
     alone = llm.generate(solo, GREEDY)[0].token_ids

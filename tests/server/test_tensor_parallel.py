@@ -21,9 +21,10 @@ from ocula import LLM, SamplingParams
 from ocula.distributed.launch import check_model_splits
 from ocula.models.hf_config import load_text_config
 from ocula.server.args import ServerArgs
+from tests.helpers.images import random_png
 from tests.helpers.server import RunningServer, assert_all_gone, free_port, start_server
 from tests.helpers.tiny_internvl import make_hf_internvl
-from tests.server.test_multimodal_server import TILE_TOKENS, png
+from tests.server.test_multimodal_server import TILE_TOKENS
 
 TP_FLAGS = ("--tp", "2", "--max_total_token_num", "1024", "--max_req_total_len", "256")
 PROMPTS = ["The quick brown fox", "Tensor parallel ranks", "hello hello hello"]
@@ -101,7 +102,7 @@ def test_qwen2_tp2_matches_tp1_and_a_dead_rank_stops_the_server(tiny_checkpoint,
 )
 def test_internvl_tp_matches_tp1_and_ranks_leave_when_the_front_is_killed(tmp_path, layout) -> None:
     checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")  # ViT: 2 heads, one per rank
-    image = png(90, 60, 7)
+    image = random_png(90, 60, 7)
     prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("INTERNVL_IMAGE_LENGTH", "4")
@@ -111,7 +112,7 @@ def test_internvl_tp_matches_tp1_and_ranks_leave_when_the_front_is_killed(tmp_pa
                 {"prompt": prompt, "images": [image]},
                 {
                     "prompt": prompt.replace("<img></img>", "<img></img><img></img>"),
-                    "images": [image, png(40, 70, 3)],
+                    "images": [image, random_png(40, 70, 3)],
                 },
             ],
         )
@@ -119,7 +120,7 @@ def test_internvl_tp_matches_tp1_and_ranks_leave_when_the_front_is_killed(tmp_pa
     server = start_server(checkpoint, tmp_path, *flags, env=TILE_TOKENS)
     descendants = psutil.Process(server.process.pid).children(recursive=True)
     try:
-        images = [image, png(40, 70, 3)]  # two misses in one step: one per ViT group
+        images = [image, random_png(40, 70, 3)]  # two misses in one step: one per ViT group
         two_image_prompt = prompt.replace("<img></img>", "<img></img><img></img>")
         with ThreadPoolExecutor(2) as pool:
             got = list(
