@@ -226,14 +226,16 @@ class EngineCore:
         self.scheduler.release_finished()
 
     def forget_cached_state(self) -> None:
-        """Empties the prefix and image-embedding caches and zeroes their counters, as after
-        start-up (after the warm-up request). Only while the engine has no work."""
+        """Empties the prefix and image-embedding caches and zeroes their counters and the ViT
+        batch sizes not yet taken, as after start-up (after the warm-up request). Only while the
+        engine has no work."""
         if self.has_work():
             raise RuntimeError("the caches can only be emptied while no request runs")
         self.prefix_cache.reset()
         self.prefix_cache.reset_stats()
         if self.images is not None:
             self.images.forget_all()
+        self.take_vit_batch_sizes()
 
     def _apply(self, launched: tuple[StepPlan, PendingSamples | None]) -> list[TokenUpdate]:
         plan, pending = launched

@@ -10,10 +10,11 @@ answered in 487.5 ms on an H200 (2026-12-04) against ~25 ms for the next ones, a
 against ~25 ms on the CPU test machine.
 
 `warm_up_engine` runs a request shaped like a typical one: a short prompt and, on a vision model
-served with images, one image that tiles into two tiles plus a thumbnail (a resize, crops, the
-thumbnail's resize), for two tokens (a prefill and a decode step). Then it leaves no trace: its
-KV leaves the prefix cache, its embedding the image cache, and the caches' hit counters start
-from zero.
+served with images, one image that the usual dynamic tiling makes two tiles plus a thumbnail (a
+resize, crops, the thumbnail's resize), for two tokens (a prefill and a decode step). Then the
+engine forgets it: its KV leaves the prefix cache, its embedding the image cache (the runner
+drops it with the next plan), and the caches' counters and the ViT batch sizes start from zero,
+so that metrics count only what clients sent.
 """
 
 from __future__ import annotations
@@ -82,13 +83,13 @@ def _candidates(core: EngineCore, model_config: object, with_image: bool) -> Ite
 
 
 def synthetic_image_span(model_config: object, offset: int, wide: bool = True) -> ImageSpan:
-    """A noisy JPEG one tile high and, when `wide`, 1.75 tiles wide: the checkpoint's tiling
-    (without a request's cap) makes that two tiles, resized first, plus a thumbnail. Else one
-    tile, square."""
+    """A noisy image one tile high and, when `wide`, 1.75 tiles wide: dynamic tiling with room
+    for two tiles (the checkpoint's, without a request's cap) makes that two tiles, resized
+    first, plus a thumbnail. Else one tile, square."""
     tiling = tiling_for_request(tiling_from_config(model_config), None)
     side = tiling.image_size
     width = side * 7 // 4 if wide else side
-    data = noise_jpeg(width, side)
+    data = noise_image(width, side)
     tiles = count_tiles(width, side, tiling)
     return ImageSpan(
         key=image_cache_key(md5_hex(data), (width, side), tiling),
@@ -99,9 +100,16 @@ def synthetic_image_span(model_config: object, offset: int, wide: bool = True) -
     )
 
 
-def noise_jpeg(width: int, height: int) -> bytes:
-    """A JPEG of random pixels: as much work to decode as a photo of its size."""
-    pixels = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+def noise_image(width: int, height: int) -> bytes:
+    """A JPEG of random pixels, as much work to decode as a photo of its size; a PNG where this
+    Pillow cannot write JPEG (it may still read it, and serve the other formats)."""
+    image = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    )
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    try:
+        image.save(buffer, format="JPEG", quality=90)
+    except (OSError, KeyError):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -97,8 +97,11 @@ async def serve(args: ServerArgs) -> int:
         return 1
     try:
         ready = await engine.start()
-    except EngineUnavailableError as error:
-        logger.error("%s", error)
+    except Exception as error:  # the engine process must not outlive a failed start
+        if isinstance(error, EngineUnavailableError):
+            logger.error("%s", error)
+        else:
+            logger.exception("the server failed to start")
         await engine.shutdown()
         sock.close()
         return 1

@@ -224,6 +224,9 @@ class FrontSideChannel(asyncio.Protocol):
         return self._transport is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._closing:  # closed between the accept and now
+            transport.close()
+            return
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if self._server is not None:
             self._server.close()  # stop listening: the engine is the only peer

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from typing import Any
 
 from ocula.engine.request import ImageSpan
-from ocula.engine.warm_up_request import noise_jpeg
+from ocula.engine.warm_up_request import noise_image
 from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
@@ -22,6 +23,8 @@ from ocula.multimodal.image_loading import (
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt, count_image_tags
 from ocula.multimodal.loaded_images import KnownImageSizes, LoadedImage, load_image
 from ocula.server.text_encoding import off_loop_if_long
+
+logger = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_REQUEST = 16
 
@@ -94,8 +97,11 @@ class FrontImages:
         image: the first client image paid the decoding thread's start and the first uses on
         its path (~2 ms on the CPU test machine)."""
         side = self.vision.tiling.image_size
-        picture = base64.b64encode(noise_jpeg(side * 7 // 4, side)).decode()
-        await self.tokenize("<image>", [{"type": "base64", "data": picture}], None, True)
+        picture = base64.b64encode(noise_image(side * 7 // 4, side)).decode()
+        try:
+            await self.tokenize("<image>", [{"type": "base64", "data": picture}], None, True)
+        except Exception as error:  # only a speed-up: never a reason not to start
+            logger.warning("the front's image warm-up failed: %s", error)
         self.known_sizes = KnownImageSizes()
 
     async def close(self) -> None:

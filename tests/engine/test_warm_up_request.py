@@ -13,7 +13,12 @@ import pytest
 from PIL import Image
 
 from ocula import LLM, SamplingParams
-from ocula.engine.warm_up_request import WARM_UP_REQUEST_ID, synthetic_image_span, warm_up_engine
+from ocula.engine.warm_up_request import (
+    WARM_UP_REQUEST_ID,
+    noise_image,
+    synthetic_image_span,
+    warm_up_engine,
+)
 from ocula.multimodal import loaded_images
 from ocula.multimodal.preprocess_span import preprocess_span
 from ocula.sampling.params import SamplingParams as Params
@@ -44,6 +49,15 @@ PROMPTS = [
 ]
 
 
+def count_encoded_images(core) -> list[int]:
+    """Images per call of the vision encoder, from now on."""
+    encoder = core.runner.image_encoder
+    calls: list[int] = []
+    real_encode = encoder.encode
+    encoder.encode = lambda inputs: (calls.append(len(inputs)), real_encode(inputs))[1]
+    return calls
+
+
 def test_the_synthetic_image_is_two_resized_tiles_and_a_thumbnail(checkpoint) -> None:
     llm = LLM(str(checkpoint), device="cpu")
     config = llm.engine.model_config
@@ -60,9 +74,11 @@ def test_requests_after_the_warm_up_see_a_fresh_engine(checkpoint) -> None:
     warmed = LLM(str(checkpoint), device="cpu")
     core = warmed.engine.core
     started = core.stats()
+    encoded = count_encoded_images(core)
     warm_up_engine(core, warmed.engine.model_config, with_image=True)
 
-    assert core.take_vit_batch_sizes() == [1]  # the image went through the vision encoder
+    assert encoded == [1]  # the image went through the vision encoder
+    assert core.take_vit_batch_sizes() == []  # which the ViT batch-size metric does not count
     assert core.stats() == started  # caches empty, counters at zero, all KV free
     assert not core.has_work()
     assert WARM_UP_REQUEST_ID not in core.scheduler.requests
@@ -80,8 +96,9 @@ def test_a_text_only_warm_up_runs_no_vision_encoder(checkpoint) -> None:
     llm = LLM(str(checkpoint), device="cpu")
     core = llm.engine.core
     started = core.stats()
+    encoded = count_encoded_images(core)
     warm_up_engine(core, llm.engine.model_config, with_image=False)
-    assert core.take_vit_batch_sizes() == []
+    assert encoded == []
     assert core.stats() == started
 
 
@@ -98,6 +115,7 @@ def test_a_smaller_warm_up_runs_where_the_limits_refuse_the_first(
     core = llm.engine.core
     started = core.stats()
     ran = []
+    encoded = count_encoded_images(core)
     real_add = core.add_request
     core.add_request = lambda request: (real_add(request), ran.append(request))[0]
     seconds = warm_up_engine(core, llm.engine.model_config, with_image=True)
@@ -106,7 +124,7 @@ def test_a_smaller_warm_up_runs_where_the_limits_refuse_the_first(
     else:
         [request] = ran
         assert sum(span.length for span in request.images) == (image_tokens or 0)
-        assert core.take_vit_batch_sizes() == ([1] if image_tokens else [])
+        assert encoded == ([1] if image_tokens else [])
     assert core.stats() == started
 
 
@@ -128,3 +146,28 @@ def test_the_front_decodes_and_expands_an_image_then_forgets_it(checkpoint, monk
     asyncio.run(images.warm_up())
     assert decoded == [1]  # through the decoding thread, as a client's new image
     assert len(images.known_sizes) == 0  # the first client image is decoded like any new one
+
+
+def test_a_failed_front_warm_up_only_logs(checkpoint, monkeypatch, caplog) -> None:
+    llm = LLM(str(checkpoint), device="cpu")
+    images = FrontImages(llm.engine.vision, llm.engine.tokenizer, allow_local_media=False)
+
+    async def broken(*args: object) -> None:
+        raise OSError("no decoder today")
+
+    monkeypatch.setattr(images, "tokenize", broken)
+    asyncio.run(images.warm_up())
+    assert "image warm-up failed: no decoder today" in caplog.text
+
+
+def test_the_noise_image_is_a_png_where_jpeg_cannot_be_written(monkeypatch) -> None:
+    real_save = Image.Image.save
+
+    def save(self, fp, format=None, **params):
+        if format == "JPEG":
+            raise OSError("encoder jpeg not available")
+        return real_save(self, fp, format=format, **params)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    picture = Image.open(io.BytesIO(noise_image(70, 40)))
+    assert (picture.format, picture.size) == ("PNG", (70, 40))

@@ -43,8 +43,23 @@ def test_the_first_request_finds_no_trace_of_the_warm_up(tmp_path) -> None:
         assert seen["ocula_image_cache_hits_total"] == 0
         assert seen["ocula_image_cache_entries"] == 1
         assert seen["ocula_cached_prompt_tokens_total"] == 0
+        assert seen["ocula_vit_batch_size_count"] == 1
         # The prefix cache holds this request's tokens and nothing of the warm-up's.
         prompt_tokens = response.json()["prompt_tokens"]
         assert prompt_tokens <= seen["ocula_prefix_cache_tokens"] <= prompt_tokens + 3
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_skip_server_warmup_starts_without_it(tiny_checkpoint, tmp_path) -> None:
+    server = start_server(tiny_checkpoint("llama"), tmp_path, "--skip_server_warmup")
+    try:
+        assert "warm-up request" not in server.log()
+        response = httpx.post(
+            server.url + "/generate",
+            json={"inputs": "hello", "parameters": {"max_new_tokens": 2}},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
     finally:
         assert server.stop() == 0, server.log()
