@@ -7,10 +7,12 @@ Builds the engine in-process (`LLM`, the server's defaults) and reports:
 - what the first request compiled, and its host functions by cumulative time (cProfile): a
   kernel compiled, a CUDA module loaded lazily or a library imported on first use shows here.
 
-Run it twice on a fresh machine to see a cold and then a warm Triton cache. A diagnosis tool;
+Run it twice on a fresh machine to see a cold and then a warm Triton cache; `--warm_up` runs the
+server's warm-up request first (`engine/warm_up_request.py`), to see what is left. A diagnosis tool;
 the serving numbers of record come from bench_serving (its `warmup_ttft_ms`).
 
     python -m benchmarks.profile_first_request --checkpoint DIR [--out first.json] [--top 30]
+        [--warm_up]
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--top", type=int, default=30, help="host functions to list")
+    parser.add_argument(
+        "--warm_up",
+        action="store_true",
+        help="run the server's warm-up request first (what the first request still pays after it)",
+    )
     args = parser.parse_args()
 
     from ocula import LLM, SamplingParams
@@ -76,6 +83,13 @@ def main() -> None:
     startup_s = time.perf_counter() - started
     startup_kernels = collections.Counter(kernel_name(r) for _, r in compiles.take())
     log(f"start-up {startup_s:.1f} s; Triton kernels: {dict(startup_kernels.most_common())}")
+    warm_up_s = None
+    if args.warm_up:
+        from ocula.engine.warm_up_request import warm_up_engine
+
+        warm_up_s = warm_up_engine(llm.engine.core, llm.engine.model_config, with_image=True)
+        warm_up_kernels = collections.Counter(kernel_name(r) for _, r in compiles.take())
+        log(f"warm-up request {warm_up_s or 0:.2f} s; Triton kernels: {dict(warm_up_kernels)}")
 
     params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True, logprobs=1)
 
@@ -105,6 +119,7 @@ def main() -> None:
             {
                 "startup_s": startup_s,
                 "startup_triton_kernels": dict(startup_kernels),
+                "warm_up_s": warm_up_s,
                 "first_request_ms": first_ms,
                 "later_requests_ms": later_ms,
                 "first_request_compiles": [kernel_name(r) for _, r in first_compiles],
