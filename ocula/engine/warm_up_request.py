@@ -87,17 +87,21 @@ def synthetic_image_span(model_config: object, offset: int, wide: bool = True) -
     for two tiles (the checkpoint's, without a request's cap) makes that two tiles, resized
     first, plus a thumbnail. Else one tile, square."""
     tiling = tiling_for_request(tiling_from_config(model_config), None)
-    side = tiling.image_size
-    width = side * 7 // 4 if wide else side
-    data = noise_image(width, side)
-    tiles = count_tiles(width, side, tiling)
+    width, height = synthetic_image_size(tiling.image_size, wide)
+    data = noise_image(width, height)
+    tiles = count_tiles(width, height, tiling)
     return ImageSpan(
-        key=image_cache_key(md5_hex(data), (width, side), tiling),
+        key=image_cache_key(md5_hex(data), (width, height), tiling),
         offset=offset,
         length=tiles * model_config.tokens_per_tile,  # type: ignore[attr-defined]
         image_bytes=data,
         tiling=tiling,
     )
+
+
+def synthetic_image_size(tile_side: int, wide: bool = True) -> tuple[int, int]:
+    """(width, height) of the warm-up's image: see `synthetic_image_span`."""
+    return (tile_side * 7 // 4 if wide else tile_side), tile_side
 
 
 def noise_image(width: int, height: int) -> bytes:

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from ocula.engine.request import ImageSpan
-from ocula.engine.warm_up_request import noise_image
+from ocula.engine.warm_up_request import noise_image, synthetic_image_size
 from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
@@ -96,8 +96,8 @@ class FrontImages:
         """Loads and expands one synthetic image prompt as a request would, then forgets the
         image: the first client image paid the decoding thread's start and the first uses on
         its path (~2 ms on the CPU test machine)."""
-        side = self.vision.tiling.image_size
-        picture = base64.b64encode(noise_image(side * 7 // 4, side)).decode()
+        size = synthetic_image_size(self.vision.tiling.image_size)
+        picture = base64.b64encode(noise_image(*size)).decode()
         try:
             await self.tokenize("<image>", [{"type": "base64", "data": picture}], None, True)
         except Exception as error:  # only a speed-up: never a reason not to start

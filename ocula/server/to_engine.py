@@ -14,9 +14,8 @@ class AddRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams  # resolved against the model's defaults
     eos_token_ids: frozenset[int]
-    images: list[ImageSpan] = field(
-        default_factory=list
-    )  # bytes travel once (image_payloads.py); pixels never
+    # Bytes travel once (image_payloads.py); pixels never do.
+    images: list[ImageSpan] = field(default_factory=list)
 
 
 @dataclass
