@@ -174,15 +174,30 @@ class InternViTAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(tiles, tokens, -1))
 
 
+# Activations that torch computes element by element, which a 16-bit tensor on CUDA takes through
+# a lookup table instead (`ocula.kernels.table_activation`: bit-identical, and for exact GELU
+# cheaper than erf's arithmetic). transformers' "gelu" is F.gelu (tested). USE_TABLE_ACTIVATIONS:
+# a constant the benchmarks' `--switches table_activation=off` clear for an A/B.
+TABLE_ACTIVATIONS = {"gelu": F.gelu}
+USE_TABLE_ACTIVATIONS = True
+
+
 class InternViTMLP(nn.Module):
     def __init__(self, config: InternViTConfig, tp: ParallelGroup) -> None:
         super().__init__()
         self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, True, tp)
         self.act = ACT2FN[config.hidden_act]
+        self.table_act = TABLE_ACTIVATIONS.get(config.hidden_act)
         self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, True, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        if self.table_act is not None and USE_TABLE_ACTIVATIONS and use_triton(hidden):
+            from ocula.kernels.table_activation import table_activation_, worth_a_table
+
+            if worth_a_table(hidden):
+                return self.fc2(table_activation_(hidden, self.table_act))
+        return self.fc2(self.act(hidden))
 
 
 class InternViTLayer(nn.Module):

@@ -164,3 +164,47 @@ def test_eager_vision_encoder_compiles_at_start_up(tmp_path, monkeypatch) -> Non
     finally:
         knobs.runtime.jit_cache_hook = previous
     assert compiled == []
+
+
+def test_bf16_vision_encoder_with_the_gelu_table_is_bit_identical(tmp_path, monkeypatch) -> None:
+    """In bf16 on CUDA the ViT's GELU runs through the lookup table (`table_activation`): the
+    embeddings, eager and through the captured graphs, equal those of F.gelu's path bit for bit."""
+    import ocula.kernels.table_activation as table_activation
+    import ocula.models.intern_vit as intern_vit
+    from tests.helpers.tiny_internvl import make_hf_internvl
+
+    monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "4")
+    checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
+    llm = LLM(str(checkpoint), device="cuda", data_type="bf16", max_total_token_num=4096)
+    model = llm.engine.core.runner.model
+    graphs = llm.engine.core.runner.image_encoder.encode_images
+    lookups = []
+    monkeypatch.setattr(table_activation, "MIN_TABLE_ELEMENTS", 0)  # tiny tensors take it too
+    monkeypatch.setattr(
+        table_activation,
+        "_table_lookup_kernel",
+        _CountingLauncher(table_activation._table_lookup_kernel, lookups),
+    )
+    size = model.config.image_size
+    pixels = torch.randn(3, 3, size, size, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        replayed = graphs(pixels)  # captured at start-up, with the table
+        with_table = model.encode_images(pixels)
+        assert lookups  # the eager forward took the table path
+        monkeypatch.setattr(intern_vit, "USE_TABLE_ACTIVATIONS", False)
+        lookups.clear()
+        with_gelu = model.encode_images(pixels)
+        assert not lookups
+    assert torch.equal(with_table, with_gelu)
+    assert torch.equal(replayed, with_gelu)
+
+
+class _CountingLauncher:
+    """A Triton kernel's launcher that records each launch (`kernel[grid](...)`)."""
+
+    def __init__(self, kernel, launches: list) -> None:
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
