@@ -12,13 +12,13 @@ from typing import Any
 
 import httpx
 
+from ocula.multimodal.image_fetching import fetch_image_bytes
 from ocula.multimodal.image_loading import (
     ImageLimits,
     ImageSource,
     compact_base64,
     decode_base64,
     decode_image,
-    fetch_image_bytes,
     md5_hex,
 )
 

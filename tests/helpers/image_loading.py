@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ocula.multimodal.image_loading import (
-    ImageError,
-    ImageLimits,
-    ImageSource,
-    fetch_image_bytes,
-    make_http_client,
-)
+from ocula.multimodal.image_fetching import fetch_image_bytes, make_http_client
+from ocula.multimodal.image_loading import ImageError, ImageLimits, ImageSource
 
 LIMITS = ImageLimits()
 LOCAL = ImageLimits(allow_local=True, timeout_s=2.0)

@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ocula.multimodal.image_loading import ImageLimits, ImageSource, address_is_public
+from ocula.multimodal.image_fetching import address_is_public
+from ocula.multimodal.image_loading import ImageLimits, ImageSource
 from tests.helpers.image_loading import LIMITS, LOCAL, encode, error_of, fetch, gradient, status_of
 
 PNG_BYTES = encode(gradient(), "PNG")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ocula.multimodal.image_loading import ImageLimits, ImageSource, make_http_client, md5_hex
+from ocula.multimodal.image_fetching import make_http_client
+from ocula.multimodal.image_loading import ImageLimits, ImageSource, md5_hex
 from ocula.multimodal.loaded_images import KnownImageSizes, load_image
 from tests.helpers.image_loading import LIMITS, encode, gradient, status_of
 
@@ -122,7 +123,7 @@ def test_a_forged_md5_twin_of_a_known_image_is_still_decoded(monkeypatch: pytest
 def test_large_payloads_are_decoded_and_hashed_off_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    from ocula.multimodal import image_loading, loaded_images
+    from ocula.multimodal import image_fetching, loaded_images
 
     threads: dict[str, list[str]] = {"base64": [], "digests": []}
     for name, key in (("decode_base64", "base64"), ("_digests", "digests")):
@@ -134,7 +135,7 @@ def test_large_payloads_are_decoded_and_hashed_off_the_event_loop(
 
         monkeypatch.setattr(loaded_images, name, recording)
         if name == "decode_base64":  # small payloads decode through fetch_image_bytes
-            monkeypatch.setattr(image_loading, name, recording)
+            monkeypatch.setattr(image_fetching, name, recording)
     noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
     large = encode(Image.fromarray(noise), "PNG")
     assert len(large) > loaded_images.INLINE_WORK_BYTES
