@@ -13,11 +13,11 @@ from typing import Any
 
 from ocula.engine.request import ImageSpan
 from ocula.engine.warm_up_request import noise_image, synthetic_image_size
+from ocula.multimodal.image_fetching import make_http_client
 from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
     ImageSource,
-    make_http_client,
     warm_image_decoders,
 )
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt, count_image_tags
