@@ -9,11 +9,32 @@ string has just been completed, i.e. the occurrence with the smallest end positi
 strings that end there, the longest wins. The emitted text is cut at the start of that occurrence,
 or after its end with `include_stop_str_in_output`. This does not depend on how the text is split
 into pieces. Only the output is searched: the prompt is never fed, so it never matches.
+
+Each stop string is followed by a Knuth-Morris-Pratt automaton whose state is the length of the
+longest suffix of the text fed so far that is a prefix of the string: amortized O(1) work per
+character and stop string, and O(length) memory per string (its failure table, shared by every
+matcher through a cache), whatever the strings (a client's 100,000-character stop string once
+took gigabytes when every prefix was kept).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+
+
+@functools.lru_cache(maxsize=256)
+def failure_table(pattern: str) -> tuple[int, ...]:
+    """table[i]: length of the longest proper prefix of pattern[: i + 1] that is also its suffix."""
+    table = [0] * len(pattern)
+    matched = 0
+    for i in range(1, len(pattern)):
+        while matched and pattern[i] != pattern[matched]:
+            matched = table[matched - 1]
+        if pattern[i] == pattern[matched]:
+            matched += 1
+        table[i] = matched
+    return tuple(table)
 
 
 class StopStringMatcher:
@@ -21,20 +42,14 @@ class StopStringMatcher:
 
     `feed(new_text)` returns `(emit_text, stopped)`. While not stopped, the held-back tail is the
     longest suffix of the text seen that is a proper prefix of some stop string, so it is shorter
-    than the longest stop string, and each feed searches only the held tail plus the new text.
-    Once stopped, feed returns ("", True) and flush returns "".
+    than the longest stop string. Once stopped, feed returns ("", True) and flush returns "".
     """
 
     def __init__(self, stop: Sequence[str], include_stop_str_in_output: bool = False) -> None:
         # Empty stop strings are ignored: they would match before any output.
         self._stop_strings = tuple(dict.fromkeys(s for s in stop if s))
-        # Proper prefixes of the stop strings, grouped by their last character, longest first:
-        # the held tail must end with the text's last character, so only that group is checked.
-        self._prefixes_by_last_char: dict[str, list[str]] = {}
-        for prefix in sorted(
-            {s[:n] for s in self._stop_strings for n in range(1, len(s))}, key=len, reverse=True
-        ):
-            self._prefixes_by_last_char.setdefault(prefix[-1], []).append(prefix)
+        self._tables = [failure_table(s) for s in self._stop_strings]
+        self._states = [0] * len(self._stop_strings)  # matched prefix length per stop string
         self._include_stop_str = include_stop_str_in_output
         self._held_text = ""
         self._matched_stop: str | None = None
@@ -61,14 +76,15 @@ class StopStringMatcher:
         if not self._stop_strings:
             return new_text, False
         text = self._held_text + new_text
-        match = self._first_match(text)
-        if match is not None:
-            start, stop_string = match
-            self._matched_stop = stop_string
-            self._held_text = ""
-            end = start + len(stop_string) if self._include_stop_str else start
-            return text[:end], True
-        num_held = self._longest_partial_stop_suffix(text)
+        offset = len(self._held_text)  # the automata have consumed text[:offset]
+        for position in range(offset, len(text)):
+            completed = self._advance(text[position])
+            if completed is not None:
+                self._matched_stop = completed
+                self._held_text = ""
+                end = position + 1 if self._include_stop_str else position + 1 - len(completed)
+                return text[:end], True
+        num_held = max(self._states)
         self._held_text = text[len(text) - num_held :]
         return text[: len(text) - num_held], False
 
@@ -77,23 +93,21 @@ class StopStringMatcher:
         released, self._held_text = self._held_text, ""
         return "" if self._matched_stop is not None else released
 
-    def _first_match(self, text: str) -> tuple[int, str] | None:
-        """(start, stop string) of the occurrence that ends first in `text`; longest on a tie."""
-        best: tuple[int, int, str] | None = None  # (end, -length, stop string)
-        for stop_string in self._stop_strings:
-            start = text.find(stop_string)  # the first occurrence of one string also ends first
-            if start >= 0:
-                candidate = (start + len(stop_string), -len(stop_string), stop_string)
-                if best is None or candidate < best:
-                    best = candidate
-        if best is None:
-            return None
-        end, _, stop_string = best
-        return end - len(stop_string), stop_string
-
-    def _longest_partial_stop_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        for prefix in self._prefixes_by_last_char.get(text[-1:], ()):
-            if text.endswith(prefix):
-                return len(prefix)
-        return 0
+    def _advance(self, char: str) -> str | None:
+        """Feeds one character to every automaton; returns the longest stop string it
+        completes, if any."""
+        completed: str | None = None
+        states = self._states
+        for index, stop_string in enumerate(self._stop_strings):
+            matched = states[index]
+            table = self._tables[index]
+            while matched and stop_string[matched] != char:
+                matched = table[matched - 1]
+            if stop_string[matched] == char:
+                matched += 1
+            if matched == len(stop_string):
+                if completed is None or len(stop_string) > len(completed):
+                    completed = stop_string
+                matched = table[matched - 1]
+            states[index] = matched
+        return completed

@@ -24,6 +24,8 @@ from ocula.sampling.params import (
 )
 from ocula.utils.device import host_arrays_to_device
 
+TOP_K_CEILING = 2**31 - 1
+
 
 class SamplingRequest(Protocol):
     """What the batch builder reads from a request (the engine's `Request` satisfies it)."""
@@ -128,7 +130,9 @@ class SamplingBatch:
         for request in requests:
             params = request.sampling_params
             temperature = _or(params.temperature, DEFAULT_TEMPERATURE)
-            top_k = _or(params.top_k, DEFAULT_TOP_K)
+            # Any k at or above the vocabulary keeps every token (the sampler clamps to it); the
+            # ceiling keeps a client's 2**63 from overflowing the int64 tensor.
+            top_k = min(_or(params.top_k, DEFAULT_TOP_K), TOP_K_CEILING)
             rep = _or(params.repetition_penalty, DEFAULT_REPETITION_PENALTY)
             temperatures.append(temperature)
             top_ps.append(_or(params.top_p, DEFAULT_TOP_P))

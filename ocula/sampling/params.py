@@ -11,6 +11,7 @@ resolved values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,9 @@ DEFAULT_MIN_P = 0.0  # off
 DEFAULT_REPETITION_PENALTY = 1.0  # off
 
 MAX_LOGPROBS = 20
+# All stop strings of a request together, in characters: far above any real use, and it bounds
+# the matcher's tables (`engine/stop_strings.py`).
+MAX_STOP_CHARS = 16384
 _SEED_MIN = -(2**63)  # torch.Generator.manual_seed accepts [-2**63, 2**64 - 1]
 _SEED_MAX = 2**64 - 1
 
@@ -131,6 +135,11 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if sum(len(s) for s in self.stop) > MAX_STOP_CHARS:
+            raise ValueError(
+                f"stop strings may hold {MAX_STOP_CHARS} characters in all, "
+                f"got {sum(len(s) for s in self.stop)}"
+            )
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id)
             if token_id < 0:
@@ -181,3 +190,5 @@ def _check_number(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if value != value:  # NaN compares unequal to itself and would pass every range check
         raise ValueError(f"{name} must not be NaN")
+    if value in (math.inf, -math.inf):  # JSON's 1e309 too
+        raise ValueError(f"{name} must be finite, got {value}")

@@ -128,6 +128,13 @@ def test_top_k_keeps_the_k_most_likely() -> None:
     assert_distribution(frequencies(SamplingParams(top_k=3)), renormalized(PROBS, [0, 1, 2]))
 
 
+def test_top_k_beyond_the_vocabulary_and_int64_keeps_every_token() -> None:
+    """A client's top_k of 2**63 once overflowed the batch's int64 tensor and ended the engine."""
+    everything = renormalized(PROBS, list(range(len(PROBS))))
+    for top_k in (len(PROBS), 2**63, 10**30):
+        assert_distribution(frequencies(SamplingParams(top_k=top_k)), everything)
+
+
 def test_top_k_with_temperature() -> None:
     observed = frequencies(SamplingParams(top_k=4, temperature=2.0))
     assert_distribution(observed, renormalized([p**0.5 for p in PROBS], [0, 1, 2, 3]))

@@ -28,6 +28,9 @@ def test_defaults_are_valid() -> None:
         ({"min_new_tokens": 20, "max_new_tokens": 10}, "min_new_tokens"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"stop": ["a" * 10_000, "b" * 6_385]}, "stop"),  # 16,385 characters in all
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.01}, "top_p"),
         ({"top_k": -2}, "top_k"),
@@ -61,6 +64,8 @@ def test_validate_names_the_bad_field(kwargs: dict, field_name: str) -> None:
         {"logprobs": 20, "presence_penalty": -2.0, "frequency_penalty": 2.0},
         {"min_new_tokens": 16, "max_new_tokens": 16},
         {"seed": -5},
+        {"top_k": 2**63},  # past int64: keeps every token (the batch clamps it)
+        {"stop": ["a" * 10_000, "b" * 6_384]},  # 16,384 characters in all
     ],
 )
 def test_validate_accepts_boundaries(kwargs: dict) -> None:

@@ -101,6 +101,19 @@ def test_no_stop_strings_passes_text_through() -> None:
     assert matcher.flush() == ""
 
 
+def test_long_stop_strings_keep_linear_tables() -> None:
+    """The matcher's memory is linear in the stop strings' length: a 16,384-character stop
+    string (the most a request may send) once meant ~134 M characters of stored prefixes."""
+    stop = "ab" * 8192
+    matcher = StopStringMatcher([stop, "b" * 5000])
+    assert [len(table) for table in matcher._tables] == [16384, 5000]
+    text = "xx" + "ab" * 8191 + "a"  # the stop string but for its last character
+    assert matcher.feed(text) == ("xx", False)
+    assert matcher.held_text == text[2:]
+    assert matcher.feed("b and more") == ("", True)  # "xx" went out before
+    assert matcher.matched_stop == stop
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     text=st.text(alphabet="abc ", max_size=40),
