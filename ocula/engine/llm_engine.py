@@ -28,6 +28,7 @@ from ocula.multimodal.image_loading import (
     ImageError,
     ImageLimits,
 )
+from ocula.multimodal.image_processing import MAX_REQUEST_TILES
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt
 from ocula.multimodal.loaded_images import LoadedImage
 from ocula.sampling.params import SamplingParams
@@ -97,6 +98,15 @@ class LLMEngine:
             raise ValueError(
                 "a multimodal prompt is {'prompt': str, 'images': [bytes], "
                 f"'image_max_patch_num': int}}; got keys {sorted(prompt)}"
+            )
+        max_tiles = prompt.get("image_max_patch_num")
+        if max_tiles is not None and (
+            isinstance(max_tiles, bool)
+            or not isinstance(max_tiles, int)
+            or not 1 <= max_tiles <= MAX_REQUEST_TILES
+        ):
+            raise ValueError(
+                f"image_max_patch_num must be an int in [1, {MAX_REQUEST_TILES}], got {max_tiles!r}"
             )
 
     @staticmethod

@@ -30,6 +30,10 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_TILES = 12
+# The largest tile cap a request may ask for (`image_max_patch_num`): 64 tiles are 16,384 image
+# tokens at InternVL's 256 per tile, and the grids to consider grow with the cube of the cap (the
+# reference's loops): a cap of 10**9 once kept the server busy forever.
+MAX_REQUEST_TILES = 64
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
+from ocula.multimodal.image_processing import MAX_REQUEST_TILES
 from ocula.sampling.params import DEFAULT_TEMPERATURE, SamplingParams
 from ocula.server.async_engine import RequestError
 
@@ -82,7 +83,8 @@ class GenerateParameters(_StrictModel):
     n: int | None = Field(None, ge=1, le=MAX_SEQUENCES_PER_REQUEST)
     best_of: int | None = Field(None, ge=1, le=MAX_SEQUENCES_PER_REQUEST)
     return_details: bool = False
-    image_max_patch_num: int | None = Field(None, ge=1)  # tile cap for InternVL images
+    # Tile cap for InternVL images, overriding the checkpoint's for this request.
+    image_max_patch_num: int | None = Field(None, ge=1, le=MAX_REQUEST_TILES)
     add_special_tokens: bool = True  # applies to string inputs only
 
     @model_validator(mode="after")
