@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -54,6 +55,28 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 # -- request preparation -----------------------------------------------------------------------
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def holds_lone_surrogate(data: object) -> bool:
+    """Whether any string in parsed JSON (keys included) holds an unpaired surrogate."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
 async def read_body(request: Request, model: type[Body]) -> Body:
     """The body parsed as JSON and validated as `model`, whatever its Content-Type: LightLLM
     reads every body as JSON, and `curl -d` sends application/x-www-form-urlencoded."""
@@ -62,6 +85,15 @@ async def read_body(request: Request, model: type[Body]) -> Body:
         data = json.loads(raw)
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
         raise RequestError(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise RequestError("the body is not valid JSON: it is nested too deeply") from None
+    # json.loads turns an unpaired \ud800-\udfff escape into a lone surrogate, which no
+    # tokenizer can encode (the OpenAI routes' parser refuses them too).
+    if _SURROGATE_ESCAPE.search(raw) and holds_lone_surrogate(data):
+        raise RequestError(
+            "the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
+            "which is not valid Unicode text"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as error:

@@ -65,8 +65,12 @@ RESERVED_TEMPLATE_ARGS = frozenset(
         "return_dict",
         "return_tensors",
         "chat_template",
+        "messages",
     }
 )
+# What a chat template raises on arguments it cannot use (a client's chat_template_kwargs or
+# messages): the client's error, answered with 400.
+TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -148,7 +152,7 @@ def render_chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> tuple[str
             continue_final_message=bool(body.continue_final_message),
             **{key: value for key, value in extra.items() if key not in RESERVED_TEMPLATE_ARGS},
         )
-    except (TemplateError, ValueError) as error:
+    except TEMPLATE_ERRORS as error:
         raise OpenAIError(
             400, f"the chat template refused the messages: {error}", param="messages"
         ) from None

@@ -95,6 +95,13 @@ async def create_completion(request: Request) -> Response:
     check_unsupported(body)
     tokenizer = state.engine.tokenizer
     prompts = await asyncio.to_thread(tokenize_prompts, tokenizer, body.prompt)
+    if len(prompts) > state.max_in_flight:  # could never be admitted: not a 503 to retry
+        raise OpenAIError(
+            400,
+            f"a batch of {len(prompts)} prompts is more than this server holds at once "
+            f"({state.max_in_flight}: --running_max_req_size + --max_waiting_requests)",
+            param="prompt",
+        )
     prepared = []
     for prompt in prompts:
         # max_tokens: 16 when left out (OpenAI), all the room left when sent as null (vLLM).

@@ -1,7 +1,8 @@
 """The bad-input matrix on a live InternVL server, while a well-formed stream runs beside it:
 each bad request gets its 4xx and a message naming the problem, unusual but valid images decode,
 and the concurrent stream completes exactly. (Decoding and URL fetching are covered case by case
-in tests/multimodal/test_image_loading.py; this checks that the server maps them end to end.)"""
+in tests/multimodal; this checks that the server maps them end to end.) Extreme values that are
+valid (a top_k past int64) are served."""
 
 from __future__ import annotations
 
@@ -13,14 +14,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from tests.helpers.image_loading import encode, gradient
 from tests.helpers.server import start_server
 from tests.helpers.tiny_internvl import make_hf_internvl
-from tests.multimodal.test_image_loading import (
-    encode,
-    gradient,
-    sixteen_bit_rgb_png,
-    with_declared_jpeg_size,
-)
+from tests.multimodal.test_image_loading import sixteen_bit_rgb_png, with_declared_jpeg_size
 from tests.server.load_tools import assert_caches_idle, sse_payloads, wait_until_idle
 
 STREAM_TOKENS = 120  # outlasts the matrix, which takes well under a second
@@ -102,6 +99,43 @@ BAD_REQUESTS: list[tuple[str, bytes | dict, int, str]] = [
         "data URI",
     ),
     ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+    # Lone surrogates, deep nesting: json.loads takes both, the tokenizer and the parser did not.
+    ("/generate", b'{"inputs": "a\\ud800b"}', 400, "surrogate"),
+    (
+        "/generate_stream",
+        b'{"inputs": "fox", "parameters": {"stop_sequences": "\\udfff"}}',
+        400,
+        "surrogate",
+    ),
+    ("/tokens", b'{"text": "a\\udfffb"}', 400, "surrogate"),
+    (
+        "/generate",
+        b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+        "nested too deeply",
+    ),
+    # Values whose cost grows without bound: refused before any work.
+    (
+        "/generate",
+        with_images(1, [b64(PNG)], image_max_patch_num=10**9),
+        400,
+        "image_max_patch_num",
+    ),
+    ("/generate", {"inputs": "fox", "parameters": {"stop_sequences": "a" * 20_000}}, 400, "stop"),
+    ("/generate", b'{"inputs": "fox", "parameters": {"temperature": 1e309}}', 400, "finite"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e309},
+        400,
+        "finite",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"documents": 5}},
+        400,
+        "chat template",
+    ),
+    ("/v1/completions", {"prompt": [[1, 2]] * 2100, "max_tokens": 1}, 400, "holds at once"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
 ]
 
@@ -138,6 +172,13 @@ def test_bad_inputs_get_clear_4xx_while_a_good_request_streams(tmp_path) -> None
         for name, data in GOOD_IMAGES.items():
             response = client.post("/generate", json=with_images(1, [b64(data)]))
             assert response.status_code == 200, (name, response.text)
+        extreme = {"do_sample": True, "top_k": 2**63, "max_new_tokens": 2}  # keeps every token
+        response = client.post("/generate", json={"inputs": "fox", "parameters": extreme})
+        assert response.status_code == 200, response.text
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        ignored = {**chat, "chat_template_kwargs": {"messages": []}}  # reserved: ignored
+        response = client.post("/v1/chat/completions", json=ignored)
+        assert response.status_code == 200, response.text
         beside.join(120)
         client.close()
         events = [json.loads(payload) for payload in sse_payloads(streamed)]
