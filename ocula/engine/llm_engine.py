@@ -103,10 +103,11 @@ class LLMEngine:
         if max_tiles is not None and (
             isinstance(max_tiles, bool)
             or not isinstance(max_tiles, int)
-            or not 1 <= max_tiles <= MAX_REQUEST_TILES
+            or not 0 <= max_tiles <= MAX_REQUEST_TILES
         ):
             raise ValueError(
-                f"image_max_patch_num must be an int in [1, {MAX_REQUEST_TILES}], got {max_tiles!r}"
+                f"image_max_patch_num must be an int in [0, {MAX_REQUEST_TILES}] (0: the "
+                f"checkpoint's cap), got {max_tiles!r}"
             )
 
     @staticmethod

@@ -145,6 +145,8 @@ class ModelRunner:
                 # (collective under vision tensor parallelism).
                 with torch.inference_mode():
                     encode(torch.zeros((1, *tile), dtype=dtype, device=device))
+                    if hasattr(self.model, "warm_up_kernels"):  # paths a large batch takes
+                        self.model.warm_up_kernels(dtype, device)
             self.image_encoder = ImageEncoder(
                 encode,
                 self.model.tokens_per_tile,

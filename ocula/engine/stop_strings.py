@@ -91,6 +91,7 @@ class StopStringMatcher:
     def flush(self) -> str:
         """At a finish that is not a stop string (EOS, length): release the held-back tail."""
         released, self._held_text = self._held_text, ""
+        self._states = [0] * len(self._stop_strings)
         return "" if self._matched_stop is not None else released
 
     def _advance(self, char: str) -> str | None:

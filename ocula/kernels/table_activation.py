@@ -73,6 +73,12 @@ def _table_lookup_kernel(x_ptr, table_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offsets, tl.load(table_ptr + index, mask=mask), mask=mask)
 
 
+def warm_up(function: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype, device) -> None:
+    """Builds the table and compiles the kernel now (start-up), not in the first large batch:
+    a tensor of one block takes the same compiled variant as a large one (sizes divisible by 16)."""
+    table_activation_(torch.zeros(BLOCK, dtype=dtype, device=device), function)
+
+
 def table_activation_(
     x: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:

@@ -182,6 +182,18 @@ TABLE_ACTIVATIONS = {"gelu": F.gelu}
 USE_TABLE_ACTIVATIONS = True
 
 
+def warm_up_table_activations(hidden_act: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Compiles the table path of `InternViTMLP` ahead of its first large batch (eager start-up:
+    the warm-up forward of one tile is below `MIN_TABLE_ELEMENTS`)."""
+    function = TABLE_ACTIVATIONS.get(hidden_act)
+    if function is None or not USE_TABLE_ACTIVATIONS or device.type != "cuda":
+        return
+    from ocula.kernels.table_activation import TABLE_DTYPES, warm_up
+
+    if dtype in TABLE_DTYPES:
+        warm_up(function, dtype, device)
+
+
 class InternViTMLP(nn.Module):
     def __init__(self, config: InternViTConfig, tp: ParallelGroup) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.layers.attention import AttentionBackend
 from ocula.layers.linear import CheckpointTensor, ColumnParallelLinear, RowParallelLinear
-from ocula.models.intern_vit import InternViT, frozen_layer_norm
+from ocula.models.intern_vit import InternViT, frozen_layer_norm, warm_up_table_activations
 from ocula.models.internvl_config import InternVLModelConfig
 from ocula.models.internvl_weights import VISION_PACKED_MAPPING, load_internvl_weights
 from ocula.models.registry import resolve_model_class
@@ -104,6 +104,10 @@ class InternVLChatModel(nn.Module):
     @property
     def tokens_per_tile(self) -> int:
         return self.config.tokens_per_tile
+
+    def warm_up_kernels(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Compiles the vision kernels only large batches use (eager start-up)."""
+        warm_up_table_activations(self.config.vision_config.hidden_act, dtype, device)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, 3, S, S] -> embeddings [tiles, tokens_per_tile, llm_hidden]."""

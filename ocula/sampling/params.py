@@ -11,7 +11,6 @@ resolved values.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,11 @@ MAX_LOGPROBS = 20
 # All stop strings of a request together, in characters: far above any real use, and it bounds
 # the matcher's tables (`engine/stop_strings.py`).
 MAX_STOP_CHARS = 16384
+# Stop strings per request (OpenAI takes 4): each one costs the matcher work per output character.
+MAX_STOP_STRINGS = 64
+FLOAT32_MAX = 3.4028234663852886e38
+# Far beyond use (penalties near 1), and it keeps a logit of 1e4 finite in float32 either way.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 _SEED_MIN = -(2**63)  # torch.Generator.manual_seed accepts [-2**63, 2**64 - 1]
 _SEED_MAX = 2**64 - 1
 
@@ -114,9 +118,11 @@ class SamplingParams:
                 raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty is not None:
             _check_number("repetition_penalty", self.repetition_penalty)
-            if self.repetition_penalty <= 0:
+            low, high = REPETITION_PENALTY_RANGE
+            if not low <= self.repetition_penalty <= high:
                 raise ValueError(
-                    f"repetition_penalty must be greater than 0, got {self.repetition_penalty}"
+                    f"repetition_penalty must be in [{low:g}, {high:g}], "
+                    f"got {self.repetition_penalty}"
                 )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -135,6 +141,10 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(
+                f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
+            )
         if sum(len(s) for s in self.stop) > MAX_STOP_CHARS:
             raise ValueError(
                 f"stop strings may hold {MAX_STOP_CHARS} characters in all, "
@@ -190,5 +200,7 @@ def _check_number(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if value != value:  # NaN compares unequal to itself and would pass every range check
         raise ValueError(f"{name} must not be NaN")
-    if value in (math.inf, -math.inf):  # JSON's 1e309 too
-        raise ValueError(f"{name} must be finite, got {value}")
+    # Every knob becomes a float32 on the device: past its range (JSON's 1e309 is inf already)
+    # a value turns into inf there, and inf / inf into NaN logits.
+    if not abs(value) <= FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite (at most {FLOAT32_MAX:.3g} in size), got {value}")

@@ -82,7 +82,9 @@ async def read_body(request: Request, model: type[Body]) -> Body:
     reads every body as JSON, and `curl -d` sends application/x-www-form-urlencoded."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        # Strict UTF-8 first: json.loads(bytes) would also take UTF-16 bodies and encoded
+        # surrogates (surrogatepass), which no tokenizer can encode.
+        data = json.loads(raw.decode("utf-8"))
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
         raise RequestError(f"the body is not valid JSON: {error}") from None
     except RecursionError:

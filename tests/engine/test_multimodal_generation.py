@@ -166,7 +166,7 @@ def test_images_batch_together_and_requests_are_checked(hf_checkpoint) -> None:
     with pytest.raises(ValueError, match="image 0"):
         llm.generate({"prompt": "<image>", "images": [b"not an image"]}, GREEDY)
     image = random_png(60, 60, 1)
-    for cap in (0, 65, 10**9, 2.0):  # the candidate grids grow with the cube of the cap
+    for cap in (-1, 65, 10**9, 2.0):  # the candidate grids grow with the cube of the cap
         with pytest.raises(ValueError, match="image_max_patch_num must be an int in"):
             llm.generate({"prompt": "<image>", "images": [image], "image_max_patch_num": cap})
     llm.generate({"prompt": "<image>", "images": [image], "image_max_patch_num": 64}, GREEDY)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from ocula.kernels.table_activation import BLOCK, activation_table, table_activation_
+from ocula.kernels.table_activation import BLOCK, activation_table, table_activation_, warm_up
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -91,3 +91,21 @@ def test_rejects_what_it_cannot_do(device: torch.device) -> None:
         table_activation_(strided, F.gelu)
     with pytest.raises(ValueError, match="elementwise"):
         activation_table(lambda x: x.float(), torch.float16, device)
+
+
+def test_warm_up_builds_the_table_and_runs_the_kernel(device: torch.device) -> None:
+    """The eager engine calls it at start-up, so the first large batch compiles nothing."""
+
+    def half_gelu(x: torch.Tensor) -> torch.Tensor:  # a function no other test tabulated
+        return F.gelu(x) / 2
+
+    warm_up(half_gelu, torch.float16, device)
+    table = activation_table(half_gelu, torch.float16, device)
+    assert torch.equal(
+        bits(table.view(torch.float16)), bits(half_gelu(every_pattern_unsigned(device)))
+    )
+
+
+def every_pattern_unsigned(device: torch.device) -> torch.Tensor:
+    """Pattern i at index i (the table's order)."""
+    return every_pattern(torch.float16, device).roll(-(1 << 15))

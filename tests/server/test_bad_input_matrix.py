@@ -108,6 +108,8 @@ BAD_REQUESTS: list[tuple[str, bytes | dict, int, str]] = [
         "surrogate",
     ),
     ("/tokens", b'{"text": "a\\udfffb"}', 400, "surrogate"),
+    ("/generate", b'{"inputs": "a\xed\xa0\x80b"}', 400, "not valid JSON"),  # encoded surrogate
+    ("/generate", '{"inputs": "a\\ud800b"}'.encode("utf-16-le"), 400, "not valid JSON"),
     (
         "/generate",
         b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",

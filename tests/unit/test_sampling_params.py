@@ -30,6 +30,11 @@ def test_defaults_are_valid() -> None:
         ({"temperature": float("nan")}, "temperature"),
         ({"temperature": float("inf")}, "temperature"),
         ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),  # 0 in float32
+        ({"repetition_penalty": 1e39}, "repetition_penalty"),
+        ({"temperature": 1e300}, "temperature"),  # inf in float32
+        ({"temperature": 10**400}, "temperature"),
+        ({"stop": ["x"] * 65}, "stop"),
         ({"stop": ["a" * 10_000, "b" * 6_385]}, "stop"),  # 16,385 characters in all
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.01}, "top_p"),
@@ -66,6 +71,7 @@ def test_validate_names_the_bad_field(kwargs: dict, field_name: str) -> None:
         {"seed": -5},
         {"top_k": 2**63},  # past int64: keeps every token (the batch clamps it)
         {"stop": ["a" * 10_000, "b" * 6_384]},  # 16,384 characters in all
+        {"stop": [str(i) for i in range(64)], "repetition_penalty": 1e6, "temperature": 1e38},
     ],
 )
 def test_validate_accepts_boundaries(kwargs: dict) -> None:

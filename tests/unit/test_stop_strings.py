@@ -114,6 +114,13 @@ def test_long_stop_strings_keep_linear_tables() -> None:
     assert matcher.matched_stop == stop
 
 
+def test_flush_forgets_the_partial_match() -> None:
+    matcher = StopStringMatcher(["abc"])
+    assert matcher.feed("ab") == ("", False)
+    assert matcher.flush() == "ab"
+    assert matcher.feed("cxyz") == ("cxyz", False)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     text=st.text(alphabet="abc ", max_size=40),
