@@ -82,9 +82,9 @@ async def read_body(request: Request, model: type[Body]) -> Body:
     reads every body as JSON, and `curl -d` sends application/x-www-form-urlencoded."""
     raw = await request.body()
     try:
-        # Strict UTF-8 first: json.loads(bytes) would also take UTF-16 bodies and encoded
-        # surrogates (surrogatepass), which no tokenizer can encode.
-        data = json.loads(raw.decode("utf-8"))
+        # Strict UTF-8 first (a leading BOM allowed): json.loads(bytes) would also take UTF-16
+        # bodies and encoded surrogates (surrogatepass), which no tokenizer can encode.
+        data = json.loads(raw.decode("utf-8-sig"))
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
         raise RequestError(f"the body is not valid JSON: {error}") from None
     except RecursionError:

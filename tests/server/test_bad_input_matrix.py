@@ -174,6 +174,8 @@ def test_bad_inputs_get_clear_4xx_while_a_good_request_streams(tmp_path) -> None
         for name, data in GOOD_IMAGES.items():
             response = client.post("/generate", json=with_images(1, [b64(data)]))
             assert response.status_code == 200, (name, response.text)
+        with_bom = b"\xef\xbb\xbf" + json.dumps({"inputs": "fox"}).encode()
+        assert client.post("/generate", content=with_bom).status_code == 200
         extreme = {"do_sample": True, "top_k": 2**63, "max_new_tokens": 2}  # keeps every token
         response = client.post("/generate", json={"inputs": "fox", "parameters": extreme})
         assert response.status_code == 200, response.text
