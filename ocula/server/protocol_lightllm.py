@@ -31,7 +31,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from ocula.multimodal.image_processing import MAX_REQUEST_TILES
-from ocula.sampling.params import DEFAULT_TEMPERATURE, SamplingParams
+from ocula.sampling.params import (
+    DEFAULT_TEMPERATURE,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+)
 from ocula.server.async_engine import RequestError
 
 # LightLLM decodes greedily below this temperature.
@@ -181,6 +186,13 @@ def stop_conditions(
     sequences = [stop_sequences] if isinstance(stop_sequences, str) else stop_sequences
     if sequences and all(isinstance(item, int) for item in sequences):
         sequences = [sequences]  # a bare list of ids is one token-id stop sequence
+    # The engine's limits, checked before any tokenizing (each string is encoded here).
+    texts = [sequence for sequence in sequences if isinstance(sequence, str)]
+    if len(sequences) > MAX_STOP_STRINGS or sum(map(len, texts)) > MAX_STOP_CHARS:
+        raise RequestError(
+            f"parameters.stop_sequences: at most {MAX_STOP_STRINGS} sequences and "
+            f"{MAX_STOP_CHARS} characters in all"
+        )
     stop_strings: list[str] = []
     stop_token_ids: list[int] = []
     for sequence in sequences:

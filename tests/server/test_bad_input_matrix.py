@@ -124,6 +124,7 @@ BAD_REQUESTS: list[tuple[str, bytes | dict, int, str]] = [
         "image_max_patch_num",
     ),
     ("/generate", {"inputs": "fox", "parameters": {"stop_sequences": "a" * 20_000}}, 400, "stop"),
+    ("/generate", {"inputs": "fox", "parameters": {"stop_sequences": ["ab"] * 65}}, 400, "stop"),
     ("/generate", b'{"inputs": "fox", "parameters": {"temperature": 1e309}}', 400, "finite"),
     (
         "/v1/chat/completions",
