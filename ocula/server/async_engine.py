@@ -25,15 +25,12 @@ from ocula.server.engine_process import run_engine_process
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
 from ocula.server.image_payloads import FrontPayloads
 from ocula.server.images import FrontImages
+from ocula.server.request_errors import RequestError
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 
 logger = logging.getLogger(__name__)
 
 STARTUP_POLL_SECONDS = 0.05  # how often start-up checks on the engine process
-
-
-class RequestError(ValueError):
-    """The request cannot be served as sent; the message is meant for the client (HTTP 400)."""
 
 
 class EngineUnavailableError(RuntimeError):
@@ -115,6 +112,12 @@ class AsyncEngine:
             await asyncio.sleep(STARTUP_POLL_SECONDS)
         self._tasks.append(asyncio.create_task(self._watch_process()))
         return self.ready
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt the engine takes (its effective --max_req_total_len; a new token
+        needs one more): huge texts past it are refused before they are tokenized whole."""
+        return self.ready.max_req_total_len if self.ready is not None else 1 << 62
 
     @property
     def healthy(self) -> bool:

@@ -43,7 +43,7 @@ from ocula.server.protocol_lightllm import (
     TokensRequest,
     to_sampling_params,
 )
-from ocula.server.text_encoding import encode_text
+from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -113,7 +113,12 @@ async def tokenize_with_images(
     Raises RequestError (400) or ImageError (4xx)."""
     if not multimodal.images:
         if isinstance(inputs, str):
-            return await encode_text(engine.tokenizer, inputs, add_special_tokens), []
+            return (
+                await encode_text(
+                    engine.tokenizer, inputs, add_special_tokens, engine.max_prompt_tokens
+                ),
+                [],
+            )
         return tokenize_inputs(engine, inputs, add_special_tokens), []
     reason = engine.image_support_error()
     if reason is not None:
@@ -121,6 +126,7 @@ async def tokenize_with_images(
     if not isinstance(inputs, str):
         raise RequestError("inputs: with images, inputs must be text holding <img></img> tags")
     assert engine.images is not None
+    await check_token_budget_off_loop(engine.tokenizer, inputs, engine.max_prompt_tokens)
     sources = [image.model_dump() for image in multimodal.images]
     try:
         return await engine.images.tokenize(inputs, sources, max_tiles, add_special_tokens)

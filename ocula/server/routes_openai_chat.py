@@ -50,7 +50,7 @@ from ocula.server.routes_openai_events import (
     whole_response,
 )
 from ocula.server.serving import ServerState, server_state
-from ocula.server.text_encoding import encode_text
+from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 
 router = APIRouter()
 
@@ -164,11 +164,13 @@ async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tupl
     engine = state.engine
     text, sources = await asyncio.to_thread(render_chat_prompt, engine.tokenizer, body)
     if not sources:
-        return await encode_text(engine.tokenizer, text, add_special_tokens=False), []
+        budget = engine.max_prompt_tokens
+        return await encode_text(engine.tokenizer, text, False, budget), []
     reason = engine.image_support_error()
     if reason is not None:
         raise OpenAIError(400, f"messages: {reason}", param="messages")
     assert engine.images is not None
+    await check_token_budget_off_loop(engine.tokenizer, text, engine.max_prompt_tokens)
     try:
         return await engine.images.tokenize(text, sources, None, add_special_tokens=False)
     except ValueError as error:

@@ -45,6 +45,7 @@ from ocula.server.routes_openai_events import (
     whole_response,
 )
 from ocula.server.serving import server_state
+from ocula.server.text_encoding import check_token_budget
 
 router = APIRouter()
 
@@ -55,16 +56,21 @@ class TokenizedPrompt:
     token_ids: list[int]
 
 
-def tokenize_prompts(tokenizer: Any, prompt: str | list[Any]) -> list[TokenizedPrompt]:
+def tokenize_prompts(
+    tokenizer: Any, prompt: str | list[Any], max_tokens: int
+) -> list[TokenizedPrompt]:
     """The request's prompts: a string, a list of token ids, or a batch of either. A string is
-    tokenized with the tokenizer's special tokens (BOS), as a plain prompt should be."""
+    tokenized with the tokenizer's special tokens (BOS), as a plain prompt should be; a huge one
+    past `max_tokens` is refused first (`check_token_budget`)."""
     if isinstance(prompt, str):
+        check_token_budget(tokenizer, prompt, max_tokens)
         return [TokenizedPrompt(prompt, tokenizer.encode(prompt, add_special_tokens=True))]
     if not prompt or isinstance(prompt[0], int):
         return [TokenizedPrompt(None, list(prompt))]
     batch = []
     for item in prompt:
         if isinstance(item, str):
+            check_token_budget(tokenizer, item, max_tokens)
             batch.append(TokenizedPrompt(item, tokenizer.encode(item, add_special_tokens=True)))
         else:
             batch.append(TokenizedPrompt(None, list(item)))
@@ -94,7 +100,9 @@ async def create_completion(request: Request) -> Response:
     stream_options = check_stream_options(body)
     check_unsupported(body)
     tokenizer = state.engine.tokenizer
-    prompts = await asyncio.to_thread(tokenize_prompts, tokenizer, body.prompt)
+    prompts = await asyncio.to_thread(
+        tokenize_prompts, tokenizer, body.prompt, state.engine.max_prompt_tokens
+    )
     if len(prompts) > state.max_in_flight:  # could never be admitted: not a 503 to retry
         raise OpenAIError(
             400,

@@ -58,6 +58,21 @@ BAD_REQUESTS: list[tuple[str, bytes | dict, int, str]] = [
     ("/generate", {"inputs": "fox", "parameters": {"max_new_tokens": 0}}, 400, "max_new_tokens"),
     ("/generate", {"inputs": "fox", "parameters": {"max_new_tokens": 10**9}}, 400, "limit"),
     ("/generate", {"inputs": "fox " * 2000}, 400, "over the limit"),
+    # Huge texts are refused after a chunk or two, not tokenized whole (280,000 characters).
+    ("/generate", {"inputs": "fox " * 70_000}, 400, "characters alone hold"),
+    (
+        "/generate",
+        with_images(1, [b64(PNG)], max_new_tokens=2) | {"inputs": "<img></img>" + "fox " * 70_000},
+        400,
+        "characters alone hold",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "fox " * 70_000}]},
+        400,
+        "characters alone hold",
+    ),
+    ("/v1/completions", {"prompt": ["hi", "fox " * 70_000]}, 400, "characters alone hold"),
     ("/generate", with_images(2, [b64(PNG)]), 400, "2 image tag"),
     ("/generate", with_images(0, [b64(PNG)]), 400, "0 image tag"),
     ("/generate", with_images(1, [{"type": "base64", "data": "@@@"}]), 400, "not valid base64"),
