@@ -24,6 +24,7 @@ from ocula.server.protocol_openai import (
     TopLogprob,
     Usage,
 )
+from ocula.server.request_errors import PromptTooLongError
 from ocula.server.serving import ServerState
 
 # JSON has no -inf; OpenAI reports impossible tokens with this logprob, and so do we.
@@ -76,6 +77,8 @@ def openai_endpoint(
             return await handler(request)
         except OpenAIError as error:
             return error.response()
+        except PromptTooLongError as error:
+            return OpenAIError(400, str(error), code="context_length_exceeded").response()
         except RequestError as error:
             return OpenAIError(400, str(error)).response()
 

@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ocula.server.request_errors import RequestError
+from ocula.server.request_errors import PromptTooLongError
 
 # Texts from this many characters on are tokenized in a worker thread (~1,000 tokens, ~1.5 ms).
 LONG_TEXT_CHARS = 4096
@@ -51,7 +51,7 @@ async def encode_text(
 
 
 def check_token_budget(tokenizer: Any, text: str, max_tokens: int) -> None:
-    """Raises RequestError when `text` certainly holds more than `max_tokens` tokens. A text of
+    """Raises PromptTooLongError (a RequestError) when `text` certainly holds more than `max_tokens` tokens. A text of
     over COUNT_CHUNK_CHARS characters is tokenized chunk by chunk (memory bounded by a chunk),
     stopping as soon as the count, less a slack for each cut, passes the budget; a shorter one,
     or one that stays within it, is left to the caller's own tokenizing and exact check."""
@@ -62,7 +62,7 @@ def check_token_budget(tokenizer: Any, text: str, max_tokens: int) -> None:
         chunk = text[start : start + COUNT_CHUNK_CHARS]
         counted += len(tokenizer.encode(chunk, add_special_tokens=False))
         if counted - CHUNK_BOUNDARY_SLACK * cuts > max_tokens:
-            raise RequestError(
+            raise PromptTooLongError(
                 f"the prompt is over the limit of {max_tokens} tokens: its first "
                 f"{start + len(chunk)} characters alone hold about {counted}"
             )
