@@ -58,10 +58,11 @@ def check_token_budget(tokenizer: Any, text: str, max_tokens: int) -> None:
     if len(text) <= COUNT_CHUNK_CHARS:
         return
     counted = 0
-    for cuts, start in enumerate(range(0, len(text), COUNT_CHUNK_CHARS)):
+    for index, start in enumerate(range(0, len(text), COUNT_CHUNK_CHARS)):
         chunk = text[start : start + COUNT_CHUNK_CHARS]
         counted += len(tokenizer.encode(chunk, add_special_tokens=False))
-        if counted - CHUNK_BOUNDARY_SLACK * cuts > max_tokens:
+        # Each chunk so far ends at a cut (the last one too: the text goes on past it).
+        if counted - CHUNK_BOUNDARY_SLACK * (index + 1) > max_tokens:
             raise PromptTooLongError(
                 f"the prompt is over the limit of {max_tokens} tokens: its first "
                 f"{start + len(chunk)} characters alone hold about {counted}"
