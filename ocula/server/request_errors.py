@@ -1,4 +1,5 @@
-"""The front's error for a request it cannot serve as sent (no imports, so any module may raise it)."""
+"""The front's errors for a request it cannot serve as sent (no imports: any module may raise
+them without an import cycle)."""
 
 
 class RequestError(ValueError):

@@ -113,12 +113,8 @@ async def tokenize_with_images(
     Raises RequestError (400) or ImageError (4xx)."""
     if not multimodal.images:
         if isinstance(inputs, str):
-            return (
-                await encode_text(
-                    engine.tokenizer, inputs, add_special_tokens, engine.max_prompt_tokens
-                ),
-                [],
-            )
+            budget = engine.max_prompt_tokens
+            return await encode_text(engine.tokenizer, inputs, add_special_tokens, budget), []
         return tokenize_inputs(engine, inputs, add_special_tokens), []
     reason = engine.image_support_error()
     if reason is not None:

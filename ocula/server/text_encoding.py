@@ -51,10 +51,11 @@ async def encode_text(
 
 
 def check_token_budget(tokenizer: Any, text: str, max_tokens: int) -> None:
-    """Raises PromptTooLongError (a RequestError) when `text` certainly holds more than `max_tokens` tokens. A text of
-    over COUNT_CHUNK_CHARS characters is tokenized chunk by chunk (memory bounded by a chunk),
-    stopping as soon as the count, less a slack for each cut, passes the budget; a shorter one,
-    or one that stays within it, is left to the caller's own tokenizing and exact check."""
+    """Raises PromptTooLongError (a RequestError) when `text` certainly holds more than
+    `max_tokens` tokens. A text of over COUNT_CHUNK_CHARS characters is tokenized chunk by chunk
+    (memory bounded by a chunk), stopping as soon as the count, less a slack for each cut, passes
+    the budget; a shorter one, or one within it, is left to the caller's tokenizing and exact
+    check."""
     if len(text) <= COUNT_CHUNK_CHARS:
         return
     counted = 0
