@@ -7,7 +7,7 @@ Every tile attends only to its own tokens; no token is masked inside a tile.
 
 The kernel is a flash-attention forward: one program owns BLOCK_M queries of one (tile, head),
 walks the keys in blocks of BLOCK_N with an online softmax in float32 (exp2, log2(e) folded into
-the scale), and multiplies with `tl.dot` accumulating in float32. The token count is a
+the scale, which must be positive), and multiplies with `tl.dot` accumulating in float32. The token count is a
 compile-time constant (one compilation per tile size, which a model fixes). Token counts need not be a
 multiple of the blocks (InternViT's 448 px tiles have 1 + 32 * 32 = 1025 tokens): only the last
 key block is masked, and query rows past the end are neither read nor written.
@@ -59,6 +59,8 @@ def vit_attention(
     leave them None outside tests.
     """
     _check_inputs(q, k, v)
+    if not scale > 0:
+        raise ValueError(f"the softmax scale must be positive, got {scale}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     tiles, tokens, heads, head_dim = q.shape
     out = torch.empty((tiles, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -149,12 +151,14 @@ def _attend_key_block(
     else:
         k = tl.load(k_ptrs + start_n * stride_k_token)
         v = tl.load(v_ptrs + start_n * stride_v_token)
-    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     if MASK_KEYS:
         scores = tl.where(valid[None, :], scores, float("-inf"))
+    # The scores stay unscaled: qk_scale > 0, so the scaled max is the max scaled, and the scale
+    # joins the subtraction in one FMA per score (3% faster on an H200 than scaling first).
     # Every block has a valid key, so new_max is finite and exp2(-inf - new_max) = 0 at start.
-    new_max = tl.maximum(row_max, tl.max(scores, 1))
-    probs = tl.exp2(scores - new_max[:, None])
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+    probs = tl.exp2(scores * qk_scale - new_max[:, None])
     correction = tl.exp2(row_max - new_max)
     row_sum = row_sum * correction + tl.sum(probs, 1)
     acc = acc * correction[:, None]
