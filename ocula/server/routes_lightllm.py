@@ -277,7 +277,9 @@ async def generate_stream(request: Request) -> serving.EagerStreamingResponse:
     prepared = await prepare_request(state, body, want_logprobs=True)
     request_id = state.new_request_id("generate")
     # Errors up to the first token (admission, engine refusal) raise here, before any byte.
-    events = await serving.primed(serving.run_request(state, request_id, prepared))
+    events = await serving.primed_unless_disconnected(
+        request, serving.run_request(state, request_id, prepared)
+    )
     writer = _DetailWriter(state.engine.tokenizer, len(prepared.prompt_token_ids))
     return serving.EagerStreamingResponse(
         stream_events(events, writer), media_type="text/event-stream"

@@ -203,7 +203,7 @@ async def create_chat_completion(request: Request) -> Response:
     params = sampling_params(body, max_new_tokens, logprobs)
     prepared = state.engine.prepare(prompt_ids, params, images)
     request_id = state.new_request_id("chatcmpl")
-    generations = await start_generations(state, request_id, [prepared])
+    generations = await start_generations(request, state, request_id, [prepared])
     events = merge_streams(generations.streams)
     reply = ChatReply(tokenizer, request_id, model, int(time.time()), len(prompt_ids), logprobs)
     if body.stream:

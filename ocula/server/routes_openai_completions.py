@@ -103,11 +103,13 @@ async def create_completion(request: Request) -> Response:
     prompts = await asyncio.to_thread(
         tokenize_prompts, tokenizer, body.prompt, state.engine.max_prompt_tokens
     )
-    if len(prompts) > state.max_in_flight:  # could never be admitted: not a 503 to retry
+    sequences = len(prompts) * (body.n or 1)
+    if sequences > state.max_in_flight:  # could never be admitted: not a 503 to retry
         raise OpenAIError(
             400,
-            f"a batch of {len(prompts)} prompts is more than this server holds at once "
-            f"({state.max_in_flight}: --running_max_req_size + --max_waiting_requests)",
+            f"a batch of {len(prompts)} prompts x n={body.n or 1} is {sequences} sequences, "
+            f"more than this server holds at once ({state.max_in_flight}: "
+            "--running_max_req_size + --max_waiting_requests)",
             param="prompt",
         )
     prepared = []
@@ -125,7 +127,7 @@ async def create_completion(request: Request) -> Response:
             for p in prompts
         ]
     request_id = state.new_request_id("cmpl")
-    generations = await start_generations(state, request_id, prepared)
+    generations = await start_generations(request, state, request_id, prepared)
     events = merge_streams(generations.streams)
     reply = CompletionReply(
         tokenizer,

@@ -26,9 +26,11 @@ from ocula.server.routes_openai_common import OpenAIError
 from ocula.server.serving import (
     EagerStreamingResponse,
     ServerState,
+    check_fits_at_once,
     collect_unless_disconnected,
     primed,
     run_request,
+    unless_disconnected,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,19 +57,23 @@ class Generations:
 
 
 async def start_generations(
-    state: ServerState, request_id: str, prepared: list[PreparedRequest]
+    request: Request, state: ServerState, request_id: str, prepared: list[PreparedRequest]
 ) -> Generations:
     """Submits every prompt (ids `request_id`, or `request_id-i` for several) and waits for each
     one's first token, so that refusals (overload, engine errors) surface before any response
-    byte. On failure every prompt already started is aborted and the first error is raised."""
+    byte. On failure, or if the client leaves first (ClientDisconnectedError), every prompt
+    already started is aborted and the first error is raised."""
+    check_fits_at_once(state, sum(p.params.n for p in prepared))
     ids = (
         [request_id] if len(prepared) == 1 else [f"{request_id}-{i}" for i in range(len(prepared))]
     )
     started = [run_request(state, sub_id, p) for sub_id, p in zip(ids, prepared, strict=True)]
     generations = Generations(started, [])
     try:
-        results = await asyncio.gather(
-            *(primed(events) for events in started), return_exceptions=True
+        results = await unless_disconnected(
+            request,
+            asyncio.gather(*(primed(events) for events in started), return_exceptions=True),
+            generations.close,
         )
         for result in results:
             if isinstance(result, BaseException):

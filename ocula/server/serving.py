@@ -8,8 +8,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -19,8 +20,11 @@ from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine, PreparedRequest, StreamEvent
 from ocula.server.errors import ClientDisconnectedError, OverloadedError, ServerShuttingDownError
 from ocula.server.metrics import ServerMetrics
+from ocula.server.request_errors import RequestError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DISCONNECT_POLL_SECONDS = 0.25
 DRAIN_POLL_SECONDS = 0.05
@@ -33,7 +37,10 @@ class ServerState:
     engine: AsyncEngine
     args: ServerArgs
     metrics: ServerMetrics
-    in_flight: int = 0
+    in_flight: int = 0  # requests
+    # Sequences of those requests (a request asking for n completions runs n): what the engine's
+    # running and waiting queues hold, so what admission counts.
+    sequences_in_flight: int = 0
     draining: bool = False  # set once by `drain`: new requests get 503, /health is unhealthy
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -58,13 +65,17 @@ async def run_request(
     if state.draining:
         state.metrics.requests.labels(status="shutting_down").inc()
         raise ServerShuttingDownError("the server is shutting down; retry on another replica")
-    if state.in_flight >= state.max_in_flight:
+    sequences = prepared.params.n
+    check_fits_at_once(state, sequences)
+    if state.sequences_in_flight + sequences > state.max_in_flight:
         state.metrics.requests.labels(status="overloaded").inc()
         raise OverloadedError(
-            f"the server is at capacity ({state.in_flight} requests in flight); retry shortly"
+            f"the server is at capacity ({state.in_flight} requests, "
+            f"{state.sequences_in_flight} sequences in flight); retry shortly"
         )
     metrics = state.metrics
     state.in_flight += 1
+    state.sequences_in_flight += sequences
     metrics.in_flight.inc()
     arrival = last = time.monotonic()
     status = "aborted"
@@ -96,6 +107,7 @@ async def run_request(
         raise
     finally:
         state.in_flight -= 1
+        state.sequences_in_flight -= sequences
         metrics.in_flight.dec()
         metrics.requests.labels(status=status).inc()
         metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
@@ -108,6 +120,17 @@ async def run_request(
                 request_id,
                 num_tokens,
             )
+
+
+def check_fits_at_once(state: ServerState, sequences: int) -> None:
+    """RequestError (400, not a 503 to retry) for work that could never be admitted: more
+    sequences than running and waiting capacity together."""
+    if sequences > state.max_in_flight:
+        raise RequestError(
+            f"the request asks for {sequences} sequences (prompts x n), more than this server "
+            f"holds at once ({state.max_in_flight}: --running_max_req_size + "
+            "--max_waiting_requests)"
+        )
 
 
 async def primed(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
@@ -158,16 +181,13 @@ class EagerStreamingResponse(StreamingResponse):
         return chunk.encode(self.charset) if isinstance(chunk, str) else chunk
 
 
-async def collect_unless_disconnected(
-    request: Request, events: AsyncIterator[StreamEvent]
-) -> list[StreamEvent]:
-    """All events of a non-streamed request; if the client disconnects first, the request is
-    cancelled (which aborts it in the engine) and ClientDisconnectedError is raised."""
-
-    async def collect() -> list[StreamEvent]:
-        return [event async for event in events]
-
-    task = asyncio.create_task(collect())
+async def unless_disconnected(
+    request: Request, work: Awaitable[T], cleanup: Callable[[], Awaitable[object]]
+) -> T:
+    """`work`'s result. If the client disconnects first, `work` is cancelled (a generation it
+    waits on is aborted in the engine), `cleanup` is awaited, and ClientDisconnectedError is
+    raised: a client that leaves while its request waits in the queue frees its place."""
+    task = asyncio.ensure_future(work)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
@@ -177,11 +197,30 @@ async def collect_unless_disconnected(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                await events.aclose()
+                await cleanup()
                 raise ClientDisconnectedError
     finally:
         if not task.done():
             task.cancel()
+
+
+async def primed_unless_disconnected(
+    request: Request, events: AsyncGenerator[StreamEvent, None]
+) -> AsyncIterator[StreamEvent]:
+    """`primed(events)`, given up (and the request aborted) if the client leaves first."""
+    return await unless_disconnected(request, primed(events), events.aclose)
+
+
+async def collect_unless_disconnected(
+    request: Request, events: AsyncGenerator[StreamEvent, None]
+) -> list[StreamEvent]:
+    """All events of a non-streamed request; if the client disconnects first, the request is
+    cancelled (which aborts it in the engine) and ClientDisconnectedError is raised."""
+
+    async def collect() -> list[StreamEvent]:
+        return [event async for event in events]
+
+    return await unless_disconnected(request, collect(), events.aclose)
 
 
 async def drain(state: ServerState, grace_seconds: float) -> None:
