@@ -10,9 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-from ocula.multimodal.image_fetching import fetch_image_bytes
+from ocula.multimodal.image_fetching import ImageHttpClient, fetch_image_bytes
 from ocula.multimodal.image_loading import (
     ImageLimits,
     ImageSource,
@@ -102,7 +100,7 @@ INLINE_WORK_BYTES = 1 << 20
 async def load_image(
     source: ImageSource,
     limits: ImageLimits,
-    client: httpx.AsyncClient,
+    client: ImageHttpClient,
     known: KnownImageSizes | None = None,
 ) -> LoadedImage:
     """Fetch and decode one image; decoding runs in a worker thread, and is skipped for an

@@ -23,5 +23,9 @@ def build_app(engine: AsyncEngine, args: ServerArgs) -> FastAPI:
     app.include_router(routes_lightllm.router)
     app.include_router(routes_openai.router)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=int(args.max_request_body_mb * (1 << 20)))
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=int(args.max_request_body_mb * (1 << 20)),
+        idle_timeout_s=args.request_body_timeout_s,
+    )
     return app

@@ -24,6 +24,9 @@ class ServerArgs(EngineArgs):
         1024, "Requests that may wait for a slot; beyond that new ones get 503 with Retry-After."
     )
     max_request_body_mb: float = option(64.0, "Largest HTTP request body, in MiB (413 beyond).")
+    request_body_timeout_s: float = option(
+        30.0, "Longest wait for the next piece of a request body (408 beyond)."
+    )
     skip_server_warmup: bool = option(
         False,
         "Serve without first running one synthetic request (with an image on a vision model) "
@@ -37,6 +40,10 @@ class ServerArgs(EngineArgs):
         if self.max_waiting_requests < 0:
             raise ValueError(
                 f"--max_waiting_requests must be >= 0, got {self.max_waiting_requests}"
+            )
+        if not self.request_body_timeout_s > 0:
+            raise ValueError(
+                f"--request_body_timeout_s must be positive, got {self.request_body_timeout_s}"
             )
         if self.max_request_body_mb <= 0:
             raise ValueError(

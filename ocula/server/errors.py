@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ocula.multimodal.image_loading import ImageError
 from ocula.server.async_engine import EngineUnavailableError, RequestError
@@ -68,6 +69,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ImageError)
     async def _image(_: Request, error: ImageError) -> JSONResponse:
+        if error.status == 503:  # too many image fetches waiting: retry shortly
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            return error_response(503, error.message, "overloaded", headers)
         kinds = {413: "image_too_large", 422: "image_unfetchable"}
         return error_response(error.status, error.message, kinds.get(error.status, "invalid_image"))
 
@@ -78,7 +82,8 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(ClientDisconnectedError)
-    async def _disconnected(_: Request, __: ClientDisconnectedError) -> Response:
+    @app.exception_handler(ClientDisconnect)  # the client left while its body was being read
+    async def _disconnected(_: Request, __: Exception) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; no traceback
 
     @app.exception_handler(EngineUnavailableError)

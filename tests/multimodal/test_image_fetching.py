@@ -13,11 +13,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ocula.multimodal.image_fetching import address_is_public
-from ocula.multimodal.image_loading import ImageLimits, ImageSource
+from ocula.multimodal.image_fetching import (
+    FetchGate,
+    ImageHttpClient,
+    address_is_public,
+    fetch_image_bytes,
+)
+from ocula.multimodal.image_loading import ImageError, ImageLimits, ImageSource
 from tests.helpers.image_loading import LIMITS, LOCAL, encode, error_of, fetch, gradient, status_of
 
 PNG_BYTES = encode(gradient(), "PNG")
+CONCURRENCY = {"now": 0, "peak": 0}  # requests to /counted in progress, and their most at once
+COUNTER_LOCK = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -30,12 +37,24 @@ class Handler(BaseHTTPRequestHandler):
             "/image.png": lambda: self.reply(200, PNG_BYTES),
             "/hop": lambda: self.redirect("/image.png"),
             "/loop": lambda: self.redirect("/loop"),
+            "/no-location": lambda: self.redirect(None),
+            "/counted": self.counted,
             "/to-loopback": lambda: self.redirect(f"http://127.0.0.1:{port}/image.png"),
             "/slow": lambda: (time.sleep(1.5), self.reply(200, PNG_BYTES)),
             "/big-declared": lambda: self.reply(200, b"x" * 5000),
             "/big-streamed": lambda: self.reply(200, b"x" * 5000, declare_length=False),
         }
         routes.get(self.path, lambda: self.reply(404, b"not found"))()
+
+    def counted(self) -> None:
+        """Replies after 0.2 s, counting the requests in progress (CONCURRENCY)."""
+        with COUNTER_LOCK:
+            CONCURRENCY["now"] += 1
+            CONCURRENCY["peak"] = max(CONCURRENCY["peak"], CONCURRENCY["now"])
+        time.sleep(0.2)
+        with COUNTER_LOCK:
+            CONCURRENCY["now"] -= 1
+        self.reply(200, PNG_BYTES)
 
     def reply(self, status: int, body: bytes, declare_length: bool = True) -> None:
         self.send_response(status)
@@ -47,9 +66,10 @@ class Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):  # the client may give up (timeout or size cap)
             self.wfile.write(body)
 
-    def redirect(self, location: str) -> None:
+    def redirect(self, location: str | None) -> None:
         self.send_response(302)
-        self.send_header("Location", location)
+        if location is not None:
+            self.send_header("Location", location)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -84,6 +104,7 @@ def test_unfetchable_urls_are_422(server_port):
     for url, limits, reason in [
         (f"{base}/missing.png", LOCAL, "HTTP 404"),
         (f"{base}/loop", LOCAL, "more than 3 redirects"),
+        (f"{base}/no-location", LOCAL, "redirected without a Location header"),
         (f"{base}/slow", ImageLimits(allow_local=True, timeout_s=0.3), "timed out after 0.3s"),
         (f"http://127.0.0.1:{closed_port}/a.png", LOCAL, "could not connect"),
         ("http://host.invalid/a.png", LOCAL, "could not resolve"),
@@ -124,3 +145,22 @@ def test_address_policy():
         assert not address_is_public(ipaddress.ip_address(address)), address
     for address in PUBLIC:
         assert address_is_public(ipaddress.ip_address(address)), address
+
+
+def test_the_gate_runs_a_bounded_number_of_fetches_and_refuses_past_its_queue(server_port):
+    # 2 run at once and 3 may wait: of 8 fetches started together, 3 are refused at once (503)
+    # and 5 are served, the server never seeing more than 2 at a time.
+    source = ImageSource.parse({"type": "url", "data": f"http://127.0.0.1:{server_port}/counted"})
+    limits = ImageLimits(allow_local=True, timeout_s=5.0)
+
+    async def main() -> list:
+        async with ImageHttpClient(FetchGate(max_running=2, max_waiting=3)) as client:
+            fetches = (fetch_image_bytes(source, limits, client) for _ in range(8))
+            return await asyncio.gather(*fetches, return_exceptions=True)
+
+    CONCURRENCY.update(now=0, peak=0)
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, ImageError)]
+    assert len(refused) == 3 and all(e.status == 503 and "retry" in e.message for e in refused)
+    assert [r for r in results if not isinstance(r, ImageError)] == [PNG_BYTES] * 5
+    assert CONCURRENCY["peak"] == 2

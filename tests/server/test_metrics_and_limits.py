@@ -1,9 +1,14 @@
 """/metrics in Prometheus' format, overload answered with 503 + Retry-After, bodies over the
-limit answered with 413 (a server with one running slot, no waiting room and a small body cap)."""
+limit answered with 413, bodies that stop arriving with 408, and clients that leave mid-body or
+behind pipelined requests ending quietly (a server with one running slot, no waiting room, a
+small body cap and a short body timeout)."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -43,6 +48,8 @@ def small_server(tiny_checkpoint, tmp_path_factory) -> Iterator[RunningServer]:
         "0",
         "--max_request_body_mb",
         "0.01",
+        "--request_body_timeout_s",
+        "0.5",
     )
     yield running
     assert running.stop() == 0, running.log()
@@ -109,3 +116,46 @@ def test_body_over_the_limit_gets_413(small_server) -> None:
     assert response.status_code == 413
     ok = httpx.post(small_server.url + "/generate", json={"inputs": "fox"}, timeout=60)
     assert ok.status_code == 200
+
+
+def raw_exchange(server: RunningServer, data: bytes, wait: float = 5.0) -> bytes:
+    """Sends `data` on a new connection and reads until the server closes it (or `wait`)."""
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(data)
+        client.settimeout(wait)
+        reply = b""
+        while chunk := client.recv(65536):
+            reply += chunk
+        return reply
+
+
+def test_a_body_that_stops_arriving_gets_408(small_server) -> None:
+    started = time.monotonic()
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    reply = raw_exchange(small_server, head + b'{"inputs": ')
+    assert time.monotonic() - started < 4  # the 0.5 s timeout, not the client's wait
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert b" 408 " in status_line
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["type"] == "request_timeout"
+
+
+def test_clients_leaving_mid_body_or_behind_pipelined_requests_end_quietly(small_server) -> None:
+    body = json.dumps({"inputs": "fox", "parameters": {"max_new_tokens": 2}}).encode()
+    request = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    stream = request.replace(b"/generate", b"/generate_stream")
+    for data in [
+        request + body[:5],  # the client closes before its body is complete
+        (request + body) * 2,  # a second request waits behind the first, then the client goes
+        (stream + body) * 2,
+    ]:
+        with socket.create_connection(("127.0.0.1", small_server.port)) as client:
+            client.sendall(data)
+    deadline = time.monotonic() + 10
+    while families(small_server)["ocula_requests_in_flight"].samples[0].value:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)  # whatever the pipelined requests log comes before the check
+    assert httpx.get(small_server.url + "/health").status_code == 200
+    log = small_server.log()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
