@@ -65,7 +65,7 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------------
     def resolve_params(self, params: SamplingParams | None) -> SamplingParams:
         params = params or SamplingParams()
-        params.validate()
+        params.validate(self.model_config.vocab_size)
         return params.with_model_defaults(self.generation_config)
 
     def tokenize(

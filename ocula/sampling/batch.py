@@ -93,6 +93,8 @@ class SamplingBatch:
     prompt_token_ids: list[Sequence[int]]  # repetition penalty only
     output_token_ids: list[Sequence[int]]  # repetition, presence and frequency penalties
     banned_token_ids: list[Sequence[int]]  # logits set to -inf (EOS/stop ids before min_new_tokens)
+    bias_token_ids: list[Sequence[int]]  # logit_bias: tokens of each row, distinct
+    bias_values: list[Sequence[float]]  # ... and what is added to their logits
     num_logprobs: int  # largest k requested over the rows (0 if none asked for alternatives)
     # Host-side summaries of the tensors above; they must agree with them.
     all_greedy: bool
@@ -107,6 +109,7 @@ class SamplingBatch:
     use_repetition_penalty: bool
     use_presence_frequency_penalty: bool
     any_banned: bool
+    any_bias: bool
 
     @property
     def num_rows(self) -> int:
@@ -126,6 +129,8 @@ class SamplingBatch:
         prompts: list[Sequence[int]] = []
         outputs: list[Sequence[int]] = []
         banned: list[Sequence[int]] = []
+        bias_ids: list[Sequence[int]] = []
+        bias_values: list[Sequence[float]] = []
         num_logprobs = 0
         for request in requests:
             params = request.sampling_params
@@ -154,6 +159,8 @@ class SamplingBatch:
                 if not params.ignore_eos:
                     row_banned.extend(request.eos_token_ids)
             banned.append(row_banned)
+            bias_ids.append(list(params.logit_bias))
+            bias_values.append(list(params.logit_bias.values()))
             if params.logprobs is not None:
                 num_logprobs = max(num_logprobs, params.logprobs)
 
@@ -186,6 +193,8 @@ class SamplingBatch:
             prompt_token_ids=prompts,
             output_token_ids=outputs,
             banned_token_ids=banned,
+            bias_token_ids=bias_ids,
+            bias_values=bias_values,
             num_logprobs=num_logprobs,
             all_greedy=all(greedy_flags),
             any_greedy=any(greedy_flags),
@@ -197,6 +206,7 @@ class SamplingBatch:
             use_repetition_penalty=any(r != 1.0 for r in repetition),
             use_presence_frequency_penalty=any(presence) or any(frequency),
             any_banned=any(banned),
+            any_bias=any(bias_ids),
         )
 
 

@@ -31,6 +31,9 @@ MAX_STOP_STRINGS = 64
 FLOAT32_MAX = 3.4028234663852886e38
 # Far beyond use (penalties near 1), and it keeps a logit of 1e4 finite in float32 either way.
 REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+# OpenAI's bounds: a bias of -100 or 100 in effect bans or forces its token.
+LOGIT_BIAS_LIMIT = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024
 _SEED_MIN = -(2**63)  # torch.Generator.manual_seed accepts [-2**63, 2**64 - 1]
 _SEED_MAX = 2**64 - 1
 
@@ -47,6 +50,8 @@ class SamplingParams:
     - `min_new_tokens`: EOS and `stop_token_ids` cannot be sampled before that many new tokens.
     - `stop` strings are checked on the detokenized text by the front end; `stop_token_ids` and
       EOS (unless `ignore_eos`) by the engine.
+    - `logit_bias` {token id: bias in [-100, 100]} is added to the logits before sampling, after
+      the penalties and before the bans of `min_new_tokens`; logprobs stay those of the model.
     """
 
     n: int = 1
@@ -66,6 +71,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # OpenAI accepts a single stop string; store every form as a list.
@@ -75,16 +81,19 @@ class SamplingParams:
             self.stop = []
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        if self.logit_bias is None:
+            self.logit_bias = {}
 
     @property
     def is_greedy(self) -> bool:
         """True when the (resolved) temperature asks for argmax decoding."""
         return self.temperature == 0
 
-    def validate(self) -> None:
+    def validate(self, vocab_size: int | None = None) -> None:
         """Raises ValueError naming the first field that is out of range.
 
-        Unresolved knobs (None) are accepted; resolved values are checked.
+        Unresolved knobs (None) are accepted; resolved values are checked. With `vocab_size`,
+        the token ids of `logit_bias` must be below it.
         """
         _check_int("n", self.n)
         if self.n < 1:
@@ -154,6 +163,27 @@ class SamplingParams:
             _check_int("stop_token_ids", token_id)
             if token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative, got {token_id}")
+        self._validate_logit_bias(vocab_size)
+
+    def _validate_logit_bias(self, vocab_size: int | None) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(
+                f"logit_bias holds {len(self.logit_bias)} tokens; at most "
+                f"{MAX_LOGIT_BIAS_TOKENS} are allowed"
+            )
+        for token_id, bias in self.logit_bias.items():
+            _check_int("a logit_bias token id", token_id)
+            if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                bound = vocab_size if vocab_size is not None else "the vocabulary size"
+                raise ValueError(f"logit_bias token id {token_id} is outside [0, {bound})")
+            _check_number("logit_bias", bias)
+            if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                raise ValueError(
+                    f"logit_bias values must be in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}], "
+                    f"got {bias} for token {token_id}"
+                )
 
     def with_model_defaults(self, generation_config: Mapping[str, Any] | None) -> SamplingParams:
         """A copy whose None knobs are filled in from the model's generation config, then from
@@ -187,6 +217,7 @@ class SamplingParams:
             repetition_penalty=resolve("repetition_penalty", DEFAULT_REPETITION_PENALTY),
             stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids),
+            logit_bias=dict(self.logit_bias),
         )
 
 

@@ -84,6 +84,24 @@ def apply_bans(logits: torch.Tensor, banned_token_ids: Sequence[Sequence[int]]) 
         logits.index_put_(indices, logits.new_full((), float("-inf")))
 
 
+def apply_logit_bias(
+    logits: torch.Tensor,
+    bias_token_ids: Sequence[Sequence[int]],
+    bias_values: Sequence[Sequence[float]],
+) -> None:
+    """logits[i, t] += bias for every (t, bias) of row i (distinct ids per row; ids >= V are
+    ignored)."""
+    vocab_size = logits.shape[1]
+    kept = [
+        [(t, b) for t, b in zip(ids, values, strict=True) if t < vocab_size]
+        for ids, values in zip(bias_token_ids, bias_values, strict=True)
+    ]
+    indices = _row_token_indices(logits.device, [[t for t, _ in row] for row in kept])
+    if indices is not None:
+        values = host_to_device([b for row in kept for _, b in row], logits.dtype, logits.device)
+        logits.index_put_(indices, values, accumulate=True)
+
+
 def _flat_positions(
     vocab_size: int, device: torch.device, *ragged: Sequence[Sequence[int]]
 ) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ import torch
 from ocula.sampling.batch import SamplingBatch
 from ocula.sampling.penalties import (
     apply_bans,
+    apply_logit_bias,
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
 )
@@ -126,6 +127,7 @@ def _needs_processing(batch: SamplingBatch) -> bool:
         and not batch.use_repetition_penalty
         and not batch.use_presence_frequency_penalty
         and not batch.any_banned
+        and not batch.any_bias
     )
 
 
@@ -138,7 +140,9 @@ def _apply_penalties_and_bans(logits: torch.Tensor, batch: SamplingBatch) -> Non
         apply_presence_frequency_penalties(
             logits, batch.output_token_ids, batch.presence_penalties, batch.frequency_penalties
         )
-    if batch.any_banned:
+    if batch.any_bias:
+        apply_logit_bias(logits, batch.bias_token_ids, batch.bias_values)
+    if batch.any_banned:  # after the bias: a banned token stays banned
         apply_bans(logits, batch.banned_token_ids)
 
 

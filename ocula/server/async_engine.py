@@ -196,7 +196,7 @@ class AsyncEngine:
         """Tokenizes and checks a request before anything is sent; raises RequestError.
         `images` are the spans of a prompt already expanded by `FrontImages.build_prompt`."""
         try:
-            params.validate()
+            params.validate(self.model_config.vocab_size)
         except ValueError as error:
             raise RequestError(str(error)) from None
         params = params.with_model_defaults(self.generation_config)

@@ -11,7 +11,7 @@ Responses and stream chunks serialize to the shapes the `openai` client parses, 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -44,6 +44,13 @@ class SamplingFields(OpenAIRequestModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # token id (a decimal string) -> bias
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # Refused unless they ask for nothing this server lacks (no guided decoding, no tool
+    # calling): answering as if they had not been sent would mislead the client.
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     # vLLM's extras.
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)

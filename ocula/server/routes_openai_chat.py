@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from jinja2 import TemplateError
 
 from ocula.server.async_engine import StreamEvent
+from ocula.server.openai_logprobs import top_alternatives, top_logprob
 from ocula.server.protocol_openai import (
     AssistantMessage,
     ChatChoice,
@@ -35,8 +36,6 @@ from ocula.server.routes_openai_common import (
     prompt_cached_tokens,
     resolve_max_tokens,
     sampling_params,
-    top_alternatives,
-    top_logprob,
     usage,
 )
 from ocula.server.routes_openai_events import (

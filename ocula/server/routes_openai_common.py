@@ -4,7 +4,6 @@ context limit, the mapping onto `SamplingParams`, usage, and token texts for log
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -12,7 +11,6 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from tokenizers import decoders
 
 from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError, StreamEvent
@@ -21,14 +19,10 @@ from ocula.server.protocol_openai import (
     PromptTokensDetails,
     SamplingFields,
     StreamOptions,
-    TopLogprob,
     Usage,
 )
 from ocula.server.request_errors import PromptTooLongError
 from ocula.server.serving import ServerState
-
-# JSON has no -inf; OpenAI reports impossible tokens with this logprob, and so do we.
-MIN_LOGPROB = -9999.0
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -172,6 +166,7 @@ def sampling_params(
     stop = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
     if any(s == "" for s in stop):
         raise OpenAIError(400, "stop strings must not be empty", param="stop")
+    check_unsupported_features(fields)
     return SamplingParams(
         n=fields.n or 1,
         max_new_tokens=max_new_tokens,
@@ -190,7 +185,39 @@ def sampling_params(
         include_stop_str_in_output=bool(fields.include_stop_str_in_output),
         skip_special_tokens=fields.skip_special_tokens is not False,
         logprobs=logprobs,
+        logit_bias=logit_bias_by_id(fields.logit_bias),
     )
+
+
+def logit_bias_by_id(logit_bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's {"token id": bias} with integer keys (their range is checked with the other
+    parameters, against the vocabulary)."""
+    by_id = {}
+    for key, bias in (logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 12:
+            raise OpenAIError(
+                400, f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias"
+            )
+        by_id[int(key)] = bias
+    return by_id
+
+
+def check_unsupported_features(fields: SamplingFields) -> None:
+    """400 for a response format other than text, and for tools a call could be asked of."""
+    kind = (fields.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise OpenAIError(
+            400,
+            f"response_format {kind!r} is not supported: this server does not constrain "
+            "its output (guided decoding); ask for text",
+            param="response_format",
+        )
+    if fields.tools and fields.tool_choice != "none":
+        raise OpenAIError(
+            400,
+            'tool calling is not supported by this server; send no tools, or tool_choice "none"',
+            param="tools",
+        )
 
 
 def usage(prompt_lengths: list[int], completion_tokens: int, cached_tokens: int) -> Usage:
@@ -220,54 +247,3 @@ def prompt_cached_tokens(collected: list[tuple[int, StreamEvent]]) -> int:
     for prompt_index, event in collected:
         per_prompt[prompt_index] = max(per_prompt.get(prompt_index, 0), event.num_cached_tokens)
     return sum(per_prompt.values())
-
-
-def token_text(tokenizer: Any, token_id: int) -> str:
-    """The text of one token alone, special tokens included. A token holding only part of a UTF-8
-    character decodes to U+FFFD; `token_bytes` has its real bytes."""
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's reversible map from the printable character standing for a byte to the
-    byte: printable Latin-1 bytes stand for themselves, the others for U+0100 onwards, in order."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    alphabet = {chr(byte): byte for byte in printable}
-    others = [byte for byte in range(256) if byte not in alphabet.values()]
-    alphabet.update({chr(0x100 + i): byte for i, byte in enumerate(others)})
-    return alphabet
-
-
-def token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
-    """The UTF-8 bytes a token stands for, exact for byte-level BPE (GPT-2, Llama 3, Qwen) and
-    SentencePiece byte-fallback (`<0xE4>`) tokens; otherwise the bytes of its decoded `text`."""
-    piece = tokenizer.convert_ids_to_tokens(token_id)
-    if isinstance(piece, str):
-        match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
-        if match:
-            return [int(match.group(1), 16)]
-        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        alphabet = _byte_level_alphabet()
-        if isinstance(decoder, decoders.ByteLevel) and all(c in alphabet for c in piece):
-            return [alphabet[c] for c in piece]
-    return list(text.encode())
-
-
-def clamp_logprob(logprob: float) -> float:
-    return max(logprob, MIN_LOGPROB)
-
-
-def top_logprob(tokenizer: Any, token_id: int, logprob: float) -> TopLogprob:
-    text = token_text(tokenizer, token_id)
-    return TopLogprob(
-        token=text,
-        logprob=clamp_logprob(logprob),
-        bytes=token_bytes(tokenizer, token_id, text),
-    )
-
-
-def top_alternatives(tokenizer: Any, event: StreamEvent) -> list[TopLogprob]:
-    """The event's alternatives, most likely first."""
-    ranked = sorted(event.top_logprobs or [], key=lambda pair: pair[1], reverse=True)
-    return [top_logprob(tokenizer, token_id, logprob) for token_id, logprob in ranked]

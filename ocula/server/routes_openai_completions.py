@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from ocula.server.async_engine import StreamEvent
+from ocula.server.openai_logprobs import clamp_logprob, token_text, top_alternatives
 from ocula.server.protocol_openai import (
     Completion,
     CompletionChoice,
@@ -23,15 +24,12 @@ from ocula.server.routes_openai_common import (
     OpenAIError,
     check_model,
     check_stream_options,
-    clamp_logprob,
     events_by_choice,
     openai_endpoint,
     parse_body,
     prompt_cached_tokens,
     resolve_max_tokens,
     sampling_params,
-    token_text,
-    top_alternatives,
     usage,
 )
 from ocula.server.routes_openai_events import (

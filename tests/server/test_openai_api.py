@@ -219,6 +219,32 @@ def test_completion_of_a_string_or_token_ids_equals_offline(client, model, offli
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
 
 
+def test_logit_bias_steers_the_tokens_as_offline(client, model, offline) -> None:
+    bias = {7: 100.0, 9: -100.0}  # 7 wins every step
+    expected = offline.generate(PROMPTS[0], SamplingParams(temperature=0, logit_bias=bias))[0]
+    assert set(expected.token_ids) == {7}
+    reply = client.completions.create(
+        model=model,
+        prompt=PROMPTS[0],
+        temperature=0,
+        max_tokens=16,
+        logit_bias={str(token): value for token, value in bias.items()},
+    )
+    assert reply.choices[0].text == expected.text
+    # Text and tool choices that ask nothing this server lacks are served.
+    chat = client.chat.completions.create(
+        model=model,
+        messages=CHAT,
+        max_tokens=2,
+        response_format={"type": "text"},
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice="none",
+    )
+    assert chat.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match=r"logit_bias token id \d+ is outside"):
+        client.completions.create(model=model, prompt="fox", logit_bias={"10000000": 1})
+
+
 def test_completion_defaults_to_16_tokens_and_echoes(client, model) -> None:
     reply = client.completions.create(
         model=model, prompt=PROMPTS[1], echo=True, temperature=0, extra_body={"ignore_eos": True}
@@ -269,6 +295,10 @@ def test_completion_batch_numbers_choices_by_prompt(client, model) -> None:
         ({"extra_body": {"temperature": "hot"}}, "temperature"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "fox " * 600}]}, "messages"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"five": 1}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
 )
 def test_bad_chat_requests_are_400_naming_the_field(client, model, overrides, field) -> None:

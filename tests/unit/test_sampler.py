@@ -231,6 +231,24 @@ def test_banned_ids_are_never_sampled_before_min_new_tokens() -> None:
     assert set(token_ids[3::4].tolist()) == {2}
 
 
+def test_logit_bias_is_added_before_sampling_and_bans_still_win() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    greedy = SamplingParams(temperature=0)
+    for bias, expected in [({0: 100.0}, 0), ({3: -100.0}, 2)]:  # forced; the argmax pushed out
+        batch = batch_of([make_request(dataclasses.replace(greedy, logit_bias=bias))])
+        assert batch.any_bias and Sampler()(logits, batch).token_ids.tolist() == [expected]
+    # Biases add: 1 + 2.5 = 3.5 beats 3.0; another row of the batch is left alone.
+    biased = make_request(dataclasses.replace(greedy, logit_bias={1: 2.5, 3: 0.0}))
+    out = Sampler()(logits.expand(2, -1), batch_of([biased, make_request(greedy)]))
+    assert out.token_ids.tolist() == [1, 3]
+    # The logprobs reported stay the model's own.
+    assert torch.allclose(out.logprobs[0], torch.log_softmax(logits[0], -1)[1])
+    # A banned token (EOS before min_new_tokens) stays banned whatever its bias.
+    banned = SamplingParams(temperature=0, min_new_tokens=2, logit_bias={0: 100.0})
+    batch = batch_of([make_request(banned, [1], [], eos=[0])])
+    assert Sampler()(logits, batch).token_ids.tolist() == [3]
+
+
 def test_logprobs_are_the_raw_model_logprobs() -> None:
     logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(6)) * 3
     requests = [

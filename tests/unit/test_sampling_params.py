@@ -51,6 +51,11 @@ def test_defaults_are_valid() -> None:
         ({"stop_token_ids": [-3]}, "stop_token_ids"),
         ({"seed": 2**64}, "seed"),
         ({"n": True}, "n"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {i: 1.0 for i in range(1025)}}, "logit_bias"),
     ],
 )
 def test_validate_names_the_bad_field(kwargs: dict, field_name: str) -> None:
@@ -72,6 +77,8 @@ def test_validate_names_the_bad_field(kwargs: dict, field_name: str) -> None:
         {"top_k": 2**63},  # past int64: keeps every token (the batch clamps it)
         {"stop": ["a" * 10_000, "b" * 6_384]},  # 16,384 characters in all
         {"stop": [str(i) for i in range(64)], "repetition_penalty": 1e6, "temperature": 1e38},
+        {"logit_bias": {0: -100, 2**40: 100.0}},  # no vocabulary given: any id >= 0
+        {"logit_bias": {i: 0.5 for i in range(1024)}},
     ],
 )
 def test_validate_accepts_boundaries(kwargs: dict) -> None:
@@ -132,12 +139,19 @@ def test_null_values_and_top_k_zero_fall_back() -> None:
     assert SamplingParams(top_k=0).with_model_defaults({"top_k": 40}).top_k == -1
 
 
+def test_logit_bias_ids_are_checked_against_the_vocabulary() -> None:
+    SamplingParams(logit_bias={99: 1.0}).validate(vocab_size=100)
+    with pytest.raises(ValueError, match=r"logit_bias token id 100 is outside \[0, 100\)"):
+        SamplingParams(logit_bias={100: 1.0}).validate(vocab_size=100)
+
+
 def test_copy_does_not_share_lists() -> None:
-    params = SamplingParams(stop=["a"], stop_token_ids=[7])
+    params = SamplingParams(stop=["a"], stop_token_ids=[7], logit_bias={3: 1.0})
     resolved = params.with_model_defaults({})
     resolved.stop.append("b")
     resolved.stop_token_ids.append(8)
-    assert params.stop == ["a"] and params.stop_token_ids == [7]
+    resolved.logit_bias[4] = 2.0
+    assert params.stop == ["a"] and params.stop_token_ids == [7] and params.logit_bias == {3: 1.0}
 
 
 def test_module_needs_no_torch() -> None:

@@ -1,0 +1,67 @@
+"""Tokens as OpenAI's logprobs show them: each token's text and exact bytes, and the
+alternatives of an event, most likely first."""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from tokenizers import decoders
+
+from ocula.server.async_engine import StreamEvent
+from ocula.server.protocol_openai import TopLogprob
+
+# JSON has no -inf; OpenAI reports impossible tokens with this logprob, and so do we.
+MIN_LOGPROB = -9999.0
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """The text of one token alone, special tokens included. A token holding only part of a UTF-8
+    character decodes to U+FFFD; `token_bytes` has its real bytes."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's reversible map from the printable character standing for a byte to the
+    byte: printable Latin-1 bytes stand for themselves, the others for U+0100 onwards, in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    alphabet = {chr(byte): byte for byte in printable}
+    others = [byte for byte in range(256) if byte not in alphabet.values()]
+    alphabet.update({chr(0x100 + i): byte for i, byte in enumerate(others)})
+    return alphabet
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
+    """The UTF-8 bytes a token stands for, exact for byte-level BPE (GPT-2, Llama 3, Qwen) and
+    SentencePiece byte-fallback (`<0xE4>`) tokens; otherwise the bytes of its decoded `text`."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if match:
+            return [int(match.group(1), 16)]
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        alphabet = _byte_level_alphabet()
+        if isinstance(decoder, decoders.ByteLevel) and all(c in alphabet for c in piece):
+            return [alphabet[c] for c in piece]
+    return list(text.encode())
+
+
+def clamp_logprob(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def top_logprob(tokenizer: Any, token_id: int, logprob: float) -> TopLogprob:
+    text = token_text(tokenizer, token_id)
+    return TopLogprob(
+        token=text,
+        logprob=clamp_logprob(logprob),
+        bytes=token_bytes(tokenizer, token_id, text),
+    )
+
+
+def top_alternatives(tokenizer: Any, event: StreamEvent) -> list[TopLogprob]:
+    """The event's alternatives, most likely first."""
+    ranked = sorted(event.top_logprobs or [], key=lambda pair: pair[1], reverse=True)
+    return [top_logprob(tokenizer, token_id, logprob) for token_id, logprob in ranked]
