@@ -1,9 +1,12 @@
-"""A live server on a tiny random-weight Llama, shared by the server tests of one module."""
+"""A live server on a tiny random-weight Llama, shared by the server tests of one module, and an
+`openai` client of it with the name of its model."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
+import openai
 import pytest
 
 from tests.helpers.server import RunningServer, start_server
@@ -21,3 +24,13 @@ def server(tiny_checkpoint, tmp_path_factory) -> Iterator[RunningServer]:
     )
     yield running
     assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(server) -> str:
+    return httpx.get(server.url + "/get_model_name").json()["model_name"]

@@ -12,13 +12,9 @@ import uuid
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 import ocula
 from ocula.sampling.params import SamplingParams
-from ocula.server.protocol_openai import ChatCompletionRequest
-from ocula.server.routes_openai_chat import render_chat_prompt
-from ocula.server.routes_openai_common import OpenAIError
 
 SYSTEM = "servers stream tokens, caches remember prefixes"
 USER_PARTS = ["the quick brown fox", "jumps over a lazy dog"]
@@ -31,16 +27,6 @@ CHAT_AS_STRINGS = [
     {"role": "user", "content": "\n".join(USER_PARTS)},
 ]
 PROMPTS = ["the quick brown fox", "Numbers like 12, 345 and 6789 appear too!"]
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(server) -> str:
-    return httpx.get(server.url + "/get_model_name").json()["model_name"]
 
 
 @pytest.fixture(scope="module")
@@ -280,72 +266,6 @@ def test_completion_batch_numbers_choices_by_prompt(client, model) -> None:
         for choice in chunk.choices:
             streamed[choice.index] += choice.text
     assert streamed == singles
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("overrides", "field"),
-    [
-        ({"temperature": -1}, "temperature"),
-        ({"n": 0}, "n"),
-        ({"max_tokens": 10_000}, "max_tokens"),
-        ({"top_p": 1.5}, "top_p"),
-        ({"extra_body": {"temperature": "hot"}}, "temperature"),
-        ({"top_logprobs": 2}, "top_logprobs"),
-        ({"messages": [{"role": "user", "content": "fox " * 600}]}, "messages"),
-        ({"logit_bias": {"5": 101}}, "logit_bias"),
-        ({"logit_bias": {"five": 1}}, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ],
-)
-def test_bad_chat_requests_are_400_naming_the_field(client, model, overrides, field) -> None:
-    request = {"model": model, "messages": CHAT, **overrides}
-    with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(**request)
-    assert field in error.value.message
-    assert error.value.param == field
-    with pytest.raises(openai.BadRequestError):  # a stream is refused before its first byte
-        client.chat.completions.create(**request, stream=True)
-
-
-def test_image_parts_need_a_vision_model(client, model) -> None:
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    messages = [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]
-    with pytest.raises(openai.BadRequestError, match="--enable_multimodal"):
-        client.chat.completions.create(model=model, messages=messages)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "field"),
-    [
-        ({"prompt": "fox " * 600}, "prompt"),
-        ({"suffix": "tail"}, "suffix"),
-        ({"echo": True, "logprobs": 1}, "echo"),
-        ({"prompt": [1, 2, 10**6]}, "token ids"),
-    ],
-)
-def test_bad_completion_requests_are_400(client, model, overrides, field) -> None:
-    with pytest.raises(openai.BadRequestError, match=field):
-        client.completions.create(**{"model": model, "prompt": "fox", **overrides})
-
-
-def test_malformed_json_is_400_in_openai_shape(server) -> None:
-    response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json")
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert "not valid JSON" in error["message"] and error["type"] == "invalid_request_error"
-
-
-def test_model_without_chat_template_is_refused(tiny_checkpoint) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint("llama")))
-    tokenizer.chat_template = None
-    body = ChatCompletionRequest.model_validate({"messages": CHAT_AS_STRINGS})
-    with pytest.raises(OpenAIError, match="no chat template") as error:
-        render_chat_prompt(tokenizer, body)
-    assert error.value.status == 400
 
 
 # -- disconnects --------------------------------------------------------------------------------
