@@ -99,7 +99,8 @@ def apply_logit_bias(
     indices = _row_token_indices(logits.device, [[t for t, _ in row] for row in kept])
     if indices is not None:
         values = host_to_device([b for row in kept for _, b in row], logits.dtype, logits.device)
-        logits.index_put_(indices, values, accumulate=True)
+        # Distinct (row, token) pairs: a gather, an add and a scatter, with no host sync.
+        logits.index_put_(indices, logits[indices] + values)
 
 
 def _flat_positions(

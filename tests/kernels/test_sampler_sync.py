@@ -37,6 +37,10 @@ CASES: dict[str, list[SamplingParams]] = {
     ],
     "seeded": [SamplingParams(seed=1), SamplingParams(seed=2, top_p=0.9), SamplingParams()],
     "logprobs": [SamplingParams(logprobs=5), SamplingParams(temperature=0, logprobs=2)],
+    "logit_bias": [
+        SamplingParams(temperature=0, logit_bias={3: 5.0, 7: -100.0}),
+        SamplingParams(top_k=5, logit_bias={1: 2.0}, min_new_tokens=10),
+    ],
     "mixed": [
         SamplingParams(temperature=0),
         SamplingParams(seed=3, top_k=8, top_p=0.9, min_p=0.02, repetition_penalty=1.3),
