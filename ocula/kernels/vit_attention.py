@@ -6,11 +6,12 @@ needs no copy) and returns [tiles, tokens, heads * head_dim], ready for the outp
 Every tile attends only to its own tokens; no token is masked inside a tile.
 
 The kernel is a flash-attention forward: one program owns BLOCK_M queries of one (tile, head),
-walks the keys in blocks of BLOCK_N with an online softmax in float32 (exp2, log2(e) folded into
-the scale, which must be positive), and multiplies with `tl.dot` accumulating in float32. The token count is a
-compile-time constant (one compilation per tile size, which a model fixes). Token counts need not be a
-multiple of the blocks (InternViT's 448 px tiles have 1 + 32 * 32 = 1025 tokens): only the last
-key block is masked, and query rows past the end are neither read nor written.
+walks the keys in blocks of BLOCK_N with an online softmax in float32 (exp2, log2(e) folded
+into the scale, which must be positive), and multiplies with `tl.dot` accumulating in float32.
+The token count is a compile-time constant (one compilation per tile size, which a model
+fixes). Token counts need not be a multiple of the blocks (InternViT's 448 px tiles have
+1 + 32 * 32 = 1025 tokens): only the last key block is masked, and query rows past the end are
+neither read nor written.
 
 `vit_attention_reference` is the torch oracle (SDPA) under the same contract.
 """
@@ -59,8 +60,8 @@ def vit_attention(
     leave them None outside tests.
     """
     _check_inputs(q, k, v)
-    if not scale > 0:
-        raise ValueError(f"the softmax scale must be positive, got {scale}")
+    if not 0 < scale < math.inf:
+        raise ValueError(f"the softmax scale must be positive and finite, got {scale}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     tiles, tokens, heads, head_dim = q.shape
     out = torch.empty((tiles, tokens, heads, head_dim), dtype=q.dtype, device=q.device)

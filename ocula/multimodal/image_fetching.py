@@ -41,18 +41,32 @@ class FetchGate:
         self._slots = asyncio.Semaphore(max_running)
 
     @asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        """Holds one running place for the body; ImageError (503) when too many wait."""
+    async def turn(self, timeout_s: float) -> AsyncIterator[None]:
+        """Holds one running place for the body; ImageError (503) when too many wait, or when
+        no place frees up within `timeout_s`."""
+        busy = "the server is fetching too many images"
         if self.waiting >= self.max_waiting:
-            raise ImageError(
-                f"the server is fetching too many images ({self.waiting} waiting); retry shortly",
-                503,
-            )
+            raise ImageError(f"{busy} ({self.waiting} waiting); retry shortly", 503)
+        if not self._slots.locked():  # a free place: taken at once, without waiting
+            await self._slots.acquire()
+            async with self._held():
+                yield
+            return
         self.waiting += 1
         try:
-            await self._slots.acquire()
+            await asyncio.wait_for(self._slots.acquire(), timeout_s)
+        except asyncio.TimeoutError:
+            raise ImageError(
+                f"{busy} (no turn within {timeout_s:g}s); retry shortly", 503
+            ) from None
         finally:
             self.waiting -= 1
+        async with self._held():
+            yield
+
+    @asynccontextmanager
+    async def _held(self) -> AsyncIterator[None]:
+        """Releases the place taken when the body ends."""
         try:
             yield
         finally:
@@ -76,11 +90,12 @@ def make_http_client() -> ImageHttpClient:
 async def fetch_image_bytes(
     source: ImageSource, limits: ImageLimits, client: ImageHttpClient
 ) -> bytes:
-    """The encoded image bytes (at most `limits.max_bytes`) of an inline or URL source. A URL's
-    timeout starts once the client's gate lets the fetch run."""
+    """The encoded image bytes (at most `limits.max_bytes`) of an inline or URL source. A URL
+    waits at most `limits.timeout_s` for the client's gate to let it run (else 503), then has
+    that long again to be fetched (else 422)."""
     if source.kind == "base64":
         return decode_base64(source.data, limits)
-    async with client.gate.turn():
+    async with client.gate.turn(limits.timeout_s):
         try:
             fetch = _fetch_url(source.data, limits, client)
             return await asyncio.wait_for(fetch, limits.timeout_s)

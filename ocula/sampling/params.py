@@ -50,8 +50,9 @@ class SamplingParams:
     - `min_new_tokens`: EOS and `stop_token_ids` cannot be sampled before that many new tokens.
     - `stop` strings are checked on the detokenized text by the front end; `stop_token_ids` and
       EOS (unless `ignore_eos`) by the engine.
-    - `logit_bias` {token id: bias in [-100, 100]} is added to the logits before sampling, after
-      the penalties and before the bans of `min_new_tokens`; logprobs stay those of the model.
+    - `logit_bias` {token id: bias in [-100, 100]} is added to the logits before sampling,
+      before the penalties (vLLM's order) and the bans of `min_new_tokens`; logprobs stay those
+      of the model.
     """
 
     n: int = 1

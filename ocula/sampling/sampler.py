@@ -3,8 +3,9 @@
 Order of operations for every row (each step a batched tensor op over all rows):
 1. logprobs: log-softmax of the *raw* model logits (before penalties, bans and temperature),
    read at the chosen token and at the top-k alternatives;
-2. repetition penalty (prompt + output), then presence/frequency penalties (output only);
-3. bans (-inf);
+2. logit_bias (added), then the repetition penalty (prompt + output), then presence/frequency
+   penalties (output only), in vLLM's order;
+3. bans (-inf), whatever the bias;
 4. greedy rows (temperature 0) take the argmax here and ignore everything below;
 5. temperature, top_k, top_p, min_p (in that order);
 6. sampling by the exponential race: argmax(probs / E) with E ~ Exponential(1) per token, which
@@ -132,6 +133,8 @@ def _needs_processing(batch: SamplingBatch) -> bool:
 
 
 def _apply_penalties_and_bans(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    if batch.any_bias:  # first, as vLLM orders it: the penalties see the biased logits
+        apply_logit_bias(logits, batch.bias_token_ids, batch.bias_values)
     if batch.use_repetition_penalty:
         apply_repetition_penalty(
             logits, batch.prompt_token_ids, batch.output_token_ids, batch.repetition_penalties
@@ -140,9 +143,7 @@ def _apply_penalties_and_bans(logits: torch.Tensor, batch: SamplingBatch) -> Non
         apply_presence_frequency_penalties(
             logits, batch.output_token_ids, batch.presence_penalties, batch.frequency_penalties
         )
-    if batch.any_bias:
-        apply_logit_bias(logits, batch.bias_token_ids, batch.bias_values)
-    if batch.any_banned:  # after the bias: a banned token stays banned
+    if batch.any_banned:  # last: a banned token stays banned whatever its bias
         apply_bans(logits, batch.banned_token_ids)
 
 

@@ -194,7 +194,9 @@ def logit_bias_by_id(logit_bias: dict[str, float] | None) -> dict[int, float]:
     parameters, against the vocabulary)."""
     by_id = {}
     for key, bias in (logit_bias or {}).items():
-        if not (key.isascii() and key.isdigit()) or len(key) > 12:
+        # Canonical decimals only: "012" and "12" would otherwise name one token twice.
+        canonical = key.isascii() and key.isdigit() and len(key) <= 12 and str(int(key)) == key
+        if not canonical:
             raise OpenAIError(
                 400, f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias"
             )
@@ -203,12 +205,13 @@ def logit_bias_by_id(logit_bias: dict[str, float] | None) -> dict[int, float]:
 
 
 def check_unsupported_features(fields: SamplingFields) -> None:
-    """400 for a response format other than text, and for tools a call could be asked of."""
+    """400 for a response format other than text, and for tools or functions a call could be
+    asked of."""
     kind = (fields.response_format or {}).get("type", "text")
     if kind != "text":
         raise OpenAIError(
             400,
-            f"response_format {kind!r} is not supported: this server does not constrain "
+            f"response_format type {kind!r} is not supported: this server does not constrain "
             "its output (guided decoding); ask for text",
             param="response_format",
         )
@@ -217,6 +220,13 @@ def check_unsupported_features(fields: SamplingFields) -> None:
             400,
             'tool calling is not supported by this server; send no tools, or tool_choice "none"',
             param="tools",
+        )
+    if fields.functions and fields.function_call != "none":  # the older form of tools
+        raise OpenAIError(
+            400,
+            "function calling is not supported by this server; send no functions, or "
+            'function_call "none"',
+            param="functions",
         )
 
 

@@ -4,7 +4,6 @@ aborting when the client goes away, and the drain that starts a shutdown."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -26,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DISCONNECT_POLL_SECONDS = 0.25
 DRAIN_POLL_SECONDS = 0.05
 # After the grace period, how long the stopped requests get to send their error responses.
 STOPPED_RESPONSE_SECONDS = 1.0
@@ -158,14 +156,24 @@ class EagerStreamingResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks = aiter(self.body_iterator)
-        first = await anext(chunks, None)
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        if first is not None:
+        try:
+            first = await anext(chunks, None)
             await send(
-                {"type": "http.response.body", "body": self._bytes(first), "more_body": True}
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
             )
+            if first is not None:
+                await send(
+                    {"type": "http.response.body", "body": self._bytes(first), "more_body": True}
+                )
+        except BaseException:  # e.g. the client is gone: close the stream (aborts the request)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            raise
         self.body_iterator = chunks
         await super().__call__(scope, receive, send)  # streams the rest through stream_response
 
@@ -186,22 +194,40 @@ async def unless_disconnected(
 ) -> T:
     """`work`'s result. If the client disconnects first, `work` is cancelled (a generation it
     waits on is aborted in the engine), `cleanup` is awaited, and ClientDisconnectedError is
-    raised: a client that leaves while its request waits in the queue frees its place."""
+    raised: a client that leaves while its request waits in the queue frees its place. The
+    request's body must have been read. Whatever ends this call, `work` is finished (done or
+    cancelled and waited for) when it returns."""
     task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_client_gone(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await cleanup()
-                raise ClientDisconnectedError
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        try:
+            await _cancel_and_wait({task})
+        finally:
+            await cleanup()
+        raise ClientDisconnectedError
     finally:
-        if not task.done():
-            task.cancel()
+        # Also when the handler itself is cancelled: `work` unwinds before this returns.
+        await _cancel_and_wait({t for t in (task, listener) if not t.done()})
+
+
+async def _cancel_and_wait(tasks: set[asyncio.Future]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: an error while being cancelled is not logged
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected. Once the body is read, the server's receive
+    waits until then; no polling."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def primed_unless_disconnected(

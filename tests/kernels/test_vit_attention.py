@@ -121,7 +121,7 @@ def test_bad_inputs_are_rejected(device: torch.device) -> None:
     with pytest.raises(ValueError, match="tiles, tokens, heads, head_dim"):
         vit_attention(q[0], k[0], v[0], 1.0)
     # The kernel takes the row max before scaling, which holds only for a positive scale.
-    for scale in (0.0, -0.125, float("nan")):
+    for scale in (0.0, -0.125, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive"):
             vit_attention(q, k, v, scale)
     assert supports_head_dim(128) and not supports_head_dim(80) and not supports_head_dim(8)

@@ -164,3 +164,25 @@ def test_the_gate_runs_a_bounded_number_of_fetches_and_refuses_past_its_queue(se
     assert len(refused) == 3 and all(e.status == 503 and "retry" in e.message for e in refused)
     assert [r for r in results if not isinstance(r, ImageError)] == [PNG_BYTES] * 5
     assert CONCURRENCY["peak"] == 2
+
+
+def test_a_fetch_waits_for_its_turn_no_longer_than_the_timeout(server_port):
+    # One place, held by a slow fetch (1.5 s): the second gives up after its 0.3 s wait (503).
+    slow = ImageSource.parse({"type": "url", "data": f"http://127.0.0.1:{server_port}/slow"})
+    limits = ImageLimits(allow_local=True, timeout_s=5.0)
+
+    async def main() -> list:
+        async with ImageHttpClient(FetchGate(max_running=1)) as client:
+            first = asyncio.ensure_future(fetch_image_bytes(slow, limits, client))
+            await asyncio.sleep(0.05)
+            short = ImageLimits(allow_local=True, timeout_s=0.3)
+            second = await asyncio.gather(
+                fetch_image_bytes(slow, short, client), return_exceptions=True
+            )
+            return [await first, *second]
+
+    started = time.perf_counter()
+    first, second = asyncio.run(main())
+    assert first == PNG_BYTES
+    assert isinstance(second, ImageError) and second.status == 503 and "no turn" in second.message
+    assert time.perf_counter() - started < 3

@@ -32,6 +32,8 @@ CHAT = [
         ({"logit_bias": {"five": 1}}, "logit_bias"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
+        ({"logit_bias": {"12": 1, "012": -1}}, "logit_bias"),
     ],
 )
 def test_bad_chat_requests_are_400_naming_the_field(client, model, overrides, field) -> None:

@@ -24,18 +24,20 @@ LEAVERS = [
     ),
     ("/v1/completions", {"prompt": "fox", "max_tokens": 2}),
 ]
-OCCUPANT = {"inputs": "fox", "parameters": {"max_new_tokens": 4000, "ignore_eos": True}}
+# Far more tokens than the test's waits take to generate on any machine (~1 ms per token on 2
+# CPU cores): the occupant holds the only running slot until the test closes its stream.
+OCCUPANT = {"inputs": "fox", "parameters": {"max_new_tokens": 30000, "ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
 def one_slot_server(tiny_checkpoint, tmp_path_factory) -> Iterator[RunningServer]:
     running = start_server(
-        tiny_checkpoint("llama", max_position_embeddings=4096),
+        tiny_checkpoint("llama", max_position_embeddings=32768),
         tmp_path_factory.mktemp("queue-logs"),
         "--max_total_token_num",
-        "8192",
+        "36000",
         "--max_req_total_len",
-        "4096",
+        "32768",
         "--running_max_req_size",
         "1",
         "--max_waiting_requests",
