@@ -224,10 +224,13 @@ async def _cancel_and_wait(tasks: set[asyncio.Future]) -> None:
 
 
 async def _client_gone(request: Request) -> None:
-    """Returns once the client has disconnected. Once the body is read, the server's receive
-    waits until then; no polling."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """Returns once the client has disconnected (or its connection failed). Once the body is
+    read, the server's receive waits until then; no polling."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a broken receive: nobody can be answered on this connection either
+        logger.info("%s: the connection failed while the request waited", request.url.path)
 
 
 async def primed_unless_disconnected(
