@@ -47,26 +47,17 @@ class FetchGate:
         busy = "the server is fetching too many images"
         if self.waiting >= self.max_waiting:
             raise ImageError(f"{busy} ({self.waiting} waiting); retry shortly", 503)
-        if not self._slots.locked():  # a free place: taken at once, without waiting
+        if self._slots.locked():  # no free place: wait for one, at most timeout_s
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout_s)
+            except asyncio.TimeoutError:
+                message = f"{busy} (no turn within {timeout_s:g}s); retry shortly"
+                raise ImageError(message, 503) from None
+            finally:
+                self.waiting -= 1
+        else:  # taken at once, without yielding to the loop
             await self._slots.acquire()
-            async with self._held():
-                yield
-            return
-        self.waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout_s)
-        except asyncio.TimeoutError:
-            raise ImageError(
-                f"{busy} (no turn within {timeout_s:g}s); retry shortly", 503
-            ) from None
-        finally:
-            self.waiting -= 1
-        async with self._held():
-            yield
-
-    @asynccontextmanager
-    async def _held(self) -> AsyncIterator[None]:
-        """Releases the place taken when the body ends."""
         try:
             yield
         finally:

@@ -41,14 +41,13 @@ from ocula.server.routes_openai_common import (
 from ocula.server.routes_openai_events import (
     SSE_DONE,
     EventStreamResponse,
-    close_stream,
     merge_streams,
     sse,
     sse_error,
     start_generations,
     whole_response,
 )
-from ocula.server.serving import ServerState, server_state
+from ocula.server.serving import ServerState, close_stream, server_state
 from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 
 router = APIRouter()

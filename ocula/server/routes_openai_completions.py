@@ -35,14 +35,13 @@ from ocula.server.routes_openai_common import (
 from ocula.server.routes_openai_events import (
     SSE_DONE,
     EventStreamResponse,
-    close_stream,
     merge_streams,
     sse,
     sse_error,
     start_generations,
     whole_response,
 )
-from ocula.server.serving import server_state
+from ocula.server.serving import close_stream, server_state
 from ocula.server.text_encoding import check_token_budget
 
 router = APIRouter()

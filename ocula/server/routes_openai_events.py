@@ -26,7 +26,7 @@ from ocula.server.routes_openai_common import OpenAIError
 from ocula.server.serving import (
     EagerStreamingResponse,
     ServerState,
-    check_fits_at_once,
+    close_stream,
     collect_unless_disconnected,
     primed,
     run_request,
@@ -63,7 +63,6 @@ async def start_generations(
     one's first token, so that refusals (overload, engine errors) surface before any response
     byte. On failure, or if the client leaves first (ClientDisconnectedError), every prompt
     already started is aborted and the first error is raised."""
-    check_fits_at_once(state, sum(p.params.n for p in prepared))
     ids = (
         [request_id] if len(prepared) == 1 else [f"{request_id}-{i}" for i in range(len(prepared))]
     )
@@ -83,14 +82,6 @@ async def start_generations(
         raise
     generations.streams = list(results)
     return generations
-
-
-async def close_stream(stream: AsyncIterator[Any]) -> None:
-    """Closes an async generator (running its cleanup: aborting the request); other iterators
-    have nothing to close."""
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 async def merge_streams(

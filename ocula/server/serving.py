@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -147,6 +147,14 @@ async def primed(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEven
     return replay()
 
 
+async def close_stream(stream: AsyncIterator[Any]) -> None:
+    """Closes an async generator (running its cleanup: aborting the request); other iterators
+    have nothing to close."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 class EagerStreamingResponse(StreamingResponse):
     """A StreamingResponse that sends its headers and first chunk back to back, before it starts
     watching for the client's disconnect, instead of sending the headers, then setting up that
@@ -170,9 +178,7 @@ class EagerStreamingResponse(StreamingResponse):
                     {"type": "http.response.body", "body": self._bytes(first), "more_body": True}
                 )
         except BaseException:  # e.g. the client is gone: close the stream (aborts the request)
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(chunks)
             raise
         self.body_iterator = chunks
         await super().__call__(scope, receive, send)  # streams the rest through stream_response
