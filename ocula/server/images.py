@@ -40,7 +40,7 @@ class FrontImages:
 
     async def load(self, sources: list[Any]) -> list[LoadedImage]:
         """Fetches and decodes every image concurrently. Raises ImageError (4xx) naming the
-        index of the first image that failed."""
+        index of an image that failed; the first failure cancels the fetches still running."""
         if len(sources) > MAX_IMAGES_PER_REQUEST:
             raise ImageError(
                 f"the request has {len(sources)} images; at most {MAX_IMAGES_PER_REQUEST} are "
@@ -53,16 +53,25 @@ class FrontImages:
                 parsed.append(ImageSource.parse(raw))
             except ImageError as error:
                 raise ImageError(f"image {index}: {error.message}", error.status) from None
-        results = await asyncio.gather(
-            *(load_image(s, self.limits, self.client, self.known_sizes) for s in parsed),
-            return_exceptions=True,
-        )
-        for index, result in enumerate(results):
-            if isinstance(result, ImageError):
-                raise ImageError(f"image {index}: {result.message}", result.status)
-            if isinstance(result, BaseException):
-                raise result
-        return list(results)
+        if not parsed:
+            return []
+        loads = [
+            asyncio.ensure_future(load_image(s, self.limits, self.client, self.known_sizes))
+            for s in parsed
+        ]
+        try:
+            await asyncio.wait(loads, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # one failed, or this request was cancelled: the other fetches are moot
+            for load in loads:
+                load.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)
+        for index, load in enumerate(loads):
+            error = None if load.cancelled() else load.exception()
+            if isinstance(error, ImageError):
+                raise ImageError(f"image {index}: {error.message}", error.status)
+            if error is not None:
+                raise error
+        return [load.result() for load in loads]
 
     async def tokenize(
         self,

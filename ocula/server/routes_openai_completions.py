@@ -102,6 +102,7 @@ async def create_completion(request: Request) -> Response:
     )
     sequences = len(prompts) * (body.n or 1)
     if sequences > state.max_in_flight:  # could never be admitted: not a 503 to retry
+        state.metrics.requests.labels(status="rejected").inc()
         raise OpenAIError(
             400,
             f"a batch of {len(prompts)} prompts x n={body.n or 1} is {sequences} sequences, "

@@ -122,8 +122,9 @@ async def run_request(
 
 def check_fits_at_once(state: ServerState, sequences: int) -> None:
     """RequestError (400, not a 503 to retry) for work that could never be admitted: more
-    sequences than running and waiting capacity together."""
+    sequences than running and waiting capacity together; counted as a rejected request."""
     if sequences > state.max_in_flight:
+        state.metrics.requests.labels(status="rejected").inc()
         raise RequestError(
             f"the request asks for {sequences} sequences (prompts x n), more than this server "
             f"holds at once ({state.max_in_flight}: --running_max_req_size + "

@@ -20,6 +20,7 @@ from ocula.multimodal.image_fetching import (
     fetch_image_bytes,
 )
 from ocula.multimodal.image_loading import ImageError, ImageLimits, ImageSource
+from ocula.server import images as front_images
 from tests.helpers.image_loading import LIMITS, LOCAL, encode, error_of, fetch, gradient, status_of
 
 PNG_BYTES = encode(gradient(), "PNG")
@@ -186,3 +187,33 @@ def test_a_fetch_waits_for_its_turn_no_longer_than_the_timeout(server_port):
     assert first == PNG_BYTES
     assert isinstance(second, ImageError) and second.status == 503 and "no turn" in second.message
     assert time.perf_counter() - started < 3
+
+
+def test_the_first_failed_image_cancels_the_fetches_still_running(server_port, monkeypatch):
+    # Image 0 takes 1.5 s, image 1 is a 404: the request fails on image 1 without waiting for
+    # image 0, whose fetch is cancelled rather than left running.
+    cancelled = []
+    real_load = front_images.load_image
+
+    async def watched_load(source, *args):
+        try:
+            return await real_load(source, *args)
+        except asyncio.CancelledError:
+            cancelled.append(source.data)
+            raise
+
+    monkeypatch.setattr(front_images, "load_image", watched_load)
+    slow, missing = (f"http://127.0.0.1:{server_port}/{path}" for path in ("slow", "missing"))
+    sources = [{"type": "url", "data": slow}, {"type": "url", "data": missing}]
+
+    async def main() -> None:
+        front = front_images.FrontImages(None, None, allow_local_media=True)
+        try:
+            await front.load(sources)
+        finally:
+            await front.close()
+
+    with pytest.raises(ImageError) as caught:
+        asyncio.run(main())
+    assert caught.value.status == 422 and caught.value.message.startswith("image 1: ")
+    assert cancelled == [slow]

@@ -99,7 +99,11 @@ def test_clients_leaving_the_queue_free_their_places(one_slot_server) -> None:
     ],
 )
 def test_admission_counts_sequences_not_requests(one_slot_server, route: str, body: dict) -> None:
-    # Six sequences never fit in one running slot and four waiting places: 400, not a 503.
+    # Six sequences never fit in one running slot and four waiting places: 400, not a 503,
+    # counted as a rejected request.
+    rejected = 'ocula_requests_total{status="rejected"}'
+    before = metrics(one_slot_server).get(rejected, 0.0)
     response = httpx.post(one_slot_server.url + route, json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert "holds at once" in response.json()["error"]["message"]
+    assert metrics(one_slot_server)[rejected] == before + 1
