@@ -2,8 +2,8 @@
 
 This process is rank 0, built as the server's engine process builds it: it starts ranks
 1..tp-1 (`FollowerRanks`, which follow its step plans) and runs an `EngineCore` over their
-group, with the offline `LLM`'s front (tokenizer, the same image preprocessing, outputs) in
-front of it (`ParallelFront`). Parts, in order, each skipped with the reason when the time
+group, with the offline `LLM`'s front (`LLMEngine` over that core: tokenizer, the same image
+preprocessing, outputs) in front of it. Parts, in order, each skipped with the reason when the time
 limit would not allow it:
 
 - tokens: greedy tokens of engine_agreement.py's prompts (32 x 16; half text, half one image);
@@ -54,9 +54,8 @@ from ocula.distributed.launch import check_model_splits
 from ocula.distributed.parallel_group import SINGLE_RANK
 from ocula.engine.engine_core import EngineCore
 from ocula.engine.llm_engine import LLMEngine
-from ocula.engine.model_setup import ModelSetup, resolve_model
+from ocula.engine.model_setup import resolve_model
 from ocula.engine.tp_worker import FollowerRanks, RankDiedError
-from ocula.multimodal.internvl_prompt import VisionSpec
 from ocula.sampling.params import SamplingParams
 
 # Image seeds of the offline warm-up, far from the other parts' (parallel_vit.py's, 3000+ and
@@ -67,29 +66,7 @@ WARMUP_SEED = 900
 NEEDS_S = {"tokens": 10, "vit": 15, "decode": 15, "offline": 20}
 
 
-class ParallelFront(LLMEngine):
-    """`LLMEngine`'s front over a core built elsewhere (with followers when tp > 1).
-
-    `LLMEngine.__init__` builds a single-process core itself, so this sets the same attributes
-    around the given core instead of calling it; tokenization, images and outputs are
-    `LLMEngine`'s own methods."""
-
-    def __init__(self, args: EngineArgs, setup: ModelSetup, core: EngineCore) -> None:
-        self.args = args
-        self.model_dir = setup.model_dir
-        self.model_config = setup.model_config
-        self.generation_config = setup.generation_config
-        self.tokenizer = setup.load_tokenizer(args)
-        self.eos_token_ids = setup.eos_token_ids(args, self.tokenizer)
-        self.core = core
-        self.vision = None
-        if core.is_multimodal:
-            self.vision = VisionSpec.for_model(self.model_config, self.tokenizer)
-        self._groups = {}
-        self._sequences = {}
-
-
-def start_engine(options: dict[str, Any]) -> tuple[ParallelFront, FollowerRanks | None]:
+def start_engine(options: dict[str, Any]) -> tuple[LLMEngine, FollowerRanks | None]:
     """Rank 0's engine as ocula/server/engine_process.py starts it."""
     args = EngineArgs(**options)
     args.validate()
@@ -101,14 +78,14 @@ def start_engine(options: dict[str, Any]) -> tuple[ParallelFront, FollowerRanks 
         followers = FollowerRanks(args, setup)
         setup, group = followers.setup, followers.group
     try:
-        return ParallelFront(args, setup, EngineCore(args, setup, group)), followers
+        return LLMEngine(args, setup, EngineCore(args, setup, group)), followers
     except BaseException:
         if followers is not None:
             followers.stop(graceful=False)
         raise
 
 
-def greedy_token_ids(engine: ParallelFront, prompts: list[Any], new_tokens: int) -> list[list[int]]:
+def greedy_token_ids(engine: LLMEngine, prompts: list[Any], new_tokens: int) -> list[list[int]]:
     """Greedy outputs of all prompts in one batch, in prompt order (as `LLM.generate` and
     engine_agreement.py's `greedy_tokens`)."""
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
@@ -126,7 +103,7 @@ def greedy_token_ids(engine: ParallelFront, prompts: list[Any], new_tokens: int)
     return [outputs[request_id] for request_id in ids]
 
 
-def decode(engine: ParallelFront, tiny: bool, deadline: Deadline) -> dict[str, Any]:
+def decode(engine: LLMEngine, tiny: bool, deadline: Deadline) -> dict[str, Any]:
     sizes = ENGINE_TINY if tiny else ENGINE_FULL
     batch_size = 4 if tiny else 64
     core = engine.core
@@ -153,7 +130,7 @@ def decode(engine: ParallelFront, tiny: bool, deadline: Deadline) -> dict[str, A
     }
 
 
-def offline(engine: ParallelFront, workload: OfflineWorkload, deadline: Deadline) -> dict[str, Any]:
+def offline(engine: LLMEngine, workload: OfflineWorkload, deadline: Deadline) -> dict[str, Any]:
     warm = [image_prompt(WARMUP_SEED + i, 20) for i in range(4)] + token_prompts(901, 4, 64)
     started = time.perf_counter()
     run_offline(engine, warm, 8, Deadline(None))

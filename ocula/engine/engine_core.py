@@ -164,6 +164,11 @@ class EngineCore:
             raise RequestRejectedError(problem)
         if request.images and self.images is None:
             raise RequestRejectedError("this model has no vision encoder: it cannot take images")
+        if not _can_sample_before_min_new_tokens(request):
+            raise RequestRejectedError(
+                "allowed_token_ids holds only EOS and stop token ids, which cannot be sampled "
+                "before min_new_tokens: no token is left to sample"
+            )
         # A safety net: the pool holds a whole --max_req_total_len of image tokens.
         if request.images and self.images is not None:
             tiles, held = self.images.pages_needed(request), self.images.index.num_pages
@@ -263,3 +268,15 @@ class EngineCore:
             image_cache_tiles_free=self.images.index.num_free_pages if self.images else 0,
             images_in_prefix_cache=self.images.num_served_by_prefix_cache if self.images else 0,
         )
+
+
+def _can_sample_before_min_new_tokens(request: Request) -> bool:
+    """False when a request's allowed tokens are all banned until its min_new_tokens (EOS,
+    unless ignored, and its stop token ids): its logits would be all -inf."""
+    params = request.sampling_params
+    if not params.allowed_token_ids or params.min_new_tokens == 0:
+        return True
+    banned = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        banned |= request.eos_token_ids
+    return not set(params.allowed_token_ids) <= banned

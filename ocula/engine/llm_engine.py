@@ -15,7 +15,7 @@ from typing import Any
 
 from ocula.config import EngineArgs
 from ocula.engine.engine_core import EngineCore, EngineStats, RequestRejectedError
-from ocula.engine.model_setup import resolve_model
+from ocula.engine.model_setup import ModelSetup, resolve_model
 from ocula.engine.output_processor import (
     RequestGroup,
     SequenceStream,
@@ -44,17 +44,26 @@ DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(
+        self, args: EngineArgs, setup: ModelSetup | None = None, core: EngineCore | None = None
+    ) -> None:
+        """Loads the model of `args` into a single-process core; or, given `setup` and the
+        `core` built from it elsewhere (with tensor-parallel followers, say), fronts that core."""
         args.validate()
+        if (setup is None) != (core is None):
+            raise ValueError("a prebuilt core comes with the setup it was built from")
         self.args = args
-        setup = resolve_model(args)
+        if setup is None:
+            setup = resolve_model(args)
         self.model_dir = setup.model_dir
         self.model_config = setup.model_config
         self.generation_config = setup.generation_config
         self.tokenizer = setup.load_tokenizer(args)
         self.eos_token_ids = setup.eos_token_ids(args, self.tokenizer)
-        logger.info("loading %s on %s in %s", setup.model_dir, setup.device, setup.dtype)
-        self.core = EngineCore(args, setup)
+        if core is None:
+            logger.info("loading %s on %s in %s", setup.model_dir, setup.device, setup.dtype)
+            core = EngineCore(args, setup)
+        self.core = core
         self.vision: VisionSpec | None = None
         if self.core.is_multimodal:
             self.vision = VisionSpec.for_model(self.model_config, self.tokenizer)

@@ -50,7 +50,7 @@ class SequenceStream:
         self.text = ""
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
+        self.stop_reason: int | str | list[int] | None = None
         self.num_cached_tokens = 0
 
     @property
@@ -67,8 +67,11 @@ class SequenceStream:
                 TokenLogprob(update.token_id, update.logprob, update.top_logprobs or [])
             )
         # A token that stopped the sequence (EOS or a stop token id) is reported in the ids but,
-        # like a stop string, its text is not part of the output unless asked for.
-        stopped_by_token = update.finish_reason == FinishReason.STOP
+        # like a stop string, its text is not part of the output unless asked for. The tokens of
+        # a stop token sequence (a list stop_reason) keep their text, as in LightLLM.
+        stopped_by_token = update.finish_reason == FinishReason.STOP and not isinstance(
+            update.stop_reason, list
+        )
         new_text = ""
         if not stopped_by_token or self.params.include_stop_str_in_output:
             new_text = self.detokenizer.push([update.token_id])

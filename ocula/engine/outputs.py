@@ -14,7 +14,8 @@ class TokenUpdate:
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None  # a FinishReason value once the request stopped
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # The stop token id, stop string or stop token sequence (a list) that ended it.
+    stop_reason: int | str | list[int] | None = None
     num_cached_tokens: int = 0
     queued_seconds: float | None = None  # on the first token: time from arrival to first step
 
@@ -34,7 +35,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    stop_reason: int | str | None = None
+    stop_reason: int | str | list[int] | None = None
     logprobs: list[TokenLogprob] | None = None
 
 

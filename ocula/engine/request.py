@@ -83,6 +83,7 @@ class Request:
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ())
+        self.stop_token_sequences = [tuple(s) for s in sampling_params.stop_token_sequences or ()]
         self.images = sorted(images or [], key=lambda span: span.offset)
         self.held_image_keys: list[str] = []  # embedding-cache entries this request holds
         self.arrival_time = time.monotonic()
@@ -90,7 +91,8 @@ class Request:
 
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
-        self.stop_reason: int | str | None = None
+        # The stop token id, or stop token sequence (a list), that ended it.
+        self.stop_reason: int | str | list[int] | None = None
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0  # computed plus those the step in flight computes
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
@@ -128,12 +130,26 @@ class Request:
         token_id = self.token_ids[position]
         num_output = position + 1 - self.num_prompt_tokens
         if num_output >= params.min_new_tokens:
+            sequence = self._stop_sequence_ending_at(position, num_output)
+            if sequence is not None:  # before EOS, as LightLLM checks them
+                self.stop_reason = list(sequence)
+                return FinishReason.STOP
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return FinishReason.STOP
             if token_id in self.stop_token_ids:
                 self.stop_reason = token_id
                 return FinishReason.STOP
         return self.length_stop(position, max_total_len)
+
+    def _stop_sequence_ending_at(self, position: int, num_output: int) -> tuple[int, ...] | None:
+        """The first stop token sequence that the output's tokens up to `position` end with."""
+        for sequence in self.stop_token_sequences:
+            length = len(sequence)
+            if length > num_output or sequence[-1] != self.token_ids[position]:
+                continue
+            if tuple(self.token_ids[position + 1 - length : position + 1]) == sequence:
+                return sequence
+        return None
 
     def length_stop(self, position: int, max_total_len: int) -> FinishReason | None:
         """LENGTH when the token at `position` is the last one the limits allow, whatever it

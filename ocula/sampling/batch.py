@@ -20,6 +20,7 @@ from ocula.sampling.params import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    MAX_EOS_DECAY_GAIN,
     SamplingParams,
 )
 from ocula.utils.device import host_arrays_to_device
@@ -90,8 +91,15 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # per row: its own generator if seeded
     # Token lists for the penalties. The builder leaves a row's lists empty when that row's
     # penalties are neutral, so long prompts are not copied for nothing.
-    prompt_token_ids: list[Sequence[int]]  # repetition penalty only
+    prompt_token_ids: list[Sequence[int]]  # repetition penalty (empty: penalty_scope "output")
     output_token_ids: list[Sequence[int]]  # repetition, presence and frequency penalties
+    # The prompt again where presence and frequency count it (penalty_scope "prompt_and_output").
+    counted_prompt_token_ids: list[Sequence[int]]
+    allowed_token_ids: list[Sequence[int]]  # only these may be sampled (empty: any)
+    # exponential_decay_length_penalty: each row's EOS ids and the relative gain of their logits
+    # this step (rows without a gain have no ids).
+    eos_gain_token_ids: list[Sequence[int]]
+    eos_gains: list[float]
     banned_token_ids: list[Sequence[int]]  # logits set to -inf (EOS/stop ids before min_new_tokens)
     bias_token_ids: list[Sequence[int]]  # logit_bias: tokens of each row, distinct
     bias_values: list[Sequence[float]]  # ... and what is added to their logits
@@ -110,6 +118,8 @@ class SamplingBatch:
     use_presence_frequency_penalty: bool
     any_banned: bool
     any_bias: bool
+    any_allowed: bool
+    any_eos_gain: bool
 
     @property
     def num_rows(self) -> int:
@@ -128,6 +138,10 @@ class SamplingBatch:
         repetition, presence, frequency = [], [], []
         prompts: list[Sequence[int]] = []
         outputs: list[Sequence[int]] = []
+        counted_prompts: list[Sequence[int]] = []
+        allowed: list[Sequence[int]] = []
+        eos_gain_ids: list[Sequence[int]] = []
+        eos_gains: list[float] = []
         banned: list[Sequence[int]] = []
         bias_ids: list[Sequence[int]] = []
         bias_values: list[Sequence[float]] = []
@@ -150,8 +164,17 @@ class SamplingBatch:
             token_ids = request.token_ids
             split = request.num_prompt_tokens
             uses_output = reads_output_tokens(params)
-            prompts.append(token_ids[:split] if rep != 1.0 else ())
+            scope = params.penalty_scope
+            prompts.append(token_ids[:split] if rep != 1.0 and scope != "output" else ())
             outputs.append(token_ids[split:] if uses_output else ())
+            counts_prompt = scope == "prompt_and_output" and bool(
+                params.presence_penalty or params.frequency_penalty
+            )
+            counted_prompts.append(token_ids[:split] if counts_prompt else ())
+            allowed.append(params.allowed_token_ids)
+            gain = eos_length_gain(params, len(token_ids) - split)
+            eos_gain_ids.append(sorted(request.eos_token_ids) if gain else ())
+            eos_gains.append(gain)
 
             row_banned: list[int] = []
             if len(token_ids) - split < params.min_new_tokens:
@@ -192,6 +215,10 @@ class SamplingBatch:
             generators=[request.generator for request in requests],
             prompt_token_ids=prompts,
             output_token_ids=outputs,
+            counted_prompt_token_ids=counted_prompts,
+            allowed_token_ids=allowed,
+            eos_gain_token_ids=eos_gain_ids,
+            eos_gains=eos_gains,
             banned_token_ids=banned,
             bias_token_ids=bias_ids,
             bias_values=bias_values,
@@ -207,7 +234,24 @@ class SamplingBatch:
             use_presence_frequency_penalty=any(presence) or any(frequency),
             any_banned=any(banned),
             any_bias=any(bias_ids),
+            any_allowed=any(allowed),
+            any_eos_gain=any(eos_gain_ids),
         )
+
+
+def eos_length_gain(params: SamplingParams, num_output_tokens: int) -> float:
+    """The relative gain of the EOS logits under `exponential_decay_length_penalty` for a row
+    whose output holds `num_output_tokens` tokens: factor^(n - start) - 1 past start, else 0."""
+    if params.exponential_decay_length_penalty is None:
+        return 0.0
+    start, factor = params.exponential_decay_length_penalty
+    if num_output_tokens <= start or factor == 1:
+        return 0.0
+    try:
+        gain = factor ** (num_output_tokens - start) - 1.0
+    except OverflowError:
+        gain = MAX_EOS_DECAY_GAIN
+    return min(gain, MAX_EOS_DECAY_GAIN)
 
 
 def reads_output_tokens(params: SamplingParams) -> bool:

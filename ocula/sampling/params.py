@@ -31,9 +31,19 @@ MAX_STOP_STRINGS = 64
 FLOAT32_MAX = 3.4028234663852886e38
 # Far beyond use (penalties near 1), and it keeps a logit of 1e4 finite in float32 either way.
 REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+# OpenAI's lower bound; no upper one in LightLLM, and 1e6 x any count stays finite in float32
+# (the OpenAI routes keep OpenAI's [-2, 2]).
+PRESENCE_FREQUENCY_RANGE = (-2.0, 1e6)
 # OpenAI's bounds: a bias of -100 or 100 in effect bans or forces its token.
 LOGIT_BIAS_LIMIT = 100.0
 MAX_LOGIT_BIAS_TOKENS = 1024
+# Cap of the EOS logit's relative gain under exponential_decay_length_penalty: it keeps a
+# factor > 1 far into a long output from overflowing float32 (the EOS is then certain anyway).
+MAX_EOS_DECAY_GAIN = 1e6
+# Each row's allowed ids are copied to the device every step.
+MAX_ALLOWED_TOKEN_IDS = 16384
+# Which tokens the penalties count (see SamplingParams).
+PENALTY_SCOPES = ("vllm", "output", "prompt_and_output")
 _SEED_MIN = -(2**63)  # torch.Generator.manual_seed accepts [-2**63, 2**64 - 1]
 _SEED_MAX = 2**64 - 1
 
@@ -48,8 +58,18 @@ class SamplingParams:
     - `logprobs = None` returns no logprobs; `logprobs = k` returns the logprob of each sampled
       token plus the k most likely alternatives (k = 0: the sampled token only).
     - `min_new_tokens`: EOS and `stop_token_ids` cannot be sampled before that many new tokens.
-    - `stop` strings are checked on the detokenized text by the front end; `stop_token_ids` and
-      EOS (unless `ignore_eos`) by the engine.
+    - `stop` strings are checked on the detokenized text by the front end; `stop_token_ids`,
+      `stop_token_sequences` and EOS (unless `ignore_eos`) by the engine.
+    - `stop_token_sequences` (LightLLM's `stop_sequences`): the sequence stops once its output
+      ends with one of these runs of ids; unlike a stop token id's, their text stays in the output.
+    - `penalty_scope`, which tokens the penalties count: "vllm" (vLLM's and OpenAI's) the
+      repetition penalty the prompt's and the output's, presence and frequency the output's;
+      "output" all three the output's only (LightLLM's default); "prompt_and_output" all three
+      both (LightLLM's `input_penalty`).
+    - `allowed_token_ids`, when not empty, are the only tokens that can be sampled.
+    - `exponential_decay_length_penalty` (start, factor), transformers' and LightLLM's: once
+      the output holds n > start tokens, each EOS logit gains |logit| * (factor^(n - start) - 1)
+      (the gain capped at MAX_EOS_DECAY_GAIN), after the penalties.
     - `logit_bias` {token id: bias in [-100, 100]} is added to the logits before sampling,
       before the penalties (vLLM's order) and the bans of `min_new_tokens`; logprobs stay those
       of the model.
@@ -69,10 +89,14 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_sequences: list[list[int]] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    penalty_scope: str = "vllm"
+    allowed_token_ids: list[int] = field(default_factory=list)  # empty: any token
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start, factor)
 
     def __post_init__(self) -> None:
         # OpenAI accepts a single stop string; store every form as a list.
@@ -82,6 +106,10 @@ class SamplingParams:
             self.stop = []
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        if self.stop_token_sequences is None:
+            self.stop_token_sequences = []
+        if self.allowed_token_ids is None:
+            self.allowed_token_ids = []
         if self.logit_bias is None:
             self.logit_bias = {}
 
@@ -134,11 +162,12 @@ class SamplingParams:
                     f"repetition_penalty must be in [{low:g}, {high:g}], "
                     f"got {self.repetition_penalty}"
                 )
+        low, high = PRESENCE_FREQUENCY_RANGE
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check_number(name, value)
-            if not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
         if self.seed is not None:
             _check_int("seed", self.seed)
             if not _SEED_MIN <= self.seed <= _SEED_MAX:
@@ -164,7 +193,64 @@ class SamplingParams:
             _check_int("stop_token_ids", token_id)
             if token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative, got {token_id}")
+        self._validate_stop_token_sequences(vocab_size)
         self._validate_logit_bias(vocab_size)
+        self._validate_allowed_token_ids(vocab_size)
+        if self.exponential_decay_length_penalty is not None:
+            decay = self.exponential_decay_length_penalty
+            if not isinstance(decay, (tuple, list)) or len(decay) != 2:
+                raise ValueError(
+                    f"exponential_decay_length_penalty must be [start, factor], got {decay!r}"
+                )
+            _check_int("exponential_decay_length_penalty's start", decay[0])
+            _check_number("exponential_decay_length_penalty's factor", decay[1])
+            if decay[0] < 0 or not decay[1] > 0:
+                raise ValueError(
+                    "exponential_decay_length_penalty needs a start >= 0 and a factor > 0, "
+                    f"got {list(decay)}"
+                )
+        if self.penalty_scope not in PENALTY_SCOPES:
+            raise ValueError(
+                f"penalty_scope must be one of {', '.join(PENALTY_SCOPES)}, got "
+                f"{self.penalty_scope!r}"
+            )
+
+    def _validate_stop_token_sequences(self, vocab_size: int | None) -> None:
+        sequences = self.stop_token_sequences
+        if not isinstance(sequences, list) or not all(
+            isinstance(sequence, list) and sequence for sequence in sequences
+        ):
+            raise ValueError(
+                f"stop_token_sequences must be non-empty lists of token ids, got {sequences!r}"
+            )
+        if len(sequences) > MAX_STOP_STRINGS or sum(map(len, sequences)) > MAX_STOP_CHARS:
+            raise ValueError(
+                f"stop_token_sequences: at most {MAX_STOP_STRINGS} sequences and "
+                f"{MAX_STOP_CHARS} token ids in all"
+            )
+        bound = vocab_size if vocab_size is not None else "the vocabulary size"
+        for sequence in sequences:
+            for token_id in sequence:
+                _check_int("stop_token_sequences", token_id)
+                if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                    raise ValueError(
+                        f"stop_token_sequences: token id {token_id} is outside [0, {bound})"
+                    )
+
+    def _validate_allowed_token_ids(self, vocab_size: int | None) -> None:
+        allowed = self.allowed_token_ids
+        if not isinstance(allowed, list):
+            raise ValueError(f"allowed_token_ids must be a list of token ids, got {allowed!r}")
+        if len(allowed) > MAX_ALLOWED_TOKEN_IDS:
+            raise ValueError(
+                f"allowed_token_ids holds {len(allowed)} ids; at most {MAX_ALLOWED_TOKEN_IDS} "
+                "are allowed"
+            )
+        bound = vocab_size if vocab_size is not None else "the vocabulary size"
+        for token_id in allowed:
+            _check_int("allowed_token_ids", token_id)
+            if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                raise ValueError(f"allowed_token_ids: token id {token_id} is outside [0, {bound})")
 
     def _validate_logit_bias(self, vocab_size: int | None) -> None:
         if not isinstance(self.logit_bias, dict):
@@ -218,7 +304,9 @@ class SamplingParams:
             repetition_penalty=resolve("repetition_penalty", DEFAULT_REPETITION_PENALTY),
             stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids),
+            stop_token_sequences=[list(sequence) for sequence in self.stop_token_sequences],
             logit_bias=dict(self.logit_bias),
+            allowed_token_ids=list(self.allowed_token_ids),
         )
 
 

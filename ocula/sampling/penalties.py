@@ -15,15 +15,16 @@ from ocula.sampling.batch import host_to_device
 
 
 def token_counts(
-    token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+    vocab_size: int, device: torch.device, *ragged: Sequence[Sequence[int]]
 ) -> torch.Tensor:
-    """counts[i, t] = how many times token t occurs in token_ids[i]; float32 [S, V].
+    """counts[i, t] = how many times token t occurs in row i of the ragged lists (each of S
+    rows); float32 [S, V].
 
     Ids >= V (an embedding table larger than the LM head) cannot be sampled and are not counted.
     """
     # One spare column absorbs the out-of-vocabulary ids without a data-dependent filter.
-    counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.float32, device=device)
-    positions = _flat_positions(vocab_size, device, token_ids)
+    counts = torch.zeros(len(ragged[0]), vocab_size + 1, dtype=torch.float32, device=device)
+    positions = _flat_positions(vocab_size, device, *ragged)
     if positions is not None:
         ones = torch.ones(positions.shape, dtype=torch.float32, device=device)
         counts.view(-1).scatter_add_(0, positions, ones)
@@ -48,9 +49,10 @@ def apply_repetition_penalty(
     output_token_ids: Sequence[Sequence[int]],
     penalties: torch.Tensor,
 ) -> None:
-    """HF/CTRL repetition penalty over every token seen (prompt or output), once per token
-    whatever its count: a positive logit is divided by the row's penalty, a negative one
-    multiplied by it. Rows with penalty 1 are unchanged.
+    """HF/CTRL repetition penalty over every token seen (in a row's prompt list, which is empty
+    where only the output counts, or its output), once per token whatever its count: a positive
+    logit is divided by the row's penalty, a negative one multiplied by it. Rows with penalty 1
+    are unchanged.
     """
     seen = _presence(logits.shape[1], logits.device, prompt_token_ids, output_token_ids)
     penalty = penalties.unsqueeze(1)
@@ -61,15 +63,43 @@ def apply_repetition_penalty(
 def apply_presence_frequency_penalties(
     logits: torch.Tensor,
     output_token_ids: Sequence[Sequence[int]],
+    counted_prompt_token_ids: Sequence[Sequence[int]],
     presence_penalties: torch.Tensor,
     frequency_penalties: torch.Tensor,
 ) -> None:
-    """OpenAI's penalties over the generated tokens only:
+    """OpenAI's penalties over the generated tokens (and the prompt's where a row's
+    `counted_prompt_token_ids` holds it: LightLLM's `input_penalty`):
     logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty.
     """
-    counts = token_counts(output_token_ids, logits.shape[1], logits.device)
+    counts = token_counts(
+        logits.shape[1], logits.device, output_token_ids, counted_prompt_token_ids
+    )
     logits -= counts * frequency_penalties.unsqueeze(1)
     logits -= (counts > 0).to(torch.float32) * presence_penalties.unsqueeze(1)
+
+
+def apply_eos_length_gain(
+    logits: torch.Tensor, eos_token_ids: Sequence[Sequence[int]], gains: Sequence[float]
+) -> None:
+    """logits[i, e] += |logits[i, e]| * gains[i] for every EOS id e of row i (ids >= V are
+    ignored): transformers' exponential decay length penalty."""
+    vocab_size = logits.shape[1]
+    kept = [[e for e in ids if e < vocab_size] for ids in eos_token_ids]
+    indices = _row_token_indices(logits.device, kept)
+    if indices is not None:
+        per_entry = [gain for ids, gain in zip(kept, gains, strict=True) for _ in ids]
+        scale = host_to_device(per_entry, logits.dtype, logits.device)
+        chosen = logits[indices]
+        logits.index_put_(indices, chosen + chosen.abs() * scale)
+
+
+def apply_allowed_tokens(logits: torch.Tensor, allowed_token_ids: Sequence[Sequence[int]]) -> None:
+    """Sets logits[i, t] = -inf for every t outside a row's non-empty allowed list; rows with an
+    empty list are unrestricted. Ids >= V are ignored; a row must allow one id below V."""
+    vocab_size = logits.shape[1]
+    allowed = _presence(vocab_size, logits.device, allowed_token_ids)
+    restricted = host_to_device([bool(ids) for ids in allowed_token_ids], torch.bool, logits.device)
+    logits.masked_fill_(restricted.unsqueeze(1) & ~allowed, float("-inf"))
 
 
 def apply_bans(logits: torch.Tensor, banned_token_ids: Sequence[Sequence[int]]) -> None:

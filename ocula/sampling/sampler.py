@@ -3,9 +3,10 @@
 Order of operations for every row (each step a batched tensor op over all rows):
 1. logprobs: log-softmax of the *raw* model logits (before penalties, bans and temperature),
    read at the chosen token and at the top-k alternatives;
-2. logit_bias (added), then the repetition penalty (prompt + output), then presence/frequency
-   penalties (output only), in vLLM's order;
-3. bans (-inf), whatever the bias;
+2. logit_bias (added), then the repetition penalty, then presence/frequency penalties, in
+   vLLM's order, over the tokens the row's `penalty_scope` names; then the EOS logits' gain of
+   `exponential_decay_length_penalty`;
+3. the allowed-token mask, then bans (-inf), whatever the bias;
 4. greedy rows (temperature 0) take the argmax here and ignore everything below;
 5. temperature, top_k, top_p, min_p (in that order);
 6. sampling by the exponential race: argmax(probs / E) with E ~ Exponential(1) per token, which
@@ -25,7 +26,9 @@ import torch
 
 from ocula.sampling.batch import SamplingBatch
 from ocula.sampling.penalties import (
+    apply_allowed_tokens,
     apply_bans,
+    apply_eos_length_gain,
     apply_logit_bias,
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
@@ -129,6 +132,8 @@ def _needs_processing(batch: SamplingBatch) -> bool:
         and not batch.use_presence_frequency_penalty
         and not batch.any_banned
         and not batch.any_bias
+        and not batch.any_allowed
+        and not batch.any_eos_gain
     )
 
 
@@ -141,8 +146,16 @@ def _apply_penalties_and_bans(logits: torch.Tensor, batch: SamplingBatch) -> Non
         )
     if batch.use_presence_frequency_penalty:
         apply_presence_frequency_penalties(
-            logits, batch.output_token_ids, batch.presence_penalties, batch.frequency_penalties
+            logits,
+            batch.output_token_ids,
+            batch.counted_prompt_token_ids,
+            batch.presence_penalties,
+            batch.frequency_penalties,
         )
+    if batch.any_eos_gain:  # after the penalties, as LightLLM applies it
+        apply_eos_length_gain(logits, batch.eos_gain_token_ids, batch.eos_gains)
+    if batch.any_allowed:
+        apply_allowed_tokens(logits, batch.allowed_token_ids)
     if batch.any_banned:  # last: a banned token stays banned whatever its bias
         apply_bans(logits, batch.banned_token_ids)
 

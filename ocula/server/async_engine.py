@@ -58,7 +58,7 @@ class StreamEvent:
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None
-    stop_reason: int | str | None
+    stop_reason: int | str | list[int] | None
     num_cached_tokens: int
     queued_seconds: float | None
 

@@ -12,7 +12,7 @@ Parameter rules (LightLLM's, except where noted):
   latter applies to string inputs only, token-id inputs are used as sent.
 - `n` defaults to `best_of` (else 1); both given, they must agree. With a seed, sequence i is
   sampled with seed + i.
-- `stop_sequences` are encoded LightLLM's way, see `stop_conditions`.
+- `stop_sequences` are runs of token ids matched on the output, see `stop_token_sequences`.
 - `image_max_patch_num` is accepted and range-checked, and used once images are served.
 
 Validation contract: every model is strict (JSON types only: `"5"` is not an integer, `1.5` is not
@@ -64,7 +64,7 @@ class _StrictModel(BaseModel):
         return {key: value for key, value in data.items() if value is not None}
 
 
-# A stop sequence is a string (encoded LightLLM's way, see `stop_conditions`) or a list of ids.
+# A stop sequence is a string (encoded LightLLM's way, see `stop_token_sequences`) or a list of ids.
 StopSequence = str | list[StrictInt]
 
 
@@ -88,9 +88,16 @@ class GenerateParameters(_StrictModel):
     n: int | None = Field(None, ge=1, le=MAX_SEQUENCES_PER_REQUEST)
     best_of: int | None = Field(None, ge=1, le=MAX_SEQUENCES_PER_REQUEST)
     return_details: bool = False
-    # Tile cap for InternVL images, overriding the checkpoint's for this request.
-    image_max_patch_num: int | None = Field(None, ge=1, le=MAX_REQUEST_TILES)
+    # Tile cap for InternVL images, overriding the checkpoint's for this request; 0 or less (
+    # LightLLM's default, -1) leaves the checkpoint's.
+    image_max_patch_num: int | None = Field(None, le=MAX_REQUEST_TILES)
     add_special_tokens: bool = True  # applies to string inputs only
+    input_penalty: bool = False  # the penalties count the prompt's tokens too
+    print_eos_token: bool = False  # EOS's text (when not skipped as special) ends the output
+    # Spaces between special tokens when decoding: like LightLLM, passed to a tokenizer that
+    # has the option; the fast tokenizers of the models served here have none (no effect).
+    add_spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[StrictInt] | None = None  # only these may be sampled
 
     @model_validator(mode="after")
     def _n_agrees_with_best_of(self) -> GenerateParameters:
@@ -168,21 +175,21 @@ class StreamChunk(BaseModel):
 
 
 # -- meaning in engine terms ---------------------------------------------------------------------
-def stop_conditions(
+def stop_token_sequences(
     tokenizer: Any, stop_sequences: StopSequence | list[StopSequence] | None, vocab_size: int
-) -> tuple[list[str], list[int]]:
-    """(stop strings, stop token ids) for LightLLM's `stop_sequences`.
+) -> list[list[int]]:
+    """The token-id runs of LightLLM's `stop_sequences`, matched on the generated ids (their text
+    stays in the output, as in LightLLM).
 
-    A string is encoded with `tokenizer.encode(s)` (special tokens added as the tokenizer adds
-    them) and its first id dropped, as LightLLM does to drop a BOS; that is why LightLLM's
-    documented client sends `" <|im_end|>"` with a leading space for tokenizers without BOS. A
-    list of ints is taken as ids, nothing dropped (a bare list of ints is one such sequence). Then:
-    one id is a stop token id (checked by the engine; its text is left out of the output), several
-    are a stop string equal to their decoded text (matched on the output text, which holds no
-    special token's text unless `skip_special_tokens` is false), none is ignored.
+    A string is encoded without special tokens added (LightLLM's `encode(s,
+    add_special_tokens=False)`); a list of ints is taken as ids (a bare list of ints is one
+    sequence). LightLLM once dropped a string's first id as a BOS, so its multimodal guide has
+    clients send `" <|im_end|>"` with a space in front for tokenizers without BOS: a leading
+    whitespace token before a special token is dropped here, and such a client's stop still
+    fires on the special token alone.
     """
     if stop_sequences is None:
-        return [], []
+        return []
     sequences = [stop_sequences] if isinstance(stop_sequences, str) else stop_sequences
     if sequences and all(isinstance(item, int) for item in sequences):
         sequences = [sequences]  # a bare list of ids is one token-id stop sequence
@@ -193,11 +200,15 @@ def stop_conditions(
             f"parameters.stop_sequences: at most {MAX_STOP_STRINGS} sequences and "
             f"{MAX_STOP_CHARS} characters in all"
         )
-    stop_strings: list[str] = []
-    stop_token_ids: list[int] = []
+    special_ids = set(getattr(tokenizer, "all_special_ids", ())) | set(
+        getattr(tokenizer, "added_tokens_decoder", {})
+    )
+    runs: list[list[int]] = []
     for sequence in sequences:
         if isinstance(sequence, str):
-            ids = tokenizer.encode(sequence)[1:]
+            ids = tokenizer.encode(sequence, add_special_tokens=False)
+            if len(ids) == 2 and ids[1] in special_ids and not tokenizer.decode(ids[:1]).strip():
+                ids = ids[1:]
         else:
             ids = list(sequence)
             bad = [i for i in ids if not 0 <= i < vocab_size]
@@ -206,14 +217,9 @@ def stop_conditions(
                     f"parameters.stop_sequences: token ids must be in [0, {vocab_size}); "
                     f"got {bad[:5]}"
                 )
-        if len(ids) == 1:
-            stop_token_ids.append(ids[0])
-        elif ids:
-            # No clean-up of spaces: the front's output text never has it (see detokenizer).
-            text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
-            if text:
-                stop_strings.append(text)
-    return stop_strings, stop_token_ids
+        if ids:  # an empty string or list stops nothing (LightLLM drops it)
+            runs.append(ids)
+    return runs
 
 
 def to_sampling_params(
@@ -225,7 +231,7 @@ def to_sampling_params(
 ) -> SamplingParams:
     """The engine's SamplingParams for LightLLM `parameters` (rules in this module's docstring);
     raises RequestError naming the parameter at fault."""
-    stop, stop_token_ids = stop_conditions(tokenizer, parameters.stop_sequences, vocab_size)
+    stop_runs = stop_token_sequences(tokenizer, parameters.stop_sequences, vocab_size)
     params = SamplingParams(
         n=parameters.num_sequences,
         max_new_tokens=parameters.max_new_tokens,
@@ -238,13 +244,15 @@ def to_sampling_params(
         frequency_penalty=parameters.frequency_penalty,
         seed=parameters.seed,
         ignore_eos=parameters.ignore_eos,
-        stop=stop,
-        stop_token_ids=stop_token_ids,
+        stop_token_sequences=stop_runs,
+        include_stop_str_in_output=parameters.print_eos_token,  # EOS's: the stop runs keep theirs
         skip_special_tokens=parameters.skip_special_tokens,
+        penalty_scope="prompt_and_output" if parameters.input_penalty else "output",
+        allowed_token_ids=list(parameters.allowed_token_ids or ()),
         logprobs=0 if want_logprobs else None,
     )
     try:
-        params.validate()  # the values as sent, before the greedy rule replaces any
+        params.validate(vocab_size)  # the values as sent, before the greedy rule replaces any
     except ValueError as error:
         raise RequestError(f"parameters.{error}") from None
     temperature = params.temperature

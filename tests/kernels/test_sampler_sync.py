@@ -41,6 +41,12 @@ CASES: dict[str, list[SamplingParams]] = {
         SamplingParams(temperature=0, logit_bias={3: 5.0, 7: -100.0}),
         SamplingParams(top_k=5, logit_bias={1: 2.0}, min_new_tokens=10),
     ],
+    "lightllm": [
+        SamplingParams(repetition_penalty=1.2, presence_penalty=3.0, penalty_scope="output"),
+        SamplingParams(frequency_penalty=0.5, penalty_scope="prompt_and_output"),
+        SamplingParams(temperature=0, allowed_token_ids=[4, 8, 15, 16, 23, 42]),
+        SamplingParams(top_k=5, exponential_decay_length_penalty=(1, 1.2)),
+    ],
     "mixed": [
         SamplingParams(temperature=0),
         SamplingParams(seed=3, top_k=8, top_p=0.9, min_p=0.02, repetition_penalty=1.3),

@@ -4,6 +4,7 @@ token for token)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
@@ -16,7 +17,7 @@ import pytest
 from ocula import LLM
 from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError
-from ocula.server.protocol_lightllm import stop_conditions
+from ocula.server.protocol_lightllm import stop_token_sequences
 
 PROMPT = "the quick brown fox"
 # The prompt of LightLLM's documented client (multimodal-launch.en.rst, "Testing"), without its
@@ -25,7 +26,7 @@ CHATML_QUERY = (
     "\n<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
 )
-# The client's stop sequences, with the leading space LightLLM's encoding drops.
+# The client's stop sequences, with the leading space LightLLM's old encoding dropped.
 CLIENT_STOP_SEQUENCES = [" <|endoftext|>", " <|im_start|>", " <|im_end|>"]
 SPECIAL_TEXTS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -80,23 +81,29 @@ def offline(llm: LLM, prompt, **params) -> list:
 
 
 # -- stop sequences, offline ----------------------------------------------------------------------
-def test_stop_sequences_are_encoded_the_lightllm_way(llm) -> None:
+def test_stop_sequences_become_runs_of_token_ids(llm) -> None:
     tokenizer = llm.tokenizer
-    im_end, im_start = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
-    # The first id of an encoded string is dropped (LightLLM drops a BOS that way).
-    assert stop_conditions(tokenizer, CLIENT_STOP_SEQUENCES, 601)[1] == [0, im_start, im_end]
-    assert stop_conditions(tokenizer, " <|im_end|>", 601) == ([], [im_end])
-    assert stop_conditions(tokenizer, "<|im_end|>", 601) == ([], [])  # nothing left: ignored
-    assert tokenizer.encode(" the quick brown")[1:] == tokenizer.encode(" quick brown")
-    assert stop_conditions(tokenizer, [" the quick brown"], 601) == ([" quick brown"], [])
-    # Token ids are used as given: one id stops as a token, several as their text.
-    assert stop_conditions(tokenizer, [[im_end], [5, 6], []], 601) == (
-        [tokenizer.decode([5, 6])],
+    im_end, im_start, eot = tokenizer.convert_tokens_to_ids(list(SPECIAL_TEXTS[::-1]))
+    # Strings are encoded without special tokens added, every id kept (LightLLM today)...
+    brown = tokenizer.encode(" the quick brown", add_special_tokens=False)
+    assert len(brown) > 1
+    assert stop_token_sequences(tokenizer, [" the quick brown"], 601) == [brown]
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    assert stop_token_sequences(tokenizer, "\n", 601) == [newline]
+    assert stop_token_sequences(tokenizer, "<|im_end|>", 601) == [[im_end]]
+    # ...except the space the documented client puts before each special token, from when
+    # LightLLM dropped a string's first id: its stops still fire on the special tokens.
+    assert tokenizer.encode(" <|im_end|>", add_special_tokens=False)[1:] == [im_end]
+    assert stop_token_sequences(tokenizer, CLIENT_STOP_SEQUENCES, 601) == [
+        [eot],
+        [im_start],
         [im_end],
-    )
-    assert stop_conditions(tokenizer, [7], 601) == ([], [7])  # a bare list is one sequence
+    ]
+    # Token ids are used as given; empty sequences stop nothing.
+    assert stop_token_sequences(tokenizer, [[im_end], [5, 6], [], ""], 601) == [[im_end], [5, 6]]
+    assert stop_token_sequences(tokenizer, [7], 601) == [[7]]  # a bare list is one sequence
     with pytest.raises(RequestError, match="stop_sequences"):
-        stop_conditions(tokenizer, [[601]], 601)
+        stop_token_sequences(tokenizer, [[601]], 601)
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -212,6 +219,26 @@ def test_lightllm_documented_client_request_stops_at_the_special_token(
     body["parameters"]["max_new_tokens"] = first_stop + 3
     result = httpx.post(server.url + "/generate", json=body, timeout=60).json()
     assert result["count_output_tokens"] == first_stop + 3
+
+
+def test_stop_sequences_match_token_ids_and_keep_their_text(server, llm) -> None:
+    """LightLLM's semantics: the output stops once it ends with a stop run of ids, and that
+    run's text stays in `generated_text`."""
+    reference = offline(llm, PROMPT, temperature=0, max_new_tokens=16)[0]
+    ids = reference.token_ids
+    # The first pair of tokens that did not occur before: the output first ends with it there.
+    end = next(i for i in range(2, 16) if (ids[i - 1], ids[i]) not in itertools.pairwise(ids[:i]))
+    run = ids[end - 1 : end + 1]
+    result = generate(server, PROMPT, do_sample=False, stop_sequences=[run])
+    assert result["count_output_tokens"] == end + 1
+    assert result["finish_reason"] == "stop"
+    head = offline(llm, PROMPT, temperature=0, max_new_tokens=end + 1)[0]
+    assert result["generated_text"] == [head.text]
+    assert llm.tokenizer.decode(run) in head.text
+    # One id short of a run the output holds: it runs to its length.
+    assert 600 not in ids
+    result = generate(server, PROMPT, do_sample=False, stop_sequences=[[*run, 600]])
+    assert result["count_output_tokens"] == 16 and result["finish_reason"] == "length"
 
 
 def test_body_without_a_json_content_type_is_read_as_json(server) -> None:

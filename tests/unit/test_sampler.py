@@ -194,7 +194,7 @@ def test_repetition_penalty_matches_hf() -> None:
 def test_presence_and_frequency_penalties_follow_openai() -> None:
     logits = torch.tensor([[1.0, 2.0, -1.0, 0.5, 3.0, 0.0]])
     apply_presence_frequency_penalties(
-        logits, [[1, 1, 3, 9]], torch.tensor([0.25]), torch.tensor([0.5])
+        logits, [[1, 1, 3, 9]], [()], torch.tensor([0.25]), torch.tensor([0.5])
     )
     # token 1 twice: 2 * 0.5 + 0.25; token 3 once: 0.5 + 0.25; id 9 is outside the vocabulary.
     expected = torch.tensor([[1.0, 2.0 - 1.25, -1.0, 0.5 - 0.75, 3.0, 0.0]])

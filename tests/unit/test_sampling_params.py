@@ -43,7 +43,7 @@ def test_defaults_are_valid() -> None:
         ({"min_p": -0.1}, "min_p"),
         ({"min_p": 1.5}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
-        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"presence_penalty": 2e6}, "presence_penalty"),
         ({"frequency_penalty": -2.1}, "frequency_penalty"),
         ({"logprobs": -1}, "logprobs"),
         ({"logprobs": 21}, "logprobs"),
