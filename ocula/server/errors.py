@@ -17,6 +17,8 @@ from ocula.server.async_engine import EngineUnavailableError, RequestError
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+# The error `type` of an image that cannot be used, by status ("invalid_image" otherwise).
+IMAGE_ERROR_TYPES = {413: "image_too_large", 422: "image_unfetchable"}
 
 
 class ServerShuttingDownError(EngineUnavailableError):
@@ -72,8 +74,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status == 503:  # too many image fetches waiting: retry shortly
             headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
             return error_response(503, error.message, "overloaded", headers)
-        kinds = {413: "image_too_large", 422: "image_unfetchable"}
-        return error_response(error.status, error.message, kinds.get(error.status, "invalid_image"))
+        kind = IMAGE_ERROR_TYPES.get(error.status, "invalid_image")
+        return error_response(error.status, error.message, kind)
 
     @app.exception_handler(OverloadedError)
     async def _overloaded(_: Request, error: OverloadedError) -> JSONResponse:

@@ -62,6 +62,19 @@ class SamplingFields(OpenAIRequestModel):
     skip_special_tokens: bool | None = True
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
+    allowed_token_ids: list[int] | None = None
+    # vLLM's options this server lacks: refused when set, never ignored (see
+    # routes_openai_common.UNSUPPORTED_OPTIONS).
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structural_tag: Any = None
+    structured_outputs: Any = None
+    bad_words: list[Any] | None = None
+    prompt_logprobs: Any = None
+    use_beam_search: bool | None = False
+    truncate_prompt_tokens: Any = None
 
 
 class ContentPart(OpenAIRequestModel):
@@ -71,12 +84,18 @@ class ContentPart(OpenAIRequestModel):
     type: str
     text: str | None = None
     image_url: dict[str, Any] | str | None = None
+    refusal: str | None = None
 
 
 class ChatMessage(OpenAIRequestModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    """A message of any role (vLLM's rule: `tool` and custom roles go to the chat template as
+    they are; `developer` is a system message)."""
+
+    role: str = Field(min_length=1)
+    content: str | list[ContentPart | str] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a `tool` message answers
 
 
 class ChatCompletionRequest(SamplingFields):

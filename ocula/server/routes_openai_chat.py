@@ -9,9 +9,9 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from jinja2 import TemplateError
 
 from ocula.server.async_engine import StreamEvent
+from ocula.server.chat_messages import render_chat_prompt
 from ocula.server.openai_logprobs import top_alternatives, top_logprob
 from ocula.server.protocol_openai import (
     AssistantMessage,
@@ -21,7 +21,6 @@ from ocula.server.protocol_openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatLogprobs,
-    ChatMessage,
     Delta,
     TokenLogprobEntry,
     Usage,
@@ -51,110 +50,6 @@ from ocula.server.serving import ServerState, close_stream, server_state
 from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 
 router = APIRouter()
-
-IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
-# Arguments of apply_chat_template that the request's chat_template_kwargs may not override.
-RESERVED_TEMPLATE_ARGS = frozenset(
-    {
-        "conversation",
-        "tokenize",
-        "add_generation_prompt",
-        "continue_final_message",
-        "return_dict",
-        "return_tensors",
-        "chat_template",
-        "messages",
-    }
-)
-# What a chat template raises on arguments it cannot use (a client's chat_template_kwargs or
-# messages): the client's error, answered with 400.
-TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
-
-
-IMAGE_PLACEHOLDER = "<image>"
-
-
-def message_text(message: ChatMessage, index: int, images: list[dict[str, str]]) -> str:
-    """The message's content as one string (parts joined by newlines). Each image part becomes
-    the model's image tag where it stands, and its source is appended to `images`."""
-    content = message.content
-    if content is None:
-        if message.role == "assistant":
-            return ""
-        raise OpenAIError(400, f"messages[{index}] has no content", param="messages")
-    if isinstance(content, str):
-        return content
-    texts = []
-    for part_index, part in enumerate(content):
-        where = f"messages[{index}].content[{part_index}]"
-        if part.type == "text" and part.text is not None:
-            texts.append(part.text)
-        elif part.type == "text":
-            raise OpenAIError(400, f"{where}: a text part needs a `text` string", param="messages")
-        elif part.type in IMAGE_PART_TYPES:
-            url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
-            if not isinstance(url, str) or not url:
-                raise OpenAIError(
-                    400, f"{where}: an image part needs image_url.url", param="messages"
-                )
-            images.append({"type": "url", "data": url})
-            texts.append(IMAGE_PLACEHOLDER)
-        else:
-            raise OpenAIError(
-                400,
-                f"{where}: content parts of type {part.type!r} are not supported; send text "
-                "or image_url parts",
-                param="messages",
-            )
-    return "\n".join(texts)
-
-
-def template_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, str]], list[dict]]:
-    """Messages as chat templates expect them (OpenAI's `developer` role is a system message),
-    and the image sources in the order their tags appear."""
-    result = []
-    images: list[dict[str, str]] = []
-    for index, message in enumerate(messages):
-        role = "system" if message.role == "developer" else message.role
-        entry = {"role": role, "content": message_text(message, index, images)}
-        if message.name is not None:
-            entry["name"] = message.name
-        result.append(entry)
-    return result, images
-
-
-def render_chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> tuple[str, list[dict]]:
-    """The templated conversation and its image sources. Tokenize the text without special
-    tokens: templates write their own (BOS included), as `LLM.chat` does."""
-    messages, images = template_messages(body.messages)
-    if not getattr(tokenizer, "chat_template", None):
-        raise OpenAIError(
-            400,
-            "this model has no chat template, so its messages cannot be formatted; use "
-            "/v1/completions with a prompt formatted by hand, or serve a chat model",
-            param="messages",
-        )
-    add_generation_prompt = body.add_generation_prompt is not False
-    if body.continue_final_message and add_generation_prompt:
-        raise OpenAIError(
-            400,
-            "continue_final_message needs add_generation_prompt: false",
-            param="continue_final_message",
-        )
-    extra = body.chat_template_kwargs or {}
-    try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=bool(body.continue_final_message),
-            **{key: value for key, value in extra.items() if key not in RESERVED_TEMPLATE_ARGS},
-        )
-    except TEMPLATE_ERRORS as error:
-        raise OpenAIError(
-            400, f"the chat template refused the messages: {error}", param="messages"
-        ) from None
-    return text, images
 
 
 async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], list]:

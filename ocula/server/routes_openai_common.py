@@ -4,6 +4,7 @@ context limit, the mapping onto `SamplingParams`, usage, and token texts for log
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -12,10 +13,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from ocula.multimodal.image_loading import ImageError
 from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError, StreamEvent
-from ocula.server.errors import describe_validation_error
+from ocula.server.errors import IMAGE_ERROR_TYPES, describe_validation_error
 from ocula.server.protocol_openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
     PromptTokensDetails,
     SamplingFields,
     StreamOptions,
@@ -74,9 +78,28 @@ def openai_endpoint(
         except PromptTooLongError as error:
             return OpenAIError(400, str(error), code="context_length_exceeded").response()
         except RequestError as error:
-            return OpenAIError(400, str(error)).response()
+            message = str(error)
+            return OpenAIError(400, message, param=named_field(message)).response()
+        except ImageError as error:
+            if error.status == 503:  # too many fetches waiting: the app's 503 with Retry-After
+                raise
+            kind = IMAGE_ERROR_TYPES.get(error.status, "invalid_image")
+            return OpenAIError(
+                error.status, error.message, param="messages", error_type=kind
+            ).response()
 
     return endpoint
+
+
+def named_field(message: str) -> str | None:
+    """The request field a parameter check's message starts with ("logit_bias token id 9 is
+    outside ...": logit_bias), as OpenAI's `param`; None when it names none."""
+    match = re.match(r"[a-z_]+", message)
+    if match is None:
+        return None
+    name = match.group()
+    known = ChatCompletionRequest.model_fields.keys() | CompletionRequest.model_fields.keys()
+    return name if name in known else None
 
 
 async def parse_body(request: Request, model: type[RequestModel]) -> RequestModel:
@@ -92,9 +115,10 @@ async def parse_body(request: Request, model: type[RequestModel]) -> RequestMode
 
 
 def check_model(state: ServerState, requested: str | None) -> str:
-    """The served model's name; 404 `model_not_found` when the request names another one."""
+    """The served model's name; 404 `model_not_found` when the request names another one (an
+    empty or null name means the served one)."""
     served = state.engine.model_name
-    if requested is not None and requested != served:
+    if requested and requested != served:  # an empty name is the served model (vLLM)
         raise OpenAIError(
             404,
             f"The model `{requested}` does not exist; this server serves `{served}`",
@@ -186,6 +210,7 @@ def sampling_params(
         skip_special_tokens=fields.skip_special_tokens is not False,
         logprobs=logprobs,
         logit_bias=logit_bias_by_id(fields.logit_bias),
+        allowed_token_ids=list(fields.allowed_token_ids or []),
     )
 
 
@@ -204,9 +229,28 @@ def logit_bias_by_id(logit_bias: dict[str, float] | None) -> dict[int, float]:
     return by_id
 
 
+# vLLM's request options that this server does not implement, with what they ask for: a
+# request that sets one is refused (400), not answered as if it had not been sent.
+UNSUPPORTED_OPTIONS = {
+    "guided_json": "guided decoding",
+    "guided_regex": "guided decoding",
+    "guided_choice": "guided decoding",
+    "guided_grammar": "guided decoding",
+    "structural_tag": "guided decoding",
+    "structured_outputs": "guided decoding",
+    "bad_words": "bad words",
+    "prompt_logprobs": "prompt logprobs",
+    "use_beam_search": "beam search",
+    "truncate_prompt_tokens": "prompt truncation",
+}
+
+
 def check_unsupported_features(fields: SamplingFields) -> None:
-    """400 for a response format other than text, and for tools or functions a call could be
-    asked of."""
+    """400 for a response format other than text, for tools or functions a call could be asked
+    of, and for any of vLLM's UNSUPPORTED_OPTIONS set."""
+    for name, feature in UNSUPPORTED_OPTIONS.items():
+        if getattr(fields, name) not in (None, False, []):
+            raise OpenAIError(400, f"{name}: {feature} is not supported by this server", param=name)
     kind = (fields.response_format or {}).get("type", "text")
     if kind != "text":
         raise OpenAIError(

@@ -177,10 +177,16 @@ class CompletionReply:
         for event in events:
             if event.logprob is None:
                 continue
-            result.tokens.append(token_text(self.tokenizer, event.token_id))
-            result.token_logprobs.append(clamp_logprob(event.logprob))
-            top = top_alternatives(self.tokenizer, event)
-            result.top_logprobs.append({alt.token: alt.logprob for alt in top})
+            text = token_text(self.tokenizer, event.token_id)
+            logprob = clamp_logprob(event.logprob)
+            result.tokens.append(text)
+            result.token_logprobs.append(logprob)
+            # The sampled token, then the `logprobs` most likely ones (OpenAI's and vLLM's: up to
+            # logprobs + 1 entries, the sampled one always among them).
+            top = {text: logprob}
+            for alt in top_alternatives(self.tokenizer, event):
+                top.setdefault(alt.token, alt.logprob)
+            result.top_logprobs.append(top)
             result.text_offset.append(offset)
             offset += len(event.text)
         return result

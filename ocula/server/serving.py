@@ -4,11 +4,11 @@ aborting when the client goes away, and the drain that starts a shutdown."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -40,14 +40,15 @@ class ServerState:
     # running and waiting queues hold, so what admission counts.
     sequences_in_flight: int = 0
     draining: bool = False  # set once by `drain`: new requests get 503, /health is unhealthy
-    _ids: itertools.count = field(default_factory=itertools.count)
 
     @property
     def max_in_flight(self) -> int:
         return self.args.running_max_req_size + self.args.max_waiting_requests
 
     def new_request_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}"
+        """`{prefix}-{random hex}`: unique across restarts and replicas (OpenAI's response ids,
+        vLLM's too), so logs and clients never see one id twice."""
+        return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def server_state(request: Request) -> ServerState:

@@ -189,6 +189,8 @@ def test_bad_inputs_get_clear_4xx_while_a_good_request_streams(tmp_path) -> None
             assert fragment in message, (str(body)[:200], message)
             if route.startswith("/v1/") and fragment == "characters alone hold":
                 assert response.json()["error"]["code"] == "context_length_exceeded"
+            if route == "/v1/chat/completions" and fragment == "data URI":  # an image's fault
+                assert response.json()["error"]["param"] == "messages"
         for name, data in GOOD_IMAGES.items():
             response = client.post("/generate", json=with_images(1, [b64(data)]))
             assert response.status_code == 200, (name, response.text)

@@ -63,6 +63,10 @@ def test_models_and_unknown_model_names(client, model) -> None:
     assert error.value.code == "model_not_found" and error.value.param == "model"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4o", prompt="x")
+    # An empty name is the served model (vLLM); response ids never repeat.
+    replies = [client.completions.create(model="", prompt="x", max_tokens=1) for _ in range(2)]
+    assert all(reply.model == model for reply in replies)
+    assert replies[0].id != replies[1].id and replies[0].id.startswith("cmpl-")
 
 
 # -- chat ---------------------------------------------------------------------------------------
@@ -201,7 +205,12 @@ def test_completion_of_a_string_or_token_ids_equals_offline(client, model, offli
     )
     logprobs = reply.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6
-    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    # The sampled token always among the alternatives, with at most logprobs + 1 entries; greedy,
+    # it is the most likely one.
+    for token, logprob, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
+        assert top[token] == logprob and len(top) <= 3 and max(top.values()) == logprob
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
 
 
@@ -229,6 +238,21 @@ def test_logit_bias_steers_the_tokens_as_offline(client, model, offline) -> None
     assert chat.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError, match=r"logit_bias token id \d+ is outside"):
         client.completions.create(model=model, prompt="fox", logit_bias={"10000000": 1})
+
+
+def test_allowed_token_ids_restrict_the_tokens_as_offline(client, model, offline) -> None:
+    allowed = [11, 12, 13]
+    params = SamplingParams(temperature=0, max_new_tokens=8, allowed_token_ids=allowed)
+    expected = offline.generate(PROMPTS[0], params)[0]
+    assert set(expected.token_ids) <= set(allowed)
+    reply = client.completions.create(
+        model=model,
+        prompt=PROMPTS[0],
+        temperature=0,
+        max_tokens=8,
+        extra_body={"allowed_token_ids": allowed},
+    )
+    assert reply.choices[0].text == expected.text
 
 
 def test_completion_defaults_to_16_tokens_and_echoes(client, model) -> None:

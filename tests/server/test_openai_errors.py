@@ -8,8 +8,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from ocula.server.chat_messages import render_chat_prompt
 from ocula.server.protocol_openai import ChatCompletionRequest
-from ocula.server.routes_openai_chat import render_chat_prompt
 from ocula.server.routes_openai_common import OpenAIError
 
 CHAT = [
@@ -34,6 +34,13 @@ CHAT = [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
         ({"logit_bias": {"12": 1, "012": -1}}, "logit_bias"),
+        # vLLM's options this server lacks are refused, never silently ignored.
+        ({"extra_body": {"guided_choice": ["yes", "no"]}}, "guided_choice"),
+        ({"extra_body": {"structured_outputs": {"json": {}}}}, "structured_outputs"),
+        ({"extra_body": {"bad_words": ["fox"]}}, "bad_words"),
+        ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
+        ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
+        ({"extra_body": {"allowed_token_ids": [10**7]}}, "allowed_token_ids"),
     ],
 )
 def test_bad_chat_requests_are_400_naming_the_field(client, model, overrides, field) -> None:
@@ -60,6 +67,8 @@ def test_image_parts_need_a_vision_model(client, model) -> None:
         ({"suffix": "tail"}, "suffix"),
         ({"echo": True, "logprobs": 1}, "echo"),
         ({"prompt": [1, 2, 10**6]}, "token ids"),
+        ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+        ({"extra_body": {"truncate_prompt_tokens": 4}}, "truncate_prompt_tokens"),
     ],
 )
 def test_bad_completion_requests_are_400(client, model, overrides, field) -> None:
