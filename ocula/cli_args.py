@@ -31,7 +31,11 @@ def _scalar_type(annotation: Any) -> Any:
 
 def build_parser(config_class: type, description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # A LightLLM flag Ocula lacks (--mode) must be refused by its name, not taken for a
+        # prefix of another (--model_dir); no flag is accepted abbreviated.
+        allow_abbrev=False,
     )
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):

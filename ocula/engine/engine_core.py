@@ -59,6 +59,7 @@ class EngineStats:
     image_cache_tiles: int = 0  # pages of the device pool of embeddings, one tile each
     image_cache_tiles_free: int = 0  # pages no cached image holds
     images_in_prefix_cache: int = 0  # images whose KV the prefix cache already held
+    promised_tokens: int = 0  # prompt + max_new_tokens of every unfinished request
 
 
 def request_size_problem(
@@ -267,6 +268,7 @@ class EngineCore:
             image_cache_tiles=self.images.index.num_pages if self.images else 0,
             image_cache_tiles_free=self.images.index.num_free_pages if self.images else 0,
             images_in_prefix_cache=self.images.num_served_by_prefix_cache if self.images else 0,
+            promised_tokens=self.scheduler.promised_tokens,
         )
 
 

@@ -64,6 +64,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._admitted_images: list[PendingImage] = []  # this plan's, until `finish_plan`
         self._finished_holding_kv: list[Request] = []  # see `release_finished`
+        self.promised_tokens = 0  # prompt + max_new_tokens of every unfinished request
 
     # -- queue management ---------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -71,6 +72,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.promised_tokens += _longest(request)
 
     def abort_request(self, request_id: str) -> Request | None:
         """Stops a request wherever it is and releases its KV; None if it is unknown or done."""
@@ -265,6 +267,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
+        self.promised_tokens -= _longest(request)
         if request.first_scheduled_time is not None:
             self._finished_since_last_plan.append(request.request_id)
 
@@ -319,3 +322,7 @@ class Scheduler:
                 self._leave_waiting(request)
             self._finish(request, reason)  # drops the placeholder the next step samples
         return updates
+
+
+def _longest(request: Request) -> int:
+    return request.num_prompt_tokens + request.sampling_params.max_new_tokens

@@ -134,7 +134,7 @@ async def serve(args: ServerArgs) -> int:
     watcher = asyncio.create_task(stop_when_engine_fails())
     drainer = asyncio.create_task(drain_then_exit(server, app.state.ocula))
     stats_logger = None
-    if args.log_stats_interval > 0:
+    if args.log_stats_interval > 0 and not args.disable_log_stats:
         stats_logger = asyncio.create_task(
             log_stats_forever(app.state.ocula, args.log_stats_interval)
         )

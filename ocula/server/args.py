@@ -27,6 +27,28 @@ class ServerArgs(EngineArgs):
     request_body_timeout_s: float = option(
         30.0, "Longest wait for the next piece of a request body (408 beyond)."
     )
+    disable_log_stats: bool = option(False, "No throughput log lines (as --log_stats_interval 0).")
+    # LightLLM's flags for what Ocula always does, or does one way only: accepted so that a
+    # LightLLM launch command starts as it is, and checked where a value asks for more.
+    use_dynamic_prompt_cache: bool = option(
+        False,
+        "LightLLM's switch for the prompt cache, which is on here unless "
+        "--disable_dynamic_prompt_cache: accepted, changes nothing.",
+    )
+    enable_fa3: bool = option(
+        False,
+        "LightLLM's FlashAttention-3 switch: accepted; Ocula runs its own attention kernels.",
+    )
+    graph_max_len_in_batch: int | None = option(
+        None,
+        "LightLLM's longest context in a CUDA-graph batch: accepted; Ocula's decode graphs serve "
+        "every context length.",
+    )
+    dp: int = option(1, "LightLLM's data-parallel degree of the language model: only 1 here.")
+    httpserver_workers: int = option(1, "LightLLM's HTTP worker processes: only 1 here.")
+    quant_type: str = option(
+        "none", "LightLLM's weight quantization: only none here.", choices=("none",)
+    )
     skip_server_warmup: bool = option(
         False,
         "Serve without first running one synthetic request (with an image on a vision model) "
@@ -45,6 +67,9 @@ class ServerArgs(EngineArgs):
             raise ValueError(
                 f"--request_body_timeout_s must be positive, got {self.request_body_timeout_s}"
             )
+        for flag, value in (("--dp", self.dp), ("--httpserver_workers", self.httpserver_workers)):
+            if value != 1:
+                raise ValueError(f"{flag} {value} is not supported: Ocula runs one (leave it at 1)")
         if self.max_request_body_mb <= 0:
             raise ValueError(
                 f"--max_request_body_mb must be positive, got {self.max_request_body_mb}"

@@ -116,8 +116,15 @@ def _serve(core: EngineCore, channel: EngineSideChannel, followers: FollowerRank
                 channel.send(StepOutputs(updates, stats, vit_batch_sizes))
                 sent_stats = stats
             core.release_finished()  # after the send: a request's last token goes out first
-        elif followers is not None:
-            followers.heartbeat_if_due()
+        else:
+            # Idle: an abort may have emptied the queues since the last step; the front's
+            # gauges (/metrics, /token_load) must not keep the old numbers.
+            stats = core.stats()
+            if stats != sent_stats:
+                channel.send(StepOutputs([], stats, []))
+                sent_stats = stats
+            if followers is not None:
+                followers.heartbeat_if_due()
 
 
 def _await_shutdown(channel: EngineSideChannel) -> None:

@@ -129,6 +129,7 @@ class GenerateRequest(_StrictModel):
     inputs: str | list[StrictInt]
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     multimodal_params: MultimodalParams = Field(default_factory=MultimodalParams)
+    stream: bool = False  # LightLLM's `POST /` streams when set; the named routes ignore it
 
 
 class TokensRequest(_StrictModel):

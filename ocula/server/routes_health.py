@@ -32,12 +32,12 @@ async def healthz(request: Request) -> JSONResponse:
     return _health(request)
 
 
-@router.api_route("/readiness", methods=["GET", "HEAD"])
+@router.api_route("/readiness", methods=["GET", "HEAD", "POST"])  # LightLLM takes POST too
 async def readiness(request: Request) -> JSONResponse:
     return _health(request)
 
 
-@router.api_route("/liveness", methods=["GET", "HEAD"])
+@router.api_route("/liveness", methods=["GET", "HEAD", "POST"])
 async def liveness() -> JSONResponse:
     """The HTTP process answers; engine health is /health's business."""
     return JSONResponse({"status": "ok"})
@@ -50,6 +50,24 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=state.metrics.content_type)
 
 
-@router.get("/get_model_name")
+@router.api_route("/get_model_name", methods=["GET", "POST"])
 async def get_model_name(request: Request) -> JSONResponse:
     return JSONResponse({"model_name": server_state(request).engine.model_name})
+
+
+@router.get("/token_load")
+async def token_load(request: Request) -> JSONResponse:
+    """LightLLM's load report for balancers, as fractions of the KV cache's tokens:
+    `current_load` what running requests hold now (the prefix cache's evictable tokens count as
+    free), `logical_max_load` and `dynamic_max_load` (equal here, as in LightLLM today) what the
+    requests in flight would hold at their longest (prompt + max_new_tokens each)."""
+    stats = server_state(request).engine.stats
+    if stats is None or stats.kv_capacity == 0:
+        current = promised = 0.0
+    else:
+        held = stats.kv_capacity - stats.kv_free - stats.prefix_cache_evictable
+        current = max(held, 0) / stats.kv_capacity
+        promised = max(held, stats.promised_tokens) / stats.kv_capacity
+    return JSONResponse(
+        {"current_load": current, "logical_max_load": promised, "dynamic_max_load": promised}
+    )

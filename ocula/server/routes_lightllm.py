@@ -1,7 +1,8 @@
-"""LightLLM's native API: `POST /generate`, `POST /generate_stream` and `POST /tokens`.
+"""LightLLM's native API: `POST /generate`, `POST /generate_stream`, `POST /` (either, by the
+body's `stream`) and `/tokens` (GET or POST, as LightLLM takes it).
 
 What the parameters mean is in protocol_lightllm. Here:
-- every body is read as JSON whatever its Content-Type, as LightLLM does;
+- every body is read as JSON whatever its Content-Type, as LightLLM does (`json_body`);
 - `/generate` answers once every sequence is done; its `tokens` (with `return_details`) cost a
   log-softmax per step, so logprobs are only computed when asked for;
 - `/generate_stream` sends one SSE event per token and refuses n > 1; every error found before
@@ -16,15 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ocula.engine.request import ImageSpan
 from ocula.server import serving
@@ -35,6 +34,7 @@ from ocula.server.async_engine import (
     RequestError,
     StreamEvent,
 )
+from ocula.server.json_body import read_body
 from ocula.server.protocol_lightllm import (
     GenerateRequest,
     MultimodalParams,
@@ -55,53 +55,6 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 # -- request preparation -----------------------------------------------------------------------
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def holds_lone_surrogate(data: object) -> bool:
-    """Whether any string in parsed JSON (keys included) holds an unpaired surrogate."""
-    pending = [data]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return True
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return False
-
-
-async def read_body(request: Request, model: type[Body]) -> Body:
-    """The body parsed as JSON and validated as `model`, whatever its Content-Type: LightLLM
-    reads every body as JSON, and `curl -d` sends application/x-www-form-urlencoded."""
-    raw = await request.body()
-    try:
-        # Strict UTF-8 first (a leading BOM allowed): json.loads(bytes) would also take UTF-16
-        # bodies and encoded surrogates (surrogatepass), which no tokenizer can encode.
-        data = json.loads(raw.decode("utf-8-sig"))
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
-        raise RequestError(f"the body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise RequestError("the body is not valid JSON: it is nested too deeply") from None
-    # json.loads turns an unpaired \ud800-\udfff escape into a lone surrogate, which no
-    # tokenizer can encode (the OpenAI routes' parser refuses them too).
-    if _SURROGATE_ESCAPE.search(raw) and holds_lone_surrogate(data):
-        raise RequestError(
-            "the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
-            "which is not valid Unicode text"
-        )
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise RequestValidationError(error.errors()) from None
-
-
 async def tokenize_with_images(
     engine: AsyncEngine,
     inputs: str | list[int],
@@ -255,7 +208,25 @@ async def stream_events(
 # -- routes ------------------------------------------------------------------------------------
 @router.post("/generate")
 async def generate(request: Request) -> Response:
+    return await _generate(request, await read_body(request, GenerateRequest))
+
+
+@router.post("/generate_stream")
+async def generate_stream(request: Request) -> serving.EagerStreamingResponse:
+    return await _generate_stream(request, await read_body(request, GenerateRequest))
+
+
+@router.post("/")
+async def compat_generate(request: Request) -> Response:
+    """LightLLM's catch-all: /generate_stream when the body says `"stream": true`, else
+    /generate."""
     body = await read_body(request, GenerateRequest)
+    if body.stream:
+        return await _generate_stream(request, body)
+    return await _generate(request, body)
+
+
+async def _generate(request: Request, body: GenerateRequest) -> Response:
     state = serving.server_state(request)
     details = body.parameters.return_details
     prepared = await prepare_request(state, body, want_logprobs=details)
@@ -265,9 +236,9 @@ async def generate(request: Request) -> Response:
     return JSONResponse(generate_response(collected, prepared, state.engine.tokenizer, details))
 
 
-@router.post("/generate_stream")
-async def generate_stream(request: Request) -> serving.EagerStreamingResponse:
-    body = await read_body(request, GenerateRequest)
+async def _generate_stream(
+    request: Request, body: GenerateRequest
+) -> serving.EagerStreamingResponse:
     state = serving.server_state(request)
     if body.parameters.num_sequences > 1:
         raise RequestError(
@@ -286,7 +257,7 @@ async def generate_stream(request: Request) -> serving.EagerStreamingResponse:
     )
 
 
-@router.post("/tokens")
+@router.api_route("/tokens", methods=["GET", "POST"])  # LightLLM takes both
 async def tokens(request: Request) -> JSONResponse:
     body = await read_body(request, TokensRequest)
     state = serving.server_state(request)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import httpx
 import psutil
@@ -20,6 +21,33 @@ def test_health_probes_and_unknown_routes(server) -> None:
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == 404
     assert httpx.get(server.url + "/get_model_name").json()["model_name"]
+    # LightLLM answers these on POST too.
+    for path in ("/readiness", "/liveness", "/get_model_name"):
+        assert httpx.post(server.url + path).status_code == 200
+
+
+def test_lightllm_compat_routes(server) -> None:
+    body = {"inputs": "the quick brown fox", "parameters": {"max_new_tokens": 3}}
+    whole = httpx.post(server.url + "/", json={**body, "stream": False}, timeout=60)
+    assert whole.status_code == 200 and whole.json()["count_output_tokens"] == 3
+    streamed = httpx.post(server.url + "/", json={**body, "stream": True}, timeout=60)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.text.count("data:") == 3
+    # /tokens by GET with a JSON body, as LightLLM takes it.
+    counted = httpx.request("GET", server.url + "/tokens", json={"text": "the quick brown fox"})
+    assert counted.status_code == 200 and counted.json()["ntokens"] > 0
+    long = {"inputs": "fox", "parameters": {"max_new_tokens": 100, "ignore_eos": True}}
+    with httpx.stream("POST", server.url + "/generate_stream", json=long, timeout=60) as held:
+        lines = held.iter_lines()  # kept: a dropped iterator would close the stream
+        assert next(lines).startswith("data:")
+        load = httpx.get(server.url + "/token_load").json()
+        assert set(load) == {"current_load", "logical_max_load", "dynamic_max_load"}
+        assert 0 < load["current_load"] < load["dynamic_max_load"] <= 1, load
+    # The client left: the request is aborted and the load falls back to nothing.
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/token_load").json()["dynamic_max_load"] > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_sigterm_stops_every_process_and_frees_the_port(tiny_checkpoint, tmp_path) -> None:
@@ -42,6 +70,11 @@ def test_sigterm_stops_every_process_and_frees_the_port(tiny_checkpoint, tmp_pat
         (["--image_cache_gb", "0"], "--image_cache_gb must be above 0"),
         (["--visual_dp", "2"], "--visual_dp (2) x --visual_tp"),
         (["--data_type", "int3"], "--data_type: invalid choice"),
+        # No abbreviations: a LightLLM flag Ocula lacks is named, not taken for another.
+        (["--mode", "triton_gqa_flashdecoding"], "unrecognized arguments: --mode"),
+        (["--trust"], "unrecognized arguments: --trust"),
+        (["--dp", "2"], "--dp 2 is not supported"),
+        (["--quant_type", "w8a8"], "--quant_type: invalid choice"),
     ],
 )
 def test_bad_flags_are_refused_with_a_message_naming_them(flags, message) -> None:

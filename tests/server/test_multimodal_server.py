@@ -81,6 +81,14 @@ def vlm_server(checkpoint, tmp_path_factory) -> Iterator[RunningServer]:
         "16",
         "--max_total_token_num",
         "8192",
+        # Flags of LightLLM launch scripts that Ocula accepts as they are.
+        "--use_dynamic_prompt_cache",
+        "--enable_fa3",
+        "--disable_log_stats",
+        "--graph_max_len_in_batch",
+        "4096",
+        "--dp",
+        "1",
         env=TILE_TOKENS,
     )
     yield running
