@@ -224,6 +224,29 @@ def test_concurrent_requests_share_vit_batches(vlm_server) -> None:
     assert forwards < 8 and single_forwards < forwards  # some forwards took several images
 
 
+def test_tiles_per_image_follow_lightllm_by_the_number_of_images(vlm_server) -> None:
+    """Unset (or 0 or less), a request's tile cap is LightLLM's: the checkpoint's for one image,
+    6 each for 2-6 images, one tile each beyond. A 4:3 picture of 4 x 3 tiles of 56 px: 12 tiles
+    and a thumbnail under a cap of 12, 3 x 2 and a thumbnail under 6, a single tile under 1."""
+    picture = {"type": "base64", "data": base64.b64encode(random_png(224, 168, 5)).decode()}
+
+    def count(num_images: int, **parameters) -> int:
+        body = {
+            "text": "<img></img>" * num_images,
+            "parameters": parameters,
+            "multimodal_params": {"images": [picture] * num_images},
+        }
+        response = httpx.post(vlm_server.url + "/tokens", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["ntokens"]
+
+    text = count(0)
+    assert count(1) == count(1, image_max_patch_num=-1) == text + 13 * 4 + 2  # + <img></img>
+    assert count(2) == count(2, image_max_patch_num=6) == text + 2 * (7 * 4 + 2)
+    assert count(2, image_max_patch_num=12) == text + 2 * (13 * 4 + 2)
+    assert count(7) == count(7, image_max_patch_num=1) == text + 7 * (4 + 2)
+
+
 @pytest.mark.parametrize(
     ("inputs", "images", "status", "message"),
     [
