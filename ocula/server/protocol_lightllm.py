@@ -141,14 +141,12 @@ class TokensRequest(_StrictModel):
 
 
 class TokenDetail(BaseModel):
-    """One generated token, as `return_details` and every `/generate_stream` event report it.
+    """One generated token, as every `/generate_stream` event reports it (LightLLM's shape).
 
     - `id`: the token id;
-    - `text`: in `/generate` details, the token decoded alone (special tokens spelled out, no
-      clean-up of spaces); in a stream event, the text that this token made final, so that the
-      events' texts concatenate to the non-streamed `generated_text` (empty while a multi-byte
-      character or a possible stop string is held back, and for the token that stopped the
-      sequence);
+    - `text`: the text that this token made final, so that the texts of a sequence's tokens
+      concatenate to its `generated_text` (empty while a multi-byte character is held back, and
+      for an EOS unless `print_eos_token`);
     - `logprob`: the model's log-probability of the token (after temperature/penalties, as the
       sampler saw it), None if the engine did not report one;
     - `special`: whether the id is one of the tokenizer's special tokens;
@@ -162,6 +160,15 @@ class TokenDetail(BaseModel):
     special: bool
     count_output_tokens: int
     prompt_tokens: int
+
+
+class GeneratedTokenDetail(TokenDetail):
+    """One entry of `/generate`'s `tokens` (`return_details`): the stream's fields, plus
+    LightLLM's `cumlogprob` (the mean logprob of the sequence's tokens so far) and
+    `prompt_cache_len` (prompt tokens the prefix cache served)."""
+
+    cumlogprob: float | None
+    prompt_cache_len: int
 
 
 class StreamChunk(BaseModel):

@@ -37,6 +37,7 @@ from ocula.server.async_engine import (
 )
 from ocula.server.json_body import read_body
 from ocula.server.protocol_lightllm import (
+    GeneratedTokenDetail,
     GenerateRequest,
     MultimodalParams,
     StreamChunk,
@@ -148,21 +149,27 @@ class _DetailWriter:
         self.prompt_tokens = prompt_tokens
         self.special_ids = frozenset(tokenizer.all_special_ids)
         self.counts: dict[int, int] = defaultdict(int)
+        self.logprob_sums: dict[int, float] = defaultdict(float)
 
-    def detail(self, event: StreamEvent, text: str) -> TokenDetail:
+    def detail(self, event: StreamEvent) -> TokenDetail:
         self.counts[event.index] += 1
         return TokenDetail(
             id=event.token_id,
-            text=text,
+            text=event.text,
             logprob=event.logprob,
             special=event.token_id in self.special_ids,
             count_output_tokens=self.counts[event.index],
             prompt_tokens=self.prompt_tokens,
         )
 
-    def decode_alone(self, token_id: int) -> str:
-        return self.tokenizer.decode(
-            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    def generated_detail(self, event: StreamEvent) -> GeneratedTokenDetail:
+        base = self.detail(event)
+        mean = None
+        if event.logprob is not None:
+            self.logprob_sums[event.index] += event.logprob
+            mean = self.logprob_sums[event.index] / base.count_output_tokens
+        return GeneratedTokenDetail(
+            **base.model_dump(), cumlogprob=mean, prompt_cache_len=event.num_cached_tokens
         )
 
 
@@ -187,10 +194,7 @@ def generate_response(
     }
     if details:
         writer = _DetailWriter(tokenizer, len(prepared.prompt_token_ids))
-        tokens = [
-            [writer.detail(e, writer.decode_alone(e.token_id)).model_dump() for e in seq]
-            for seq in by_sequence
-        ]
+        tokens = [[writer.generated_detail(e).model_dump() for e in seq] for seq in by_sequence]
         body["tokens"] = tokens[0] if single else tokens
     return body
 
@@ -208,7 +212,7 @@ async def stream_events(
     try:
         async for event in events:
             chunk = StreamChunk(
-                token=writer.detail(event, event.text),
+                token=writer.detail(event),
                 finished=event.finish_reason is not None,
                 finish_reason=event.finish_reason,
             )

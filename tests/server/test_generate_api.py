@@ -116,14 +116,20 @@ def test_greedy_generate_equals_the_offline_llm(server, llm) -> None:
     assert result["count_output_tokens"] == 16
     assert result["finish_reason"] == "length"
     assert result["prompt_tokens"] == len(prompt_ids)
+    # LightLLM's details: each token's text is what it added (they join to the whole text),
+    # with the running mean logprob and the prompt tokens the prefix cache served.
+    assert "".join(token["text"] for token in result["tokens"]) == reference.text
+    total = 0.0
     for position, (token, logprob) in enumerate(
         zip(result["tokens"], reference.logprobs, strict=True)
     ):
         assert token["logprob"] == pytest.approx(logprob.logprob, abs=1e-4)
-        assert token["text"] == llm.tokenizer.decode([token["id"]])
+        total += token["logprob"]
+        assert token["cumlogprob"] == pytest.approx(total / (position + 1))
         assert token["special"] is (token["id"] in llm.tokenizer.all_special_ids)
         assert token["count_output_tokens"] == position + 1
         assert token["prompt_tokens"] == len(prompt_ids)
+        assert 0 <= token["prompt_cache_len"] < len(prompt_ids)
     # The same prompt as token ids, and /tokens counting what /generate counted.
     by_ids = generate(server, prompt_ids, do_sample=False)
     assert by_ids["generated_text"] == result["generated_text"]
