@@ -8,6 +8,7 @@ follow LightLLM's `api_server` where LightLLM has the flag.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ocula.layers.attention import ATTENTION_BACKENDS
@@ -50,6 +51,10 @@ class EngineArgs:
         "End-of-sequence token ids; default: generation_config.json, then config.json.",
         nargs="+",
         type=int,
+    )
+    chat_template: str | None = option(
+        None,
+        "Chat template replacing the tokenizer's: a Jinja file's path, or the template itself.",
     )
     tp: int = option(1, "Tensor-parallel degree of the language model.")
     nnodes: int = option(1, "Machines the --tp ranks run on (--tp / --nnodes ranks each).")
@@ -112,6 +117,8 @@ class EngineArgs:
             raise ValueError(f"--tp must be at least 1, got {self.tp}")
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ValueError(f"--mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        if self.chat_template is not None:
+            resolve_chat_template(self.chat_template)
         for name in (
             "running_max_req_size",
             "max_req_total_len",
@@ -197,3 +204,14 @@ class EngineArgs:
 def _valid_visual_splits(tp: int) -> str:
     pairs = [f"--visual_dp {d} --visual_tp {tp // d}" for d in range(1, tp + 1) if tp % d == 0]
     return ", or ".join(pairs)
+
+
+def resolve_chat_template(value: str) -> str:
+    """--chat_template's text: the file it names, else the value itself when it is a Jinja
+    template; ValueError for anything else (a path that does not exist, say)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat_template: no such file, and not a Jinja template: {value!r}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ocula.config import EngineArgs
+from ocula.config import EngineArgs, resolve_chat_template
 from ocula.models.hf_config import load_text_config, torch_dtype_of
 from ocula.utils.device import pick_device, pick_dtype
 from ocula.utils.tokenizer import load_generation_config, load_tokenizer, resolve_eos_token_ids
@@ -27,7 +27,11 @@ class ModelSetup:
     dtype: torch.dtype
 
     def load_tokenizer(self, args: EngineArgs) -> Any:
-        return load_tokenizer(self.model_dir, args.tokenizer_mode, args.trust_remote_code)
+        """The checkpoint's tokenizer, with --chat_template's template when given."""
+        tokenizer = load_tokenizer(self.model_dir, args.tokenizer_mode, args.trust_remote_code)
+        if args.chat_template is not None:
+            tokenizer.chat_template = resolve_chat_template(args.chat_template)
+        return tokenizer
 
     def eos_token_ids(self, args: EngineArgs, tokenizer: Any) -> frozenset[int]:
         return resolve_eos_token_ids(

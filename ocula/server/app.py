@@ -1,11 +1,14 @@
-"""The FastAPI application: routers, error handlers and the body-size limit around one engine."""
+"""The FastAPI application: routers, error handlers, the body-size limit, and the optional API key
+and CORS, around one engine."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 import ocula
 from ocula.server import routes_health, routes_lightllm, routes_openai
+from ocula.server.api_key import ApiKeyCheck
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine
 from ocula.server.body_limit import BodySizeLimit
@@ -28,4 +31,13 @@ def build_app(engine: AsyncEngine, args: ServerArgs) -> FastAPI:
         max_bytes=int(args.max_request_body_mb * (1 << 20)),
         idle_timeout_s=args.request_body_timeout_s,
     )
+    if args.api_key:
+        app.add_middleware(ApiKeyCheck, api_key=args.api_key)
+    if args.allowed_origins:  # outermost: a browser's preflight carries no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=args.allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     return app

@@ -19,6 +19,14 @@ class ServerArgs(EngineArgs):
     allow_local_media: bool = option(
         False, "Let image URLs point at loopback and private addresses."
     )
+    api_key: str | None = option(
+        None, "Key the OpenAI routes (/v1/...) require as `Authorization: Bearer <key>`."
+    )
+    allowed_origins: list[str] = option(
+        [],
+        "Origins browsers may call the server from (CORS), e.g. '*'; none by default.",
+        nargs="*",
+    )
     log_stats_interval: float = option(10.0, "Seconds between throughput log lines (0: never).")
     max_waiting_requests: int = option(
         1024, "Requests that may wait for a slot; beyond that new ones get 503 with Retry-After."
