@@ -14,13 +14,13 @@ from typing import Protocol
 
 import torch
 
+from ocula.sampling.param_checks import MAX_EOS_DECAY_GAIN
 from ocula.sampling.params import (
     DEFAULT_MIN_P,
     DEFAULT_REPETITION_PENALTY,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
-    MAX_EOS_DECAY_GAIN,
     SamplingParams,
 )
 from ocula.utils.device import host_arrays_to_device

@@ -31,12 +31,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from ocula.multimodal.image_processing import MAX_REQUEST_TILES
-from ocula.sampling.params import (
-    DEFAULT_TEMPERATURE,
-    MAX_STOP_CHARS,
-    MAX_STOP_STRINGS,
-    SamplingParams,
-)
+from ocula.sampling.param_checks import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from ocula.sampling.params import DEFAULT_TEMPERATURE, SamplingParams
 from ocula.server.async_engine import RequestError
 
 # LightLLM decodes greedily below this temperature.

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from ocula.sampling.params import MAX_LOGPROBS
+from ocula.sampling.param_checks import MAX_LOGPROBS
 
 MAX_CHOICES = 128  # OpenAI's own upper bound on `n`
 _SEED_MIN = -(2**63)

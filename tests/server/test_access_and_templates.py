@@ -53,9 +53,7 @@ def test_cors_answers_the_allowed_origin_only(guarded) -> None:
     assert "access-control-allow-origin" not in other.headers
 
 
-def test_the_chat_template_given_at_start_up_formats_the_messages(
-    guarded, tiny_checkpoint
-) -> None:
+def test_the_chat_template_given_at_start_up_formats_the_messages(guarded, tiny_checkpoint) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint("llama")))
     expected = tokenizer.encode("CUSTOM [user] fox", add_special_tokens=False)
     reply = httpx.post(

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ocula.sampling.batch import eos_length_gain
-from ocula.sampling.params import MAX_EOS_DECAY_GAIN, SamplingParams
+from ocula.sampling.param_checks import MAX_EOS_DECAY_GAIN
+from ocula.sampling.params import SamplingParams
 from ocula.sampling.sampler import Sampler, _apply_penalties_and_bans
 from tests.unit.test_sampler import batch_of, make_request
 
