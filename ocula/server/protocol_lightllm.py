@@ -94,6 +94,12 @@ class GenerateParameters(_StrictModel):
     # has the option; the fast tokenizers of the models served here have none (no effect).
     add_spaces_between_special_tokens: bool = True
     allowed_token_ids: list[StrictInt] | None = None  # only these may be sampled
+    # [start, factor]: past `start` output tokens, EOS grows likelier by factor^(n - start)
+    exponential_decay_length_penalty: list[StrictInt | float] | None = None
+    # LightLLM's constrained decoding: refused when set (never ignored), see `to_sampling_params`.
+    regular_constraint: str | None = None
+    guided_grammar: str | None = None
+    guided_json: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _n_agrees_with_best_of(self) -> GenerateParameters:
@@ -235,6 +241,11 @@ def to_sampling_params(
 ) -> SamplingParams:
     """The engine's SamplingParams for LightLLM `parameters` (rules in this module's docstring);
     raises RequestError naming the parameter at fault."""
+    for name in ("regular_constraint", "guided_grammar", "guided_json"):
+        if getattr(parameters, name):
+            raise RequestError(
+                f"parameters.{name}: constrained decoding is not supported by this server"
+            )
     stop_runs = stop_token_sequences(tokenizer, parameters.stop_sequences, vocab_size)
     params = SamplingParams(
         n=parameters.num_sequences,
@@ -253,6 +264,7 @@ def to_sampling_params(
         skip_special_tokens=parameters.skip_special_tokens,
         penalty_scope="prompt_and_output" if parameters.input_penalty else "output",
         allowed_token_ids=list(parameters.allowed_token_ids or ()),
+        exponential_decay_length_penalty=_decay(parameters.exponential_decay_length_penalty),
         logprobs=0 if want_logprobs else None,
     )
     try:
@@ -270,3 +282,12 @@ def to_sampling_params(
         if config.get("do_sample") is False:
             temperature = config.get("temperature", DEFAULT_TEMPERATURE)
     return dataclasses.replace(params, temperature=temperature)
+
+
+def _decay(value: list[int | float] | None) -> tuple[int, float] | None:
+    """LightLLM's `[start, factor]` as SamplingParams takes it (its checks name a bad one); the
+    neutral factor 1 (LightLLM's default) as None."""
+    if value is None:
+        return None
+    decay = tuple(value)
+    return None if len(decay) == 2 and decay[1] == 1 else decay  # type: ignore[return-value]

@@ -17,7 +17,11 @@ import pytest
 from ocula import LLM
 from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError
-from ocula.server.protocol_lightllm import stop_token_sequences
+from ocula.server.protocol_lightllm import (
+    GenerateParameters,
+    stop_token_sequences,
+    to_sampling_params,
+)
 
 PROMPT = "the quick brown fox"
 # The prompt of LightLLM's documented client (multimodal-launch.en.rst, "Testing"), without its
@@ -247,6 +251,38 @@ def test_stop_sequences_match_token_ids_and_keep_their_text(server, llm) -> None
     assert result["count_output_tokens"] == 16 and result["finish_reason"] == "length"
 
 
+def test_lightllm_sampling_options_reach_the_sampler(server, llm) -> None:
+    # allowed_token_ids: only those come out.
+    allowed = generate(server, PROMPT, do_sample=False, allowed_token_ids=[11, 12], ignore_eos=True)
+    ids = llm.tokenizer.encode(allowed["generated_text"][0], add_special_tokens=False)
+    assert set(ids) <= {11, 12}
+    # exponential_decay_length_penalty: from the second token on EOS takes over (the gain is
+    # capped, never an overflow).
+    decayed = generate(server, PROMPT, do_sample=False, exponential_decay_length_penalty=[0, 1e9])
+    assert decayed["count_output_tokens"] == 2 and decayed["finish_reason"] == "stop"
+
+
+def test_lightllm_parameters_map_onto_sampling_params(llm) -> None:
+    def mapped(**parameters) -> SamplingParams:
+        body = GenerateParameters.model_validate(parameters)
+        return to_sampling_params(body, llm.tokenizer, 601, {}, want_logprobs=False)
+
+    # The penalties count the output only (LightLLM), the prompt too with input_penalty.
+    assert mapped().penalty_scope == "output"
+    assert mapped(input_penalty=True).penalty_scope == "prompt_and_output"
+    # EOS's text only with print_eos_token (a stop run's text is always kept).
+    assert not mapped().include_stop_str_in_output
+    assert mapped(print_eos_token=True).include_stop_str_in_output
+    assert mapped(allowed_token_ids=[3, 4]).allowed_token_ids == [3, 4]
+    assert mapped(exponential_decay_length_penalty=[2, 1.5]).exponential_decay_length_penalty == (
+        2,
+        1.5,
+    )
+    assert (
+        mapped(exponential_decay_length_penalty=[1, 1.0]).exponential_decay_length_penalty is None
+    )
+
+
 def test_body_without_a_json_content_type_is_read_as_json(server) -> None:
     """`curl -d '{...}'` sends application/x-www-form-urlencoded; LightLLM reads JSON anyway.
     A key sent as null counts as not given."""
@@ -276,6 +312,14 @@ BAD_REQUESTS = [
     ("/generate", {"inputs": [1, 2, 601]}, "601"),
     ("/generate", {"inputs": "fox", "parameters": {"n": 2, "best_of": 3}}, "best_of"),
     ("/generate", {"inputs": "fox", "parameters": {"stop_sequences": [[9999]]}}, "stop_seq"),
+    ("/generate", {"inputs": "fox", "parameters": {"regular_constraint": "a+"}}, "constrained"),
+    ("/generate", {"inputs": "fox", "parameters": {"allowed_token_ids": [601]}}, "allowed_tok"),
+    ("/generate", {"inputs": "fox", "parameters": {"image_max_patch_num": 65}}, "image_max"),
+    (
+        "/generate",
+        {"inputs": "fox", "parameters": {"exponential_decay_length_penalty": [1, 0]}},
+        "exponential_decay_length_penalty",
+    ),
     ("/generate", {"inputs": "x", "multimodal_params": {"images": [IMAGE]}}, "enable_multimodal"),
     ("/generate_stream", {"inputs": "fox", "parameters": {"n": 2}}, "parameters.n"),
     ("/generate_stream", {"inputs": "fox", "parameters": {"top_p": 1.5}}, "top_p"),
