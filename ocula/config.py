@@ -207,11 +207,11 @@ def _valid_visual_splits(tp: int) -> str:
 
 
 def resolve_chat_template(value: str) -> str:
-    """--chat_template's text: the file it names, else the value itself when it is a Jinja
-    template; ValueError for anything else (a path that does not exist, say)."""
-    path = Path(value).expanduser()
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
+    """--chat_template's text: the value itself when it is a Jinja template, else the file it
+    names; ValueError for anything else (a path that does not exist, say)."""
     if "{{" in value or "{%" in value:
         return value
-    raise ValueError(f"--chat_template: no such file, and not a Jinja template: {value!r}")
+    try:
+        return Path(value).expanduser().read_text(encoding="utf-8")
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"--chat_template: cannot read {value!r}: {error}") from None

@@ -69,11 +69,15 @@ class SequenceStream:
         # A token that stopped the sequence (EOS or a stop token id) is reported in the ids but,
         # like a stop string, its text is not part of the output unless asked for. The tokens of
         # a stop token sequence (a list stop_reason) keep their text, as in LightLLM.
+        stop_reason = update.stop_reason
         stopped_by_token = update.finish_reason == FinishReason.STOP and not isinstance(
-            update.stop_reason, list
+            stop_reason, list
+        )
+        keep_stop_text = self.params.include_stop_str_in_output or (
+            self.params.print_eos_token and stop_reason is None  # EOS
         )
         new_text = ""
-        if not stopped_by_token or self.params.include_stop_str_in_output:
+        if not stopped_by_token or keep_stop_text:
             new_text = self.detokenizer.push([update.token_id])
         if update.finish_reason is not None:
             new_text += self.detokenizer.flush()

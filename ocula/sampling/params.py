@@ -37,8 +37,12 @@ class SamplingParams:
     - `min_new_tokens`: EOS and `stop_token_ids` cannot be sampled before that many new tokens.
     - `stop` strings are checked on the detokenized text by the front end; `stop_token_ids`,
       `stop_token_sequences` and EOS (unless `ignore_eos`) by the engine.
-    - `stop_token_sequences` (LightLLM's `stop_sequences`): the sequence stops once its output
-      ends with one of these runs of ids; unlike a stop token id's, their text stays in the output.
+    - `stop_token_sequences` (LightLLM's `stop_sequences` of ids): the sequence stops once its
+      output ends with one of these runs of ids; unlike a stop token id's, their text stays in
+      the output.
+    - The text of the token that stopped a sequence (EOS, a stop token id) is left out unless
+      `include_stop_str_in_output` (which also keeps a stop string's) or, for EOS alone,
+      `print_eos_token`.
     - `penalty_scope`, which tokens the penalties count: "vllm" (vLLM's and OpenAI's) the
       repetition penalty the prompt's and the output's, presence and frequency the output's;
       "output" all three the output's only (LightLLM's default); "prompt_and_output" all three
@@ -68,6 +72,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_token_sequences: list[list[int]] = field(default_factory=list)
     include_stop_str_in_output: bool = False
+    print_eos_token: bool = False  # LightLLM's: EOS's own text ends the output
     skip_special_tokens: bool = True
     logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)

@@ -12,7 +12,7 @@ Parameter rules (LightLLM's, except where noted):
   latter applies to string inputs only, token-id inputs are used as sent.
 - `n` defaults to `best_of` (else 1); both given, they must agree. With a seed, sequence i is
   sampled with seed + i.
-- `stop_sequences` are runs of token ids matched on the output, see `stop_token_sequences`.
+- `stop_sequences`: strings matched on the text, token-id lists on the ids, see `stop_conditions`.
 - `image_max_patch_num` is accepted and range-checked, and used once images are served.
 
 Validation contract: every model is strict (JSON types only: `"5"` is not an integer, `1.5` is not
@@ -60,7 +60,7 @@ class _StrictModel(BaseModel):
         return {key: value for key, value in data.items() if value is not None}
 
 
-# A stop sequence is a string (encoded LightLLM's way, see `stop_token_sequences`) or a list of ids.
+# A stop sequence is a string (matched on the text, see `stop_conditions`) or a list of ids.
 StopSequence = str | list[StrictInt]
 
 
@@ -90,6 +90,7 @@ class GenerateParameters(_StrictModel):
     add_special_tokens: bool = True  # applies to string inputs only
     input_penalty: bool = False  # the penalties count the prompt's tokens too
     print_eos_token: bool = False  # EOS's text (when not skipped as special) ends the output
+    include_stop_str_in_output: bool = False  # a stop string's text ends the output
     # Spaces between special tokens when decoding: like LightLLM, passed to a tokenizer that
     # has the option; the fast tokenizers of the models served here have none (no effect).
     add_spaces_between_special_tokens: bool = True
@@ -185,51 +186,56 @@ class StreamChunk(BaseModel):
 
 
 # -- meaning in engine terms ---------------------------------------------------------------------
-def stop_token_sequences(
+def stop_conditions(
     tokenizer: Any, stop_sequences: StopSequence | list[StopSequence] | None, vocab_size: int
-) -> list[list[int]]:
-    """The token-id runs of LightLLM's `stop_sequences`, matched on the generated ids (their text
-    stays in the output, as in LightLLM).
+) -> tuple[list[str], list[list[int]]]:
+    """(stop strings, stop token-id runs) of LightLLM's `stop_sequences`, as LightLLM today
+    reads them: a string is matched on the output text, which ends before it (unless
+    `include_stop_str_in_output`); a list of ints (a bare list is one sequence) is matched on
+    the generated ids, and its tokens' text stays in the output.
 
-    A string is encoded without special tokens added (LightLLM's `encode(s,
-    add_special_tokens=False)`); a list of ints is taken as ids (a bare list of ints is one
-    sequence). LightLLM once dropped a string's first id as a BOS, so its multimodal guide has
-    clients send `" <|im_end|>"` with a space in front for tokenizers without BOS: a leading
-    whitespace token before a special token is dropped here, and such a client's stop still
-    fires on the special token alone.
+    A string that is one special or added token, maybe after whitespace, is that token's id
+    run instead: special tokens never reach the text, and LightLLM's multimodal guide has
+    clients send `" <|im_end|>"` (from when LightLLM encoded strings and dropped the first id, a
+    BOS for some tokenizers). Empty strings and lists stop nothing, as in LightLLM.
     """
     if stop_sequences is None:
-        return []
+        return [], []
     sequences = [stop_sequences] if isinstance(stop_sequences, str) else stop_sequences
     if sequences and all(isinstance(item, int) for item in sequences):
         sequences = [sequences]  # a bare list of ids is one token-id stop sequence
-    # The engine's limits, checked before any tokenizing (each string is encoded here).
+    # The engine's limits, checked before any tokenizing (each string may be encoded here).
     texts = [sequence for sequence in sequences if isinstance(sequence, str)]
     if len(sequences) > MAX_STOP_STRINGS or sum(map(len, texts)) > MAX_STOP_CHARS:
         raise RequestError(
             f"parameters.stop_sequences: at most {MAX_STOP_STRINGS} sequences and "
             f"{MAX_STOP_CHARS} characters in all"
         )
-    special_ids = set(getattr(tokenizer, "all_special_ids", ())) | set(
-        getattr(tokenizer, "added_tokens_decoder", {})
-    )
+    strings: list[str] = []
     runs: list[list[int]] = []
     for sequence in sequences:
         if isinstance(sequence, str):
-            ids = tokenizer.encode(sequence, add_special_tokens=False)
-            if len(ids) == 2 and ids[1] in special_ids and not tokenizer.decode(ids[:1]).strip():
-                ids = ids[1:]
-        else:
-            ids = list(sequence)
-            bad = [i for i in ids if not 0 <= i < vocab_size]
-            if bad:
-                raise RequestError(
-                    f"parameters.stop_sequences: token ids must be in [0, {vocab_size}); "
-                    f"got {bad[:5]}"
-                )
-        if ids:  # an empty string or list stops nothing (LightLLM drops it)
-            runs.append(ids)
-    return runs
+            special = _special_token_id(tokenizer, sequence)
+            if special is not None:
+                runs.append([special])
+            elif sequence:
+                strings.append(sequence)
+            continue
+        bad = [i for i in sequence if not 0 <= i < vocab_size]
+        if bad:
+            raise RequestError(
+                f"parameters.stop_sequences: token ids must be in [0, {vocab_size}); got {bad[:5]}"
+            )
+        if sequence:
+            runs.append(list(sequence))
+    return strings, runs
+
+
+def _special_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of the special or added token that `text` is, leading whitespace aside."""
+    name = text.lstrip()
+    added = getattr(tokenizer, "added_tokens_encoder", {})
+    return added.get(name) if name else None
 
 
 def to_sampling_params(
@@ -246,7 +252,7 @@ def to_sampling_params(
             raise RequestError(
                 f"parameters.{name}: constrained decoding is not supported by this server"
             )
-    stop_runs = stop_token_sequences(tokenizer, parameters.stop_sequences, vocab_size)
+    stop, stop_runs = stop_conditions(tokenizer, parameters.stop_sequences, vocab_size)
     params = SamplingParams(
         n=parameters.num_sequences,
         max_new_tokens=parameters.max_new_tokens,
@@ -259,8 +265,10 @@ def to_sampling_params(
         frequency_penalty=parameters.frequency_penalty,
         seed=parameters.seed,
         ignore_eos=parameters.ignore_eos,
+        stop=stop,
         stop_token_sequences=stop_runs,
-        include_stop_str_in_output=parameters.print_eos_token,  # EOS's: the stop runs keep theirs
+        include_stop_str_in_output=parameters.include_stop_str_in_output,
+        print_eos_token=parameters.print_eos_token,
         skip_special_tokens=parameters.skip_special_tokens,
         penalty_scope="prompt_and_output" if parameters.input_penalty else "output",
         allowed_token_ids=list(parameters.allowed_token_ids or ()),
@@ -285,9 +293,5 @@ def to_sampling_params(
 
 
 def _decay(value: list[int | float] | None) -> tuple[int, float] | None:
-    """LightLLM's `[start, factor]` as SamplingParams takes it (its checks name a bad one); the
-    neutral factor 1 (LightLLM's default) as None."""
-    if value is None:
-        return None
-    decay = tuple(value)
-    return None if len(decay) == 2 and decay[1] == 1 else decay  # type: ignore[return-value]
+    """LightLLM's `[start, factor]` as SamplingParams takes it (its checks name a bad one)."""
+    return None if value is None else tuple(value)  # type: ignore[return-value]

@@ -59,12 +59,12 @@ Body = TypeVar("Body", bound=BaseModel)
 # -- request preparation -----------------------------------------------------------------------
 # LightLLM's tile cap per image when neither the request nor MAX_PATCH_NUM sets one, by the
 # request's number of images (more images: fewer tiles each); one image keeps the checkpoint's.
-SEVERAL_IMAGES_TILES = 6  # for 2 to SEVERAL_IMAGES images
+SEVERAL_IMAGES_TILES = 6  # for 2 to SEVERAL_IMAGES images (never above the checkpoint's cap)
 SEVERAL_IMAGES = 6
 MANY_IMAGES_TILES = 1  # beyond: one tile each, the image resized to it
 
 
-def lightllm_tile_cap(requested: int | None, num_images: int) -> int | None:
+def lightllm_tile_cap(requested: int | None, num_images: int, checkpoint_cap: int) -> int | None:
     """The tile cap of each image of a LightLLM request (None: the MAX_PATCH_NUM environment
     value, else the checkpoint's): the request's when above 0, as LightLLM's InternVL tokenizer
     picks it."""
@@ -72,7 +72,9 @@ def lightllm_tile_cap(requested: int | None, num_images: int) -> int | None:
         return requested
     if env.max_patch_num() is not None or num_images <= 1:
         return None
-    return SEVERAL_IMAGES_TILES if num_images <= SEVERAL_IMAGES else MANY_IMAGES_TILES
+    if num_images <= SEVERAL_IMAGES:
+        return min(SEVERAL_IMAGES_TILES, checkpoint_cap)
+    return MANY_IMAGES_TILES
 
 
 async def tokenize_with_images(
@@ -97,7 +99,7 @@ async def tokenize_with_images(
     assert engine.images is not None
     await check_token_budget_off_loop(engine.tokenizer, inputs, engine.max_prompt_tokens)
     sources = [image.model_dump() for image in multimodal.images]
-    max_tiles = lightllm_tile_cap(max_tiles, len(sources))
+    max_tiles = lightllm_tile_cap(max_tiles, len(sources), engine.images.vision.tiling.max_num)
     try:
         return await engine.images.tokenize(inputs, sources, max_tiles, add_special_tokens)
     except ValueError as error:

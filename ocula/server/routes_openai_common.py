@@ -191,6 +191,8 @@ def sampling_params(
     if any(s == "" for s in stop):
         raise OpenAIError(400, "stop strings must not be empty", param="stop")
     check_unsupported_features(fields)
+    if fields.allowed_token_ids == []:  # vLLM refuses it too: nothing could be sampled
+        raise OpenAIError(400, "allowed_token_ids must not be empty", param="allowed_token_ids")
     return SamplingParams(
         n=fields.n or 1,
         max_new_tokens=max_new_tokens,
@@ -249,7 +251,8 @@ def check_unsupported_features(fields: SamplingFields) -> None:
     """400 for a response format other than text, for tools or functions a call could be asked
     of, and for any of vLLM's UNSUPPORTED_OPTIONS set."""
     for name, feature in UNSUPPORTED_OPTIONS.items():
-        if getattr(fields, name) not in (None, False, []):
+        value = getattr(fields, name)
+        if value is not None and value is not False and value != []:  # 0 asks for something
             raise OpenAIError(400, f"{name}: {feature} is not supported by this server", param=name)
     kind = (fields.response_format or {}).get("type", "text")
     if kind != "text":

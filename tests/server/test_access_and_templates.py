@@ -7,6 +7,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from ocula.config import resolve_chat_template
 from tests.helpers.server import start_server
 
 KEY = "sk-test-key"
@@ -64,3 +65,12 @@ def test_the_chat_template_given_at_start_up_formats_the_messages(guarded, tiny_
     )
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_an_inline_template_of_any_length_is_taken_as_it_is(tmp_path) -> None:
+    long_template = "{% for m in messages %}" + "x" * 5000 + "{{ m.content }}{% endfor %}"
+    assert resolve_chat_template(long_template) == long_template
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    assert resolve_chat_template(str(tmp_path / "t.jinja")) == TEMPLATE
+    with pytest.raises(ValueError, match="--chat_template: cannot read"):
+        resolve_chat_template("x" * 300)  # neither a template nor a readable file

@@ -19,7 +19,7 @@ from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError
 from ocula.server.protocol_lightllm import (
     GenerateParameters,
-    stop_token_sequences,
+    stop_conditions,
     to_sampling_params,
 )
 
@@ -85,29 +85,26 @@ def offline(llm: LLM, prompt, **params) -> list:
 
 
 # -- stop sequences, offline ----------------------------------------------------------------------
-def test_stop_sequences_become_runs_of_token_ids(llm) -> None:
+def test_stop_sequences_are_strings_on_the_text_and_ids_on_the_ids(llm) -> None:
     tokenizer = llm.tokenizer
     im_end, im_start, eot = tokenizer.convert_tokens_to_ids(list(SPECIAL_TEXTS[::-1]))
-    # Strings are encoded without special tokens added, every id kept (LightLLM today)...
-    brown = tokenizer.encode(" the quick brown", add_special_tokens=False)
-    assert len(brown) > 1
-    assert stop_token_sequences(tokenizer, [" the quick brown"], 601) == [brown]
-    newline = tokenizer.encode("\n", add_special_tokens=False)
-    assert stop_token_sequences(tokenizer, "\n", 601) == [newline]
-    assert stop_token_sequences(tokenizer, "<|im_end|>", 601) == [[im_end]]
-    # ...except the space the documented client puts before each special token, from when
-    # LightLLM dropped a string's first id: its stops still fire on the special tokens.
-    assert tokenizer.encode(" <|im_end|>", add_special_tokens=False)[1:] == [im_end]
-    assert stop_token_sequences(tokenizer, CLIENT_STOP_SEQUENCES, 601) == [
-        [eot],
-        [im_start],
-        [im_end],
-    ]
+    # Strings are matched on the text (LightLLM today)...
+    assert stop_conditions(tokenizer, [" the quick brown", "\n"], 601) == (
+        [" the quick brown", "\n"],
+        [],
+    )
+    # ...except a special token, which never reaches the text: its id, whitespace before it
+    # aside (the documented client sends " <|im_end|>").
+    assert stop_conditions(tokenizer, "<|im_end|>", 601) == ([], [[im_end]])
+    assert stop_conditions(tokenizer, CLIENT_STOP_SEQUENCES, 601) == (
+        [],
+        [[eot], [im_start], [im_end]],
+    )
     # Token ids are used as given; empty sequences stop nothing.
-    assert stop_token_sequences(tokenizer, [[im_end], [5, 6], [], ""], 601) == [[im_end], [5, 6]]
-    assert stop_token_sequences(tokenizer, [7], 601) == [[7]]  # a bare list is one sequence
+    assert stop_conditions(tokenizer, [[im_end], [5, 6], [], ""], 601) == ([], [[im_end], [5, 6]])
+    assert stop_conditions(tokenizer, [7], 601) == ([], [[7]])  # a bare list is one sequence
     with pytest.raises(RequestError, match="stop_sequences"):
-        stop_token_sequences(tokenizer, [[601]], 601)
+        stop_conditions(tokenizer, [[601]], 601)
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -245,6 +242,15 @@ def test_stop_sequences_match_token_ids_and_keep_their_text(server, llm) -> None
     head = offline(llm, PROMPT, temperature=0, max_new_tokens=end + 1)[0]
     assert result["generated_text"] == [head.text]
     assert llm.tokenizer.decode(run) in head.text
+    # The same tokens' text as a string: matched on the text, which ends before it.
+    stop_text = llm.tokenizer.decode(run)
+    by_text = generate(server, PROMPT, do_sample=False, stop_sequences=[stop_text])
+    assert by_text["finish_reason"] == "stop"
+    assert by_text["generated_text"][0] == head.text[: head.text.index(stop_text)]
+    kept = generate(
+        server, PROMPT, do_sample=False, stop_sequences=stop_text, include_stop_str_in_output=True
+    )
+    assert kept["generated_text"][0].endswith(stop_text)
     # One id short of a run the output holds: it runs to its length.
     assert 600 not in ids
     result = generate(server, PROMPT, do_sample=False, stop_sequences=[[*run, 600]])
@@ -270,17 +276,18 @@ def test_lightllm_parameters_map_onto_sampling_params(llm) -> None:
     # The penalties count the output only (LightLLM), the prompt too with input_penalty.
     assert mapped().penalty_scope == "output"
     assert mapped(input_penalty=True).penalty_scope == "prompt_and_output"
-    # EOS's text only with print_eos_token (a stop run's text is always kept).
-    assert not mapped().include_stop_str_in_output
-    assert mapped(print_eos_token=True).include_stop_str_in_output
+    # EOS's text only with print_eos_token, a stop string's with include_stop_str_in_output (a
+    # stop run's text is always kept).
+    assert not mapped().print_eos_token and not mapped().include_stop_str_in_output
+    assert mapped(print_eos_token=True).print_eos_token
+    assert mapped(include_stop_str_in_output=True).include_stop_str_in_output
     assert mapped(allowed_token_ids=[3, 4]).allowed_token_ids == [3, 4]
     assert mapped(exponential_decay_length_penalty=[2, 1.5]).exponential_decay_length_penalty == (
         2,
         1.5,
     )
-    assert (
-        mapped(exponential_decay_length_penalty=[1, 1.0]).exponential_decay_length_penalty is None
-    )
+    with pytest.raises(RequestError, match="start >= 0"):
+        mapped(exponential_decay_length_penalty=[-5, 1])
 
 
 def test_body_without_a_json_content_type_is_read_as_json(server) -> None:

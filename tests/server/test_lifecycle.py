@@ -75,7 +75,7 @@ def test_sigterm_stops_every_process_and_frees_the_port(tiny_checkpoint, tmp_pat
         (["--trust"], "unrecognized arguments: --trust"),
         (["--dp", "2"], "--dp 2 is not supported"),
         (["--quant_type", "w8a8"], "--quant_type: invalid choice"),
-        (["--chat_template", "/no/such.jinja"], "--chat_template: no such file"),
+        (["--chat_template", "/no/such.jinja"], "--chat_template: cannot read"),
     ],
 )
 def test_bad_flags_are_refused_with_a_message_naming_them(flags, message) -> None:

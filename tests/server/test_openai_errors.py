@@ -41,6 +41,7 @@ CHAT = [
         ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
         ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
         ({"extra_body": {"allowed_token_ids": [10**7]}}, "allowed_token_ids"),
+        ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
     ],
 )
 def test_bad_chat_requests_are_400_naming_the_field(client, model, overrides, field) -> None:
@@ -69,6 +70,7 @@ def test_image_parts_need_a_vision_model(client, model) -> None:
         ({"prompt": [1, 2, 10**6]}, "token ids"),
         ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
         ({"extra_body": {"truncate_prompt_tokens": 4}}, "truncate_prompt_tokens"),
+        ({"extra_body": {"prompt_logprobs": 0}}, "prompt_logprobs"),  # 0 asks for something
     ],
 )
 def test_bad_completion_requests_are_400(client, model, overrides, field) -> None:
