@@ -35,6 +35,7 @@ from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.memory_budget import kv_pool_slots
 from ocula.engine.model_setup import ModelSetup
 from ocula.engine.piecewise_graphs import PiecewiseGraphs
+from ocula.engine.prompt_logprobs import compute_prompt_logprobs, plan_wants_prompt_logprobs
 from ocula.engine.request import PLACEHOLDER_TOKEN
 from ocula.engine.runner_sampling import PendingSamples, RequestSampler
 from ocula.engine.step_plan import SampledToken, StepPlan
@@ -189,7 +190,8 @@ class ModelRunner:
         if plan.is_empty:
             return None
         batch = self._build_batch(plan)
-        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+        prompt_rows = plan_wants_prompt_logprobs(plan)  # they need every row's hidden state
+        if not prompt_rows and self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             logits = self.decode_graphs.run(batch)
         else:
             if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(batch):
@@ -197,6 +199,8 @@ class ModelRunner:
             else:
                 hidden = self.model(batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
+            if prompt_rows:
+                self._prompt_logprobs(plan, hidden)
         sampling_rows = [s.table_row for s in plan.sequences if s.samples]
         if not sampling_rows:
             return None
@@ -209,6 +213,15 @@ class ModelRunner:
         if tokens is not None and self.feeds_last_tokens:
             self.last_tokens[host_to_device(sampling_rows, torch.int64, self.device)] = tokens
         return pending
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> None:
+        """Computes the plan's prompt logprobs (every rank: the LM head is collective) and hands
+        them to rank 0's sampler, which sends them with each request's first token."""
+        alternatives = self.sampling.prompt_alternatives(plan) if self.sampling else None
+        results = compute_prompt_logprobs(plan, hidden, self.model.compute_logits, alternatives)
+        if self.sampling is not None:
+            for request_id, (first_position, entries) in results.items():
+                self.sampling.add_prompt_logprobs(request_id, first_position, entries)
 
     def collect(self, pending: PendingSamples | None) -> list[SampledToken]:
         """The tokens of a launched step (waits for the device); [] for None."""

@@ -26,7 +26,8 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 
 def fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
     """The core requests behind a request with `n` samples: ids `"{id}/{i}"` and, when seeded,
-    seed + i (wrapped into the generator's range) so that the samples differ reproducibly."""
+    seed + i (wrapped into the generator's range) so that the samples differ reproducibly. The
+    prompt's logprobs, the same for all, are computed by the first child only."""
     if params.n == 1:
         return [(request_id, params)]
     children = []
@@ -34,6 +35,8 @@ def fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, Sampling
         child = params
         if params.seed is not None:
             child = dataclasses.replace(params, seed=(params.seed + index) % SEED_MODULUS)
+        if index > 0 and params.prompt_logprobs is not None:
+            child = dataclasses.replace(child, prompt_logprobs=None)
         children.append((child_request_id(request_id, index, params.n), child))
     return children
 
@@ -52,6 +55,7 @@ class SequenceStream:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | list[int] | None = None
         self.num_cached_tokens = 0
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -62,6 +66,8 @@ class SequenceStream:
         sequence ended, including on a stop string (the caller then aborts it in the core)."""
         self.token_ids.append(update.token_id)
         self.num_cached_tokens = update.num_cached_tokens
+        if update.prompt_logprobs is not None:
+            self.prompt_logprobs = update.prompt_logprobs
         if self.logprobs is not None and update.logprob is not None:
             self.logprobs.append(
                 TokenLogprob(update.token_id, update.logprob, update.top_logprobs or [])
@@ -129,4 +135,7 @@ class RequestGroup:
             [s.completion() for s in self.sequences],
             self.finished,
             num_cached_tokens=max((s.num_cached_tokens for s in self.sequences), default=0),
+            prompt_logprobs=next(
+                (s.prompt_logprobs for s in self.sequences if s.prompt_logprobs is not None), None
+            ),
         )

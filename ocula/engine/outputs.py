@@ -18,6 +18,9 @@ class TokenUpdate:
     stop_reason: int | str | list[int] | None = None
     num_cached_tokens: int = 0
     queued_seconds: float | None = None  # on the first token: time from arrival to first step
+    # On the first token of a request that asked for them: its prompt's logprobs (one entry per
+    # prompt position, None for the first).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -50,6 +53,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def text(self) -> str:

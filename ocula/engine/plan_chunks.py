@@ -47,6 +47,7 @@ def _add_sequence(plan: StepPlan, request: Request, start: int, end: int) -> Non
             samples=samples,
             image_slices=ImageScheduler.slices(request, start, end) if request.images else [],
             request_serial=request.serial,
+            prompt_logprob_targets=request.prompt_logprob_targets(start, end),
         )
     )
     if samples:

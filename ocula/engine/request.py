@@ -102,6 +102,8 @@ class Request:
         self.num_tree_tokens = 0
         # The prompt was handed (or queued, see RequestKV) to the prefix cache since admission.
         self.prefill_cached = False
+        # Set once the first token, which carries the prompt's logprobs, is applied.
+        self.prompt_logprobs_sent = False
         self._kv_slots = torch.empty(0, dtype=torch.int64)
         self._kv_slots_numpy = self._kv_slots.numpy()  # the same memory, for one-slot writes
 
@@ -117,6 +119,18 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.sampling_params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    def prompt_logprob_targets(self, start: int, end: int) -> list[int] | None:
+        """The prompt tokens that positions [start, end) predict (position p predicts p + 1),
+        while the request still wants its prompt's logprobs; None when there are none."""
+        if not self.wants_prompt_logprobs:
+            return None
+        last = min(end, self.num_prompt_tokens - 1)
+        return self.token_ids[start + 1 : last + 1] if last > start else None
 
     @property
     def is_finished(self) -> bool:

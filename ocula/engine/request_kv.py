@@ -52,10 +52,12 @@ class RequestKV:
     def match_prefix(self, request: Request) -> int:
         """Locks the longest cached prefix of a waiting request; returns its length. Hit-rate
         statistics are counted at admission, not here (a blocked request is matched again)."""
-        # At least one token must be computed to produce the next token's logits.
-        match = self.prefix_cache.match_prefix(
-            request.cache_key(request.num_tokens - 1), count_in_stats=False
-        )
+        # At least one token must be computed to produce the next token's logits; a request
+        # that wants its prompt's logprobs computes every prompt position.
+        end = request.num_tokens - 1
+        if request.wants_prompt_logprobs:
+            end = 0
+        match = self.prefix_cache.match_prefix(request.cache_key(end), count_in_stats=False)
         self.prefix_cache.lock(match.node)
         request.prefix_node = match.node
         request.set_prefix_slots(match.slots)

@@ -13,10 +13,11 @@ pending step first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ocula.engine.outputs import TokenLogprob
 from ocula.engine.request import PLACEHOLDER_TOKEN
 from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
 from ocula.sampling.batch import SamplingBatch, reads_output_tokens, seeded_generator
@@ -33,6 +34,10 @@ class RequestSamplingState:
     num_prompt_tokens: int
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None
+    # The prompt's logprobs computed so far, by the position of the token they are about; sent
+    # with the first sampled token (a recomputed chunk overwrites its positions).
+    prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs_sent: bool = False
 
 
 @dataclass
@@ -102,6 +107,21 @@ class RequestSampler:
             seeded_generator(new.sampling_params.seed, self.device),
         )
 
+    def prompt_alternatives(self, plan: StepPlan) -> dict[str, int]:
+        """How many alternatives each of the plan's prompt-logprob sequences wants."""
+        return {
+            seq.request_id: self._states[seq.request_id].sampling_params.prompt_logprobs or 0
+            for seq in plan.sequences
+            if seq.prompt_logprob_targets
+        }
+
+    def add_prompt_logprobs(
+        self, request_id: str, first_position: int, entries: list[TokenLogprob]
+    ) -> None:
+        state = self._states[request_id]
+        for offset, entry in enumerate(entries):
+            state.prompt_logprobs[first_position + offset] = entry
+
     def sample(self, plan: StepPlan, logits: torch.Tensor) -> PendingSamples:
         """Queues the sampling of the plan's sampling sequences (rows of `logits`, in order)."""
         sampling_seqs = [s for s in plan.sequences if s.samples]
@@ -151,9 +171,23 @@ class RequestSampler:
             if wanted and top_ids is not None and top_vals is not None:
                 top = list(zip(top_ids[i][:wanted], top_vals[i][:wanted], strict=True))
             logprob = logprobs[i] if wanted is not None else None
-            sampled.append(SampledToken(request_id, token_ids[i], logprob, top))
+            token = SampledToken(request_id, token_ids[i], logprob, top)
+            if pending.positions[i] == state.num_prompt_tokens:  # the request's first token
+                token.prompt_logprobs = _take_prompt_logprobs(state)
+            sampled.append(token)
         pending.tokens = sampled
         return sampled
+
+
+def _take_prompt_logprobs(state: RequestSamplingState) -> list[TokenLogprob | None] | None:
+    """The prompt's logprobs, in prompt order (None for the first token), once: None when the
+    request did not ask for them or has had them."""
+    if state.sampling_params.prompt_logprobs is None or state.prompt_logprobs_sent:
+        return None
+    state.prompt_logprobs_sent = True
+    entries = [state.prompt_logprobs.get(p) for p in range(1, state.num_prompt_tokens)]
+    state.prompt_logprobs.clear()
+    return [None, *entries]
 
 
 def _fields(result: SamplerOutput) -> list[torch.Tensor | None]:

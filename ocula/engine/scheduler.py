@@ -311,8 +311,11 @@ class Scheduler:
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens,
                     queued_seconds=request.first_token_queue_seconds(position),
+                    prompt_logprobs=token.prompt_logprobs,
                 )
             )
+            if token.prompt_logprobs is not None:
+                request.prompt_logprobs_sent = True
             if reason is None:
                 continue
             if running:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ocula.engine.image_inputs import EncoderInput, ImageSlice
+from ocula.engine.outputs import TokenLogprob
 from ocula.sampling.params import SamplingParams
 
 
@@ -26,6 +27,9 @@ class ScheduledSequence:
     samples: bool  # this step reaches the end of the known tokens and samples the next one
     image_slices: list[ImageSlice] = field(default_factory=list)
     request_serial: int = -1  # `Request.serial` of the request it was planned for
+    # Prompt logprobs: the prompt tokens that this step's first len(...) positions predict,
+    # whose logprobs the runner computes (`Request.prompt_logprob_targets`).
+    prompt_logprob_targets: list[int] | None = None
 
     @property
     def num_new_tokens(self) -> int:
@@ -135,9 +139,12 @@ class StepPlan:
 
 @dataclass
 class SampledToken:
-    """The runner's answer for one sampling sequence of the plan, in plan order."""
+    """The runner's answer for one sampling sequence of the plan, in plan order. A request's
+    first token also carries its prompt's logprobs when it asked for them: one entry per prompt
+    position, None for the first."""
 
     request_id: str
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -89,10 +89,12 @@ def validate_params(params: SamplingParams, vocab_size: int | None = None) -> No
         _check_int("seed", params.seed)
         if not _SEED_MIN <= params.seed <= _SEED_MAX:
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {params.seed}")
-    if params.logprobs is not None:
-        _check_int("logprobs", params.logprobs)
-        if not 0 <= params.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {params.logprobs}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None:
+            _check_int(name, value)
+            if not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
     if not isinstance(params.stop, list) or not all(isinstance(s, str) for s in params.stop):
         raise ValueError(f"stop must be a string or a list of strings, got {params.stop!r}")
     if any(s == "" for s in params.stop):

@@ -48,6 +48,9 @@ class SamplingParams:
       "output" all three the output's only (LightLLM's default); "prompt_and_output" all three
       both (LightLLM's `input_penalty`).
     - `allowed_token_ids`, when not empty, are the only tokens that can be sampled.
+    - `prompt_logprobs = k`: the model's logprob of every prompt token after the first, given
+      the tokens before it, plus the k most likely alternatives there (vLLM's). Such a request
+      computes its whole prompt (no prefix-cache hit) and costs a host sync per prefill chunk.
     - `exponential_decay_length_penalty` (start, factor), transformers' and LightLLM's: once
       the output holds n > start tokens, each EOS logit gains |logit| * (factor^(n - start) - 1)
       (the gain capped at MAX_EOS_DECAY_GAIN), after the penalties.
@@ -75,6 +78,7 @@ class SamplingParams:
     print_eos_token: bool = False  # LightLLM's: EOS's own text ends the output
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     penalty_scope: str = "vllm"
     allowed_token_ids: list[int] = field(default_factory=list)  # empty: any token

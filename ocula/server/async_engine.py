@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ocula.engine.engine_core import EngineStats, request_size_problem
 from ocula.engine.model_setup import resolve_model
 from ocula.engine.output_processor import SequenceStream, fan_out
-from ocula.engine.outputs import TokenUpdate
+from ocula.engine.outputs import TokenLogprob, TokenUpdate
 from ocula.engine.request import ImageSpan
 from ocula.multimodal.internvl_prompt import VisionSpec
 from ocula.sampling.params import SamplingParams
@@ -61,6 +61,8 @@ class StreamEvent:
     stop_reason: int | str | list[int] | None
     num_cached_tokens: int
     queued_seconds: float | None
+    # On the first token of a sequence that asked for them: the prompt's logprobs.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class AsyncEngine:
@@ -277,6 +279,7 @@ class AsyncEngine:
                     stream.stop_reason,
                     item.num_cached_tokens,
                     item.queued_seconds,
+                    item.prompt_logprobs,
                 )
         finally:
             for child_id, stream in streams.items():

@@ -9,7 +9,6 @@ from typing import Any
 
 from tokenizers import decoders
 
-from ocula.server.async_engine import StreamEvent
 from ocula.server.protocol_openai import TopLogprob
 
 # JSON has no -inf; OpenAI reports impossible tokens with this logprob, and so do we.
@@ -61,7 +60,9 @@ def top_logprob(tokenizer: Any, token_id: int, logprob: float) -> TopLogprob:
     )
 
 
-def top_alternatives(tokenizer: Any, event: StreamEvent) -> list[TopLogprob]:
-    """The event's alternatives, most likely first."""
-    ranked = sorted(event.top_logprobs or [], key=lambda pair: pair[1], reverse=True)
+def top_alternatives(
+    tokenizer: Any, alternatives: list[tuple[int, float]] | None
+) -> list[TopLogprob]:
+    """(token id, logprob) alternatives as OpenAI shows them, most likely first."""
+    ranked = sorted(alternatives or [], key=lambda pair: pair[1], reverse=True)
     return [top_logprob(tokenizer, token_id, logprob) for token_id, logprob in ranked]

@@ -72,7 +72,7 @@ async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tupl
 
 def logprob_entry(tokenizer: Any, event: StreamEvent) -> TokenLogprobEntry:
     sampled = top_logprob(tokenizer, event.token_id, event.logprob or 0.0)
-    alternatives = top_alternatives(tokenizer, event)
+    alternatives = top_alternatives(tokenizer, event.top_logprobs)
     return TokenLogprobEntry(**sampled.model_dump(), top_logprobs=alternatives)
 
 

@@ -4,6 +4,7 @@ as text_completion chunks. Choice `index` is `prompt_index * n + i`, as OpenAI n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from ocula.engine.outputs import TokenLogprob
 from ocula.server.async_engine import StreamEvent
 from ocula.server.openai_logprobs import clamp_logprob, token_text, top_alternatives
 from ocula.server.protocol_openai import (
@@ -79,12 +81,9 @@ def check_unsupported(body: CompletionRequest) -> None:
         raise OpenAIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
-    if body.echo and body.logprobs is not None:
+    if body.echo and body.logprobs is not None and body.stream:
         raise OpenAIError(
-            400,
-            "echo with logprobs needs the logprobs of the prompt's tokens, which this server "
-            "does not compute; ask for one or the other",
-            param="echo",
+            400, "echo with logprobs is answered whole: send it without stream", param="echo"
         )
 
 
@@ -115,6 +114,8 @@ async def create_completion(request: Request) -> Response:
         # max_tokens: 16 when left out (OpenAI), all the room left when sent as null (vLLM).
         max_new_tokens = resolve_max_tokens(state, body.max_tokens, len(prompt.token_ids), "prompt")
         params = sampling_params(body, max_new_tokens, body.logprobs)
+        if body.echo and body.logprobs is not None:  # the echoed prompt's tokens need theirs
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         prepared.append(state.engine.prepare(prompt.token_ids, params))
     echoes = None
     if body.echo:
@@ -132,7 +133,7 @@ async def create_completion(request: Request) -> Response:
         request_id,
         model,
         int(time.time()),
-        [len(p.token_ids) for p in prompts],
+        [p.token_ids for p in prompts],
         prepared[0].params.n,
         body.logprobs is not None,
         echoes,
@@ -152,7 +153,7 @@ class CompletionReply:
         request_id: str,
         model: str,
         created: int,
-        prompt_lengths: list[int],
+        prompt_token_ids: list[list[int]],
         n: int,
         with_logprobs: bool,
         echoes: list[str] | None,
@@ -161,7 +162,8 @@ class CompletionReply:
         self.request_id = request_id
         self.model = model
         self.created = created
-        self.prompt_lengths = prompt_lengths
+        self.prompt_token_ids = prompt_token_ids
+        self.prompt_lengths = [len(ids) for ids in prompt_token_ids]
         self.n = n
         self.with_logprobs = with_logprobs
         self.echoes = echoes
@@ -184,23 +186,59 @@ class CompletionReply:
             # The sampled token, then the `logprobs` most likely ones (OpenAI's and vLLM's: up to
             # logprobs + 1 entries, the sampled one always among them).
             top = {text: logprob}
-            for alt in top_alternatives(self.tokenizer, event):
+            for alt in top_alternatives(self.tokenizer, event.top_logprobs):
                 top.setdefault(alt.token, alt.logprob)
             result.top_logprobs.append(top)
             result.text_offset.append(offset)
             offset += len(event.text)
         return result
 
+    def echoed_logprobs(
+        self, prompt_index: int, entries: list[TokenLogprob | None]
+    ) -> CompletionLogprobs:
+        """The echoed prompt's part of a choice's logprobs: each prompt token's, None for the
+        first (nothing precedes it), offsets counted from the start of the echo."""
+        result = CompletionLogprobs()
+        offset = 0
+        ids = self.prompt_token_ids[prompt_index]
+        for token_id, entry in zip(ids, entries, strict=True):
+            text = token_text(self.tokenizer, token_id)
+            result.tokens.append(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            logprob = clamp_logprob(entry.logprob)
+            result.token_logprobs.append(logprob)
+            top = {text: logprob}
+            for alt in top_alternatives(self.tokenizer, entry.top_logprobs):
+                top.setdefault(alt.token, alt.logprob)
+            result.top_logprobs.append(top)
+        return result
+
     def whole(self, collected: list[tuple[int, StreamEvent]]) -> Completion:
         choices = []
+        prompt_logprobs = {
+            prompt_index: event.prompt_logprobs
+            for prompt_index, event in collected
+            if event.prompt_logprobs is not None
+        }
         for index, events in sorted(events_by_choice(collected, self.n).items()):
             echo = self.echo(index)
             last = events[-1]
+            logprobs = self.logprobs(events, len(echo)) if self.with_logprobs else None
+            if logprobs is not None and self.echoes is not None:
+                echoed = self.echoed_logprobs(index // self.n, prompt_logprobs[index // self.n])
+                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(echoed, name).extend(getattr(logprobs, name))
+                logprobs = echoed
             choices.append(
                 CompletionChoice(
                     index=index,
                     text=echo + "".join(e.text for e in events),
-                    logprobs=self.logprobs(events, len(echo)) if self.with_logprobs else None,
+                    logprobs=logprobs,
                     finish_reason=last.finish_reason,
                     stop_reason=last.stop_reason,
                 )

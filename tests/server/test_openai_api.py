@@ -240,6 +240,31 @@ def test_logit_bias_steers_the_tokens_as_offline(client, model, offline) -> None
         client.completions.create(model=model, prompt="fox", logit_bias={"10000000": 1})
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_offline(client, model, offline) -> None:
+    """lm-evaluation-harness's loglikelihood request: the prompt echoed with its tokens'
+    logprobs (None for the first), then the generated token's."""
+    params = SamplingParams(temperature=0, max_new_tokens=1, logprobs=2, prompt_logprobs=2)
+    expected = offline.generate(PROMPTS[1], params)[0]
+    reply = client.completions.create(
+        model=model, prompt=PROMPTS[1], temperature=0, max_tokens=1, logprobs=2, echo=True
+    )
+    choice = reply.choices[0]
+    assert choice.text == PROMPTS[1] + expected.text
+    logprobs = choice.logprobs
+    prompt_ids = expected.prompt_token_ids
+    assert len(logprobs.tokens) == len(prompt_ids) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for position in range(1, len(prompt_ids)):
+        entry = expected.prompt_logprobs[position]
+        assert logprobs.token_logprobs[position] == pytest.approx(entry.logprob, abs=1e-5)
+        top = logprobs.top_logprobs[position]
+        assert top[logprobs.tokens[position]] == logprobs.token_logprobs[position]
+        assert 2 <= len(top) <= 3
+    generated = expected.outputs[0].logprobs[0]
+    assert logprobs.token_logprobs[-1] == pytest.approx(generated.logprob, abs=1e-5)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[-1] == len(PROMPTS[1])
+
+
 def test_allowed_token_ids_restrict_the_tokens_as_offline(client, model, offline) -> None:
     allowed = [11, 12, 13]
     params = SamplingParams(temperature=0, max_new_tokens=8, allowed_token_ids=allowed)

@@ -66,7 +66,7 @@ def test_image_parts_need_a_vision_model(client, model) -> None:
     [
         ({"prompt": "fox " * 600}, "prompt"),
         ({"suffix": "tail"}, "suffix"),
-        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
         ({"prompt": [1, 2, 10**6]}, "token ids"),
         ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
         ({"extra_body": {"truncate_prompt_tokens": 4}}, "truncate_prompt_tokens"),
