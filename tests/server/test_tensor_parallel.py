@@ -68,6 +68,15 @@ def test_llama_tp2_matches_tp1_and_sigterm_stops_every_rank(tiny_checkpoint, tmp
     with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: batched decode steps
         got = list(pool.map(lambda p: server_greedy_ids(server, p), PROMPTS))
     assert got == expected
+    # Prompt logprobs: the LM head over the prompt's rows is a collective of both ranks.
+    params = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=1)
+    reference = LLM(str(checkpoint), max_total_token_num=1024).generate(PROMPTS[0], params)[0]
+    body = {"prompt": PROMPTS[0], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    reply = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    scored = reply.json()["choices"][0]["logprobs"]["token_logprobs"]
+    expected_scores = [e and e.logprob for e in reference.prompt_logprobs]
+    assert scored[: len(expected_scores)] == pytest.approx(expected_scores, abs=1e-4)
     descendants = psutil.Process(server.process.pid).children(recursive=True)
     assert rank_process(server, 1) in descendants
     assert server.stop(timeout=30) == 0, server.log()
