@@ -19,7 +19,6 @@ slots for all of them.
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import torch
@@ -35,8 +34,8 @@ from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.memory_budget import kv_pool_slots
 from ocula.engine.model_setup import ModelSetup
 from ocula.engine.piecewise_graphs import PiecewiseGraphs
+from ocula.engine.plan_batch import build_forward_batch
 from ocula.engine.prompt_logprobs import compute_prompt_logprobs, plan_wants_prompt_logprobs
-from ocula.engine.request import PLACEHOLDER_TOKEN
 from ocula.engine.runner_sampling import PendingSamples, RequestSampler
 from ocula.engine.step_plan import SampledToken, StepPlan
 from ocula.engine.vision_graphs import VisionGraphs
@@ -44,7 +43,7 @@ from ocula.kernels import triton_available
 from ocula.layers.attention import get_attention_backend
 from ocula.models.loader import load_model
 from ocula.sampling.batch import host_to_device
-from ocula.utils.device import host_arrays_to_device, to_device_async
+from ocula.utils.device import to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -264,54 +263,11 @@ class ModelRunner:
         return both[0], self.embedding_pool.gather(both[1])
 
     def _build_batch(self, plan: StepPlan) -> ForwardBatch:
-        query_lens = [s.num_new_tokens for s in plan.sequences]
-        seq_lens = [s.start + s.num_new_tokens for s in plan.sequences]
-        token_ids: list[int] = []
-        positions: list[int] = []
-        token_rows: list[int] = []
-        for seq in plan.sequences:
-            token_ids.extend(seq.token_ids)
-            positions.extend(range(seq.start, seq.start + seq.num_new_tokens))
-            token_rows.extend([seq.table_row] * seq.num_new_tokens)
-        query_starts = [0, *itertools.accumulate(query_lens)]
-        sampling_ends = [query_starts[i + 1] - 1 for i, s in enumerate(plan.sequences) if s.samples]
-        spliced = self._spliced_embeddings(plan, query_starts)
-        int64, int32 = torch.int64, torch.int32
-        (
-            input_ids,
-            positions_dev,
-            token_rows_dev,
-            table_rows,
-            logits_indices,
-            query_start_loc,
-            seq_lens_dev,
-        ) = host_arrays_to_device(
-            [
-                (token_ids, int64),
-                (positions, int64),
-                (token_rows, int64),
-                ([s.table_row for s in plan.sequences], int64),
-                (sampling_ends, int64),
-                (query_starts, int32),
-                (seq_lens, int32),
-            ],
+        return build_forward_batch(
+            plan,
             self.device,
-        )
-        if any(s.token_ids[-1] == PLACEHOLDER_TOKEN for s in plan.sequences):
-            # Tokens sampled by the step before, not yet on the host: read on the device.
-            input_ids = torch.where(input_ids < 0, self.last_tokens[token_rows_dev], input_ids)
-        return ForwardBatch(
-            input_ids=input_ids,
-            positions=positions_dev,
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens_dev,
-            slot_table=self.slot_table,
-            table_rows=table_rows,
-            out_slots=self.slot_table[token_rows_dev, positions_dev],
-            logits_indices=logits_indices,
-            kv_pool=self.kv_pool,
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            spliced_rows=spliced[0] if spliced else None,
-            spliced_embeds=spliced[1] if spliced else None,
+            self.slot_table,
+            self.kv_pool,
+            self.last_tokens,
+            self._spliced_embeddings,
         )
