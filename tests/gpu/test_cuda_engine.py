@@ -45,6 +45,23 @@ def test_greedy_tokens_equal_transformers_on_cuda(tiny_checkpoint, arch) -> None
     assert [o.token_ids for o in llm.generate(list(PROMPTS), params)] == expected
 
 
+def test_prompt_logprobs_on_cuda_equal_the_cpu_engine(tiny_checkpoint) -> None:
+    # Chunks of 4 tokens run through the piecewise graphs; the LM head over their rows too.
+    checkpoint = str(tiny_checkpoint("qwen2"))
+    params = SamplingParams(temperature=0, max_new_tokens=2, prompt_logprobs=2)
+    options = {"data_type": "fp32", "max_total_token_num": 4096, "chunked_prefill_size": 4}
+    cuda = LLM(checkpoint, device="cuda", **options).generate(list(PROMPTS), params)
+    cpu = LLM(checkpoint, device="cpu", **options).generate(list(PROMPTS), params)
+    for on_cuda, on_cpu in zip(cuda, cpu, strict=True):
+        assert len(on_cuda.prompt_logprobs) == len(on_cpu.prompt_logprobs)
+        for a, b in zip(on_cuda.prompt_logprobs[1:], on_cpu.prompt_logprobs[1:], strict=True):
+            assert a.token_id == b.token_id
+            assert a.logprob == pytest.approx(b.logprob, abs=2e-3)
+            assert [v for _, v in a.top_logprobs] == pytest.approx(
+                [v for _, v in b.top_logprobs], abs=2e-3
+            )
+
+
 def test_seeded_sampling_is_reproducible_on_cuda(tiny_checkpoint) -> None:
     llm = LLM(str(tiny_checkpoint("llama")), device="cuda", max_total_token_num=4096)
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_new_tokens=12, ignore_eos=True)
