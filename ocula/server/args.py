@@ -35,6 +35,11 @@ class ServerArgs(EngineArgs):
     request_body_timeout_s: float = option(
         30.0, "Longest wait for the next piece of a request body (408 beyond)."
     )
+    return_all_prompt_logprobs: bool = option(
+        False,
+        "LightLLM's perplexity mode: every /generate answer also holds its prompt's token ids and "
+        "each prompt token's logprob (such requests compute their whole prompt).",
+    )
     disable_log_stats: bool = option(False, "No throughput log lines (as --log_stats_interval 0).")
     # LightLLM's flags for what Ocula always does, or does one way only: accepted so that a
     # LightLLM launch command starts as it is, and checked where a value asks for more.

@@ -129,6 +129,8 @@ async def prepare_request(
         engine.generation_config,
         want_logprobs,
     )
+    if state.args.return_all_prompt_logprobs:  # LightLLM's mode for perplexity
+        params = dataclasses.replace(params, prompt_logprobs=0)
     prompt_ids, images = await tokenize_with_images(
         engine,
         body.inputs,
@@ -179,7 +181,9 @@ def generate_response(
     events: list[StreamEvent], prepared: PreparedRequest, tokenizer: Any, details: bool
 ) -> dict[str, Any]:
     """LightLLM's /generate body. `generated_text` is always a list (one per sequence);
-    `count_output_tokens`, `finish_reason` and `tokens` are lists per sequence only when n > 1."""
+    `count_output_tokens`, `finish_reason` and `tokens` are lists per sequence only when n > 1.
+    With --return_all_prompt_logprobs, `prompt_token_ids` and `prompt_logprobs` ([token i,
+    {token i + 1: its logprob}] for each position but the last)."""
     num_sequences = prepared.params.n
     by_sequence: list[list[StreamEvent]] = [[] for _ in range(num_sequences)]
     for event in events:
@@ -194,6 +198,15 @@ def generate_response(
         "finish_reason": reasons[0] if single else reasons,
         "prompt_tokens": len(prepared.prompt_token_ids),
     }
+    scored = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+    if scored is not None:  # --return_all_prompt_logprobs, in LightLLM's shape
+        ids = prepared.prompt_token_ids
+        body["prompt_token_ids"] = list(ids)
+        body["prompt_logprobs"] = [
+            [ids[i], {entry.token_id: entry.logprob}]
+            for i, entry in enumerate(scored[1:])
+            if entry is not None
+        ]
     if details:
         writer = _DetailWriter(tokenizer, len(prepared.prompt_token_ids))
         tokens = [[writer.generated_detail(e).model_dump() for e in seq] for seq in by_sequence]

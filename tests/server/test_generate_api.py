@@ -22,6 +22,7 @@ from ocula.server.protocol_lightllm import (
     stop_conditions,
     to_sampling_params,
 )
+from tests.helpers.server import start_server
 
 PROMPT = "the quick brown fox"
 # The prompt of LightLLM's documented client (multimodal-launch.en.rst, "Testing"), without its
@@ -288,6 +289,27 @@ def test_lightllm_parameters_map_onto_sampling_params(llm) -> None:
     )
     with pytest.raises(RequestError, match="start >= 0"):
         mapped(exponential_decay_length_penalty=[-5, 1])
+
+
+def test_return_all_prompt_logprobs_scores_every_prompt_token(tiny_checkpoint, tmp_path, llm):
+    """LightLLM's perplexity mode: /generate adds the prompt's ids and, for each position but
+    the last, [token, {next token: its logprob}]."""
+    flags = ("--max_total_token_num", "2048", "--return_all_prompt_logprobs")
+    scoring = start_server(tiny_checkpoint("llama"), tmp_path, *flags)
+    try:
+        result = generate(scoring, PROMPT, max_new_tokens=1)
+    finally:
+        assert scoring.stop() == 0, scoring.log()
+    params = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=0)
+    expected = llm.generate(PROMPT, params)[0]
+    ids = expected.prompt_token_ids
+    assert result["prompt_token_ids"] == ids
+    assert len(result["prompt_logprobs"]) == len(ids) - 1
+    for position, (token, scores) in enumerate(result["prompt_logprobs"]):
+        assert token == ids[position]
+        [(following, logprob)] = scores.items()
+        assert int(following) == ids[position + 1]
+        assert logprob == pytest.approx(expected.prompt_logprobs[position + 1].logprob, abs=1e-5)
 
 
 def test_body_without_a_json_content_type_is_read_as_json(server) -> None:
