@@ -71,3 +71,14 @@ def test_n_samples_share_one_computation(checkpoint, reference) -> None:
     for position in range(1, len(ids)):
         expected = logprobs[position - 1][ids[position]].item()
         assert output.prompt_logprobs[position].logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_preemption_and_a_small_pool_keep_the_prompt_logprobs_whole(checkpoint, reference):
+    # Prompts chunked by 4 into a KV pool too small for all of them at once: requests are
+    # preempted, some before their first token (their prompt positions are computed again).
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, prompt_logprobs=K)
+    llm = LLM(str(checkpoint), max_total_token_num=64, chunked_prefill_size=4)
+    outputs = llm.generate(list(PROMPTS) * 2, params)
+    assert llm.engine.stats().num_preemptions > 0
+    for prompt, output in zip(list(PROMPTS) * 2, outputs, strict=True):
+        check(output, reference[prompt])
