@@ -34,7 +34,8 @@ def compute_prompt_logprobs(
     alternatives: Mapping[str, int] | None,
 ) -> dict[str, tuple[int, list[TokenLogprob]]]:
     """For each sequence of `plan` with targets: (the position of its first target, a
-    TokenLogprob per target with the `alternatives[request_id]` most likely tokens). `hidden`
+    TokenLogprob per target, with its rank and the `alternatives[request_id]` most likely
+    tokens). `hidden`
     holds the plan's rows in order. `alternatives` is None on the ranks that only take part in
     the LM head's collective; they get {}."""
     rows: list[int] = []
@@ -55,6 +56,7 @@ def compute_prompt_logprobs(
     target_index = torch.tensor(targets, dtype=torch.int64, device=device)
     k = max((alternatives or {}).get(owner[0], 0) for owner in owners)
     chosen: list[float] = []
+    ranks: list[int] = []
     top_ids: list[list[int]] = []
     top_values: list[list[float]] = []
     for first in range(0, len(rows), PROMPT_LOGPROB_ROWS):
@@ -63,7 +65,9 @@ def compute_prompt_logprobs(
         if alternatives is None:
             continue
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        chosen += logprobs.gather(1, target_index[piece].unsqueeze(1)).squeeze(1).tolist()
+        picked = logprobs.gather(1, target_index[piece].unsqueeze(1))
+        ranks += ((logprobs > picked).sum(dim=-1) + 1).tolist()
+        chosen += picked.squeeze(1).tolist()
         if k > 0:
             values, ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
             top_ids += ids.tolist()
@@ -79,7 +83,7 @@ def compute_prompt_logprobs(
             top = []
             if wanted_k:
                 top = list(zip(top_ids[i][:wanted_k], top_values[i][:wanted_k], strict=True))
-            entries.append(TokenLogprob(targets[i], chosen[i], top))
+            entries.append(TokenLogprob(targets[i], chosen[i], top, rank=ranks[i]))
         results[request_id] = (first_position, entries)
         offset += count
     return results

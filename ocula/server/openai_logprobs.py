@@ -1,5 +1,5 @@
 """Tokens as OpenAI's logprobs show them: each token's text and exact bytes, and the
-alternatives of an event, most likely first."""
+alternatives of an event, most likely first; and vLLM's `prompt_logprobs`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 from tokenizers import decoders
 
-from ocula.server.protocol_openai import TopLogprob
+from ocula.engine.outputs import TokenLogprob
+from ocula.server.protocol_openai import CompletionLogprobs, PromptLogprob, TopLogprob
 
 # JSON has no -inf; OpenAI reports impossible tokens with this logprob, and so do we.
 MIN_LOGPROB = -9999.0
@@ -66,3 +67,65 @@ def top_alternatives(
     """(token id, logprob) alternatives as OpenAI shows them, most likely first."""
     ranked = sorted(alternatives or [], key=lambda pair: pair[1], reverse=True)
     return [top_logprob(tokenizer, token_id, logprob) for token_id, logprob in ranked]
+
+
+def vllm_prompt_logprobs(
+    tokenizer: Any, entries: list[TokenLogprob | None] | None
+) -> list[dict[str, PromptLogprob] | None] | None:
+    """vLLM's `prompt_logprobs` of the engine's entries: per position the prompt token (with its
+    rank) and the alternatives (ranked 1, 2, ...), by token id."""
+    if entries is None:
+        return None
+    result: list[dict[str, PromptLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            result.append(None)
+            continue
+        by_id = {
+            str(entry.token_id): PromptLogprob(
+                logprob=clamp_logprob(entry.logprob),
+                rank=entry.rank,
+                decoded_token=token_text(tokenizer, entry.token_id),
+            )
+        }
+        for rank, (token_id, logprob) in enumerate(entry.top_logprobs, start=1):
+            by_id.setdefault(
+                str(token_id),
+                PromptLogprob(
+                    logprob=clamp_logprob(logprob),
+                    rank=rank,
+                    decoded_token=token_text(tokenizer, token_id),
+                ),
+            )
+        result.append(by_id)
+    return result
+
+
+# One token of legacy completions logprobs: its id, its logprob (None: not scored, the prompt's
+# first), its alternatives, and how far its text moves the offset (None: its own text's length).
+LegacyToken = tuple[int, float | None, list[tuple[int, float]] | None, int | None]
+
+
+def completion_logprobs(
+    tokenizer: Any, items: list[LegacyToken], offset: int
+) -> CompletionLogprobs:
+    """Legacy (/v1/completions) logprobs: per token its text, logprob, the alternatives with the
+    token itself among them (OpenAI's and vLLM's: up to logprobs + 1 entries), and where its
+    text starts, counting from `offset`."""
+    result = CompletionLogprobs()
+    for token_id, logprob, alternatives, advance in items:
+        text = token_text(tokenizer, token_id)
+        result.tokens.append(text)
+        result.text_offset.append(offset)
+        offset += len(text) if advance is None else advance
+        if logprob is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            continue
+        clamped = clamp_logprob(logprob)
+        result.token_logprobs.append(clamped)
+        top = {text: clamped}
+        for alt in top_alternatives(tokenizer, alternatives):
+            top.setdefault(alt.token, alt.logprob)
+        result.top_logprobs.append(top)
+    return result

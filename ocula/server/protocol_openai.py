@@ -63,6 +63,7 @@ class SamplingFields(OpenAIRequestModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
     allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # answered whole only
     # vLLM's options this server lacks: refused when set, never ignored (see
     # routes_openai_common.UNSUPPORTED_OPTIONS).
     guided_json: Any = None
@@ -72,7 +73,6 @@ class SamplingFields(OpenAIRequestModel):
     structural_tag: Any = None
     structured_outputs: Any = None
     bad_words: list[Any] | None = None
-    prompt_logprobs: Any = None
     use_beam_search: bool | None = False
     truncate_prompt_tokens: Any = None
 
@@ -152,6 +152,19 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry for one token at one prompt position."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+# vLLM's `prompt_logprobs`: per prompt position, None for the first, else the prompt token and
+# the most likely alternatives there, by token id (a string, as JSON keys are).
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
@@ -167,6 +180,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Delta(BaseModel):
@@ -216,6 +230,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 
 from ocula.server.async_engine import StreamEvent
 from ocula.server.chat_messages import render_chat_prompt
-from ocula.server.openai_logprobs import top_alternatives, top_logprob
+from ocula.server.openai_logprobs import top_alternatives, top_logprob, vllm_prompt_logprobs
 from ocula.server.protocol_openai import (
     AssistantMessage,
     ChatChoice,
@@ -146,12 +146,14 @@ class ChatReply:
                     stop_reason=last.stop_reason,
                 )
             )
+        scored = next((e.prompt_logprobs for _, e in collected if e.prompt_logprobs), None)
         return ChatCompletion(
             id=self.request_id,
             created=self.created,
             model=self.model,
             choices=choices,
             usage=self.usage(len(collected), prompt_cached_tokens(collected)),
+            prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, scored),
         )
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:

@@ -191,6 +191,10 @@ def sampling_params(
     if any(s == "" for s in stop):
         raise OpenAIError(400, "stop strings must not be empty", param="stop")
     check_unsupported_features(fields)
+    if fields.prompt_logprobs is not None and fields.stream:
+        raise OpenAIError(
+            400, "prompt_logprobs are answered whole: send them without stream", "prompt_logprobs"
+        )
     if fields.allowed_token_ids == []:  # vLLM refuses it too: nothing could be sampled
         raise OpenAIError(400, "allowed_token_ids must not be empty", param="allowed_token_ids")
     return SamplingParams(
@@ -213,6 +217,7 @@ def sampling_params(
         logprobs=logprobs,
         logit_bias=logit_bias_by_id(fields.logit_bias),
         allowed_token_ids=list(fields.allowed_token_ids or []),
+        prompt_logprobs=fields.prompt_logprobs,
     )
 
 
@@ -241,7 +246,6 @@ UNSUPPORTED_OPTIONS = {
     "structural_tag": "guided decoding",
     "structured_outputs": "guided decoding",
     "bad_words": "bad words",
-    "prompt_logprobs": "prompt logprobs",
     "use_beam_search": "beam search",
     "truncate_prompt_tokens": "prompt truncation",
 }

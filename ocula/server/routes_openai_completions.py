@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 
 from ocula.engine.outputs import TokenLogprob
 from ocula.server.async_engine import StreamEvent
-from ocula.server.openai_logprobs import clamp_logprob, token_text, top_alternatives
+from ocula.server.openai_logprobs import completion_logprobs, vllm_prompt_logprobs
 from ocula.server.protocol_openai import (
     Completion,
     CompletionChoice,
@@ -115,7 +115,8 @@ async def create_completion(request: Request) -> Response:
         max_new_tokens = resolve_max_tokens(state, body.max_tokens, len(prompt.token_ids), "prompt")
         params = sampling_params(body, max_new_tokens, body.logprobs)
         if body.echo and body.logprobs is not None:  # the echoed prompt's tokens need theirs
-            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+            wanted = max(body.logprobs, body.prompt_logprobs or 0)
+            params = dataclasses.replace(params, prompt_logprobs=wanted)
         prepared.append(state.engine.prepare(prompt.token_ids, params))
     echoes = None
     if body.echo:
@@ -137,6 +138,7 @@ async def create_completion(request: Request) -> Response:
         prepared[0].params.n,
         body.logprobs is not None,
         echoes,
+        body.prompt_logprobs is not None,
     )
     if body.stream:
         include_usage = bool(stream_options.include_usage)
@@ -157,6 +159,7 @@ class CompletionReply:
         n: int,
         with_logprobs: bool,
         echoes: list[str] | None,
+        with_prompt_logprobs: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.request_id = request_id
@@ -167,6 +170,7 @@ class CompletionReply:
         self.n = n
         self.with_logprobs = with_logprobs
         self.echoes = echoes
+        self.with_prompt_logprobs = with_prompt_logprobs  # vLLM's field, asked for
 
     def echo(self, choice_index: int) -> str:
         return self.echoes[choice_index // self.n] if self.echoes is not None else ""
@@ -174,49 +178,24 @@ class CompletionReply:
     def logprobs(self, events: list[StreamEvent], text_start: int) -> CompletionLogprobs:
         """Legacy logprobs of `events`; each token's offset is where the text it made final
         starts, counted from `text_start` in the choice's text."""
-        result = CompletionLogprobs()
-        offset = text_start
-        for event in events:
-            if event.logprob is None:
-                continue
-            text = token_text(self.tokenizer, event.token_id)
-            logprob = clamp_logprob(event.logprob)
-            result.tokens.append(text)
-            result.token_logprobs.append(logprob)
-            # The sampled token, then the `logprobs` most likely ones (OpenAI's and vLLM's: up to
-            # logprobs + 1 entries, the sampled one always among them).
-            top = {text: logprob}
-            for alt in top_alternatives(self.tokenizer, event.top_logprobs):
-                top.setdefault(alt.token, alt.logprob)
-            result.top_logprobs.append(top)
-            result.text_offset.append(offset)
-            offset += len(event.text)
-        return result
+        items = [
+            (e.token_id, e.logprob, e.top_logprobs, len(e.text))
+            for e in events
+            if e.logprob is not None
+        ]
+        return completion_logprobs(self.tokenizer, items, text_start)
 
     def echoed_logprobs(
         self, prompt_index: int, entries: list[TokenLogprob | None]
     ) -> CompletionLogprobs:
         """The echoed prompt's part of a choice's logprobs: each prompt token's, None for the
         first (nothing precedes it), offsets counted from the start of the echo."""
-        result = CompletionLogprobs()
-        offset = 0
         ids = self.prompt_token_ids[prompt_index]
-        for token_id, entry in zip(ids, entries, strict=True):
-            text = token_text(self.tokenizer, token_id)
-            result.tokens.append(text)
-            result.text_offset.append(offset)
-            offset += len(text)
-            if entry is None:
-                result.token_logprobs.append(None)
-                result.top_logprobs.append(None)
-                continue
-            logprob = clamp_logprob(entry.logprob)
-            result.token_logprobs.append(logprob)
-            top = {text: logprob}
-            for alt in top_alternatives(self.tokenizer, entry.top_logprobs):
-                top.setdefault(alt.token, alt.logprob)
-            result.top_logprobs.append(top)
-        return result
+        items = [
+            (token_id, e and e.logprob, e and e.top_logprobs, None)
+            for token_id, e in zip(ids, entries, strict=True)
+        ]
+        return completion_logprobs(self.tokenizer, items, 0)
 
     def whole(self, collected: list[tuple[int, StreamEvent]]) -> Completion:
         choices = []
@@ -229,8 +208,9 @@ class CompletionReply:
             echo = self.echo(index)
             last = events[-1]
             logprobs = self.logprobs(events, len(echo)) if self.with_logprobs else None
-            if logprobs is not None and self.echoes is not None:
-                echoed = self.echoed_logprobs(index // self.n, prompt_logprobs[index // self.n])
+            scored = prompt_logprobs.get(index // self.n)
+            if logprobs is not None and self.echoes is not None and scored is not None:
+                echoed = self.echoed_logprobs(index // self.n, scored)
                 for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                     getattr(echoed, name).extend(getattr(logprobs, name))
                 logprobs = echoed
@@ -241,6 +221,9 @@ class CompletionReply:
                     logprobs=logprobs,
                     finish_reason=last.finish_reason,
                     stop_reason=last.stop_reason,
+                    prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, scored)
+                    if self.with_prompt_logprobs
+                    else None,
                 )
             )
         return Completion(

@@ -265,6 +265,30 @@ def test_echo_with_logprobs_scores_the_prompt_as_offline(client, model, offline)
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset[-1] == len(PROMPTS[1])
 
 
+def test_vllm_prompt_logprobs_rank_the_prompt_tokens(client, model, offline) -> None:
+    params = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=2)
+    expected = offline.generate(PROMPTS[0], params)[0]
+    reply = client.completions.create(
+        model=model, prompt=PROMPTS[0], max_tokens=1, extra_body={"prompt_logprobs": 2}
+    )
+    scored = reply.choices[0].model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(expected.prompt_token_ids)
+    for position in range(1, len(scored)):
+        entry = expected.prompt_logprobs[position]
+        mine = scored[position][str(entry.token_id)]
+        assert mine["logprob"] == pytest.approx(entry.logprob, abs=1e-5)
+        assert mine["rank"] >= 1 and mine["decoded_token"]
+        for rank, (token_id, logprob) in enumerate(entry.top_logprobs, start=1):
+            alternative = scored[position][str(token_id)]
+            assert alternative["rank"] == rank
+            assert alternative["logprob"] == pytest.approx(logprob, abs=1e-5)
+    chat = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    chat_scored = chat.model_extra["prompt_logprobs"]
+    assert chat_scored[0] is None and all(len(entry) == 1 for entry in chat_scored[1:])
+
+
 def test_allowed_token_ids_restrict_the_tokens_as_offline(client, model, offline) -> None:
     allowed = [11, 12, 13]
     params = SamplingParams(temperature=0, max_new_tokens=8, allowed_token_ids=allowed)

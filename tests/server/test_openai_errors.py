@@ -39,7 +39,7 @@ CHAT = [
         ({"extra_body": {"structured_outputs": {"json": {}}}}, "structured_outputs"),
         ({"extra_body": {"bad_words": ["fox"]}}, "bad_words"),
         ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
-        ({"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
+        ({"extra_body": {"prompt_logprobs": 21}}, "prompt_logprobs"),
         ({"extra_body": {"allowed_token_ids": [10**7]}}, "allowed_token_ids"),
         ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
     ],
@@ -70,7 +70,7 @@ def test_image_parts_need_a_vision_model(client, model) -> None:
         ({"prompt": [1, 2, 10**6]}, "token ids"),
         ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
         ({"extra_body": {"truncate_prompt_tokens": 4}}, "truncate_prompt_tokens"),
-        ({"extra_body": {"prompt_logprobs": 0}}, "prompt_logprobs"),  # 0 asks for something
+        ({"extra_body": {"prompt_logprobs": 1}, "stream": True}, "prompt_logprobs"),
     ],
 )
 def test_bad_completion_requests_are_400(client, model, overrides, field) -> None:
