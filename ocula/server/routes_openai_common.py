@@ -15,15 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from ocula.multimodal.image_loading import ImageError
 from ocula.sampling.params import SamplingParams
-from ocula.server.async_engine import RequestError, StreamEvent
+from ocula.server.async_engine import RequestError
 from ocula.server.errors import IMAGE_ERROR_TYPES, describe_validation_error
 from ocula.server.protocol_openai import (
     ChatCompletionRequest,
     CompletionRequest,
-    PromptTokensDetails,
     SamplingFields,
     StreamOptions,
-    Usage,
 )
 from ocula.server.request_errors import PromptTooLongError
 from ocula.server.serving import ServerState
@@ -279,32 +277,3 @@ def check_unsupported_features(fields: SamplingFields) -> None:
             'function_call "none"',
             param="functions",
         )
-
-
-def usage(prompt_lengths: list[int], completion_tokens: int, cached_tokens: int) -> Usage:
-    prompt_tokens = sum(prompt_lengths)
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-    )
-
-
-def events_by_choice(
-    collected: list[tuple[int, StreamEvent]], choices_per_prompt: int
-) -> dict[int, list[StreamEvent]]:
-    """Events of a finished request by choice index: `prompt_index * n + sequence_index`, as
-    OpenAI numbers the choices of a batch of prompts."""
-    choices: dict[int, list[StreamEvent]] = {}
-    for prompt_index, event in collected:
-        choices.setdefault(prompt_index * choices_per_prompt + event.index, []).append(event)
-    return choices
-
-
-def prompt_cached_tokens(collected: list[tuple[int, StreamEvent]]) -> int:
-    """Prompt tokens found in the prefix cache, counted once per prompt."""
-    per_prompt: dict[int, int] = {}
-    for prompt_index, event in collected:
-        per_prompt[prompt_index] = max(per_prompt.get(prompt_index, 0), event.num_cached_tokens)
-    return sum(per_prompt.values())

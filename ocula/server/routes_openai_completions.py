@@ -26,21 +26,21 @@ from ocula.server.routes_openai_common import (
     OpenAIError,
     check_model,
     check_stream_options,
-    events_by_choice,
     openai_endpoint,
     parse_body,
-    prompt_cached_tokens,
     resolve_max_tokens,
     sampling_params,
-    usage,
 )
 from ocula.server.routes_openai_events import (
     SSE_DONE,
     EventStreamResponse,
+    events_by_choice,
     merge_streams,
+    prompt_cached_tokens,
     sse,
     sse_error,
     start_generations,
+    usage,
     whole_response,
 )
 from ocula.server.serving import close_stream, server_state

@@ -1,6 +1,7 @@
 """Starting a request's generations and delivering their events: every prompt admitted before
 the first response byte, several prompts merged into one stream, and server-sent events whose
-response aborts the request however it ends."""
+response aborts the request however it ends; and the usage and per-choice grouping of a
+request's collected events."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ocula.server.async_engine import (
     StreamEvent,
 )
 from ocula.server.errors import OverloadedError
+from ocula.server.protocol_openai import PromptTokensDetails, Usage
 from ocula.server.routes_openai_common import OpenAIError
 from ocula.server.serving import (
     EagerStreamingResponse,
@@ -183,3 +185,32 @@ async def whole_response(
     finally:
         await generations.close()
     return JSONResponse(build(collected).model_dump(mode="json"))
+
+
+def usage(prompt_lengths: list[int], completion_tokens: int, cached_tokens: int) -> Usage:
+    prompt_tokens = sum(prompt_lengths)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+    )
+
+
+def events_by_choice(
+    collected: list[tuple[int, StreamEvent]], choices_per_prompt: int
+) -> dict[int, list[StreamEvent]]:
+    """Events of a finished request by choice index: `prompt_index * n + sequence_index`, as
+    OpenAI numbers the choices of a batch of prompts."""
+    choices: dict[int, list[StreamEvent]] = {}
+    for prompt_index, event in collected:
+        choices.setdefault(prompt_index * choices_per_prompt + event.index, []).append(event)
+    return choices
+
+
+def prompt_cached_tokens(collected: list[tuple[int, StreamEvent]]) -> int:
+    """Prompt tokens found in the prefix cache, counted once per prompt."""
+    per_prompt: dict[int, int] = {}
+    for prompt_index, event in collected:
+        per_prompt[prompt_index] = max(per_prompt.get(prompt_index, 0), event.num_cached_tokens)
+    return sum(per_prompt.values())
