@@ -1,5 +1,5 @@
-"""A live server on a tiny random-weight Llama, shared by the server tests of one module, and an
-`openai` client of it with the name of its model."""
+"""A live server on a tiny random-weight Llama, shared by the server tests of one module, an
+`openai` client of it with the name of its model, and the offline engine on the same weights."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from ocula import LLM
 from tests.helpers.server import RunningServer, start_server
 
 
@@ -34,3 +35,9 @@ def client(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def model(server) -> str:
     return httpx.get(server.url + "/get_model_name").json()["model_name"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint) -> LLM:
+    """The offline engine on the server's weights and limits (same code: same greedy tokens)."""
+    return LLM(str(tiny_checkpoint("llama")), max_total_token_num=2048, max_req_total_len=512)

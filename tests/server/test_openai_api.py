@@ -30,9 +30,9 @@ PROMPTS = ["the quick brown fox", "Numbers like 12, 345 and 6789 appear too!"]
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_checkpoint) -> ocula.LLM:
+def offline(llm) -> ocula.LLM:
     """The same checkpoint in this process, with the server's limits."""
-    return ocula.LLM(str(tiny_checkpoint("llama")), max_total_token_num=2048, max_req_total_len=512)
+    return llm
 
 
 def greedy(max_new_tokens: int) -> SamplingParams:
@@ -238,70 +238,6 @@ def test_logit_bias_steers_the_tokens_as_offline(client, model, offline) -> None
     assert chat.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError, match=r"logit_bias token id \d+ is outside"):
         client.completions.create(model=model, prompt="fox", logit_bias={"10000000": 1})
-
-
-def test_echo_with_logprobs_scores_the_prompt_as_offline(client, model, offline) -> None:
-    """lm-evaluation-harness's loglikelihood request: the prompt echoed with its tokens'
-    logprobs (None for the first), then the generated token's."""
-    params = SamplingParams(temperature=0, max_new_tokens=1, logprobs=2, prompt_logprobs=2)
-    expected = offline.generate(PROMPTS[1], params)[0]
-    reply = client.completions.create(
-        model=model, prompt=PROMPTS[1], temperature=0, max_tokens=1, logprobs=2, echo=True
-    )
-    choice = reply.choices[0]
-    assert choice.text == PROMPTS[1] + expected.text
-    logprobs = choice.logprobs
-    prompt_ids = expected.prompt_token_ids
-    assert len(logprobs.tokens) == len(prompt_ids) + 1
-    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
-    for position in range(1, len(prompt_ids)):
-        entry = expected.prompt_logprobs[position]
-        assert logprobs.token_logprobs[position] == pytest.approx(entry.logprob, abs=1e-5)
-        top = logprobs.top_logprobs[position]
-        assert top[logprobs.tokens[position]] == logprobs.token_logprobs[position]
-        assert 2 <= len(top) <= 3
-    generated = expected.outputs[0].logprobs[0]
-    assert logprobs.token_logprobs[-1] == pytest.approx(generated.logprob, abs=1e-5)
-    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[-1] == len(PROMPTS[1])
-
-
-def test_vllm_prompt_logprobs_rank_the_prompt_tokens(client, model, offline) -> None:
-    params = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=2)
-    expected = offline.generate(PROMPTS[0], params)[0]
-    reply = client.completions.create(
-        model=model, prompt=PROMPTS[0], max_tokens=1, extra_body={"prompt_logprobs": 2}
-    )
-    scored = reply.choices[0].model_extra["prompt_logprobs"]
-    assert scored[0] is None and len(scored) == len(expected.prompt_token_ids)
-    for position in range(1, len(scored)):
-        entry = expected.prompt_logprobs[position]
-        mine = scored[position][str(entry.token_id)]
-        assert mine["logprob"] == pytest.approx(entry.logprob, abs=1e-5)
-        assert mine["rank"] >= 1 and mine["decoded_token"]
-        for rank, (token_id, logprob) in enumerate(entry.top_logprobs, start=1):
-            alternative = scored[position][str(token_id)]
-            assert alternative["rank"] == rank
-            assert alternative["logprob"] == pytest.approx(logprob, abs=1e-5)
-    chat = client.chat.completions.create(
-        model=model, messages=CHAT, max_tokens=1, extra_body={"prompt_logprobs": 0}
-    )
-    chat_scored = chat.model_extra["prompt_logprobs"]
-    assert chat_scored[0] is None and all(len(entry) == 1 for entry in chat_scored[1:])
-
-
-def test_allowed_token_ids_restrict_the_tokens_as_offline(client, model, offline) -> None:
-    allowed = [11, 12, 13]
-    params = SamplingParams(temperature=0, max_new_tokens=8, allowed_token_ids=allowed)
-    expected = offline.generate(PROMPTS[0], params)[0]
-    assert set(expected.token_ids) <= set(allowed)
-    reply = client.completions.create(
-        model=model,
-        prompt=PROMPTS[0],
-        temperature=0,
-        max_tokens=8,
-        extra_body={"allowed_token_ids": allowed},
-    )
-    assert reply.choices[0].text == expected.text
 
 
 def test_completion_defaults_to_16_tokens_and_echoes(client, model) -> None:

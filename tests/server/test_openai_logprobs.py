@@ -1,0 +1,74 @@
+"""Prompt logprobs and token restrictions through the OpenAI routes, against the offline engine:
+echo with logprobs (lm-evaluation-harness's scoring), vLLM's `prompt_logprobs`, and
+`allowed_token_ids`."""
+
+from __future__ import annotations
+
+import pytest
+
+from ocula import SamplingParams
+from tests.server.test_openai_api import CHAT, PROMPTS
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_offline(client, model, llm) -> None:
+    """lm-evaluation-harness's loglikelihood request: the prompt echoed with its tokens'
+    logprobs (None for the first), then the generated token's."""
+    params = SamplingParams(temperature=0, max_new_tokens=1, logprobs=2, prompt_logprobs=2)
+    expected = llm.generate(PROMPTS[1], params)[0]
+    reply = client.completions.create(
+        model=model, prompt=PROMPTS[1], temperature=0, max_tokens=1, logprobs=2, echo=True
+    )
+    choice = reply.choices[0]
+    assert choice.text == PROMPTS[1] + expected.text
+    logprobs = choice.logprobs
+    prompt_ids = expected.prompt_token_ids
+    assert len(logprobs.tokens) == len(prompt_ids) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for position in range(1, len(prompt_ids)):
+        entry = expected.prompt_logprobs[position]
+        assert logprobs.token_logprobs[position] == pytest.approx(entry.logprob, abs=1e-5)
+        top = logprobs.top_logprobs[position]
+        assert top[logprobs.tokens[position]] == logprobs.token_logprobs[position]
+        assert 2 <= len(top) <= 3
+    generated = expected.outputs[0].logprobs[0]
+    assert logprobs.token_logprobs[-1] == pytest.approx(generated.logprob, abs=1e-5)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[-1] == len(PROMPTS[1])
+
+
+def test_vllm_prompt_logprobs_rank_the_prompt_tokens(client, model, llm) -> None:
+    params = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=2)
+    expected = llm.generate(PROMPTS[0], params)[0]
+    reply = client.completions.create(
+        model=model, prompt=PROMPTS[0], max_tokens=1, extra_body={"prompt_logprobs": 2}
+    )
+    scored = reply.choices[0].model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(expected.prompt_token_ids)
+    for position in range(1, len(scored)):
+        entry = expected.prompt_logprobs[position]
+        mine = scored[position][str(entry.token_id)]
+        assert mine["logprob"] == pytest.approx(entry.logprob, abs=1e-5)
+        assert mine["rank"] >= 1 and mine["decoded_token"]
+        for rank, (token_id, logprob) in enumerate(entry.top_logprobs, start=1):
+            alternative = scored[position][str(token_id)]
+            assert alternative["rank"] == rank
+            assert alternative["logprob"] == pytest.approx(logprob, abs=1e-5)
+    chat = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    chat_scored = chat.model_extra["prompt_logprobs"]
+    assert chat_scored[0] is None and all(len(entry) == 1 for entry in chat_scored[1:])
+
+
+def test_allowed_token_ids_restrict_the_tokens_as_offline(client, model, llm) -> None:
+    allowed = [11, 12, 13]
+    params = SamplingParams(temperature=0, max_new_tokens=8, allowed_token_ids=allowed)
+    expected = llm.generate(PROMPTS[0], params)[0]
+    assert set(expected.token_ids) <= set(allowed)
+    reply = client.completions.create(
+        model=model,
+        prompt=PROMPTS[0],
+        temperature=0,
+        max_tokens=8,
+        extra_body={"allowed_token_ids": allowed},
+    )
+    assert reply.choices[0].text == expected.text
