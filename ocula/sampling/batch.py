@@ -167,12 +167,16 @@ class SamplingBatch:
             scope = params.penalty_scope
             prompts.append(token_ids[:split] if rep != 1.0 and scope != "output" else ())
             outputs.append(token_ids[split:] if uses_output else ())
-            counts_prompt = scope == "prompt_and_output" and bool(
-                params.presence_penalty or params.frequency_penalty
+            counts_prompt = uses_output and scope == "prompt_and_output"
+            counted_prompts.append(
+                token_ids[:split]
+                if counts_prompt and (params.presence_penalty or params.frequency_penalty)
+                else ()
             )
-            counted_prompts.append(token_ids[:split] if counts_prompt else ())
             allowed.append(params.allowed_token_ids)
-            gain = eos_length_gain(params, len(token_ids) - split)
+            gain = 0.0
+            if params.exponential_decay_length_penalty is not None:
+                gain = eos_length_gain(params, len(token_ids) - split)
             eos_gain_ids.append(sorted(request.eos_token_ids) if gain else ())
             eos_gains.append(gain)
 
