@@ -19,7 +19,10 @@ import torch
 from ocula.engine.outputs import TokenLogprob
 from ocula.engine.step_plan import StepPlan
 
-PROMPT_LOGPROB_ROWS = 256
+# Rows per LM-head slice: 64 rows of a 152k vocabulary take ~90 MB (float32 logits, their
+# log-softmax and a comparison mask), allocated after the step's forward has freed its
+# activations, whose peak the memory budget reserves and which is far larger.
+PROMPT_LOGPROB_ROWS = 64
 
 
 def plan_wants_prompt_logprobs(plan: StepPlan) -> bool:

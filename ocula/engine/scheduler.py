@@ -195,7 +195,8 @@ class Scheduler:
                 self.kv.unlock_prefix(request)
                 break
             self.waiting.popleft()
-            self.prefix_cache.count_lookup(request.num_tokens - 1, prefix_len)
+            if not request.wants_prompt_logprobs:  # such a request skips the cache by design
+                self.prefix_cache.count_lookup(request.num_tokens - 1, prefix_len)
             request.status = RequestStatus.RUNNING
             request.table_row = self._free_rows.pop()
             if request.first_scheduled_time is None:

@@ -70,35 +70,42 @@ def top_alternatives(
 
 
 def vllm_prompt_logprobs(
-    tokenizer: Any, entries: list[TokenLogprob | None] | None
+    tokenizer: Any, entries: list[TokenLogprob | None] | None, k: int
 ) -> list[dict[str, PromptLogprob] | None] | None:
     """vLLM's `prompt_logprobs` of the engine's entries: per position the prompt token (with its
-    rank) and the alternatives (ranked 1, 2, ...), by token id."""
+    rank) and its `k` likeliest alternatives (ranked 1, 2, ...), by token id."""
     if entries is None:
         return None
+    texts = TokenTexts(tokenizer)
     result: list[dict[str, PromptLogprob] | None] = []
     for entry in entries:
         if entry is None:
             result.append(None)
             continue
-        by_id = {
-            str(entry.token_id): PromptLogprob(
-                logprob=clamp_logprob(entry.logprob),
-                rank=entry.rank,
-                decoded_token=token_text(tokenizer, entry.token_id),
-            )
-        }
-        for rank, (token_id, logprob) in enumerate(entry.top_logprobs, start=1):
+        pairs = [(entry.token_id, entry.logprob, entry.rank)]
+        pairs += [(t, v, r) for r, (t, v) in enumerate(entry.top_logprobs[:k], start=1)]
+        by_id: dict[str, PromptLogprob] = {}
+        for token_id, logprob, rank in pairs:
             by_id.setdefault(
                 str(token_id),
                 PromptLogprob(
-                    logprob=clamp_logprob(logprob),
-                    rank=rank,
-                    decoded_token=token_text(tokenizer, token_id),
+                    logprob=clamp_logprob(logprob), rank=rank, decoded_token=texts[token_id]
                 ),
             )
         result.append(by_id)
     return result
+
+
+class TokenTexts(dict):
+    """`token_text` of each id, decoded once per response (a prompt's alternatives repeat)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def __missing__(self, token_id: int) -> str:
+        text = self[token_id] = token_text(self.tokenizer, token_id)
+        return text
 
 
 # One token of legacy completions logprobs: its id, its logprob (None: not scored, the prompt's

@@ -112,7 +112,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; an explicit null: all the room
+    # OpenAI's default; an explicit null: all the room; 0 only with echo (the prompt scored)
+    max_tokens: int | None = Field(16, ge=0)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None

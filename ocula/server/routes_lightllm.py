@@ -110,6 +110,7 @@ async def prepare_request(
     state: serving.ServerState,
     body: GenerateRequest,
     want_logprobs: bool,
+    score_prompt: bool = False,
 ) -> PreparedRequest:
     """Checks, tokenizes and resolves a request; raises RequestError (400) or ImageError."""
     engine = state.engine
@@ -120,7 +121,7 @@ async def prepare_request(
         engine.generation_config,
         want_logprobs,
     )
-    if state.args.return_all_prompt_logprobs:  # LightLLM's mode for perplexity
+    if score_prompt:  # --return_all_prompt_logprobs, LightLLM's mode for perplexity
         params = dataclasses.replace(params, prompt_logprobs=0)
     prompt_ids, images = await tokenize_with_images(
         engine,
@@ -159,7 +160,8 @@ async def compat_generate(request: Request) -> Response:
 async def _generate(request: Request, body: GenerateRequest) -> Response:
     state = serving.server_state(request)
     details = body.parameters.return_details
-    prepared = await prepare_request(state, body, want_logprobs=details)
+    score = state.args.return_all_prompt_logprobs  # /generate alone answers with them
+    prepared = await prepare_request(state, body, want_logprobs=details, score_prompt=score)
     request_id = state.new_request_id("generate")
     events = serving.run_request(state, request_id, prepared)
     collected = await serving.collect_unless_disconnected(request, events)

@@ -98,7 +98,9 @@ async def create_chat_completion(request: Request) -> Response:
     request_id = state.new_request_id("chatcmpl")
     generations = await start_generations(request, state, request_id, [prepared])
     events = merge_streams(generations.streams)
-    reply = ChatReply(tokenizer, request_id, model, int(time.time()), len(prompt_ids), logprobs)
+    created = int(time.time())
+    reply = ChatReply(tokenizer, request_id, model, created, len(prompt_ids), logprobs)
+    reply.prompt_logprobs_k = body.prompt_logprobs
     if body.stream:
         n, include_usage = prepared.params.n, bool(stream_options.include_usage)
         return EventStreamResponse(reply.stream(events, n, include_usage), generations.close)
@@ -123,6 +125,7 @@ class ChatReply:
         self.created = created
         self.prompt_len = prompt_len
         self.with_logprobs = logprobs is not None
+        self.prompt_logprobs_k = 0  # vLLM's `prompt_logprobs`: alternatives per prompt token
 
     def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:
         return usage([self.prompt_len], completion_tokens, cached_tokens)
@@ -153,7 +156,7 @@ class ChatReply:
             model=self.model,
             choices=choices,
             usage=self.usage(len(collected), prompt_cached_tokens(collected)),
-            prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, scored),
+            prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, scored, self.prompt_logprobs_k),
         )
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:

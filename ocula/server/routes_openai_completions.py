@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from ocula.engine.detokenizer import IncrementalDetokenizer
 from ocula.engine.outputs import TokenLogprob
 from ocula.server.async_engine import StreamEvent
 from ocula.server.openai_logprobs import completion_logprobs, vllm_prompt_logprobs
@@ -85,6 +86,12 @@ def check_unsupported(body: CompletionRequest) -> None:
         raise OpenAIError(
             400, "echo with logprobs is answered whole: send it without stream", param="echo"
         )
+    if body.max_tokens == 0 and (not body.echo or body.stream):
+        raise OpenAIError(
+            400,
+            "max_tokens must be at least 1; 0 (the prompt alone) needs echo, without stream",
+            param="max_tokens",
+        )
 
 
 @router.post("/v1/completions")
@@ -109,10 +116,14 @@ async def create_completion(request: Request) -> Response:
             "--running_max_req_size + --max_waiting_requests)",
             param="prompt",
         )
+    # max_tokens 0 with echo: the prompt scored, nothing generated (vLLM); one token is
+    # generated and left out of the answer.
+    echo_only = body.max_tokens == 0
+    max_tokens = 1 if echo_only else body.max_tokens
     prepared = []
     for prompt in prompts:
         # max_tokens: 16 when left out (OpenAI), all the room left when sent as null (vLLM).
-        max_new_tokens = resolve_max_tokens(state, body.max_tokens, len(prompt.token_ids), "prompt")
+        max_new_tokens = resolve_max_tokens(state, max_tokens, len(prompt.token_ids), "prompt")
         params = sampling_params(body, max_new_tokens, body.logprobs)
         if body.echo and body.logprobs is not None:  # the echoed prompt's tokens need theirs
             wanted = max(body.logprobs, body.prompt_logprobs or 0)
@@ -136,9 +147,10 @@ async def create_completion(request: Request) -> Response:
         int(time.time()),
         [p.token_ids for p in prompts],
         prepared[0].params.n,
-        body.logprobs is not None,
+        body.logprobs,
         echoes,
-        body.prompt_logprobs is not None,
+        body.prompt_logprobs,
+        echo_only,
     )
     if body.stream:
         include_usage = bool(stream_options.include_usage)
@@ -157,9 +169,10 @@ class CompletionReply:
         created: int,
         prompt_token_ids: list[list[int]],
         n: int,
-        with_logprobs: bool,
+        logprobs: int | None,
         echoes: list[str] | None,
-        with_prompt_logprobs: bool = False,
+        prompt_logprobs: int | None = None,
+        echo_only: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.request_id = request_id
@@ -168,9 +181,11 @@ class CompletionReply:
         self.prompt_token_ids = prompt_token_ids
         self.prompt_lengths = [len(ids) for ids in prompt_token_ids]
         self.n = n
-        self.with_logprobs = with_logprobs
+        self.logprobs_k = logprobs  # the legacy `logprobs`: alternatives per token
+        self.with_logprobs = logprobs is not None
         self.echoes = echoes
-        self.with_prompt_logprobs = with_prompt_logprobs  # vLLM's field, asked for
+        self.prompt_logprobs_k = prompt_logprobs  # vLLM's field, when asked for
+        self.echo_only = echo_only  # max_tokens 0: the generated token is not part of it
 
     def echo(self, choice_index: int) -> str:
         return self.echoes[choice_index // self.n] if self.echoes is not None else ""
@@ -189,49 +204,63 @@ class CompletionReply:
         self, prompt_index: int, entries: list[TokenLogprob | None]
     ) -> CompletionLogprobs:
         """The echoed prompt's part of a choice's logprobs: each prompt token's, None for the
-        first (nothing precedes it), offsets counted from the start of the echo."""
+        first (nothing precedes it). Offsets follow the prompt's decoded text (special tokens
+        left out, a character split over tokens placed with its last one)."""
         ids = self.prompt_token_ids[prompt_index]
+        detokenizer = IncrementalDetokenizer(self.tokenizer, [], skip_special_tokens=True)
+        advances = [len(detokenizer.push([token_id])) for token_id in ids]
+        if advances:
+            advances[-1] += len(detokenizer.flush())
+        k = self.logprobs_k or 0
         items = [
-            (token_id, e and e.logprob, e and e.top_logprobs, None)
-            for token_id, e in zip(ids, entries, strict=True)
+            (token_id, e and e.logprob, e and e.top_logprobs[:k], advance)
+            for token_id, e, advance in zip(ids, entries, advances, strict=True)
         ]
         return completion_logprobs(self.tokenizer, items, 0)
 
     def whole(self, collected: list[tuple[int, StreamEvent]]) -> Completion:
+        scored = {i: e.prompt_logprobs for i, e in collected if e.prompt_logprobs is not None}
+        echoed: dict[int, CompletionLogprobs] = {}  # per prompt, shared by its n choices
+        vllm_scored: dict[int, Any] = {}
         choices = []
-        prompt_logprobs = {
-            prompt_index: event.prompt_logprobs
-            for prompt_index, event in collected
-            if event.prompt_logprobs is not None
-        }
         for index, events in sorted(events_by_choice(collected, self.n).items()):
+            prompt_index = index // self.n
             echo = self.echo(index)
             last = events[-1]
-            logprobs = self.logprobs(events, len(echo)) if self.with_logprobs else None
-            scored = prompt_logprobs.get(index // self.n)
-            if logprobs is not None and self.echoes is not None and scored is not None:
-                echoed = self.echoed_logprobs(index // self.n, scored)
-                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                    getattr(echoed, name).extend(getattr(logprobs, name))
-                logprobs = echoed
+            kept = [] if self.echo_only else events
+            logprobs = self.logprobs(kept, len(echo)) if self.with_logprobs else None
+            entries = scored.get(prompt_index)
+            if logprobs is not None and self.echoes is not None and entries is not None:
+                if prompt_index not in echoed:
+                    echoed[prompt_index] = self.echoed_logprobs(prompt_index, entries)
+                prompt_part = echoed[prompt_index]
+                logprobs = CompletionLogprobs(
+                    **{
+                        name: getattr(prompt_part, name) + getattr(logprobs, name)
+                        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+                    }
+                )
+            if self.prompt_logprobs_k is not None and prompt_index not in vllm_scored:
+                vllm_scored[prompt_index] = vllm_prompt_logprobs(
+                    self.tokenizer, entries, self.prompt_logprobs_k
+                )
             choices.append(
                 CompletionChoice(
                     index=index,
-                    text=echo + "".join(e.text for e in events),
+                    text=echo + "".join(e.text for e in kept),
                     logprobs=logprobs,
-                    finish_reason=last.finish_reason,
-                    stop_reason=last.stop_reason,
-                    prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, scored)
-                    if self.with_prompt_logprobs
-                    else None,
+                    finish_reason="length" if self.echo_only else last.finish_reason,
+                    stop_reason=None if self.echo_only else last.stop_reason,
+                    prompt_logprobs=vllm_scored.get(prompt_index),
                 )
             )
+        completion_tokens = 0 if self.echo_only else len(collected)
         return Completion(
             id=self.request_id,
             created=self.created,
             model=self.model,
             choices=choices,
-            usage=self.usage(len(collected), prompt_cached_tokens(collected)),
+            usage=self.usage(completion_tokens, prompt_cached_tokens(collected)),
         )
 
     def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:

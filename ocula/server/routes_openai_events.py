@@ -184,6 +184,10 @@ async def whole_response(
         collected = await collect_unless_disconnected(request, events)
     finally:
         await generations.close()
+    if any(event.prompt_logprobs for _, event in collected):
+        # A prompt's logprobs are thousands of entries to decode and build: off the event loop.
+        body = await asyncio.to_thread(lambda: build(collected).model_dump(mode="json"))
+        return JSONResponse(body)
     return JSONResponse(build(collected).model_dump(mode="json"))
 
 

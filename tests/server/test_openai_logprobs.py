@@ -72,3 +72,35 @@ def test_allowed_token_ids_restrict_the_tokens_as_offline(client, model, llm) ->
         extra_body={"allowed_token_ids": allowed},
     )
     assert reply.choices[0].text == expected.text
+
+
+def test_echo_scoring_options_each_keep_their_own_number_of_alternatives(client, model) -> None:
+    reply = client.completions.create(
+        model=model,
+        prompt=PROMPTS[1],
+        max_tokens=1,
+        logprobs=1,
+        echo=True,
+        extra_body={"prompt_logprobs": 4},
+    )
+    choice = reply.choices[0]
+    assert all(top is None or len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    scored = choice.model_extra["prompt_logprobs"]
+    assert all(entry is None or 4 <= len(entry) <= 5 for entry in scored)
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(client, model) -> None:
+    prompt = "x 🦜🦩 y and more"  # characters split over several tokens
+    reply = client.completions.create(
+        model=model, prompt=prompt, max_tokens=0, logprobs=0, echo=True
+    )
+    choice = reply.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert reply.usage.completion_tokens == 0
+    offsets = choice.logprobs.text_offset
+    assert len(offsets) == reply.usage.prompt_tokens
+    assert offsets == sorted(offsets) and offsets[-1] <= len(prompt)
+    with_token = client.completions.create(
+        model=model, prompt=prompt, max_tokens=1, logprobs=0, echo=True, temperature=0
+    )
+    assert with_token.choices[0].logprobs.text_offset[-1] == len(prompt)  # the generated one
