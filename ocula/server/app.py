@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 import ocula
-from ocula.server import routes_health, routes_lightllm, routes_openai
+from ocula.server import routes_health, routes_lightllm, routes_openai, routes_vllm_tokens
 from ocula.server.api_key import ApiKeyCheck
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine
@@ -25,6 +25,7 @@ def build_app(engine: AsyncEngine, args: ServerArgs) -> FastAPI:
     app.include_router(routes_health.router)
     app.include_router(routes_lightllm.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_vllm_tokens.router)
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,

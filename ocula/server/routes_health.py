@@ -27,6 +27,11 @@ async def health(request: Request) -> JSONResponse:
     return _health(request)
 
 
+@router.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) probe
+async def ping(request: Request) -> JSONResponse:
+    return _health(request)
+
+
 @router.api_route("/healthz", methods=["GET", "HEAD"])
 async def healthz(request: Request) -> JSONResponse:
     return _health(request)

@@ -52,20 +52,23 @@ from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 router = APIRouter()
 
 
-async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], list]:
-    """Token ids of the conversation, with images expanded, and the image spans."""
+async def tokenize_chat(
+    state: ServerState, body: ChatCompletionRequest, add_special_tokens: bool = False
+) -> tuple[list[int], list]:
+    """Token ids of the conversation, with images expanded, and the image spans. Templates
+    write their own special tokens (BOS included), so none are added by default."""
     engine = state.engine
     text, sources = await asyncio.to_thread(render_chat_prompt, engine.tokenizer, body)
     if not sources:
         budget = engine.max_prompt_tokens
-        return await encode_text(engine.tokenizer, text, False, budget), []
+        return await encode_text(engine.tokenizer, text, add_special_tokens, budget), []
     reason = engine.image_support_error()
     if reason is not None:
         raise OpenAIError(400, f"messages: {reason}", param="messages")
     assert engine.images is not None
     await check_token_budget_off_loop(engine.tokenizer, text, engine.max_prompt_tokens)
     try:
-        return await engine.images.tokenize(text, sources, None, add_special_tokens=False)
+        return await engine.images.tokenize(text, sources, None, add_special_tokens)
     except ValueError as error:
         raise OpenAIError(400, f"messages: {error}", param="messages") from None
 

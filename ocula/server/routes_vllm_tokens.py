@@ -1,0 +1,97 @@
+"""vLLM's utility routes: `POST /tokenize` (a prompt, or chat messages as the chat route renders
+them, images expanded), `POST /detokenize` and `GET /version`.
+
+`/tokenize` counts exactly what a completion or chat request of the same body would send to the
+engine; like those, a prompt past the context length is refused (400) rather than tokenized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import Field
+
+import ocula
+from ocula.server.protocol_openai import ChatCompletionRequest, ChatMessage, OpenAIRequestModel
+from ocula.server.routes_openai_chat import tokenize_chat
+from ocula.server.routes_openai_common import (
+    OpenAIError,
+    check_model,
+    context_limit,
+    openai_endpoint,
+    parse_body,
+)
+from ocula.server.serving import server_state
+from ocula.server.text_encoding import encode_text
+
+router = APIRouter()
+
+
+class TokenizeRequest(OpenAIRequestModel):
+    """Either `prompt` or `messages` (with the chat route's template options)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(OpenAIRequestModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+@router.post("/tokenize")
+@openai_endpoint
+async def tokenize(request: Request) -> Response:
+    state = server_state(request)
+    body = await parse_body(request, TokenizeRequest)
+    check_model(state, body.model)
+    engine = state.engine
+    if (body.prompt is None) == (body.messages is None):
+        raise OpenAIError(400, "send either `prompt` or `messages`", param="prompt")
+    if body.messages is not None:
+        chat = ChatCompletionRequest.model_validate(
+            body.model_dump(include=set(ChatCompletionRequest.model_fields), exclude_none=True)
+        )
+        token_ids, _ = await tokenize_chat(state, chat, body.add_special_tokens is True)
+    else:
+        add_special = body.add_special_tokens is not False
+        token_ids = await encode_text(
+            engine.tokenizer, body.prompt or "", add_special, engine.max_prompt_tokens
+        )
+    answer: dict[str, Any] = {
+        "count": len(token_ids),
+        "max_model_len": context_limit(state),
+        "tokens": token_ids,
+        "token_strs": None,
+    }
+    if body.return_token_strs:
+        answer["token_strs"] = engine.tokenizer.convert_ids_to_tokens(token_ids)
+    return JSONResponse(answer)
+
+
+@router.post("/detokenize")
+@openai_endpoint
+async def detokenize(request: Request) -> Response:
+    state = server_state(request)
+    body = await parse_body(request, DetokenizeRequest)
+    check_model(state, body.model)
+    vocab = state.engine.model_config.vocab_size
+    bad = [token for token in body.tokens if not 0 <= token < vocab]
+    if bad:
+        raise OpenAIError(400, f"tokens must be in [0, {vocab}); got {bad[:5]}", param="tokens")
+    text = state.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)
+    return JSONResponse({"prompt": text})
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": ocula.__version__})
