@@ -28,6 +28,7 @@ class OpenAIRequestModel(BaseModel):
 
 class StreamOptions(OpenAIRequestModel):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: the usage so far on every chunk
 
 
 class SamplingFields(OpenAIRequestModel):

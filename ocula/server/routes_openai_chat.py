@@ -106,6 +106,7 @@ async def create_chat_completion(request: Request) -> Response:
     reply.prompt_logprobs_k = body.prompt_logprobs
     if body.stream:
         n, include_usage = prepared.params.n, bool(stream_options.include_usage)
+        reply.continuous_usage = include_usage and bool(stream_options.continuous_usage_stats)
         return EventStreamResponse(reply.stream(events, n, include_usage), generations.close)
     return await whole_response(request, events, generations, reply.whole)
 
@@ -129,6 +130,8 @@ class ChatReply:
         self.prompt_len = prompt_len
         self.with_logprobs = logprobs is not None
         self.prompt_logprobs_k = 0  # vLLM's `prompt_logprobs`: alternatives per prompt token
+        self.continuous_usage = False  # vLLM's stream option: the usage so far on every chunk
+        self._usage_so_far: Usage | None = None
 
     def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:
         return usage([self.prompt_len], completion_tokens, cached_tokens)
@@ -169,7 +172,7 @@ class ChatReply:
                 created=self.created,
                 model=self.model,
                 choices=choices,
-                usage=usage,
+                usage=usage or (self._usage_so_far if choices else None),
             )
         )
 
@@ -177,16 +180,21 @@ class ChatReply:
         self, events: AsyncGenerator[tuple[int, StreamEvent], None], n: int, include_usage: bool
     ) -> AsyncGenerator[str, None]:
         """Per choice: a role chunk, content chunks, then a chunk with `finish_reason` and an
-        empty delta; with include_usage a last chunk with no choices and the usage; `[DONE]`."""
+        empty delta; with include_usage a last chunk with no choices and the usage (with
+        continuous_usage_stats, every chunk also holds the usage so far); `[DONE]`."""
         completion_tokens = 0
         cached_tokens = 0
         try:
+            if self.continuous_usage:
+                self._usage_so_far = self.usage(0, 0)
             for index in range(n):
                 role = Delta(role="assistant", content="")
                 yield self.chunk([ChatChunkChoice(index=index, delta=role)])
             async for _, event in events:
                 completion_tokens += 1
                 cached_tokens = max(cached_tokens, event.num_cached_tokens)
+                if self.continuous_usage:
+                    self._usage_so_far = self.usage(completion_tokens, cached_tokens)
                 logprobs = None
                 if self.with_logprobs and event.logprob is not None:
                     logprobs = ChatLogprobs(content=[logprob_entry(self.tokenizer, event)])

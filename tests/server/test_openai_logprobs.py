@@ -1,9 +1,12 @@
 """Prompt logprobs and token restrictions through the OpenAI routes, against the offline engine:
 echo with logprobs (lm-evaluation-harness's scoring), vLLM's `prompt_logprobs`, and
-`allowed_token_ids`."""
+`allowed_token_ids`; and vLLM's continuous usage stats on streams."""
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 
 from ocula import SamplingParams
@@ -104,3 +107,21 @@ def test_max_tokens_0_with_echo_scores_the_prompt_alone(client, model) -> None:
         model=model, prompt=prompt, max_tokens=1, logprobs=0, echo=True, temperature=0
     )
     assert with_token.choices[0].logprobs.text_offset[-1] == len(prompt)  # the generated one
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_continuous_usage_stats_count_the_tokens_so_far(server, route) -> None:
+    body = {"max_tokens": 5, "temperature": 0, "stream": True}
+    body |= {"messages": CHAT} if route.endswith("chat/completions") else {"prompt": PROMPTS[0]}
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    with httpx.stream("POST", server.url + route, json=body, timeout=60) as response:
+        assert response.status_code == 200
+        chunks = [
+            json.loads(line[len("data: ") :])
+            for line in response.iter_lines()
+            if line.startswith("data: {")
+        ]
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[-1] == 5  # every chunk, growing, to the total
+    prompt_tokens = {chunk["usage"]["prompt_tokens"] for chunk in chunks}
+    assert len(prompt_tokens) == 1
