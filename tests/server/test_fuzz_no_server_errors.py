@@ -10,7 +10,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ROUTES = ["/generate", "/generate_stream", "/tokens", "/v1/chat/completions", "/v1/completions"]
+ROUTES = [
+    "/generate",
+    "/generate_stream",
+    "/",
+    "/tokens",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/tokenize",
+    "/detokenize",
+]
 
 scalars = st.one_of(
     st.none(),
@@ -39,6 +48,11 @@ parameters = st.fixed_dictionaries(
         "seed": st.one_of(st.integers(-(2**65), 2**65), json_values),
         "do_sample": json_values,
         "return_details": json_values,
+        "input_penalty": json_values,
+        "print_eos_token": json_values,
+        "allowed_token_ids": st.one_of(st.lists(st.integers(-2, 700), max_size=4), json_values),
+        "exponential_decay_length_penalty": json_values,
+        "image_max_patch_num": st.one_of(st.integers(-3, 70), json_values),
     },
 )
 lightllm_bodies = st.fixed_dictionaries(
@@ -53,7 +67,11 @@ openai_bodies = st.fixed_dictionaries(
             st.lists(
                 st.fixed_dictionaries(
                     {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"])},
-                    optional={"content": json_values},
+                    optional={
+                        "content": json_values,
+                        "tool_calls": json_values,
+                        "tool_call_id": json_values,
+                    },
                 ),
                 max_size=3,
             ),
@@ -66,6 +84,12 @@ openai_bodies = st.fixed_dictionaries(
         "logprobs": json_values,
         "stop": json_values,
         "model": json_values,
+        "echo": json_values,
+        "prompt_logprobs": st.one_of(st.integers(-1, 21), json_values),
+        "allowed_token_ids": json_values,
+        "tools": json_values,
+        "tool_choice": json_values,
+        "tokens": st.one_of(st.lists(st.integers(-2, 10**6), max_size=5), json_values),
     },
 )
 bodies = st.one_of(json_values, lightllm_bodies, openai_bodies)
