@@ -110,8 +110,9 @@ def validate_params(params: SamplingParams, vocab_size: int | None = None) -> No
         )
     for token_id in params.stop_token_ids:
         _check_int("stop_token_ids", token_id)
-        if token_id < 0:
-            raise ValueError(f"stop_token_ids must be non-negative, got {token_id}")
+        if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+            bound = vocab_size if vocab_size is not None else "the vocabulary size"
+            raise ValueError(f"stop_token_ids: token id {token_id} is outside [0, {bound})")
     _validate_stop_token_sequences(params, vocab_size)
     _validate_logit_bias(params, vocab_size)
     _validate_allowed_token_ids(params, vocab_size)

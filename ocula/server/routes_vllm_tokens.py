@@ -2,11 +2,14 @@
 them, images expanded), `POST /detokenize` and `GET /version`.
 
 `/tokenize` counts exactly what a completion or chat request of the same body would send to the
-engine; like those, a prompt past the context length is refused (400) rather than tokenized.
+engine; like those, a prompt past the context length is refused (400, `context_length_exceeded`).
+`/detokenize` takes at most a context's worth of tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -67,6 +70,14 @@ async def tokenize(request: Request) -> Response:
         token_ids = await encode_text(
             engine.tokenizer, body.prompt or "", add_special, engine.max_prompt_tokens
         )
+    if len(token_ids) > engine.max_prompt_tokens:  # as a completion of it would be refused
+        raise OpenAIError(
+            400,
+            f"the prompt has {len(token_ids)} tokens, over the limit of "
+            f"{engine.max_prompt_tokens} tokens a prompt may have here",
+            param="messages" if body.messages is not None else "prompt",
+            code="context_length_exceeded",
+        )
     answer: dict[str, Any] = {
         "count": len(token_ids),
         "max_model_len": context_limit(state),
@@ -84,11 +95,17 @@ async def detokenize(request: Request) -> Response:
     state = server_state(request)
     body = await parse_body(request, DetokenizeRequest)
     check_model(state, body.model)
+    limit = context_limit(state)
+    if len(body.tokens) > limit:  # more than any sequence here holds
+        raise OpenAIError(
+            400, f"at most {limit} tokens can be detokenized, got {len(body.tokens)}", "tokens"
+        )
     vocab = state.engine.model_config.vocab_size
     bad = [token for token in body.tokens if not 0 <= token < vocab]
     if bad:
         raise OpenAIError(400, f"tokens must be in [0, {vocab}); got {bad[:5]}", param="tokens")
-    text = state.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)
+    decode = functools.partial(state.engine.tokenizer.decode, skip_special_tokens=False)
+    text = await asyncio.to_thread(decode, body.tokens)  # a long list: off the event loop
     return JSONResponse({"prompt": text})
 
 

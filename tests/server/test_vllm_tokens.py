@@ -41,10 +41,21 @@ def test_detokenize_inverts_tokenize_and_bad_bodies_are_400(server, llm) -> None
         ("/tokenize", {}),
         ("/tokenize", {"prompt": PROMPT, "messages": MESSAGES}),
         ("/tokenize", {"prompt": PROMPT, "model": "gpt-4o"}),
+        ("/detokenize", {"tokens": [1] * 100_000}),  # more than a context holds
     ]:
         response = post(server, path, body)
         assert response.status_code in (400, 404), (path, body, response.text)
         assert "error" in response.json()
+
+
+def test_tokenize_refuses_what_a_completion_would_refuse(server) -> None:
+    # The server's limit is 512 tokens: 2,000 words are over it, short of the character check.
+    long_prompt = "fox " * 2000
+    counted = post(server, "/tokenize", {"prompt": long_prompt})
+    completed = post(server, "/v1/completions", {"prompt": long_prompt, "max_tokens": 1})
+    for response in (counted, completed):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_version_and_ping(server) -> None:
