@@ -19,17 +19,19 @@ from ocula.server.protocol_openai import (
 )
 from ocula.server.routes_openai_events import (
     SSE_DONE,
+    OpenAIReply,
     events_by_choice,
     prompt_cached_tokens,
-    sse,
     sse_error,
     usage,
 )
 from ocula.server.serving import close_stream
 
 
-class CompletionReply:
+class CompletionReply(OpenAIReply):
     """Builds the response of one completions request (all its prompts) from its events."""
+
+    chunk_model = Completion
 
     def __init__(
         self,
@@ -44,10 +46,7 @@ class CompletionReply:
         prompt_logprobs: int | None = None,
         echo_only: bool = False,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.request_id = request_id
-        self.model = model
-        self.created = created
+        super().__init__(tokenizer, request_id, model, created)
         self.prompt_token_ids = prompt_token_ids
         self.prompt_lengths = [len(ids) for ids in prompt_token_ids]
         self.n = n
@@ -56,8 +55,6 @@ class CompletionReply:
         self.echoes = echoes
         self.prompt_logprobs_k = prompt_logprobs  # vLLM's field, when asked for
         self.echo_only = echo_only  # max_tokens 0: the generated token is not part of it
-        self.continuous_usage = False  # vLLM's stream option: the usage so far on every chunk
-        self._usage_so_far: Usage | None = None
 
     def echo(self, choice_index: int) -> str:
         return self.echoes[choice_index // self.n] if self.echoes is not None else ""
@@ -138,17 +135,6 @@ class CompletionReply:
     def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:
         return usage(self.prompt_lengths, completion_tokens, cached_tokens)
 
-    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return sse(
-            Completion(
-                id=self.request_id,
-                created=self.created,
-                model=self.model,
-                choices=choices,
-                usage=usage or (self._usage_so_far if choices else None),
-            )
-        )
-
     async def stream(
         self, events: AsyncGenerator[tuple[int, StreamEvent], None], include_usage: bool
     ) -> AsyncGenerator[str, None]:
@@ -159,8 +145,7 @@ class CompletionReply:
         completion_tokens = 0
         cached_by_prompt: dict[int, int] = {}
         try:
-            if self.continuous_usage:
-                self._usage_so_far = self.usage(0, 0)
+            self.track_usage(0, 0)
             if self.echoes is not None:
                 for index in range(len(self.echoes) * self.n):
                     text_lengths[index] = len(self.echo(index))
@@ -169,9 +154,7 @@ class CompletionReply:
                 completion_tokens += 1
                 cached = max(cached_by_prompt.get(prompt_index, 0), event.num_cached_tokens)
                 cached_by_prompt[prompt_index] = cached
-                if self.continuous_usage:
-                    cached_so_far = sum(cached_by_prompt.values())
-                    self._usage_so_far = self.usage(completion_tokens, cached_so_far)
+                self.track_usage(completion_tokens, sum(cached_by_prompt.values()))
                 index = prompt_index * self.n + event.index
                 start = text_lengths.get(index, 0)
                 text_lengths[index] = start + len(event.text)

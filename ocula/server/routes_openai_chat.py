@@ -37,10 +37,10 @@ from ocula.server.routes_openai_common import (
 from ocula.server.routes_openai_events import (
     SSE_DONE,
     EventStreamResponse,
+    OpenAIReply,
     events_by_choice,
     merge_streams,
     prompt_cached_tokens,
-    sse,
     sse_error,
     start_generations,
     usage,
@@ -111,8 +111,10 @@ async def create_chat_completion(request: Request) -> Response:
     return await whole_response(request, events, generations, reply.whole)
 
 
-class ChatReply:
+class ChatReply(OpenAIReply):
     """Builds the response of one chat request from its events."""
+
+    chunk_model = ChatCompletionChunk
 
     def __init__(
         self,
@@ -123,15 +125,10 @@ class ChatReply:
         prompt_len: int,
         logprobs: int | None,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.request_id = request_id
-        self.model = model
-        self.created = created
+        super().__init__(tokenizer, request_id, model, created)
         self.prompt_len = prompt_len
         self.with_logprobs = logprobs is not None
         self.prompt_logprobs_k = 0  # vLLM's `prompt_logprobs`: alternatives per prompt token
-        self.continuous_usage = False  # vLLM's stream option: the usage so far on every chunk
-        self._usage_so_far: Usage | None = None
 
     def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:
         return usage([self.prompt_len], completion_tokens, cached_tokens)
@@ -165,17 +162,6 @@ class ChatReply:
             prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, scored, self.prompt_logprobs_k),
         )
 
-    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return sse(
-            ChatCompletionChunk(
-                id=self.request_id,
-                created=self.created,
-                model=self.model,
-                choices=choices,
-                usage=usage or (self._usage_so_far if choices else None),
-            )
-        )
-
     async def stream(
         self, events: AsyncGenerator[tuple[int, StreamEvent], None], n: int, include_usage: bool
     ) -> AsyncGenerator[str, None]:
@@ -185,16 +171,14 @@ class ChatReply:
         completion_tokens = 0
         cached_tokens = 0
         try:
-            if self.continuous_usage:
-                self._usage_so_far = self.usage(0, 0)
+            self.track_usage(0, 0)
             for index in range(n):
                 role = Delta(role="assistant", content="")
                 yield self.chunk([ChatChunkChoice(index=index, delta=role)])
             async for _, event in events:
                 completion_tokens += 1
                 cached_tokens = max(cached_tokens, event.num_cached_tokens)
-                if self.continuous_usage:
-                    self._usage_so_far = self.usage(completion_tokens, cached_tokens)
+                self.track_usage(completion_tokens, cached_tokens)
                 logprobs = None
                 if self.with_logprobs and event.logprob is not None:
                     logprobs = ChatLogprobs(content=[logprob_entry(self.tokenizer, event)])

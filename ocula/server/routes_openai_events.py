@@ -218,3 +218,38 @@ def prompt_cached_tokens(collected: list[tuple[int, StreamEvent]]) -> int:
     for prompt_index, event in collected:
         per_prompt[prompt_index] = max(per_prompt.get(prompt_index, 0), event.num_cached_tokens)
     return sum(per_prompt.values())
+
+
+class OpenAIReply:
+    """What the chat and completions answers share: their identity, and stream chunks of
+    `chunk_model` that carry the usage so far when vLLM's `continuous_usage_stats` asked for it
+    (`track_usage` keeps it current)."""
+
+    chunk_model: type[BaseModel]
+
+    def __init__(self, tokenizer: Any, request_id: str, model: str, created: int) -> None:
+        self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.model = model
+        self.created = created
+        self.continuous_usage = False
+        self._usage_so_far: Usage | None = None
+
+    def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:
+        raise NotImplementedError
+
+    def track_usage(self, completion_tokens: int, cached_tokens: int) -> None:
+        if self.continuous_usage:
+            self._usage_so_far = self.usage(completion_tokens, cached_tokens)
+
+    def chunk(self, choices: list[Any], usage: Usage | None = None) -> str:
+        """One SSE chunk; a chunk with choices also holds the usage so far when tracked."""
+        return sse(
+            self.chunk_model(
+                id=self.request_id,
+                created=self.created,
+                model=self.model,
+                choices=choices,
+                usage=usage or (self._usage_so_far if choices else None),
+            )
+        )
