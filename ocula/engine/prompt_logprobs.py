@@ -38,9 +38,8 @@ def compute_prompt_logprobs(
 ) -> dict[str, tuple[int, list[TokenLogprob]]]:
     """For each sequence of `plan` with targets: (the position of its first target, a
     TokenLogprob per target, with its rank and the `alternatives[request_id]` most likely
-    tokens). `hidden`
-    holds the plan's rows in order. `alternatives` is None on the ranks that only take part in
-    the LM head's collective; they get {}."""
+    tokens). `hidden` holds the plan's rows in order. `alternatives` is None on the ranks that
+    only take part in the LM head's collective; they get {}."""
     rows: list[int] = []
     targets: list[int] = []
     owners: list[tuple[str, int, int]] = []  # request id, first target position, count

@@ -18,14 +18,11 @@ from ocula.server.protocol_openai import (
     Usage,
 )
 from ocula.server.routes_openai_events import (
-    SSE_DONE,
     OpenAIReply,
     events_by_choice,
     prompt_cached_tokens,
-    sse_error,
     usage,
 )
-from ocula.server.serving import close_stream
 
 
 class CompletionReply(OpenAIReply):
@@ -135,49 +132,47 @@ class CompletionReply(OpenAIReply):
     def usage(self, completion_tokens: int, cached_tokens: int) -> Usage:
         return usage(self.prompt_lengths, completion_tokens, cached_tokens)
 
-    async def stream(
+    def stream(
         self, events: AsyncGenerator[tuple[int, StreamEvent], None], include_usage: bool
     ) -> AsyncGenerator[str, None]:
         """Per choice: the echoed prompt (if asked), text chunks, then a chunk with
         `finish_reason`; with include_usage a last chunk with no choices (with
         continuous_usage_stats, every chunk also holds the usage so far); `[DONE]`."""
+        return self.framed(self._chunks(events, include_usage), events)
+
+    async def _chunks(
+        self, events: AsyncGenerator[tuple[int, StreamEvent], None], include_usage: bool
+    ) -> AsyncGenerator[str, None]:
         text_lengths: dict[int, int] = {}
         completion_tokens = 0
         cached_by_prompt: dict[int, int] = {}
-        try:
-            self.track_usage(0, 0)
-            if self.echoes is not None:
-                for index in range(len(self.echoes) * self.n):
-                    text_lengths[index] = len(self.echo(index))
-                    yield self.chunk([CompletionChoice(index=index, text=self.echo(index))])
-            async for prompt_index, event in events:
-                completion_tokens += 1
-                cached = max(cached_by_prompt.get(prompt_index, 0), event.num_cached_tokens)
-                cached_by_prompt[prompt_index] = cached
-                self.track_usage(completion_tokens, sum(cached_by_prompt.values()))
-                index = prompt_index * self.n + event.index
-                start = text_lengths.get(index, 0)
-                text_lengths[index] = start + len(event.text)
-                logprobs = None
-                if self.with_logprobs and event.logprob is not None:
-                    logprobs = self.logprobs([event], start)
-                if event.text or logprobs is not None:
-                    choice = CompletionChoice(index=index, text=event.text, logprobs=logprobs)
-                    yield self.chunk([choice])
-                if event.finish_reason is not None:
-                    choice = CompletionChoice(
-                        index=index,
-                        text="",
-                        finish_reason=event.finish_reason,
-                        stop_reason=event.stop_reason,
-                    )
-                    yield self.chunk([choice])
-            if include_usage:
-                cached_tokens = sum(cached_by_prompt.values())
-                yield self.chunk([], self.usage(completion_tokens, cached_tokens))
-            yield SSE_DONE
-        except Exception as error:
-            yield sse_error(error)
-            yield SSE_DONE
-        finally:
-            await close_stream(events)
+        self.track_usage(0, 0)
+        if self.echoes is not None:
+            for index in range(len(self.echoes) * self.n):
+                text_lengths[index] = len(self.echo(index))
+                yield self.chunk([CompletionChoice(index=index, text=self.echo(index))])
+        async for prompt_index, event in events:
+            completion_tokens += 1
+            cached = max(cached_by_prompt.get(prompt_index, 0), event.num_cached_tokens)
+            cached_by_prompt[prompt_index] = cached
+            self.track_usage(completion_tokens, sum(cached_by_prompt.values()))
+            index = prompt_index * self.n + event.index
+            start = text_lengths.get(index, 0)
+            text_lengths[index] = start + len(event.text)
+            logprobs = None
+            if self.with_logprobs and event.logprob is not None:
+                logprobs = self.logprobs([event], start)
+            if event.text or logprobs is not None:
+                choice = CompletionChoice(index=index, text=event.text, logprobs=logprobs)
+                yield self.chunk([choice])
+            if event.finish_reason is not None:
+                choice = CompletionChoice(
+                    index=index,
+                    text="",
+                    finish_reason=event.finish_reason,
+                    stop_reason=event.stop_reason,
+                )
+                yield self.chunk([choice])
+        if include_usage:
+            cached_tokens = sum(cached_by_prompt.values())
+            yield self.chunk([], self.usage(completion_tokens, cached_tokens))

@@ -35,18 +35,16 @@ from ocula.server.routes_openai_common import (
     sampling_params,
 )
 from ocula.server.routes_openai_events import (
-    SSE_DONE,
     EventStreamResponse,
     OpenAIReply,
     events_by_choice,
     merge_streams,
     prompt_cached_tokens,
-    sse_error,
     start_generations,
     usage,
     whole_response,
 )
-from ocula.server.serving import ServerState, close_stream, server_state
+from ocula.server.serving import ServerState, server_state
 from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 
 router = APIRouter()
@@ -162,43 +160,41 @@ class ChatReply(OpenAIReply):
             prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, scored, self.prompt_logprobs_k),
         )
 
-    async def stream(
+    def stream(
         self, events: AsyncGenerator[tuple[int, StreamEvent], None], n: int, include_usage: bool
     ) -> AsyncGenerator[str, None]:
         """Per choice: a role chunk, content chunks, then a chunk with `finish_reason` and an
         empty delta; with include_usage a last chunk with no choices and the usage (with
         continuous_usage_stats, every chunk also holds the usage so far); `[DONE]`."""
+        return self.framed(self._chunks(events, n, include_usage), events)
+
+    async def _chunks(
+        self, events: AsyncGenerator[tuple[int, StreamEvent], None], n: int, include_usage: bool
+    ) -> AsyncGenerator[str, None]:
         completion_tokens = 0
         cached_tokens = 0
-        try:
-            self.track_usage(0, 0)
-            for index in range(n):
-                role = Delta(role="assistant", content="")
-                yield self.chunk([ChatChunkChoice(index=index, delta=role)])
-            async for _, event in events:
-                completion_tokens += 1
-                cached_tokens = max(cached_tokens, event.num_cached_tokens)
-                self.track_usage(completion_tokens, cached_tokens)
-                logprobs = None
-                if self.with_logprobs and event.logprob is not None:
-                    logprobs = ChatLogprobs(content=[logprob_entry(self.tokenizer, event)])
-                if event.text or logprobs is not None:
-                    delta = Delta(content=event.text)
-                    choice = ChatChunkChoice(index=event.index, delta=delta, logprobs=logprobs)
-                    yield self.chunk([choice])
-                if event.finish_reason is not None:
-                    choice = ChatChunkChoice(
-                        index=event.index,
-                        delta=Delta(),
-                        finish_reason=event.finish_reason,
-                        stop_reason=event.stop_reason,
-                    )
-                    yield self.chunk([choice])
-            if include_usage:
-                yield self.chunk([], self.usage(completion_tokens, cached_tokens))
-            yield SSE_DONE
-        except Exception as error:
-            yield sse_error(error)
-            yield SSE_DONE
-        finally:
-            await close_stream(events)
+        self.track_usage(0, 0)
+        for index in range(n):
+            role = Delta(role="assistant", content="")
+            yield self.chunk([ChatChunkChoice(index=index, delta=role)])
+        async for _, event in events:
+            completion_tokens += 1
+            cached_tokens = max(cached_tokens, event.num_cached_tokens)
+            self.track_usage(completion_tokens, cached_tokens)
+            logprobs = None
+            if self.with_logprobs and event.logprob is not None:
+                logprobs = ChatLogprobs(content=[logprob_entry(self.tokenizer, event)])
+            if event.text or logprobs is not None:
+                delta = Delta(content=event.text)
+                choice = ChatChunkChoice(index=event.index, delta=delta, logprobs=logprobs)
+                yield self.chunk([choice])
+            if event.finish_reason is not None:
+                choice = ChatChunkChoice(
+                    index=event.index,
+                    delta=Delta(),
+                    finish_reason=event.finish_reason,
+                    stop_reason=event.stop_reason,
+                )
+                yield self.chunk([choice])
+        if include_usage:
+            yield self.chunk([], self.usage(completion_tokens, cached_tokens))

@@ -253,3 +253,19 @@ class OpenAIReply:
                 usage=usage or (self._usage_so_far if choices else None),
             )
         )
+
+    async def framed(
+        self, chunks: AsyncGenerator[str, None], events: AsyncGenerator[Any, None]
+    ) -> AsyncGenerator[str, None]:
+        """`chunks`, then `[DONE]`; an error after the first byte ends the stream with an error
+        event and `[DONE]`. The chunks and the request's events are closed however it ends."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+            yield SSE_DONE
+        except Exception as error:
+            yield sse_error(error)
+            yield SSE_DONE
+        finally:
+            await chunks.aclose()
+            await close_stream(events)
