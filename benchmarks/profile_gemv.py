@@ -1,6 +1,7 @@
 """Batch-1 decode projections: the GEMV kernel against cuBLAS, and its tile shapes swept.
 
-For each projection of Qwen2.5-7B (qkv with its bias, o, gate_up, down, and the LM head) with
+For each projection of Qwen2.5-7B or InternLM2.5-7B (qkv, with its bias in Qwen2, o, gate_up,
+down, and the LM head) with
 one row of x, and for comparison cuBLAS at 2 and 8 rows: microseconds per product with cuBLAS
 (`F.linear`), with `ocula.kernels.gemv` at its default tile shape, and at every shape of a
 sweep. Each timing is one CUDA graph of a product per copy of the weight, the copies together
@@ -10,7 +11,8 @@ bandwidth ratio is the weight bytes per microsecond over the device-to-device co
 measured in the same run (read-only streams can exceed it slightly). Also checks every result
 against cuBLAS's (the largest difference, relative to the largest output).
 
-    python -m benchmarks.profile_gemv --out gemv.json [--tiny]   (on CPU: TRITON_INTERPRET=1)
+    python -m benchmarks.profile_gemv --out gemv.json [--model internvl2_5-8b] [--tiny]
+    (on CPU: TRITON_INTERPRET=1)
 """
 
 from __future__ import annotations
@@ -25,21 +27,31 @@ import torch.nn.functional as F
 
 from benchmarks.common import log, pick_device, run_metadata, write_json
 from benchmarks.hardware import copy_bandwidth
-from benchmarks.shapes import QWEN25_7B, TINY_TEXT, TextShape
+from benchmarks.shapes import INTERNLM25_7B, QWEN25_7B, TINY_TEXT, TextShape
 from ocula.kernels.gemv import gemv, gemv_config
 
 CUBLAS_ROWS = (2, 8)  # cuBLAS only: its time with more rows, for comparison
 WEIGHT_BYTES_PER_CASE = 1 << 30  # copies of a weight per timing: at least this many bytes
-SWEEP = list(itertools.product((2, 4, 8), (256, 512, 1024), (2, 4)))
+# (BLOCK_N, BLOCK_K, num_warps), leaving out tiles of more than 128 elements per thread, which
+# spill registers.
+SWEEP = [
+    (block_n, block_k, warps)
+    for block_n, block_k, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4, 8))
+    if block_n * block_k <= 128 * 32 * warps
+]
+# model -> (language model shape, whether its qkv projection has a bias)
+MODELS = {"internvl3-8b": (QWEN25_7B, True), "internvl2_5-8b": (INTERNLM25_7B, False)}
 VOCAB = 151_680  # Qwen2's 151,674 ids padded to a multiple of 64, as the engine pads them
 
 
-def projections(shape: TextShape, vocab: int) -> dict[str, tuple[int, int, bool]]:
+def projections(
+    shape: TextShape, vocab: int, qkv_bias: bool = True
+) -> dict[str, tuple[int, int, bool]]:
     """name -> (features, depth, has bias) of one layer's projections and the LM head."""
     head_dim = shape.hidden // shape.heads
     qkv = (shape.heads + 2 * shape.kv_heads) * head_dim
     return {
-        "qkv": (qkv, shape.hidden, True),
+        "qkv": (qkv, shape.hidden, qkv_bias),
         "o": (shape.hidden, shape.hidden, False),
         "gate_up": (2 * shape.intermediate, shape.hidden, False),
         "down": (shape.hidden, shape.intermediate, False),
@@ -130,14 +142,20 @@ def case(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(MODELS), default="internvl3-8b")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (exercises the code)")
     parser.add_argument("--no_sweep", action="store_true", help="default tile shapes only")
     args = parser.parse_args()
     device = pick_device()
     bandwidth = copy_bandwidth(device, (4 << 30) if device.type == "cuda" else 1 << 20)
-    shape, vocab = (TINY_TEXT, 256) if args.tiny else (QWEN25_7B, VOCAB)
-    results: dict[str, Any] = {"meta": run_metadata(device), "copy_bandwidth": bandwidth}
-    for name, (features, depth, has_bias) in projections(shape, vocab).items():
+    shape, qkv_bias = MODELS[args.model]
+    shape, vocab = (TINY_TEXT, 256) if args.tiny else (shape, VOCAB)
+    results: dict[str, Any] = {
+        "meta": run_metadata(device),
+        "model": args.model,
+        "copy_bandwidth": bandwidth,
+    }
+    for name, (features, depth, has_bias) in projections(shape, vocab, qkv_bias).items():
         sweep = not args.no_sweep and name != "lm_head"
         row = case(features, depth, has_bias, bandwidth["bytes_per_s"], device, sweep)
         results[name] = row

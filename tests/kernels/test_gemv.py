@@ -69,7 +69,7 @@ def make(rows: int, features: int, depth: int, dtype: torch.dtype, device: torch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "features,depth",
-    [(64, 512), (70, 300), (21, 1000)],  # even tiles; feature and depth tails
+    [(64, 512), (70, 300), (21, 1000), (40, 2048)],  # even tiles; feature and depth tails
 )
 def test_gemv_is_within_the_float32_summation_bound(
     device: torch.device, dtype: torch.dtype, features: int, depth: int

@@ -39,7 +39,7 @@ def skip_bf16_off_cuda(device: torch.device, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("features,depth", [(64, 512), (70, 300)])  # even tiles; tails
+@pytest.mark.parametrize("features,depth", [(64, 512), (70, 300), (40, 2048)])  # even tiles; tails
 def test_the_residual_add_is_the_gemv_then_the_add_bit_for_bit(
     device: torch.device, dtype: torch.dtype, features: int, depth: int
 ) -> None:
@@ -63,7 +63,9 @@ def test_the_residual_add_is_the_gemv_then_the_add_bit_for_bit(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("features,depth,pieces", [(64, 512, 7), (70, 300, 1), (21, 1000, 250)])
+@pytest.mark.parametrize(
+    "features,depth,pieces", [(64, 512, 7), (70, 300, 1), (21, 1000, 250), (40, 2048, 10)]
+)
 def test_the_normed_gemvs_are_the_norm_then_the_gemv_bit_for_bit(
     device: torch.device, dtype: torch.dtype, features: int, depth: int, pieces: int
 ) -> None:
