@@ -156,13 +156,25 @@ def _gemv_kernel(
     tl.store(y_ptr + features, y.to(y_ptr.dtype.element_ty), mask=feature_ok)
 
 
+# (features, depth) -> (BLOCK_N, BLOCK_K, num_warps) where a shape's own sweep beat the rule of
+# `gemv_config` in the model: InternLM2.5-7B's o and down projections (H100, 2026-12-05: its
+# batch-1 decode step 5.50 -> 5.40 ms). Other shapes, tensor-parallel shards included, take the rule.
+TUNED_TILES: dict[tuple[int, int], tuple[int, int, int]] = {
+    (4096, 4096): (8, 1024, 4),
+    (4096, 14336): (16, 1024, 8),
+}
+
+
 def gemv_config(features: int, depth: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps), from sweeps of the projections of Qwen2.5-7B (H200, H100)
-    and InternLM2.5-7B (H100) (`benchmarks/profile_gemv.py`): few features per program, twice
-    the features when there are tens of thousands of them, and K steps of 1024 when they divide
-    the row (InternLM2.5's 4096 and 14336: -4% of every projection's time against 256 or 512);
-    otherwise 512 for long rows and 256 for short ones (Qwen2.5's 3584 and 18944, which 1024
-    steps would leave a masked tail)."""
+    and InternLM2.5-7B (H100) (`benchmarks/profile_gemv.py`): `TUNED_TILES` where a shape has
+    its own; else few features per program, twice the features when there are tens of thousands
+    of them, and K steps of 1024 when they divide the row (InternLM2.5's 4096 and 14336: its
+    decode step 5.61 -> 5.50 ms on an H100 against 256- or 512-wide steps); otherwise 512 for
+    long rows and 256 for short ones (Qwen2.5's 3584 and 18944, which 1024-wide steps would
+    leave a masked tail)."""
+    if (features, depth) in TUNED_TILES:
+        return TUNED_TILES[(features, depth)]
     block_n = 8 if features >= 16384 else 4
     block_k = 1024 if depth % 1024 == 0 else 512 if depth >= 8192 else 256
     return block_n, min(block_k, triton.next_power_of_2(depth)), 4

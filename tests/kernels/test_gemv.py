@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ocula.kernels.activation import silu_and_mul
-from ocula.kernels.gemv import gemv, gemv_config
+from ocula.kernels.gemv import TUNED_TILES, gemv, gemv_config
 from ocula.kernels.gemv_silu import gemv_silu_and_mul, split_config
 from ocula.layers import linear as linear_module
 
@@ -85,9 +85,12 @@ def test_gemv_is_within_the_float32_summation_bound(
         assert_within_bound(y.cpu(), x.cpu(), weight.cpu(), expected_bias, block_k)
 
 
-@pytest.mark.parametrize("config", [(4, 256, 4), (2, 64, 2), (16, 128, 4)])
+@pytest.mark.parametrize(
+    "config", [(4, 256, 4), (2, 64, 2), (16, 128, 4), *sorted(set(TUNED_TILES.values()))]
+)
 def test_every_tile_shape_gives_the_same_bound(device: torch.device, config) -> None:
-    x, weight, bias = make(1, 45, 384, torch.float32, device, seed=3)  # 45: a feature tail
+    depth = max(384, config[1])
+    x, weight, bias = make(1, 45, depth, torch.float32, device, seed=3)  # 45: a feature tail
     y = gemv(x, weight, bias, config=config)
     assert_within_bound(y.cpu(), x.cpu(), weight.cpu(), bias.cpu(), config[1])
 

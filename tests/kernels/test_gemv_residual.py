@@ -39,9 +39,12 @@ def skip_bf16_off_cuda(device: torch.device, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("features,depth", [(64, 512), (70, 300), (40, 2048)])  # even tiles; tails
+@pytest.mark.parametrize(
+    "features,depth,config",
+    [(64, 512, None), (70, 300, None), (40, 2048, None), (40, 2048, (16, 1024, 8))],
+)  # even tiles; tails; the widest tuned tile (gemv.TUNED_TILES)
 def test_the_residual_add_is_the_gemv_then_the_add_bit_for_bit(
-    device: torch.device, dtype: torch.dtype, features: int, depth: int
+    device: torch.device, dtype: torch.dtype, features: int, depth: int, config
 ) -> None:
     skip_bf16_off_cuda(device, dtype)
     generator = torch.Generator().manual_seed(0)
@@ -50,11 +53,11 @@ def test_the_residual_add_is_the_gemv_then_the_add_bit_for_bit(
     bias = torch.randn(features, generator=generator)
     residual = torch.randn(1, features, generator=generator) * 3
     x, weight, bias, residual = (t.to(device, dtype) for t in (x, weight, bias, residual))
-    block_n = gemv_config(features, depth)[0]
+    block_n = (config or gemv_config(features, depth))[0]
     for with_bias in (None, bias):
-        expected = (gemv(x, weight, with_bias).float() + residual.float()).to(dtype)
+        expected = (gemv(x, weight, with_bias, config=config).float() + residual.float()).to(dtype)
         stream = residual.clone()
-        squares = gemv_add_residual(x, weight, with_bias, stream)
+        squares = gemv_add_residual(x, weight, with_bias, stream, config)
         assert torch.equal(stream, expected)
         assert squares.dtype == torch.float32 and squares.shape == (-(-features // block_n),)
         pieces = torch.nn.functional.pad(expected.double()[0], (0, -features % block_n))
