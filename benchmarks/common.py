@@ -80,6 +80,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 # constants that choose them (`--switches "fold_row_norms=off,pdl=off"`).
 KERNEL_SWITCHES = {
     "gemv": ("ocula.layers.linear", "USE_GEMV"),
+    "gemv_tiles": ("ocula.kernels.gemv", "WIDE_TILES"),
     "pdl": ("ocula.kernels", "USE_PDL"),
     "fold_row_norms": ("ocula.models.folded_row", "FOLD_ROW_NORMS"),
     "rotate_in_decode": ("ocula.attention.triton_backend", "ROTATE_IN_DECODE"),

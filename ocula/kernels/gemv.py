@@ -156,6 +156,11 @@ def _gemv_kernel(
     tl.store(y_ptr + features, y.to(y_ptr.dtype.element_ty), mask=feature_ok)
 
 
+# Whether `gemv_config` uses `TUNED_TILES` and 1024-wide K steps (the eleventh session's tiles);
+# off, the rule before them. A constant; the benchmark scripts' `--switches gemv_tiles=off` clear
+# it for A/Bs on other GPUs.
+WIDE_TILES = True
+
 # (features, depth) -> (BLOCK_N, BLOCK_K, num_warps) where a shape's own sweep beat the rule of
 # `gemv_config` in the model: InternLM2.5-7B's o and down projections (H100, 2026-12-05: its
 # batch-1 decode step 5.50 -> 5.40 ms). Other shapes, tensor-parallel shards included, take the rule.
@@ -173,10 +178,11 @@ def gemv_config(features: int, depth: int) -> tuple[int, int, int]:
     decode step 5.61 -> 5.50 ms on an H100 against 256- or 512-wide steps); otherwise 512 for
     long rows and 256 for short ones (Qwen2.5's 3584 and 18944, which 1024-wide steps would
     leave a masked tail)."""
-    if (features, depth) in TUNED_TILES:
+    if WIDE_TILES and (features, depth) in TUNED_TILES:
         return TUNED_TILES[(features, depth)]
     block_n = 8 if features >= 16384 else 4
-    block_k = 1024 if depth % 1024 == 0 else 512 if depth >= 8192 else 256
+    wide_k = WIDE_TILES and depth % 1024 == 0
+    block_k = 1024 if wide_k else 512 if depth >= 8192 else 256
     return block_n, min(block_k, triton.next_power_of_2(depth)), 4
 
 

@@ -157,3 +157,19 @@ def test_gemv_silu_and_mul_needs_two_halves(device: torch.device) -> None:
     x, weight, _ = make(1, 33, 64, torch.float32, device)
     with pytest.raises(ValueError, match="two equal halves"):
         gemv_silu_and_mul(x, weight)
+
+
+def test_the_tile_rule_and_its_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1024-wide K steps where they divide the row, the tuned shapes' own tiles, and with the
+    benchmark switch off (`gemv_tiles=off`) the rule before them, for A/Bs."""
+    from ocula.kernels import gemv as gemv_module
+
+    assert gemv_config(6144, 4096) == (4, 1024, 4)  # InternLM2.5-7B qkv: the rule
+    assert gemv_config(28672, 4096) == (8, 1024, 4)  # gate_up: twice the rows
+    assert gemv_config(4096, 14336) == TUNED_TILES[(4096, 14336)]
+    assert gemv_config(4608, 3584) == (4, 256, 4)  # Qwen2.5-7B: 1024 leaves a tail
+    assert gemv_config(3584, 18944) == (4, 512, 4)
+    assert gemv_config(64, 64) == (4, 64, 4)  # never wider than the row
+    monkeypatch.setattr(gemv_module, "WIDE_TILES", False)
+    assert gemv_config(4096, 14336) == (4, 512, 4)
+    assert gemv_config(6144, 4096) == (4, 256, 4)
