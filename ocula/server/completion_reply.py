@@ -52,6 +52,12 @@ class CompletionReply(OpenAIReply):
         self.echoes = echoes
         self.prompt_logprobs_k = prompt_logprobs  # vLLM's field, when asked for
         self.echo_only = echo_only  # max_tokens 0: the generated token is not part of it
+        # What a stream has sent so far: each choice's text length, the prompts echoed, the
+        # completion tokens and the cached prompt tokens by prompt.
+        self.text_lengths: dict[int, int] = {}
+        self.echoed: set[int] = set()
+        self.completion_tokens = 0
+        self.cached_by_prompt: dict[int, int] = {}
 
     def echo(self, choice_index: int) -> str:
         return self.echoes[choice_index // self.n] if self.echoes is not None else ""
@@ -135,44 +141,78 @@ class CompletionReply(OpenAIReply):
     def stream(
         self, events: AsyncGenerator[tuple[int, StreamEvent], None], include_usage: bool
     ) -> AsyncGenerator[str, None]:
-        """Per choice: the echoed prompt (if asked), text chunks, then a chunk with
-        `finish_reason`; with include_usage a last chunk with no choices (with
-        continuous_usage_stats, every chunk also holds the usage so far); `[DONE]`."""
+        """Per choice: the echoed prompt (if asked; with logprobs, once the prompt's arrive with
+        its first token, and carrying them), text chunks, then a chunk with `finish_reason`;
+        with include_usage a last chunk with no choices (with continuous_usage_stats, every
+        chunk also holds the usage so far); `[DONE]`. With max_tokens 0 the echo is all the
+        text, finished by "length"."""
         return self.framed(self._chunks(events, include_usage), events)
 
     async def _chunks(
         self, events: AsyncGenerator[tuple[int, StreamEvent], None], include_usage: bool
     ) -> AsyncGenerator[str, None]:
-        text_lengths: dict[int, int] = {}
-        completion_tokens = 0
-        cached_by_prompt: dict[int, int] = {}
         self.track_usage(0, 0)
-        if self.echoes is not None:
-            for index in range(len(self.echoes) * self.n):
-                text_lengths[index] = len(self.echo(index))
-                yield self.chunk([CompletionChoice(index=index, text=self.echo(index))])
+        # Echoes that carry the prompt's logprobs wait for them (on the first token of a
+        # prompt's first choice); that prompt's other events wait behind its echo.
+        scored_echoes = self.echoes is not None and self.with_logprobs
+        if self.echoes is not None and not scored_echoes:
+            for prompt_index in range(len(self.echoes)):
+                for chunk in self.echo_chunks(prompt_index, None):
+                    yield chunk
+        held: dict[int, list[StreamEvent]] = {}
         async for prompt_index, event in events:
-            completion_tokens += 1
-            cached = max(cached_by_prompt.get(prompt_index, 0), event.num_cached_tokens)
-            cached_by_prompt[prompt_index] = cached
-            self.track_usage(completion_tokens, sum(cached_by_prompt.values()))
-            index = prompt_index * self.n + event.index
-            start = text_lengths.get(index, 0)
-            text_lengths[index] = start + len(event.text)
+            ready = [event]
+            if scored_echoes and prompt_index not in self.echoed:
+                if event.prompt_logprobs is None:
+                    held.setdefault(prompt_index, []).append(event)
+                    continue
+                scored = self.echoed_logprobs(prompt_index, event.prompt_logprobs)
+                for chunk in self.echo_chunks(prompt_index, scored):
+                    yield chunk
+                ready = [*held.pop(prompt_index, []), event]
+            for ready_event in ready:
+                for chunk in self.event_chunks(prompt_index, ready_event):
+                    yield chunk
+        if include_usage:
+            cached_tokens = sum(self.cached_by_prompt.values())
+            yield self.chunk([], self.usage(self.completion_tokens, cached_tokens))
+
+    def echo_chunks(self, prompt_index: int, scored: CompletionLogprobs | None) -> list[str]:
+        """The echo chunk of each choice of a prompt, with the prompt's logprobs if scored."""
+        self.echoed.add(prompt_index)
+        chunks = []
+        for index in range(prompt_index * self.n, (prompt_index + 1) * self.n):
+            echo = self.echo(index)
+            self.text_lengths[index] = len(echo)
+            chunks.append(self.chunk([CompletionChoice(index=index, text=echo, logprobs=scored)]))
+        return chunks
+
+    def event_chunks(self, prompt_index: int, event: StreamEvent) -> list[str]:
+        """A token's chunk (its text and logprobs), and the finishing chunk if it is the last;
+        with max_tokens 0, only the finish (the generated token is not part of the answer)."""
+        index = prompt_index * self.n + event.index
+        if not self.echo_only:
+            self.completion_tokens += 1
+        cached = max(self.cached_by_prompt.get(prompt_index, 0), event.num_cached_tokens)
+        self.cached_by_prompt[prompt_index] = cached
+        self.track_usage(self.completion_tokens, sum(self.cached_by_prompt.values()))
+        chunks = []
+        start = self.text_lengths.get(index, 0)
+        if not self.echo_only:
+            self.text_lengths[index] = start + len(event.text)
             logprobs = None
             if self.with_logprobs and event.logprob is not None:
                 logprobs = self.logprobs([event], start)
             if event.text or logprobs is not None:
-                choice = CompletionChoice(index=index, text=event.text, logprobs=logprobs)
-                yield self.chunk([choice])
-            if event.finish_reason is not None:
-                choice = CompletionChoice(
-                    index=index,
-                    text="",
-                    finish_reason=event.finish_reason,
-                    stop_reason=event.stop_reason,
+                chunks.append(
+                    self.chunk([CompletionChoice(index=index, text=event.text, logprobs=logprobs)])
                 )
-                yield self.chunk([choice])
-        if include_usage:
-            cached_tokens = sum(cached_by_prompt.values())
-            yield self.chunk([], self.usage(completion_tokens, cached_tokens))
+        if event.finish_reason is not None:
+            choice = CompletionChoice(
+                index=index,
+                text="",
+                finish_reason="length" if self.echo_only else event.finish_reason,
+                stop_reason=None if self.echo_only else event.stop_reason,
+            )
+            chunks.append(self.chunk([choice]))
+        return chunks

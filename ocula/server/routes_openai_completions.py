@@ -68,14 +68,10 @@ def check_unsupported(body: CompletionRequest) -> None:
         raise OpenAIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
-    if body.echo and body.logprobs is not None and body.stream:
-        raise OpenAIError(
-            400, "echo with logprobs is answered whole: send it without stream", param="echo"
-        )
-    if body.max_tokens == 0 and (not body.echo or body.stream):
+    if body.max_tokens == 0 and not body.echo:
         raise OpenAIError(
             400,
-            "max_tokens must be at least 1; 0 (the prompt alone) needs echo, without stream",
+            "max_tokens must be at least 1; 0 (the prompt alone) needs echo",
             param="max_tokens",
         )
 

@@ -66,13 +66,11 @@ def test_image_parts_need_a_vision_model(client, model) -> None:
     [
         ({"prompt": "fox " * 600}, "prompt"),
         ({"suffix": "tail"}, "suffix"),
-        ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
         ({"prompt": [1, 2, 10**6]}, "token ids"),
         ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
         ({"extra_body": {"truncate_prompt_tokens": 4}}, "truncate_prompt_tokens"),
         ({"extra_body": {"prompt_logprobs": 1}, "stream": True}, "prompt_logprobs"),
         ({"max_tokens": 0}, "max_tokens"),  # 0 only with echo
-        ({"max_tokens": 0, "echo": True, "stream": True}, "max_tokens"),
     ],
 )
 def test_bad_completion_requests_are_400(client, model, overrides, field) -> None:

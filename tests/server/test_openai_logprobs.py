@@ -125,3 +125,71 @@ def test_continuous_usage_stats_count_the_tokens_so_far(server, route) -> None:
     assert counts == sorted(counts) and counts[-1] == 5  # every chunk, growing, to the total
     prompt_tokens = {chunk["usage"]["prompt_tokens"] for chunk in chunks}
     assert len(prompt_tokens) == 1
+
+
+def streamed_choices(client, **request) -> dict[int, dict]:
+    """A streamed completion put back together per choice: text, legacy logprobs' four lists
+    concatenated, finish reason; and the usage."""
+    choices: dict[int, dict] = {}
+    usage = None
+    for chunk in client.completions.create(
+        stream=True, stream_options={"include_usage": True}, **request
+    ):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            mine = choices.setdefault(
+                choice.index, {"text": "", "finish_reason": None, "logprobs": None}
+            )
+            mine["text"] += choice.text
+            mine["finish_reason"] = choice.finish_reason or mine["finish_reason"]
+            if choice.logprobs is not None:
+                parts = mine["logprobs"] or {key: [] for key in LOGPROB_LISTS}
+                for key in LOGPROB_LISTS:
+                    parts[key] += getattr(choice.logprobs, key)
+                mine["logprobs"] = parts
+    choices[-1] = {"usage": usage}
+    return choices
+
+
+LOGPROB_LISTS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_echo_with_logprobs_streams_what_it_answers_whole(client, model, max_tokens) -> None:
+    """vLLM streams echo with logprobs: each choice's echo chunk carries the prompt's logprobs,
+    then the tokens follow as usual (max_tokens 0: the echo alone, finished by "length")."""
+    request = {
+        "model": model,
+        "prompt": [PROMPTS[0], PROMPTS[1]],
+        "n": 2,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "logprobs": 1,
+        "echo": True,
+    }
+    whole = client.completions.create(**request)
+    streamed = streamed_choices(client, **request)
+    usage = streamed.pop(-1)["usage"]  # (cached tokens aside: the first request filled the cache)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        whole.usage.prompt_tokens,
+        whole.usage.completion_tokens,
+    )
+    assert sorted(streamed) == [0, 1, 2, 3]
+    for choice in whole.choices:
+        mine = streamed[choice.index]
+        assert mine["text"] == choice.text and mine["finish_reason"] == choice.finish_reason
+        assert choice.text.startswith(PROMPTS[choice.index // 2])
+        assert mine["logprobs"]["tokens"] == choice.logprobs.tokens
+        assert mine["logprobs"]["text_offset"] == choice.logprobs.text_offset
+        assert mine["logprobs"]["token_logprobs"] == pytest.approx(choice.logprobs.token_logprobs)
+        for got, expected in zip(
+            mine["logprobs"]["top_logprobs"], choice.logprobs.top_logprobs, strict=True
+        ):
+            assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_echo_alone_streams_with_max_tokens_0(client, model) -> None:
+    request = {"model": model, "prompt": PROMPTS[1], "max_tokens": 0, "echo": True}
+    streamed = streamed_choices(client, **request)
+    assert streamed.pop(-1)["usage"].completion_tokens == 0
+    assert streamed == {0: {"text": PROMPTS[1], "finish_reason": "length", "logprobs": None}}
