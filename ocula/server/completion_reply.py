@@ -173,6 +173,12 @@ class CompletionReply(OpenAIReply):
             for ready_event in ready:
                 for chunk in self.event_chunks(prompt_index, ready_event):
                     yield chunk
+        for prompt_index, waiting in held.items():  # its prompt's logprobs never came
+            for chunk in self.echo_chunks(prompt_index, None):
+                yield chunk
+            for event in waiting:
+                for chunk in self.event_chunks(prompt_index, event):
+                    yield chunk
         if include_usage:
             cached_tokens = sum(self.cached_by_prompt.values())
             yield self.chunk([], self.usage(self.completion_tokens, cached_tokens))
