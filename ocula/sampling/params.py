@@ -23,6 +23,9 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K = -1  # off
 DEFAULT_MIN_P = 0.0  # off
 DEFAULT_REPETITION_PENALTY = 1.0  # off
+# Temperatures below this decode greedily, as in vLLM: dividing the logits by less can overflow
+# float32 (1e-39 makes them inf, and the softmax NaN) and samples what argmax picks anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -30,7 +33,8 @@ class SamplingParams:
     """Per-request generation options.
 
     Conventions (vLLM's where the two projects differ):
-    - `temperature == 0` means greedy decoding; top_k/top_p/min_p are then ignored.
+    - `temperature == 0` (or below GREEDY_BELOW_TEMPERATURE) means greedy decoding; top_k/top_p/min_p
+      are then ignored.
     - `top_k` of -1 or 0 means no top-k filter.
     - `logprobs = None` returns no logprobs; `logprobs = k` returns the logprob of each sampled
       token plus the k most likely alternatives (k = 0: the sampled token only).
@@ -102,7 +106,7 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         """True when the (resolved) temperature asks for argmax decoding."""
-        return self.temperature == 0
+        return self.temperature is not None and self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raises ValueError naming the first field that is out of range.
@@ -135,6 +139,8 @@ class SamplingParams:
         temperature = self.temperature
         if temperature is None:
             temperature = 0.0 if model_greedy else resolve("temperature", DEFAULT_TEMPERATURE)
+        if temperature < GREEDY_BELOW_TEMPERATURE:
+            temperature = 0.0
         top_k = resolve("top_k", DEFAULT_TOP_K)
         return dataclasses.replace(
             self,

@@ -210,11 +210,14 @@ def _apply_top_k_top_p_by_sorting(logits: torch.Tensor, batch: SamplingBatch) ->
 def _outside_nucleus(sorted_logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
     """bool mask over logits sorted descending per row: True past the smallest prefix whose
     probability mass reaches the row's top_p. Rows with top_p = 1 drop nothing (rounding in the
-    cumulative sum must not drop their tail)."""
+    cumulative sum must not drop their tail), and the most likely token is never dropped (a
+    top_p that rounds to 0 in float32 keeps it alone)."""
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     top_ps = top_ps.unsqueeze(1)
-    return (mass_before >= top_ps) & (top_ps < 1.0)
+    outside = (mass_before >= top_ps) & (top_ps < 1.0)
+    outside[:, 0] = False
+    return outside
 
 
 def _apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> None:

@@ -76,10 +76,10 @@ class CompletionReply(OpenAIReply):
         self, prompt_index: int, entries: list[TokenLogprob | None]
     ) -> CompletionLogprobs:
         """The echoed prompt's part of a choice's logprobs: each prompt token's, None for the
-        first (nothing precedes it). Offsets follow the prompt's decoded text (special tokens
-        left out, a character split over tokens placed with its last one)."""
+        first (nothing precedes it). Offsets follow the prompt's decoded text as echoed (special
+        tokens kept, a character split over tokens placed with its last one)."""
         ids = self.prompt_token_ids[prompt_index]
-        detokenizer = IncrementalDetokenizer(self.tokenizer, [], skip_special_tokens=True)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, [], skip_special_tokens=False)
         advances = [len(detokenizer.push([token_id])) for token_id in ids]
         if advances:
             advances[-1] += len(detokenizer.flush())

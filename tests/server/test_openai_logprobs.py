@@ -109,6 +109,19 @@ def test_max_tokens_0_with_echo_scores_the_prompt_alone(client, model) -> None:
     assert with_token.choices[0].logprobs.text_offset[-1] == len(prompt)  # the generated one
 
 
+def test_echoed_offsets_count_the_special_tokens_the_echo_shows(client, model) -> None:
+    prompt = "<|im_start|>hello there"
+    reply = client.completions.create(
+        model=model, prompt=prompt, max_tokens=1, logprobs=0, echo=True, temperature=0
+    )
+    choice = reply.choices[0]
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    echoed = len(tokens) - 1
+    assert tokens[0] == "<|im_start|>" and offsets[:2] == [0, len("<|im_start|>")]
+    assert "".join(tokens[:echoed]) == prompt  # plain ASCII: each token's text as it reads
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 def test_continuous_usage_stats_count_the_tokens_so_far(server, route) -> None:
     body = {"max_tokens": 5, "temperature": 0, "stream": True}

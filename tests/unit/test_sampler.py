@@ -94,6 +94,24 @@ def test_greedy_rows_ignore_filters_in_a_mixed_batch() -> None:
     assert torch.equal(output.token_ids[0::2], logits[0::2].argmax(-1))
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-39, seed=1),  # logits / t overflow float32
+        SamplingParams(temperature=1e-6, seed=2),  # below vLLM's 1e-5: greedy
+        SamplingParams(top_p=1e-46, seed=3),  # 0 in float32
+        SamplingParams(top_p=1e-300, top_k=5, seed=4),  # the partial top-k path
+    ],
+)
+def test_vanishing_temperature_or_top_p_is_the_argmax(params: SamplingParams) -> None:
+    logits = torch.randn(4, 60, generator=torch.Generator().manual_seed(7)) * 5
+    output = Sampler(torch.Generator().manual_seed(0))(
+        logits.clone(), batch_of([make_request(params)] * 4)
+    )
+    assert torch.equal(output.token_ids, logits.argmax(-1))
+    assert make_request(params).sampling_params.is_greedy == (params.top_p is None)
+
+
 def test_same_seed_same_tokens_whatever_the_batch() -> None:
     steps = 30
     step_logits = torch.randn(steps, 1000, generator=torch.Generator().manual_seed(3))
