@@ -256,6 +256,10 @@ def check_unsupported_features(fields: SamplingFields) -> None:
         value = getattr(fields, name)
         if value is not None and value is not False and value != []:  # 0 asks for something
             raise OpenAIError(400, f"{name}: {feature} is not supported by this server", param=name)
+    if fields.response_format is not None and "type" not in fields.response_format:
+        raise OpenAIError(
+            400, 'response_format needs a type, e.g. {"type": "text"}', param="response_format"
+        )
     kind = (fields.response_format or {}).get("type", "text")
     if kind != "text":
         raise OpenAIError(
@@ -264,6 +268,10 @@ def check_unsupported_features(fields: SamplingFields) -> None:
             "its output (guided decoding); ask for text",
             param="response_format",
         )
+    if not fields.tools and fields.tool_choice not in (None, "none"):
+        raise OpenAIError(400, "tool_choice needs tools to choose from", param="tool_choice")
+    if not fields.functions and fields.function_call not in (None, "none"):
+        raise OpenAIError(400, "function_call needs functions to call", param="function_call")
     if fields.tools and fields.tool_choice != "none":
         raise OpenAIError(
             400,

@@ -32,6 +32,9 @@ CHAT = [
         ({"logit_bias": {"five": 1}}, "logit_bias"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools to choose from
+        ({"extra_body": {"function_call": "auto"}}, "function_call"),
+        ({"response_format": {}}, "response_format"),  # a type is required
         ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
         ({"logit_bias": {"12": 1, "012": -1}}, "logit_bias"),
         # vLLM's options this server lacks are refused, never silently ignored.
