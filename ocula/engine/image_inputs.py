@@ -22,7 +22,9 @@ runs in worker threads, ahead of admission: `prefetch` starts it when a request 
 the embedding cache does not hold (shared by key, at most MAX_PREFETCHED_TOKENS placeholder
 tokens' worth of tiles waiting at once). Admission takes the result; an image admitted before it
 was prefetched is tiled in the same threads, and `finish_plan` waits for the step's images
-together, so a step admitting many such images tiles them in parallel, not one by one.
+together, so a step admitting many such images tiles them in parallel, not one by one. While
+other requests run, the scheduler admits a request only once `tiles_ready` (its tiles made, the
+first such request's past the window): large images never stall the running requests' steps.
 """
 
 from __future__ import annotations
@@ -98,9 +100,10 @@ class ImageScheduler:
         self._waiters: dict[str, set[str]] = {}  # waiting request ids per prefetched key
         self._pool: ThreadPoolExecutor | None = None
 
-    def prefetch(self, request: Request) -> bool:
+    def prefetch(self, request: Request, past_window: bool = False) -> bool:
         """Starts tiling the request's images that are not cached (nor being tiled already);
-        idempotent. False when the window is full before all of them are started."""
+        idempotent. False when the window is full before all of them are started (never with
+        `past_window`)."""
         if self._preprocess is None:
             return True
         for span in request.images:
@@ -110,7 +113,11 @@ class ImageScheduler:
             if span.pixel_values is not None or span.key in self.index:
                 continue
             window = sum(self._prefetched_tokens.values())
-            if self._prefetched and window + span.length > MAX_PREFETCHED_TOKENS:
+            if (
+                not past_window
+                and self._prefetched
+                and window + span.length > MAX_PREFETCHED_TOKENS
+            ):
                 return False
             self._prefetched[span.key] = self._submit(span)
             self._prefetched_tokens[span.key] = span.length
@@ -153,6 +160,20 @@ class ImageScheduler:
         """Pool pages the request's images take at most (none cached, no prefix hit)."""
         lengths = {span.key: span.length for span in request.images}
         return sum(pages_for_rows(length, self.page_rows) for length in lengths.values())
+
+    def tiles_ready(self, request: Request, cached_prefix_len: int, past_window: bool) -> bool:
+        """Whether every image the request would encode now has its tiles made, so that a step
+        admitting it does not wait for them; starts tiling those not started (`past_window`:
+        whatever the prefetch window holds)."""
+        new = self._new_images(request, cached_prefix_len)
+        if not new or self._preprocess is None:
+            return True
+        self.prefetch(request, past_window)
+        given = {span.key for span in request.images if span.pixel_values is not None}
+        return all(
+            key in given or (key in self._prefetched and self._prefetched[key].done())
+            for key in new
+        )
 
     def can_admit(self, request: Request, cached_prefix_len: int) -> bool:
         """Whether the pool has room for the request's images now (see `admit`)."""

@@ -52,3 +52,26 @@ def _add_sequence(plan: StepPlan, request: Request, start: int, end: int) -> Non
     )
     if samples:
         request.token_ids.append(PLACEHOLDER_TOKEN)
+
+
+def is_decode(request: Request) -> bool:
+    """One token left to compute: the request decodes."""
+    return request.num_tokens - request.num_scheduled_tokens == 1
+
+
+def chunk_size(request: Request, budget: int, chunked_prefill_size: int | None) -> int:
+    """Tokens of the request's next chunk within `budget`; 0 when whole prompts only
+    (`chunked_prefill_size` None) and the rest does not fit."""
+    remaining = request.num_tokens - request.num_scheduled_tokens
+    if chunked_prefill_size is None:
+        return remaining if remaining <= budget else 0
+    return min(remaining, budget, chunked_prefill_size)
+
+
+def last_token_in_flight(request: Request, max_req_total_len: int) -> bool:
+    """A step in flight samples this request's last token: the length limits end it there."""
+    last = request.num_tokens - 1
+    return (
+        request.token_ids[last] == PLACEHOLDER_TOKEN
+        and request.length_stop(last, max_req_total_len) is not None
+    )

@@ -121,6 +121,11 @@ class Request:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
+    def promised_tokens(self) -> int:
+        """The most tokens the request can hold: its prompt and max_new_tokens."""
+        return self.num_prompt_tokens + self.sampling_params.max_new_tokens
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None and not self.prompt_logprobs_sent
 

@@ -30,7 +30,13 @@ from collections import deque
 
 from ocula.engine.image_inputs import ImageScheduler, PendingImage
 from ocula.engine.outputs import TokenUpdate
-from ocula.engine.plan_chunks import plan_chunk, plan_decode
+from ocula.engine.plan_chunks import (
+    chunk_size,
+    is_decode,
+    last_token_in_flight,
+    plan_chunk,
+    plan_decode,
+)
 from ocula.engine.prefix_cache import RadixCache
 from ocula.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request, RequestStatus
 from ocula.engine.request_kv import DecodeSlots, RequestKV
@@ -72,7 +78,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
-        self.promised_tokens += _longest(request)
+        self.promised_tokens += request.promised_tokens
 
     def abort_request(self, request_id: str) -> Request | None:
         """Stops a request wherever it is and releases its KV; None if it is unknown or done."""
@@ -125,16 +131,18 @@ class Scheduler:
         budget = self.batch_max_tokens
         preempted = False
         decodes = sum(
-            1 for r in self.running if self._is_decode(r) and not self._last_token_in_flight(r)
+            1
+            for r in self.running
+            if is_decode(r) and not last_token_in_flight(r, self.max_req_total_len)
         )
         decode_slots = DecodeSlots(self.kv, decodes)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            if self._last_token_in_flight(request):
+            if last_token_in_flight(request, self.max_req_total_len):
                 index += 1
                 continue
-            if self._is_decode(request):
+            if is_decode(request):
                 slot = decode_slots.take()
                 if slot is not None:
                     plan_decode(plan, request, slot)
@@ -142,7 +150,7 @@ class Scheduler:
                     budget -= 1
                     index += 1
                     continue
-            num_new = self._chunk_size(request, budget)
+            num_new = chunk_size(request, budget, self.chunked_prefill_size)
             if num_new == 0:
                 break
             slots = self.kv.allocate(num_new)
@@ -173,12 +181,18 @@ class Scheduler:
         return plan
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
+        untiled: list[Request] = []  # passed over until their tiles are made; keep their places
+        others_run = bool(self.running)  # admitted before this plan: steps tiling must not stall
         while self.waiting and budget > 0 and self._free_rows:
             request = self.waiting[0]
             if request.token_ids[-1] == PLACEHOLDER_TOKEN:  # preempted while a step samples it
                 break
             prefix_len = self.kv.match_prefix(request)
-            num_new = self._chunk_size(request, budget)
+            if others_run and self._must_wait_for_tiles(request, prefix_len, first=not untiled):
+                self.kv.unlock_prefix(request)
+                untiled.append(self.waiting.popleft())
+                continue
+            num_new = chunk_size(request, budget, self.chunked_prefill_size)
             # Admit only if this chunk fits and every running request can still take one more
             # token next step (preemption covers the rest), and its new images fit the
             # embedding pool (the ones in use free up as their requests' prefills pass them).
@@ -217,6 +231,14 @@ class Scheduler:
             plan_chunk(plan, request, slots)
             self._release_embedded_images(request)
             budget -= num_new
+        self.waiting.extendleft(reversed(untiled))
+
+    def _must_wait_for_tiles(self, request: Request, prefix_len: int, first: bool) -> bool:
+        """While others run, a request whose tiles are being made waits (later ones may pass
+        it): the step would wait for them. On an idle engine its step waits."""
+        if not request.images or self.images is None:
+            return False
+        return not self.images.tiles_ready(request, prefix_len, past_window=first)
 
     def _admit_images(self, plan: StepPlan, request: Request, prefix_len: int) -> None:
         if self.images is None:
@@ -228,23 +250,6 @@ class Scheduler:
     def _release_embedded_images(self, request: Request) -> None:
         if self.images is not None:
             self.images.release_once_planned(request)
-
-    def _last_token_in_flight(self, request: Request) -> bool:
-        """A step in flight samples this request's last token: the length limits end it there."""
-        last = request.num_tokens - 1
-        return (
-            request.token_ids[last] == PLACEHOLDER_TOKEN
-            and request.length_stop(last, self.max_req_total_len) is not None
-        )
-
-    def _chunk_size(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_scheduled_tokens
-        if self.chunked_prefill_size is None:
-            return remaining if remaining <= budget else 0
-        return min(remaining, budget, self.chunked_prefill_size)
-
-    def _is_decode(self, request: Request) -> bool:
-        return request.num_tokens - request.num_scheduled_tokens == 1
 
     def _release_kv(self, request: Request) -> None:
         """Gives up a request's slots (to the prefix cache when it is on) and its table row."""
@@ -268,7 +273,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
-        self.promised_tokens -= _longest(request)
+        self.promised_tokens -= request.promised_tokens
         if request.first_scheduled_time is not None:
             self._finished_since_last_plan.append(request.request_id)
 
@@ -326,7 +331,3 @@ class Scheduler:
                 self._leave_waiting(request)
             self._finish(request, reason)  # drops the placeholder the next step samples
         return updates
-
-
-def _longest(request: Request) -> int:
-    return request.num_prompt_tokens + request.sampling_params.max_new_tokens

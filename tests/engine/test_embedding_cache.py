@@ -132,6 +132,8 @@ def test_running_requests_stop_holding_embeddings_once_their_images_are_planned(
     # the plan that encodes it frees the old one first (the runner drops, then encodes).
     second = with_image("b", "kb", 300)
     scheduler.add_request(second)
+    images.prefetch(second)  # as the engine does on arrival; with `first` running, `second`
+    images._prefetched["kb"].result()  # is admitted once its tiles are made
     plan = scheduler.schedule()
     assert first.held_image_keys == [] and images.index.num_in_use == 1
     assert plan.encoder_frees == ["ka"] and [i.key for i in plan.encoder_inputs] == ["kb"]

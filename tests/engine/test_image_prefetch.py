@@ -182,3 +182,53 @@ def test_a_request_ending_while_preempted_takes_its_prefetched_tiles_along() -> 
     updates = scheduler.update(in_flight, sampled)
     assert [u.request_id for u in updates if u.finish_reason is not None] == ["a"]
     assert images._waiters == {} and images._prefetched == {} and images._prefetched_tokens == {}
+
+
+def test_while_others_run_a_request_waits_for_its_tiles_and_later_ones_pass_it() -> None:
+    """A step never waits for tiles while other requests run: the image request is admitted
+    once its tiles are made (past the window: it is the first waiting for them), and a text
+    request behind it is admitted meanwhile. On an idle engine its step waits as before."""
+    from ocula.engine.prefix_cache import RadixCache
+    from ocula.engine.scheduler import Scheduler
+    from ocula.engine.slot_allocator import SlotAllocator
+
+    gate = threading.Event()
+    tile, calls = recording_tiler(gate)
+    images = ImageScheduler(8, tile, PAGES, PAGE_ROWS)
+    allocator = SlotAllocator(4 * image_inputs.MAX_PREFETCHED_TOKENS)
+    budget = 3 * image_inputs.MAX_PREFETCHED_TOKENS
+    scheduler = Scheduler(allocator, RadixCache(allocator), budget, None, 8, budget, images=images)
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+
+    def text(name: str) -> Request:
+        return Request(name, [1, 2, 3], params, frozenset())
+
+    big = 2 * image_inputs.MAX_PREFETCHED_TOKENS  # more than the whole prefetch window
+    with_image = Request(
+        "image",
+        list(range(big + 1)),
+        params,
+        frozenset(),
+        [ImageSpan("img", 0, big, image_bytes=b"x")],
+    )
+    scheduler.add_request(text("running"))
+    assert [s.request_id for s in scheduler.schedule().sequences] == ["running"]
+    scheduler.add_request(with_image)
+    scheduler.add_request(text("behind"))
+    plan = scheduler.schedule()
+    assert sorted(s.request_id for s in plan.sequences) == ["behind", "running"]
+    assert [r.request_id for r in scheduler.waiting] == ["image"]
+    assert "img" in images._prefetched and calls and not plan.encoder_inputs
+    gate.set()
+    images._prefetched["img"].result()
+    plan = scheduler.schedule()
+    assert "image" in [s.request_id for s in plan.sequences]
+    assert [item.key for item in plan.encoder_inputs] == ["img"] and not scheduler.waiting
+
+    # Idle: admitted at once, and `finish_plan` waits for its tiles.
+    idle_images = ImageScheduler(8, recording_tiler(gate)[0], PAGES, PAGE_ROWS)
+    fresh = SlotAllocator(64)
+    idle = Scheduler(fresh, RadixCache(fresh), 64, None, 8, 64, images=idle_images)
+    alone = Request("alone", [5, 6, 7, 8, 9], params, frozenset(), [ImageSpan("a", 0, 4)])
+    idle.add_request(alone)
+    assert [item.key for item in idle.schedule().encoder_inputs] == ["a"]
