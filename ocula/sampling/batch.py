@@ -21,7 +21,6 @@ from ocula.sampling.params import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
-    GREEDY_BELOW_TEMPERATURE,
     SamplingParams,
 )
 from ocula.utils.device import host_arrays_to_device
@@ -150,8 +149,6 @@ class SamplingBatch:
         for request in requests:
             params = request.sampling_params
             temperature = _or(params.temperature, DEFAULT_TEMPERATURE)
-            if temperature < GREEDY_BELOW_TEMPERATURE:
-                temperature = 0.0
             # Any k at or above the vocabulary keeps every token (the sampler clamps to it); the
             # ceiling keeps a client's 2**63 from overflowing the int64 tensor.
             top_k = min(_or(params.top_k, DEFAULT_TOP_K), TOP_K_CEILING)
