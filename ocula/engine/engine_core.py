@@ -202,9 +202,26 @@ class EngineCore:
             or self._in_flight is not None
         )
 
-    def step(self) -> list[TokenUpdate]:
+    @property
+    def waiting_for_tiles(self) -> bool:
+        """Nothing runs and the last step admitted nothing: every waiting request's images are
+        still being tiled. Stepping again is useful once a tiling finishes (`tiling_fd`) or a
+        request arrives."""
+        return self.scheduler.waiting_for_tiles and self._in_flight is None
+
+    @property
+    def tiling_fd(self) -> int | None:
+        """A file descriptor readable when an image's tiling finishes (drain it after polling),
+        for a loop that also waits on other inputs; None without a vision encoder."""
+        return self.images.tiling.fileno() if self.images is not None else None
+
+    def step(self, wait_for_tiles: bool = True) -> list[TokenUpdate]:
         """Launches one forward of whatever the scheduler picks and applies the results of the
-        step before it (with overlap) or of this one (without); [] when there is nothing."""
+        step before it (with overlap) or of this one (without); [] when there is nothing.
+
+        A step never waits for images to be tiled. When it could admit nothing because of them
+        and nothing runs, it blocks until one tiling finishes with `wait_for_tiles`; without it,
+        it returns at once (the caller waits on `tiling_fd`)."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         self.tp.broadcast_object(plan)  # the other ranks run the same plan (no-op at tp=1)
@@ -214,8 +231,10 @@ class EngineCore:
         if not self.overlap or plan.is_empty:  # nothing to overlap with: finish it now
             updates += self._apply(launched)
             self._in_flight = None
+        if wait_for_tiles and self.waiting_for_tiles and self.images is not None:
+            self.images.wait_for_tiles()
         elapsed = time.perf_counter() - started
-        if elapsed > SLOW_STEP_SECONDS:
+        if elapsed > SLOW_STEP_SECONDS and not plan.is_empty:
             logger.warning(
                 "a step took %.2f s (launching %d sequence(s), %d new token(s), %d image(s) to "
                 "encode; and finishing the step before it)",

@@ -22,9 +22,11 @@ runs in worker threads, ahead of admission: `prefetch` starts it when a request 
 the embedding cache does not hold (shared by key, at most MAX_PREFETCHED_TOKENS placeholder
 tokens' worth of tiles waiting at once). Admission takes the result; an image admitted before it
 was prefetched is tiled in the same threads, and `finish_plan` waits for the step's images
-together, so a step admitting many such images tiles them in parallel, not one by one. While
-other requests run, the scheduler admits a request only once `tiles_ready` (its tiles made, the
-first such request's past the window): large images never stall the running requests' steps.
+together, so a step admitting many such images tiles them in parallel, not one by one. The
+scheduler admits a request only once `tiles_ready` (its tiles made, the first such request's past
+the window; later requests pass it meanwhile): a step never waits for tiling, so large images
+neither stall running requests nor hold new ones. An engine with nothing else to do waits for
+the next tiling to finish (`wait_for_tiles`, or `tiling.fileno()` beside other inputs).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +43,7 @@ import torch
 from ocula.engine.embedding_cache import EmbeddingCacheIndex
 from ocula.engine.embedding_pool import pages_for_rows
 from ocula.engine.request import ImageSpan, Request
+from ocula.engine.tiling_signal import TilingSignal
 
 
 @dataclass
@@ -99,6 +103,7 @@ class ImageScheduler:
         self._prefetched_tokens: dict[str, int] = {}  # placeholder tokens of each prefetched key
         self._waiters: dict[str, set[str]] = {}  # waiting request ids per prefetched key
         self._pool: ThreadPoolExecutor | None = None
+        self.tiling = TilingSignal()  # readable when a tiling finishes
 
     def prefetch(self, request: Request, past_window: bool = False) -> bool:
         """Starts tiling the request's images that are not cached (nor being tiled already);
@@ -146,7 +151,15 @@ class ImageScheduler:
     def _submit(self, span: ImageSpan) -> Future[torch.Tensor]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(PREFETCH_THREADS, "ocula-tiling")
-        return self._pool.submit(self._preprocess, span)
+        future = self._pool.submit(self._preprocess, span)
+        future.add_done_callback(self.tiling.notify)
+        return future
+
+    def wait_for_tiles(self, timeout: float | None = None) -> None:
+        """Blocks until one of the tilings under way finishes (at once if none is)."""
+        running = [future for future in self._prefetched.values() if not future.done()]
+        if running:
+            wait_for_futures(running, timeout, FIRST_COMPLETED)
 
     def _new_images(self, request: Request, cached_prefix_len: int) -> dict[str, int]:
         """Pages of each image the request would encode now (not cached, not in its prefix hit)."""
@@ -155,6 +168,10 @@ class ImageScheduler:
             for span in request.images
             if span.offset + span.length > cached_prefix_len and span.key not in self.index
         }
+
+    def encodes_images(self, request: Request, cached_prefix_len: int) -> bool:
+        """Whether admitting the request now would run the vision encoder."""
+        return bool(self._new_images(request, cached_prefix_len))
 
     def pages_needed(self, request: Request) -> int:
         """Pool pages the request's images take at most (none cached, no prefix hit)."""

@@ -25,6 +25,7 @@ is ignored when that step is applied.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 
@@ -71,6 +72,9 @@ class Scheduler:
         self._admitted_images: list[PendingImage] = []  # this plan's, until `finish_plan`
         self._finished_holding_kv: list[Request] = []  # see `release_finished`
         self.promised_tokens = 0  # prompt + max_new_tokens of every unfinished request
+        # The last plan admitted nothing and nothing runs: the waiting requests' tiles are being
+        # made (the engine then waits for a tiling to finish, or for a new request).
+        self.waiting_for_tiles = False
 
     # -- queue management ---------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -122,6 +126,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         self.release_finished()
+        self.waiting_for_tiles = False
         plan = StepPlan(finished_request_ids=self._finished_since_last_plan)
         self._finished_since_last_plan = []
         for row, start, slots in self.kv.start_plan():
@@ -182,13 +187,13 @@ class Scheduler:
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
         untiled: list[Request] = []  # passed over until their tiles are made; keep their places
-        others_run = bool(self.running)  # admitted before this plan: steps tiling must not stall
+        batch_images = self._batch_images_once_tiled(budget)
         while self.waiting and budget > 0 and self._free_rows:
             request = self.waiting[0]
             if request.token_ids[-1] == PLACEHOLDER_TOKEN:  # preempted while a step samples it
                 break
             prefix_len = self.kv.match_prefix(request)
-            if others_run and self._must_wait_for_tiles(request, prefix_len, first=not untiled):
+            if self._must_wait_for_tiles(request, prefix_len, not untiled, batch_images):
                 self.kv.unlock_prefix(request)
                 untiled.append(self.waiting.popleft())
                 continue
@@ -232,13 +237,38 @@ class Scheduler:
             self._release_embedded_images(request)
             budget -= num_new
         self.waiting.extendleft(reversed(untiled))
+        self.waiting_for_tiles = bool(untiled) and not self.running
 
-    def _must_wait_for_tiles(self, request: Request, prefix_len: int, first: bool) -> bool:
-        """While others run, a request whose tiles are being made waits (later ones may pass
-        it): the step would wait for them. On an idle engine its step waits."""
+    def _must_wait_for_tiles(
+        self, request: Request, prefix_len: int, first: bool, batch_images: bool
+    ) -> bool:
+        """A request whose tiles are being made waits (later ones may pass it): a step admitting
+        it would wait for them, and every request in that step with it. With `batch_images`,
+        every request with images to encode waits."""
         if not request.images or self.images is None:
             return False
+        if batch_images:
+            return self.images.encodes_images(request, prefix_len)
         return not self.images.tiles_ready(request, prefix_len, past_window=first)
+
+    def _batch_images_once_tiled(self, budget: int) -> bool:
+        """On an idle engine, whether a request this plan could admit still has tiles being made
+        (their tiling is started, window or not). Then the requests with images to encode wait
+        until all of them are tiled, to be encoded and prefilled together (an offline batch's
+        first step), and the others go first: a text request does not wait for tiling."""
+        if self.running or self.images is None:
+            return False
+        for request in itertools.islice(self.waiting, len(self._free_rows)):
+            if budget <= 0 or request.token_ids[-1] == PLACEHOLDER_TOKEN:
+                break
+            prefix_len = self.kv.match_prefix(request)
+            num_new = chunk_size(request, budget, self.chunked_prefill_size)
+            ready = self.images.tiles_ready(request, prefix_len, past_window=True)
+            self.kv.unlock_prefix(request)
+            if not ready:
+                return True
+            budget -= num_new
+        return False
 
     def _admit_images(self, plan: StepPlan, request: Request, prefix_len: int) -> None:
         if self.images is None:

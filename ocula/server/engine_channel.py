@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
+import os
 import pickle
 import select
 import shutil
@@ -107,6 +109,13 @@ class EngineSideChannel:
         self._decoder = FrameDecoder()
         self._unsent: collections.deque[memoryview] = collections.deque()
         self.closed = False  # the front closed its end: nothing more will arrive
+        self._wakeups: set[int] = set()
+
+    def add_wakeup(self, fd: int) -> None:
+        """Makes `receive` return early when the non-blocking pipe `fd` becomes readable; it
+        reads the pipe empty."""
+        self._poller.register(fd, select.POLLIN)
+        self._wakeups.add(fd)
 
     @property
     def unsent_bytes(self) -> int:
@@ -146,7 +155,12 @@ class EngineSideChannel:
         ready = self._poller.poll(timeout_ms)
         if self._unsent:
             self._flush()
-        if not any(event & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, event in ready):
+        for fd, _ in ready:
+            if fd in self._wakeups:
+                _drain_pipe(fd)
+        socket_fd = self._socket.fileno()
+        readable = select.POLLIN | select.POLLHUP | select.POLLERR
+        if not any(fd == socket_fd and event & readable for fd, event in ready):
             return []
         frames: list[bytes] = []
         while True:
@@ -266,3 +280,10 @@ class _Refused(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         logger.warning("refused a second connection to the engine channel's socket")
         transport.close()
+
+
+def _drain_pipe(fd: int) -> None:
+    """Reads everything a non-blocking pipe holds."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass

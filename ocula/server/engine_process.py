@@ -91,8 +91,10 @@ def _serve(core: EngineCore, channel: EngineSideChannel, followers: FollowerRank
     parent = multiprocessing.parent_process()
     sent_stats: EngineStats | None = None
     payloads = EnginePayloads()  # the image payloads received, mirrored by the front
+    if core.tiling_fd is not None:
+        channel.add_wakeup(core.tiling_fd)  # a finished tiling may make a request admissible
     while True:
-        timeout = 0 if core.has_work() else IDLE_POLL_MS
+        timeout = 0 if core.has_work() and not core.waiting_for_tiles else IDLE_POLL_MS
         for message in channel.receive(timeout):
             if isinstance(message, Shutdown):
                 return
@@ -105,7 +107,7 @@ def _serve(core: EngineCore, channel: EngineSideChannel, followers: FollowerRank
         if followers is not None:
             followers.check_alive()
         if core.has_work():
-            updates = core.step()
+            updates = core.step(wait_for_tiles=False)
             if followers is not None:
                 followers.note_step()
             stats, vit_batch_sizes = core.stats(), core.take_vit_batch_sizes()

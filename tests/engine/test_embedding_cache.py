@@ -122,6 +122,8 @@ def test_running_requests_stop_holding_embeddings_once_their_images_are_planned(
 
     first = with_image("a", "ka", 100)
     scheduler.add_request(first)
+    images.prefetch(first)  # as the engine does on arrival; an idle engine waits for the tiles
+    images._prefetched["ka"].result()
     plan = scheduler.schedule()  # tokens 0-7: half the image
     assert [item.key for item in plan.encoder_inputs] == ["ka"] and first.held_image_keys
     run(plan)

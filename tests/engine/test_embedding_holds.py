@@ -130,6 +130,8 @@ def test_no_chunk_reads_a_dropped_embedding_and_holds_end_with_the_images(seed: 
         if plan.is_empty:
             apply(plan)
             in_flight = None
+            if scheduler.waiting_for_tiles:  # as the engine core does
+                images.wait_for_tiles()
         holds: dict[str, int] = {}
         for request in [*scheduler.running, *scheduler.waiting]:
             for key in request.held_image_keys:

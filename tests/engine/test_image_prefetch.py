@@ -3,6 +3,7 @@ a bounded window topped up from the waiting queue, and parallel tiling of a step
 
 from __future__ import annotations
 
+import select
 import threading
 from collections.abc import Callable
 
@@ -170,6 +171,8 @@ def test_a_request_ending_while_preempted_takes_its_prefetched_tiles_along() -> 
     for r in (ending, other):
         scheduler.add_request(r)
         images.prefetch(r)
+    for key in ("ka", "kb"):  # an idle engine admits them once tiled
+        images._prefetched[key].result()
     in_flight = scheduler.schedule()
     # The next plan preempts `ending` while `in_flight` samples its last token: it waits at the
     # head of the queue with that token pending, and must not be prefetched again...
@@ -184,10 +187,10 @@ def test_a_request_ending_while_preempted_takes_its_prefetched_tiles_along() -> 
     assert images._waiters == {} and images._prefetched == {} and images._prefetched_tokens == {}
 
 
-def test_while_others_run_a_request_waits_for_its_tiles_and_later_ones_pass_it() -> None:
-    """A step never waits for tiles while other requests run: the image request is admitted
-    once its tiles are made (past the window: it is the first waiting for them), and a text
-    request behind it is admitted meanwhile. On an idle engine its step waits as before."""
+def test_a_request_waits_for_its_tiles_and_later_ones_pass_it() -> None:
+    """A step never waits for tiles: the image request is admitted once its tiles are made (past
+    the window: it is the first waiting for them), and a text request behind it is admitted
+    meanwhile, whether other requests run or not."""
     from ocula.engine.prefix_cache import RadixCache
     from ocula.engine.scheduler import Scheduler
     from ocula.engine.slot_allocator import SlotAllocator
@@ -219,16 +222,38 @@ def test_while_others_run_a_request_waits_for_its_tiles_and_later_ones_pass_it()
     assert sorted(s.request_id for s in plan.sequences) == ["behind", "running"]
     assert [r.request_id for r in scheduler.waiting] == ["image"]
     assert "img" in images._prefetched and calls and not plan.encoder_inputs
+    assert not scheduler.waiting_for_tiles  # others run: their steps go on meanwhile
     gate.set()
     images._prefetched["img"].result()
     plan = scheduler.schedule()
     assert "image" in [s.request_id for s in plan.sequences]
     assert [item.key for item in plan.encoder_inputs] == ["img"] and not scheduler.waiting
 
-    # Idle: admitted at once, and `finish_plan` waits for its tiles.
-    idle_images = ImageScheduler(8, recording_tiler(gate)[0], PAGES, PAGE_ROWS)
-    fresh = SlotAllocator(64)
-    idle = Scheduler(fresh, RadixCache(fresh), 64, None, 8, 64, images=idle_images)
+
+def test_an_idle_engine_admits_text_while_an_image_is_tiled_and_waits_for_the_tiling() -> None:
+    from ocula.engine.prefix_cache import RadixCache
+    from ocula.engine.scheduler import Scheduler
+    from ocula.engine.slot_allocator import SlotAllocator
+
+    gate = threading.Event()
+    images = ImageScheduler(8, recording_tiler(gate)[0], PAGES, PAGE_ROWS)
+    wake_fd = images.tiling.fileno()
+    allocator = SlotAllocator(64)
+    scheduler = Scheduler(allocator, RadixCache(allocator), 64, None, 8, 64, images=images)
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
     alone = Request("alone", [5, 6, 7, 8, 9], params, frozenset(), [ImageSpan("a", 0, 4)])
-    idle.add_request(alone)
-    assert [item.key for item in idle.schedule().encoder_inputs] == ["a"]
+    scheduler.add_request(alone)
+    plan = scheduler.schedule()
+    assert plan.is_empty and scheduler.waiting_for_tiles
+    # The engine would now wait for the tiling or a new request; a text request comes first.
+    scheduler.add_request(Request("text", [1, 2, 3], params, frozenset()))
+    plan = scheduler.schedule()
+    assert [s.request_id for s in plan.sequences] == ["text"] and not scheduler.waiting_for_tiles
+    assert not select.select([wake_fd], [], [], 0)[0]  # no tiling has finished
+    gate.set()
+    images.wait_for_tiles()
+    assert select.select([wake_fd], [], [], 5)[0]  # the finished tiling wakes a polling loop
+    plan = scheduler.schedule()
+    assert [s.request_id for s in plan.sequences] == ["text", "alone"]
+    assert [item.key for item in plan.encoder_inputs] == ["a"]
+    images.tiling.close()

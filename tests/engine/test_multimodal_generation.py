@@ -202,3 +202,44 @@ def test_a_batch_decodes_its_images_in_threads_and_is_queued_all_or_none(
     assert not engine.has_unfinished_requests() and not engine.core.has_work()
     outputs = llm.generate(good, GREEDY)
     assert [len(out.outputs[0].token_ids) for out in outputs] == [8, 8, 8]
+
+
+def test_a_core_never_steps_into_tiling_and_an_idle_one_waits_for_it(
+    hf_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text request that arrives while an idle engine's only image is being tiled runs at
+    once; the image request runs once its tiles are made, with the same tokens as alone."""
+    import threading
+
+    from ocula.multimodal import preprocess_span as preprocess_module
+
+    gate = threading.Event()
+
+    def gated(span):
+        gate.wait(30)
+        return preprocess_span(span)
+
+    monkeypatch.setattr(preprocess_module, "preprocess_span", gated)
+    llm = LLM(str(hf_checkpoint), max_total_token_num=4096)
+    engine, core = llm.engine, llm.engine.core
+    image_prompt = {"prompt": "look: <image>", "images": [random_png(80, 60, 70)]}
+    engine.add_request("image", image_prompt, GREEDY)
+    assert core.step(wait_for_tiles=False) == [] and core.waiting_for_tiles
+    engine.add_request("text", "no image here", GREEDY)
+    finished = []
+    while not finished:  # the text request alone: its steps never wait for the tiling
+        finished += engine.step()
+    assert [out.request_id for out in finished] == ["text"] and not gate.is_set()
+    for _ in range(3):  # the text request's last step in flight is applied
+        if core.waiting_for_tiles:
+            break
+        assert core.step(wait_for_tiles=False) == []
+    assert core.waiting_for_tiles and core.has_work()
+    threading.Timer(0.05, gate.set).start()
+    assert engine.step() == [] and gate.is_set()  # an idle in-process step waits for tiles
+    while engine.has_unfinished_requests():
+        finished += engine.step()
+    assert (
+        finished[1].outputs[0].token_ids
+        == llm.generate(image_prompt, GREEDY)[0].outputs[0].token_ids
+    )

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import os
 import pickle
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -246,3 +248,28 @@ def test_the_engine_never_blocks_on_a_front_that_does_not_read(engine_and_peer) 
         engine.receive(10)
     reader.join(timeout=30)
     assert [pickle.loads(data) for data in received] == sent
+
+
+def test_a_wakeup_pipe_ends_the_wait_early_and_is_read_empty(engine_and_peer) -> None:
+    from ocula.engine.tiling_signal import TilingSignal
+
+    engine, peer = engine_and_peer
+    signal = TilingSignal()
+    engine.add_wakeup(signal.fileno())
+    try:
+        timer = threading.Timer(0.05, signal.notify)
+        timer.start()
+        started = time.monotonic()
+        assert engine.receive(10_000) == []  # the signal, not the 10 s timeout, ends it
+        timer.join()
+        assert time.monotonic() - started < 5
+        for _ in range(3):
+            signal.notify()
+        assert engine.receive(0) == []
+        assert select.select([signal.fileno()], [], [], 0)[0] == []  # drained
+        # A message and a wake-up together: the message comes through.
+        signal.notify()
+        peer.sendall(b"".join(encode({"after": 1})))
+        assert receive_all(engine, 1) == [{"after": 1}]
+    finally:
+        signal.close()
