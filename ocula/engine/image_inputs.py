@@ -15,18 +15,15 @@ has one row per placeholder. The scheduler admits a request, then this class:
   start) or when it stops running, whichever comes first; evicted keys reach the runner as a
   plan's frees, which it drops before that plan's encodes.
 
-Tiling an image (decode, resize, crop) is CPU work of a millisecond to tens of milliseconds;
-done at admission it would stall the engine loop, and every running request with it. So tiling
-runs in worker threads, ahead of admission: `prefetch` starts it when a request arrives, and
+Tiling an image (decode, resize, crop) is CPU work of a millisecond to tens of milliseconds,
+done in worker threads ahead of admission: `prefetch` starts it when a request arrives, and
 `finish_plan` tops the window up from the waiting queue every step, in queue order, for images
 the embedding cache does not hold (shared by key, at most MAX_PREFETCHED_TOKENS placeholder
-tokens' worth of tiles waiting at once). Admission takes the result; an image admitted before it
-was prefetched is tiled in the same threads, and `finish_plan` waits for the step's images
-together, so a step admitting many such images tiles them in parallel, not one by one. The
-scheduler admits a request only once `tiles_ready` (its tiles made, the first such request's past
-the window; later requests pass it meanwhile): a step never waits for tiling, so large images
-neither stall running requests nor hold new ones. An engine with nothing else to do waits for
-the next tiling to finish (`wait_for_tiles`, or `tiling.fileno()` beside other inputs).
+tokens' worth of tiles waiting at once). The scheduler admits a request only once `tiles_ready`
+(`tiling_admission.py`), so a step never waits for tiling; an engine with nothing else to do
+waits for the next tiling to finish (`wait_for_tiles`, or `tiling.fileno()` beside other
+inputs). `finish_plan` hands the admitted images' tiles to the encoder; an image admitted
+without a prefetch (called directly, as tests do) is tiled then, in the same threads.
 """
 
 from __future__ import annotations

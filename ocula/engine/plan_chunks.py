@@ -9,11 +9,13 @@ applied (the next plan may decode it before then).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.request import PLACEHOLDER_TOKEN, Request
-from ocula.engine.step_plan import ScheduledSequence, StepPlan
+from ocula.engine.step_plan import NewRequestData, ScheduledSequence, StepPlan
 
 
 def plan_chunk(plan: StepPlan, request: Request, slots: torch.Tensor) -> None:
@@ -34,6 +36,21 @@ def plan_decode(plan: StepPlan, request: Request, slot: int) -> None:
     request.num_scheduled_tokens = start + 1
     plan.table_writes.add_cell(request.table_row, start, slot)
     _add_sequence(plan, request, start, start + 1)
+
+
+def plan_first_admission(plan: StepPlan, request: Request, prefix_len: int) -> None:
+    """A request admitted for the first time (not after a preemption): the runner learns its
+    sampling parameters and prompt with this plan."""
+    request.num_cached_tokens = prefix_len
+    plan.new_requests.append(
+        NewRequestData(
+            request.request_id,
+            request.sampling_params,
+            request.token_ids[: request.num_prompt_tokens],
+            request.eos_token_ids,
+        )
+    )
+    request.first_scheduled_time = time.monotonic()
 
 
 def _add_sequence(plan: StepPlan, request: Request, start: int, end: int) -> None:

@@ -25,8 +25,6 @@ is ignored when that step is applied.
 
 from __future__ import annotations
 
-import itertools
-import time
 from collections import deque
 
 from ocula.engine.image_inputs import ImageScheduler, PendingImage
@@ -37,12 +35,14 @@ from ocula.engine.plan_chunks import (
     last_token_in_flight,
     plan_chunk,
     plan_decode,
+    plan_first_admission,
 )
 from ocula.engine.prefix_cache import RadixCache
 from ocula.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request, RequestStatus
 from ocula.engine.request_kv import DecodeSlots, RequestKV
 from ocula.engine.slot_allocator import SlotAllocator
-from ocula.engine.step_plan import NewRequestData, SampledToken, StepPlan
+from ocula.engine.step_plan import SampledToken, StepPlan
+from ocula.engine.tiling_admission import TilingGate
 
 
 class Scheduler:
@@ -187,13 +187,16 @@ class Scheduler:
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
         untiled: list[Request] = []  # passed over until their tiles are made; keep their places
-        batch_images = self._batch_images_once_tiled(budget)
+        rows, idle = len(self._free_rows), not self.running
+        tiling = TilingGate.for_plan(
+            self.images, self.kv, self.waiting, rows, budget, self.chunked_prefill_size, idle
+        )
         while self.waiting and budget > 0 and self._free_rows:
             request = self.waiting[0]
             if request.token_ids[-1] == PLACEHOLDER_TOKEN:  # preempted while a step samples it
                 break
             prefix_len = self.kv.match_prefix(request)
-            if self._must_wait_for_tiles(request, prefix_len, not untiled, batch_images):
+            if tiling.must_wait(request, prefix_len):
                 self.kv.unlock_prefix(request)
                 untiled.append(self.waiting.popleft())
                 continue
@@ -219,16 +222,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.table_row = self._free_rows.pop()
             if request.first_scheduled_time is None:
-                request.num_cached_tokens = prefix_len
-                plan.new_requests.append(
-                    NewRequestData(
-                        request.request_id,
-                        request.sampling_params,
-                        request.token_ids[: request.num_prompt_tokens],
-                        request.eos_token_ids,
-                    )
-                )
-                request.first_scheduled_time = time.monotonic()
+                plan_first_admission(plan, request, prefix_len)
             plan.table_writes.add(request.table_row, 0, request.kv_slots.clone())
             if request.images:
                 self._admit_images(plan, request, prefix_len)
@@ -238,37 +232,6 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(untiled))
         self.waiting_for_tiles = bool(untiled) and not self.running
-
-    def _must_wait_for_tiles(
-        self, request: Request, prefix_len: int, first: bool, batch_images: bool
-    ) -> bool:
-        """A request whose tiles are being made waits (later ones may pass it): a step admitting
-        it would wait for them, and every request in that step with it. With `batch_images`,
-        every request with images to encode waits."""
-        if not request.images or self.images is None:
-            return False
-        if batch_images:
-            return self.images.encodes_images(request, prefix_len)
-        return not self.images.tiles_ready(request, prefix_len, past_window=first)
-
-    def _batch_images_once_tiled(self, budget: int) -> bool:
-        """On an idle engine, whether a request this plan could admit still has tiles being made
-        (their tiling is started, window or not). Then the requests with images to encode wait
-        until all of them are tiled, to be encoded and prefilled together (an offline batch's
-        first step), and the others go first: a text request does not wait for tiling."""
-        if self.running or self.images is None:
-            return False
-        for request in itertools.islice(self.waiting, len(self._free_rows)):
-            if budget <= 0 or request.token_ids[-1] == PLACEHOLDER_TOKEN:
-                break
-            prefix_len = self.kv.match_prefix(request)
-            num_new = chunk_size(request, budget, self.chunked_prefill_size)
-            ready = self.images.tiles_ready(request, prefix_len, past_window=True)
-            self.kv.unlock_prefix(request)
-            if not ready:
-                return True
-            budget -= num_new
-        return False
 
     def _admit_images(self, plan: StepPlan, request: Request, prefix_len: int) -> None:
         if self.images is None:
