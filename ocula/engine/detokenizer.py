@@ -130,6 +130,15 @@ class IncrementalDetokenizer:
         window_text = self._decode(self._context_ids + self._held_ids)
         return self._emit(len(self._held_ids), window_text)
 
+    def finish_with(self, token_ids: Iterable[int]) -> str:
+        """`push(token_ids) + flush()` in one decode, for a caller that reads the text only at
+        the end: the same text but for the module docstring's exceptions 1 and 2, where this
+        gives the full decode's."""
+        if self._finished:
+            raise RuntimeError("finish_with() after flush(): the output is finished")
+        self._held_ids.extend(t for t in token_ids if t not in self._skipped_ids)
+        return self.flush()
+
     def _emit(self, num_tokens: int, window_text: str) -> str:
         """Make the first `num_tokens` held tokens final; `window_text` decodes context + those."""
         new_text = window_text[len(self._context_text) :]

@@ -223,7 +223,11 @@ class LLMEngine:
             children.append(
                 Request(child_id, prompt_ids, child_params, self.eos_token_ids, images=images)
             )
-            group.sequences.append(SequenceStream(index, self.tokenizer, prompt_ids, child_params))
+            # Text is read once a request has finished (`step`): detokenized then, in one go.
+            stream = SequenceStream(
+                index, self.tokenizer, prompt_ids, child_params, final_only=True
+            )
+            group.sequences.append(stream)
         added = []
         try:
             for child in children:

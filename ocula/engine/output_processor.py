@@ -42,12 +42,25 @@ def fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, Sampling
 
 
 class SequenceStream:
-    """Text state of one generated sequence."""
+    """Text state of one generated sequence.
 
-    def __init__(self, index: int, tokenizer: Any, prompt_ids: list[int], params: SamplingParams):
+    With `final_only` (a caller that reads the text once the sequence has finished, as the
+    in-process engine does) and no stop strings to watch for, the tokens are detokenized in one
+    decode at the end instead of one by one: `apply` returns "" until the last token."""
+
+    def __init__(
+        self,
+        index: int,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        final_only: bool = False,
+    ) -> None:
         self.index = index
         self.params = params
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        # Tokens whose text waits for the end (final_only), else None.
+        self._text_ids: list[int] | None = [] if final_only and not params.stop else None
         self.stop_matcher = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
         self.token_ids: list[int] = []
         self.text = ""
@@ -84,9 +97,15 @@ class SequenceStream:
         )
         new_text = ""
         if not stopped_by_token or keep_stop_text:
-            new_text = self.detokenizer.push([update.token_id])
+            if self._text_ids is not None:
+                self._text_ids.append(update.token_id)
+            else:
+                new_text = self.detokenizer.push([update.token_id])
         if update.finish_reason is not None:
-            new_text += self.detokenizer.flush()
+            if self._text_ids is not None:
+                new_text = self.detokenizer.finish_with(self._text_ids)
+            else:
+                new_text += self.detokenizer.flush()
         if len(self.token_ids) <= self.params.min_new_tokens:
             # Like EOS and stop ids, stop strings only count once min_new_tokens exist.
             emitted, stopped = new_text, False

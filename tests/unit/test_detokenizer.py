@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import json
 import random
 from pathlib import Path
@@ -299,3 +300,29 @@ def test_a_transformers_that_locks_its_tokenizer_keeps_its_own_decode(
 
     monkeypatch.setattr(tokenization_utils_tokenizers, "_TOKENIZER_NEEDS_LOCK", True, raising=False)
     assert rust_backend(qwen_tokenizer) is None
+
+
+@pytest.mark.parametrize("tokenizer_name", TOKENIZERS)
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_finishing_in_one_decode_gives_the_streamed_text(
+    request: pytest.FixtureRequest, tokenizer_name: str, skip_special_tokens: bool
+) -> None:
+    """`finish_with(ids)` equals pushing the ids one by one and flushing, with and without a
+    prompt as context, on real text and on random ids (none of which hit exceptions 1 and 2:
+    fewer than MAX_HELD_TOKENS tokens, whole byte-fallback characters)."""
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    vocab_size, special_ids = len(tokenizer), sorted(tokenizer.added_tokens_decoder)
+    byte_ids = None
+    if tokenizer_name == "sentencepiece_tokenizer":
+        byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
+    rng = random.Random(f"at-once-{tokenizer_name}-{skip_special_tokens}")
+    outputs = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
+    outputs += [random_output_ids(rng, vocab_size, special_ids, byte_ids) for _ in range(100)]
+    prompts = ([], tokenizer.encode(PROMPT, add_special_tokens=False))
+    for output_ids, prompt_ids in itertools.product(outputs, prompts):
+        streamed = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+        expected = "".join(streamed.push([t]) for t in output_ids) + streamed.flush()
+        at_once = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+        assert at_once.finish_with(output_ids) == expected == at_once.text
+        with pytest.raises(RuntimeError, match="finished"):
+            at_once.finish_with([1])
