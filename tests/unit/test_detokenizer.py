@@ -147,6 +147,16 @@ def random_output_ids(
     return output_ids or [rng.choice(special_ids)]
 
 
+def random_outputs(tokenizer, tokenizer_name: str, seed: str, count: int) -> list[list[int]]:
+    """`count` outputs of `random_output_ids` for one of TOKENIZERS."""
+    vocab_size, special_ids = len(tokenizer), sorted(tokenizer.added_tokens_decoder)
+    byte_ids = None
+    if tokenizer_name == "sentencepiece_tokenizer":
+        byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
+    rng = random.Random(seed)
+    return [random_output_ids(rng, vocab_size, special_ids, byte_ids) for _ in range(count)]
+
+
 @pytest.mark.parametrize("tokenizer_name", TOKENIZERS)
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_random_token_sequences_join_to_full_decode(
@@ -154,13 +164,8 @@ def test_random_token_sequences_join_to_full_decode(
 ) -> None:
     """Every prefix of the stream is a prefix of the full decode, and the join equals it."""
     tokenizer = request.getfixturevalue(tokenizer_name)
-    vocab_size, special_ids = len(tokenizer), sorted(tokenizer.added_tokens_decoder)
-    byte_ids = None
-    if tokenizer_name == "sentencepiece_tokenizer":
-        byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
-    rng = random.Random(f"{tokenizer_name}-{skip_special_tokens}")
-    for _ in range(150):
-        output_ids = random_output_ids(rng, vocab_size, special_ids, byte_ids)
+    seed = f"{tokenizer_name}-{skip_special_tokens}"
+    for output_ids in random_outputs(tokenizer, tokenizer_name, seed, 150):
         reference = full_decode(tokenizer, output_ids, skip_special_tokens)
         detokenizer = IncrementalDetokenizer(tokenizer, [], skip_special_tokens)
         assert stream(detokenizer, output_ids, reference) == reference
@@ -308,16 +313,12 @@ def test_finishing_in_one_decode_gives_the_streamed_text(
     request: pytest.FixtureRequest, tokenizer_name: str, skip_special_tokens: bool
 ) -> None:
     """`finish_with(ids)` equals pushing the ids one by one and flushing, with and without a
-    prompt as context, on real text and on random ids (none of which hit exceptions 1 and 2:
-    fewer than MAX_HELD_TOKENS tokens, whole byte-fallback characters)."""
+    prompt as context, on real text and on random ids like the test above's (which stream
+    exactly: they do not hit the contract's exceptions 1 and 2)."""
     tokenizer = request.getfixturevalue(tokenizer_name)
-    vocab_size, special_ids = len(tokenizer), sorted(tokenizer.added_tokens_decoder)
-    byte_ids = None
-    if tokenizer_name == "sentencepiece_tokenizer":
-        byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
-    rng = random.Random(f"at-once-{tokenizer_name}-{skip_special_tokens}")
     outputs = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
-    outputs += [random_output_ids(rng, vocab_size, special_ids, byte_ids) for _ in range(100)]
+    seed = f"at-once-{tokenizer_name}-{skip_special_tokens}"
+    outputs += random_outputs(tokenizer, tokenizer_name, seed, 100)
     prompts = ([], tokenizer.encode(PROMPT, add_special_tokens=False))
     for output_ids, prompt_ids in itertools.product(outputs, prompts):
         streamed = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
