@@ -231,10 +231,10 @@ class EngineCore:
         if not self.overlap or plan.is_empty:  # nothing to overlap with: finish it now
             updates += self._apply(launched)
             self._in_flight = None
+        elapsed = time.perf_counter() - started
         if wait_for_tiles and self.waiting_for_tiles and self.images is not None:
             self.images.wait_for_tiles()
-        elapsed = time.perf_counter() - started
-        if elapsed > SLOW_STEP_SECONDS and not plan.is_empty:
+        if elapsed > SLOW_STEP_SECONDS:
             logger.warning(
                 "a step took %.2f s (launching %d sequence(s), %d new token(s), %d image(s) to "
                 "encode; and finishing the step before it)",

@@ -72,11 +72,16 @@ def _untiled_within(
     for request in itertools.islice(waiting, rows):
         if budget <= 0 or request.token_ids[-1] == PLACEHOLDER_TOKEN:
             break
-        prefix_len = kv.match_prefix(request)
-        num_new = chunk_size(request, budget, chunked_prefill_size)
-        ready = images.tiles_ready(request, prefix_len, past_window=True)
-        kv.unlock_prefix(request)
-        if not ready:
-            return True
+        if request.images:
+            prefix_len = kv.match_prefix(request)
+            num_new = chunk_size(request, budget, chunked_prefill_size)
+            ready = images.tiles_ready(request, prefix_len, past_window=True)
+            kv.unlock_prefix(request)
+            if not ready:
+                return True
+        else:  # its prefix-cache hit is not looked up: its chunk is counted whole
+            num_new = chunk_size(request, budget, chunked_prefill_size)
+        if num_new == 0:  # the plan stops here
+            break
         budget -= num_new
     return False
