@@ -152,11 +152,11 @@ class ImageScheduler:
         future.add_done_callback(self.tiling.notify)
         return future
 
-    def wait_for_tiles(self, timeout: float | None = None) -> None:
+    def wait_for_tiles(self) -> None:
         """Blocks until one of the tilings under way finishes (at once if none is)."""
         running = [future for future in self._prefetched.values() if not future.done()]
         if running:
-            wait_for_futures(running, timeout, FIRST_COMPLETED)
+            wait_for_futures(running, return_when=FIRST_COMPLETED)
 
     def _new_images(self, request: Request, cached_prefix_len: int) -> dict[str, int]:
         """Pages of each image the request would encode now (not cached, not in its prefix hit)."""

@@ -186,7 +186,7 @@ class Scheduler:
         return plan
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
-        untiled: list[Request] = []  # passed over until their tiles are made; keep their places
+        untiled: list[Request] = []  # passed over for tiling (`TilingGate`); keep their places
         rows, idle = len(self._free_rows), not self.running
         tiling = TilingGate.for_plan(
             self.images, self.kv, self.waiting, rows, budget, self.chunked_prefill_size, idle
