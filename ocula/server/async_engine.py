@@ -46,6 +46,10 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams  # validated and resolved against the model's defaults
     images: list[ImageSpan] = field(default_factory=list)
+    # The caller reads only each sequence's whole text (an answer sent at the end, without
+    # per-token text or offsets): without stop strings, a sequence's text is then decoded once
+    # when it finishes, and its events carry "" but the last, which carries all of it.
+    text_at_end: bool = False
 
 
 @dataclass
@@ -243,7 +247,11 @@ class AsyncEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         for index, (child_id, child_params) in enumerate(children):
             streams[child_id] = SequenceStream(
-                index, self.tokenizer, request.prompt_token_ids, child_params
+                index,
+                self.tokenizer,
+                request.prompt_token_ids,
+                child_params,
+                final_only=request.text_at_end,
             )
             self._queues[child_id] = queue
             self._send(

@@ -162,6 +162,8 @@ async def _generate(request: Request, body: GenerateRequest) -> Response:
     details = body.parameters.return_details
     score = state.args.return_all_prompt_logprobs  # /generate alone answers with them
     prepared = await prepare_request(state, body, want_logprobs=details, score_prompt=score)
+    if not details:  # `tokens` (return_details) hold each token's text
+        prepared = dataclasses.replace(prepared, text_at_end=True)
     request_id = state.new_request_id("generate")
     events = serving.run_request(state, request_id, prepared)
     collected = await serving.collect_unless_disconnected(request, events)

@@ -4,6 +4,7 @@ answered whole or streamed as chat.completion.chunk events."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -96,6 +97,8 @@ async def create_chat_completion(request: Request) -> Response:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_new_tokens, logprobs)
     prepared = state.engine.prepare(prompt_ids, params, images)
+    if not body.stream:  # the answer's message is the whole text (logprobs name tokens)
+        prepared = dataclasses.replace(prepared, text_at_end=True)
     request_id = state.new_request_id("chatcmpl")
     generations = await start_generations(request, state, request_id, [prepared])
     events = merge_streams(generations.streams)

@@ -110,7 +110,14 @@ async def create_completion(request: Request) -> Response:
         if body.echo and body.logprobs is not None:  # the echoed prompt's tokens need theirs
             wanted = max(body.logprobs, body.prompt_logprobs or 0)
             params = dataclasses.replace(params, prompt_logprobs=wanted)
-        prepared.append(state.engine.prepare(prompt.token_ids, params))
+        # A whole answer without logprobs (whose offsets follow each token's text) reads
+        # only the text.
+        text_at_end = not body.stream and body.logprobs is None
+        prepared.append(
+            dataclasses.replace(
+                state.engine.prepare(prompt.token_ids, params), text_at_end=text_at_end
+            )
+        )
     echoes = None
     if body.echo:
         echoes = [
