@@ -23,7 +23,7 @@ from torch import nn
 
 from ocula.config import EngineArgs
 from ocula.distributed.parallel_group import SINGLE_RANK, ParallelGroup
-from ocula.utils.device import to_device_async
+from ocula.utils.device import cat_to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +75,27 @@ class EmbeddingPool:
     def write(self, page_ids: torch.Tensor, embedding: torch.Tensor) -> None:
         """Stores `embedding` [rows, hidden] (on the device) into `page_ids`, which must have room
         for its rows; queued on the current stream, so a later step's reads see it."""
-        if pages_for_rows(embedding.shape[0], self.page_rows) != page_ids.numel():
-            raise ValueError(
-                f"{embedding.shape[0]} embedding rows do not take {page_ids.numel()} pages of "
-                f"{self.page_rows} rows"
-            )
-        rows = to_device_async(self.row_indices(page_ids, 0, embedding.shape[0]), self.device)
-        self._rows.index_copy_(0, rows, embedding.to(self._rows.dtype))
+        self.write_all([(page_ids, embedding)])
+
+    def write_all(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """`write` for each (page_ids, embedding), with one host-to-device transfer of the
+        destination rows for all of them (one pinned staging buffer, not one per image)."""
+        indices = []
+        for page_ids, embedding in items:
+            if pages_for_rows(embedding.shape[0], self.page_rows) != page_ids.numel():
+                raise ValueError(
+                    f"{embedding.shape[0]} embedding rows do not take {page_ids.numel()} pages "
+                    f"of {self.page_rows} rows"
+                )
+            indices.append(self.row_indices(page_ids, 0, embedding.shape[0]))
+        if not indices:
+            return
+        rows = cat_to_device_async(indices, self.device)
+        start = 0
+        for _, embedding in items:
+            count = embedding.shape[0]
+            self._rows.index_copy_(0, rows[start : start + count], embedding.to(self._rows.dtype))
+            start += count
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """The pool rows `rows` (device int64, from `row_indices`) as a new [len, hidden] tensor."""

@@ -18,7 +18,7 @@ from ocula.distributed.parallel_group import ParallelGroup
 from ocula.distributed.vision_groups import VisionLayout, assign_images
 from ocula.engine.image_inputs import EncoderInput
 from ocula.multimodal.image_processing import normalize_pixels
-from ocula.utils.device import to_device_async
+from ocula.utils.device import cat_to_device_async
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]  # [tiles, 3, S, S] -> [tiles, tokens, hidden]
 
@@ -71,20 +71,24 @@ class ImageEncoder:
         return result
 
     def _encode_share(self, inputs: list[EncoderInput]) -> dict[str, torch.Tensor]:
+        parts = [item.pixel_values for item in inputs]
+        if len({part.dtype for part in parts}) > 1:  # a cat would promote uint8 unscaled
+            parts = [normalize_pixels(p) if p.dtype == torch.uint8 else p for p in parts]
+        # Every image of the share in one transfer (see `cat_to_device_async`); each batch is
+        # then normalized and cast on its own, so the float copies never exceed one batch.
+        pixels = cat_to_device_async(parts, self.device)
+        tiles = [item.pixel_values.shape[0] for item in inputs]
         result: dict[str, torch.Tensor] = {}
+        first_tile = 0
         for first in range(0, len(inputs), self.batch_size):
             group = inputs[first : first + self.batch_size]
-            parts = [item.pixel_values for item in group]
-            if len({part.dtype for part in parts}) > 1:  # a cat would promote uint8 unscaled
-                parts = [normalize_pixels(p) if p.dtype == torch.uint8 else p for p in parts]
-            pixels = torch.cat(parts)
-            # Through pinned memory: a plain copy would wait for the device's queued work.
-            pixels = to_device_async(pixels, self.device)
-            if pixels.dtype == torch.uint8:  # tiles as preprocess_span gives them
-                pixels = normalize_pixels(pixels)
-            features = self.encode_images(pixels.to(self.dtype))
-            tiles = [item.pixel_values.shape[0] for item in group]
-            for item, per_image in zip(group, features.split(tiles), strict=True):
+            group_tiles = tiles[first : first + self.batch_size]
+            batch = pixels[first_tile : first_tile + sum(group_tiles)]
+            first_tile += batch.shape[0]
+            if batch.dtype == torch.uint8:  # tiles as preprocess_span gives them
+                batch = normalize_pixels(batch)
+            features = self.encode_images(batch.to(self.dtype))
+            for item, per_image in zip(group, features.split(group_tiles), strict=True):
                 result[item.key] = per_image.reshape(-1, per_image.shape[-1])
             self.batch_sizes.append(len(group))
         return result

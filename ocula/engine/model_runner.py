@@ -234,10 +234,12 @@ class ModelRunner:
         if not plan.encoder_inputs or self.image_encoder is None or self.embedding_pool is None:
             return
         encoded = self.image_encoder.encode(plan.encoder_inputs)
+        writes = []
         for item in plan.encoder_inputs:
             pages = torch.tensor(item.pages, dtype=torch.int64)
-            self.embedding_pool.write(pages, encoded[item.key])
+            writes.append((pages, encoded[item.key]))
             self.image_pages[item.key] = pages
+        self.embedding_pool.write_all(writes)
 
     def take_vit_batch_sizes(self) -> list[int]:
         """Images per ViT forward run by this rank's ViT group since the last call."""

@@ -25,6 +25,23 @@ def test_rows_come_back_from_scattered_pages_and_a_partly_used_last_page() -> No
     assert torch.isnan(pool.pages[[1, 3, 4, 7]]).all()  # pages not handed out are untouched
 
 
+def test_one_write_of_several_embeddings_equals_writing_them_one_by_one() -> None:
+    embeddings = [torch.randn(rows, 3) for rows in (10, 4, 1)]
+    pages = [torch.tensor([5, 0, 6]), torch.tensor([2]), torch.tensor([7])]
+    one_by_one = EmbeddingPool(8, 4, 3, torch.float32, torch.device("cpu"))
+    together = EmbeddingPool(8, 4, 3, torch.float32, torch.device("cpu"))
+    for pool in (one_by_one, together):
+        pool.pages.fill_(float("nan"))
+    for page_ids, embedding in zip(pages, embeddings, strict=True):
+        one_by_one.write(page_ids, embedding)
+    together.write_all(list(zip(pages, embeddings, strict=True)))
+    assert torch.equal(together.pages.nan_to_num(-1), one_by_one.pages.nan_to_num(-1))
+    for page_ids, embedding in zip(pages, embeddings, strict=True):
+        rows = together.row_indices(page_ids, 0, embedding.shape[0])
+        assert torch.equal(together.gather(rows), embedding)
+    together.write_all([])  # a step without images to store
+
+
 def test_write_refuses_an_embedding_of_another_size_than_its_pages() -> None:
     pool = EmbeddingPool(4, 4, 2, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="pages"):

@@ -150,3 +150,30 @@ def test_a_batch_mixing_uint8_tiles_and_float_pixels_normalizes_each() -> None:
     floats = torch.randn(2, 3, 2, 2)
     encoder.encode([EncoderInput("a", tiles, [0]), EncoderInput("b", floats, [1, 2])])
     assert torch.equal(seen[0], torch.cat([normalize_pixels(tiles), floats]))
+
+
+def test_images_sent_in_one_transfer_are_encoded_in_batches_of_their_own_tiles() -> None:
+    from ocula.engine.image_encoder import ImageEncoder
+    from ocula.engine.image_inputs import EncoderInput
+    from ocula.multimodal.image_processing import normalize_pixels
+
+    seen: list[torch.Tensor] = []
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        seen.append(pixels)
+        return pixels.reshape(pixels.shape[0], 1, -1)[:, :, :4] * 2
+
+    encoder = ImageEncoder(
+        encode, 1, 4, torch.float32, torch.device("cpu"), 2, SINGLE_RANK, VisionLayout(1, 1)
+    )
+    images = [torch.randint(0, 256, (n, 3, 2, 2), dtype=torch.uint8) for n in (1, 2, 1)]
+    inputs = [EncoderInput(key, tiles, []) for key, tiles in zip("abc", images, strict=True)]
+    result = encoder.encode(inputs)
+    # Two images per ViT forward, as --visual_infer_batch_size 2 asks: 3 tiles, then 1.
+    assert [batch.shape[0] for batch in seen] == [3, 1]
+    assert torch.equal(seen[0], normalize_pixels(torch.cat(images[:2])))
+    assert torch.equal(seen[1], normalize_pixels(images[2]))
+    for key, tiles in zip("abc", images, strict=True):
+        expected = normalize_pixels(tiles).reshape(tiles.shape[0], 1, -1)[:, :, :4] * 2
+        assert torch.equal(result[key], expected.reshape(-1, 4))
+    assert encoder.take_batch_sizes() == [2, 1]
