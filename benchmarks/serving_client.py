@@ -32,10 +32,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, flags: list[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        flags: list[str],
+        log_path: Path,
+        module: str = "ocula.server.api_server",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`module`: what `python -m` runs (the server, or a wrapper of it); `env`: variables
+        added to this process's environment."""
         self.port = free_port()
         self.log_path = log_path
-        self.command = [sys.executable, "-m", "ocula.server.api_server"]
+        self.command = [sys.executable, "-m", module]
         self.command += ["--model_dir", str(model_dir), "--port", str(self.port), *flags]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("w")
@@ -44,7 +53,7 @@ class ServerProcess:
             cwd=REPO_ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,
         )
 
