@@ -70,19 +70,23 @@ def _ms(values: list[float], q: float) -> float | None:
     return None if value is None else value * 1e3
 
 
+def idle_bodies(seed: int) -> dict[str, bytes]:
+    """One request of each idle case, to be sent in IDLE_CASES order (each case but `miss`
+    finds what the ones before it left in the caches); a new `seed` for each repetition."""
+    first = image_request(seed, seed, 1)
+    return {
+        "miss": first,
+        "image_cached": image_request(seed, seed + 1000, 1),
+        "image_prefix_cached": image_request(seed, seed, 1, question_seed=seed + 70_000),
+        "prompt_cached": first,
+    }
+
+
 async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
     cases: dict[str, list[float]] = {case: [] for case in IDLE_CASES}
     async with StreamingClient(url) as client:
         for rep in range(reps):
-            seed = 100 + rep
-            first = image_request(seed, seed, 1)
-            bodies = {
-                "miss": first,
-                "image_cached": image_request(seed, seed + 1000, 1),
-                "image_prefix_cached": image_request(seed, seed, 1, question_seed=seed + 70_000),
-                "prompt_cached": first,
-            }
-            for case, body in bodies.items():
+            for case, body in idle_bodies(100 + rep).items():
                 result = await stream(client, body)
                 if not result.ok:
                     raise RuntimeError(f"idle {case} request failed: {result.error}")

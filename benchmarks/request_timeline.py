@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_serving import IDLE_CASES, image_request
+from benchmarks.bench_serving import IDLE_CASES, idle_bodies, image_request
 from benchmarks.common import log, run_metadata, write_json
 from benchmarks.http_stream import StreamingClient
 from benchmarks.serving_client import ServerProcess, stream
@@ -41,16 +41,8 @@ async def send_cases(url: str, reps: int) -> list[tuple[str, float, float]]:
     sent = []
     async with StreamingClient(url) as client:
         for rep in range(reps):
-            seed = 200 + rep
-            first = image_request(seed, seed, 1)
-            bodies = {
-                "miss": first,
-                "image_cached": image_request(seed, seed + 1000, 1),
-                "image_prefix_cached": image_request(seed, seed, 1, question_seed=seed + 70_000),
-                "prompt_cached": first,
-            }
-            for case in IDLE_CASES:
-                result = await stream(client, bodies[case])
+            for case, body in idle_bodies(200 + rep).items():
+                result = await stream(client, body)
                 if not result.ok:
                     raise RuntimeError(f"{case} request failed: {result.error}")
                 sent.append((case, result.sent_at, result.token_times[0]))
