@@ -85,7 +85,8 @@ def _has_updates(args: tuple[Any, ...], _: Any) -> bool:
 def install(directory: str | Path) -> None:
     """Marks, in call order for one request:
     front: front.body_read (LightLLM body parsed), front.images_loaded, front.prepared,
-    front.sent (AddRequest on the channel); engine: engine.received, engine.step_start,
+    front.sent (AddRequest on the channel); engine: engine.received, engine.adding /
+    engine.added (`EngineCore.add_request`: image cache lookups, tiling submitted), engine.step_start,
     engine.encode_start / encode_end (ViT and embedding store inside a step's launch),
     engine.launched, engine.step_end, engine.sent (a message with tokens); front:
     front.tokens_received, front.event, front.chunk (the SSE chunk written)."""
@@ -118,6 +119,7 @@ def install(directory: str | Path) -> None:
         when=lambda _, result: bool(result),
     )
     _wrap(engine_channel.EngineSideChannel, "send", log, before="engine.sent", when=_has_updates)
+    _wrap(engine_core.EngineCore, "add_request", log, "engine.adding", "engine.added")
     _wrap(engine_core.EngineCore, "step", log, before="engine.step_start", after="engine.step_end")
     _wrap(model_runner.ModelRunner, "launch", log, after="engine.launched")
     _wrap(
