@@ -82,15 +82,28 @@ def idle_bodies(seed: int) -> dict[str, bytes]:
     }
 
 
-async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
-    cases: dict[str, list[float]] = {case: [] for case in IDLE_CASES}
+async def send_idle_cases(
+    url: str, reps: int, first_seed: int, gap_seconds: float = 0.0
+) -> list[tuple[str, StreamResult]]:
+    """`reps` rounds of `idle_bodies`, one request at a time (`gap_seconds` after each); every
+    (case, result) in sending order. Raises if a request fails."""
+    sent = []
     async with StreamingClient(url) as client:
         for rep in range(reps):
-            for case, body in idle_bodies(100 + rep).items():
+            for case, body in idle_bodies(first_seed + rep).items():
                 result = await stream(client, body)
                 if not result.ok:
                     raise RuntimeError(f"idle {case} request failed: {result.error}")
-                cases[case].append(result.ttft)
+                sent.append((case, result))
+                if gap_seconds:
+                    await asyncio.sleep(gap_seconds)
+    return sent
+
+
+async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
+    cases: dict[str, list[float]] = {case: [] for case in IDLE_CASES}
+    for case, result in await send_idle_cases(url, reps, 100):
+        cases[case].append(result.ttft)
     summary: dict[str, Any] = {"reps": reps}
     for case, values in cases.items():
         summary[case] = {"p50_ms": _ms(values, 50), "min_ms": min(values) * 1e3}
@@ -200,7 +213,7 @@ def main() -> None:
         results["startup_seconds"] = server.wait_healthy(startup_timeout)
         log(f"server ready in {results['startup_seconds']:.1f} s on {server.url}")
         warm = [image_request(90 + i, 90 + i, 8) for i in range(3)]
-        warm_ttft = asyncio.run(asyncio.wait_for(_sequential(server.url, warm), timeout=120))
+        warm_ttft = asyncio.run(asyncio.wait_for(send_one_by_one(server.url, warm), timeout=120))
         # The first is the first image the server ever sees: what start-up left undone shows.
         results["warmup_ttft_ms"] = [ttft * 1e3 for ttft in warm_ttft]
         log("warm-up TTFT: " + ", ".join(f"{ttft * 1e3:.1f} ms" for ttft in warm_ttft))
@@ -224,7 +237,7 @@ def main() -> None:
         write_json(args.out, results)
 
 
-async def _sequential(url: str, bodies: list[bytes]) -> list[float]:
+async def send_one_by_one(url: str, bodies: list[bytes]) -> list[float]:
     """Sends the bodies one at a time; their TTFTs in seconds."""
     ttfts = []
     async with StreamingClient(url) as client:

@@ -26,28 +26,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_serving import IDLE_CASES, idle_bodies, image_request
+from benchmarks.bench_serving import IDLE_CASES, image_request, send_idle_cases, send_one_by_one
 from benchmarks.common import log, run_metadata, write_json
-from benchmarks.http_stream import StreamingClient
-from benchmarks.serving_client import ServerProcess, stream
+from benchmarks.serving_client import ServerProcess
 from benchmarks.timeline_marks import MARKS_DIR_ENV, read_marks
 
 # A pause between requests, so that each finds the engine idle.
 GAP_SECONDS = 0.05
-
-
-async def send_cases(url: str, reps: int) -> list[tuple[str, float, float]]:
-    """(case, sent_at, first token at) of every request, in sending order."""
-    sent = []
-    async with StreamingClient(url) as client:
-        for rep in range(reps):
-            for case, body in idle_bodies(200 + rep).items():
-                result = await stream(client, body)
-                if not result.ok:
-                    raise RuntimeError(f"{case} request failed: {result.error}")
-                sent.append((case, result.sent_at, result.token_times[0]))
-                await asyncio.sleep(GAP_SECONDS)
-    return sent
 
 
 def timeline(
@@ -100,9 +85,10 @@ def main() -> None:
     try:
         server.wait_healthy(300)
         warm = [image_request(90 + i, 90 + i, 8) for i in range(3)]
-        asyncio.run(warm_up(server.url, warm))
+        asyncio.run(send_one_by_one(server.url, warm))
         started = time.perf_counter()
-        requests = asyncio.run(send_cases(server.url, args.reps))
+        sent = asyncio.run(send_idle_cases(server.url, args.reps, 200, GAP_SECONDS))
+        requests = [(case, r.sent_at, r.token_times[0]) for case, r in sent]
     finally:
         results["server_exit_code"] = server.stop()
     marks = [(stamp, name) for stamp, name in read_marks(marks_dir) if stamp >= started]
@@ -112,14 +98,6 @@ def main() -> None:
         log(f"{case}: TTFT p50 {summary['ttft_p50_ms']:.2f} ms")
         for row in summary["marks"]:
             log(f"  {row['p50_ms']:8.2f} ms  {row['mark']} ({row['requests']} requests)")
-
-
-async def warm_up(url: str, bodies: list[bytes]) -> None:
-    async with StreamingClient(url) as client:
-        for body in bodies:
-            result = await stream(client, body)
-            if not result.ok:
-                raise RuntimeError(f"warm-up request failed: {result.error}")
 
 
 if __name__ == "__main__":
