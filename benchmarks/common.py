@@ -85,7 +85,6 @@ KERNEL_SWITCHES = {
     "fold_row_norms": ("ocula.models.folded_row", "FOLD_ROW_NORMS"),
     "rotate_in_decode": ("ocula.attention.triton_backend", "ROTATE_IN_DECODE"),
     "table_activation": ("ocula.models.intern_vit", "USE_TABLE_ACTIVATIONS"),
-    "vit_vector_tails": ("ocula.kernels.vit_attention", "VECTOR_TAILS"),
 }
 
 

@@ -10,11 +10,8 @@ walks the keys in blocks of BLOCK_N with an online softmax in float32 (exp2, log
 into the scale, which must be positive), and multiplies with `tl.dot` accumulating in float32.
 The token count is a compile-time constant (one compilation per tile size, which a model
 fixes). Token counts need not be a multiple of the blocks (InternViT's 448 px tiles have
-1 + 32 * 32 = 1025 tokens). A tail of at most VECTOR_TAIL_MAX keys or queries past the last
-full block is handled one token at a time on the CUDA cores (`VECTOR_TAILS`): at 1025 tokens a
-64 x 64 tiling otherwise runs 17 x 17 tensor-core blocks where 16 x 16 hold all but one token
-(11% of the work on padding). A longer tail is a masked block: its key block's padding is
-masked out of the softmax, and its query rows past the end are neither read nor written.
+1 + 32 * 32 = 1025 tokens): only the last key block is masked, and query rows past the end are
+neither read nor written.
 
 `vit_attention_reference` is the torch oracle (SDPA) under the same contract.
 """
@@ -29,14 +26,6 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# A key or query tail of at most this many tokens (past the last full block) is computed one
-# token at a time on the CUDA cores instead of as a mostly empty tensor-core block.
-VECTOR_TAIL_MAX = 4
-# Whether short tails take that path (else every tail is a masked block). Off until timed on a
-# GPU: written on a CPU machine, tested in the interpreter; the benchmarks'
-# `--switches vit_vector_tails=on` set it for an A/B.
-VECTOR_TAILS = False
 
 
 def supports_head_dim(head_dim: int) -> bool:
@@ -78,15 +67,9 @@ def vit_attention(
     out = torch.empty((tiles, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out.view(tiles, tokens, heads * head_dim)
-    vector_tails = VECTOR_TAILS
-    block_m, block_n, num_warps, num_stages = _launch_config(
-        tokens, head_dim, block_m, block_n, vector_tails
-    )
-    vector_rows = vector_tails and _short_tail(tokens, block_m)
-    # Query blocks of one (tile, head) run next to each other, so its keys stay in L2. Short
-    # tail rows belong to the program of the last full block.
-    row_blocks = tokens // block_m if vector_rows else triton.cdiv(tokens, block_m)
-    grid = (row_blocks, heads, tiles)
+    block_m, block_n, num_warps, num_stages = _launch_config(tokens, head_dim, block_m, block_n)
+    # Query blocks of one (tile, head) run next to each other, so its keys stay in L2.
+    grid = (triton.cdiv(tokens, block_m), heads, tiles)
     _vit_attention_kernel[grid](
         q,
         k,
@@ -101,8 +84,6 @@ def vit_attention(
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        VECTOR_ROWS=vector_rows,
-        VECTOR_KEYS=vector_tails and _short_tail(tokens, block_n),
         # fp32 inputs keep full precision on tensor cores (no tf32); 16-bit inputs ignore it.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
@@ -125,28 +106,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"head_dim {q.shape[-1]} is not a power of two in [16, 256]")
 
 
-def _short_tail(tokens: int, block: int) -> bool:
-    """Whether the tokens past the last full block are few enough for the one-at-a-time path."""
-    return 0 < tokens % block <= VECTOR_TAIL_MAX and tokens >= block
-
-
 def _launch_config(
-    tokens: int,
-    head_dim: int,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    vector_tails: bool = False,
+    tokens: int, head_dim: int, block_m: int | None = None, block_n: int | None = None
 ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one shape; block sizes given by the caller
-    are kept. Measured on an H100 (bf16, 8-32 tiles), before the vector tails: 64 x 64 blocks,
-    4 warps, 3 stages were the best or within 3% of it for head_dim 128 and for 1025 tokens;
-    128-query blocks with 8 warps won (by about 7%) only for head_dim 64 with token counts whose
-    128-block tail is over half full (1024 tokens). With vector tails, 1025 tokens are 1024 in
-    full 128-blocks and one row on the side, so they take the wide blocks too.
+    are kept. Measured on an H100 (bf16, 8-32 tiles): 64 x 64 blocks, 4 warps, 3 stages were the
+    best or within 3% of it for head_dim 128 and for 1025 tokens; 128-query blocks with 8 warps
+    won (by about 7%) only for head_dim 64 with token counts whose 128-block tail is over half
+    full (1024 tokens); at 1025 the last 128-block would hold a single query.
     """
     tail = tokens % 128
-    short = vector_tails and _short_tail(tokens, 128)
-    wide = head_dim <= 64 and tokens > 64 and (tail == 0 or tail > 64 or short)
+    wide = head_dim <= 64 and tokens > 64 and (tail == 0 or tail > 64)
     block_m = block_m or (128 if wide else 64)
     block_n = block_n or (64 if head_dim <= 128 else 32)
     num_warps = 8 if block_m >= 128 else 4
@@ -198,61 +168,6 @@ def _attend_key_block(
 
 
 @triton.jit
-def _attend_one_key(acc, row_max, row_sum, q, k_row_ptr, v_row_ptr, offs_d, qk_scale):
-    """`_attend_key_block` for a single key (of a short tail), its scores on the CUDA cores.
-    Same roundings as a block: products of the inputs summed in float32, and each probability
-    rounded to the values' dtype before it weighs its value."""
-    k = tl.load(k_row_ptr + offs_d).to(tl.float32)
-    v = tl.load(v_row_ptr + offs_d)
-    scores = tl.sum(q.to(tl.float32) * k[None, :], 1)
-    new_max = tl.maximum(row_max, scores * qk_scale)
-    probs = tl.exp2(scores * qk_scale - new_max)
-    correction = tl.exp2(row_max - new_max)
-    row_sum = row_sum * correction + probs
-    weighted = probs.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
-    acc = acc * correction[:, None] + weighted
-    return acc, new_max, row_sum
-
-
-@triton.jit
-def _one_query_all_keys(
-    q_row_ptr,
-    k_ptrs,
-    v_ptrs,
-    o_row_ptr,
-    offs_d,
-    stride_k_token,
-    stride_v_token,
-    qk_scale,
-    TOKENS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The attention output of one query (a row of a short tail) over all keys, on the CUDA
-    cores; the same online softmax and roundings as the blocks, for a row of one."""
-    q = tl.load(q_row_ptr + offs_d).to(tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    row_max = tl.full([1], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, TOKENS, BLOCK_N):
-        valid = (start_n + offs_n) < TOKENS
-        k = tl.load(k_ptrs + start_n * stride_k_token, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_v_token, mask=valid[:, None], other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], 1)
-        scores = tl.where(valid, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 0) * qk_scale)
-        probs = tl.exp2(scores * qk_scale - new_max)
-        correction = tl.exp2(row_max - new_max)
-        row_sum = row_sum * correction + tl.sum(probs, 0)
-        weighted = probs.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)
-        acc = acc * correction + tl.sum(weighted, 0)
-        row_max = new_max
-    out = acc / row_sum
-    tl.store(o_row_ptr + offs_d, out.to(o_row_ptr.dtype.element_ty))
-
-
-@triton.jit
 def _vit_attention_kernel(
     q_ptr,
     k_ptr,
@@ -278,10 +193,6 @@ def _vit_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    # The rows (keys) past the last full block of BLOCK_M (BLOCK_N) are few: compute them one at
-    # a time; the grid then has no partial row block.
-    VECTOR_ROWS: tl.constexpr,
-    VECTOR_KEYS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -322,19 +233,7 @@ def _vit_attention_kernel(
             False,
             INPUT_PRECISION,
         )
-    if VECTOR_KEYS:
-        for key in tl.static_range(full_end, TOKENS):
-            acc, row_max, row_sum = _attend_one_key(
-                acc,
-                row_max,
-                row_sum,
-                q,
-                k_base + key * stride_k_token,
-                v_base + key * stride_v_token,
-                offs_d,
-                qk_scale,
-            )
-    elif full_end < TOKENS:
+    if full_end < TOKENS:
         acc, row_max, row_sum = _attend_key_block(
             acc,
             row_max,
@@ -355,20 +254,3 @@ def _vit_attention_kernel(
     o_base = out_ptr + tile * stride_o_tile + head * stride_o_head
     o_ptrs = o_base + offs_m[:, None] * stride_o_token + offs_d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows_valid)
-    if VECTOR_ROWS:
-        full_rows: tl.constexpr = (TOKENS // BLOCK_M) * BLOCK_M
-        if block == TOKENS // BLOCK_M - 1:
-            for row in tl.static_range(full_rows, TOKENS):
-                _one_query_all_keys(
-                    q_base + row * stride_q_token,
-                    k_ptrs,
-                    v_ptrs,
-                    o_base + row * stride_o_token,
-                    offs_d,
-                    stride_k_token,
-                    stride_v_token,
-                    qk_scale,
-                    TOKENS,
-                    HEAD_DIM,
-                    BLOCK_N,
-                )

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ocula.distributed.parallel_group import SINGLE_RANK
-from ocula.kernels import vit_attention as vit_attention_module
 from ocula.kernels.vit_attention import supports_head_dim, vit_attention, vit_attention_reference
 from ocula.models import intern_vit
 from ocula.models.internvl_config import InternViTConfig
@@ -79,33 +78,12 @@ def test_many_key_blocks_with_small_blocks(
         assert_matches_sdpa(q, k, v, block_m, block_n)
 
 
-@pytest.mark.parametrize("tail", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("vector_tails", [True, False])
-def test_short_tails_one_token_at_a_time(
-    device: torch.device, tail: int, vector_tails: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # 16 x 16 blocks over 32 + tail tokens: tails of up to VECTOR_TAIL_MAX (4) rows and keys are
-    # computed one token at a time (with the switch on), a tail of 5 as a masked block.
-    monkeypatch.setattr(vit_attention_module, "VECTOR_TAILS", vector_tails)
-    assert vit_attention_module.VECTOR_TAIL_MAX == 4
-    for dtype in dtypes(device):
-        q, k, v = fused_qkv(2, 32 + tail, 2, 16, dtype, device)
-        assert_matches_sdpa(q, k, v, 16, 16)
-
-
-def test_internvit_tile_of_1025_tokens(
-    device: torch.device, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_internvit_tile_of_1025_tokens(device: torch.device) -> None:
     # 448 px tile: 32 x 32 patches + the class token, one past a multiple of every block.
-    # Default blocks: with VECTOR_TAILS, 1024 tokens in 128-query blocks and the last row and
-    # key one at a time; without, 64 x 64 blocks and masked tails (the GPU runs both).
     heads = 16 if device.type == "cuda" else 1
     tiles = 7 if device.type == "cuda" else 1
-    switch = (True, False) if device.type == "cuda" else (True,)
-    for vector_tails in switch:
-        monkeypatch.setattr(vit_attention_module, "VECTOR_TAILS", vector_tails)
-        for dtype in dtypes(device):
-            assert_matches_sdpa(*fused_qkv(tiles, 1025, heads, 64, dtype, device))
+    for dtype in dtypes(device):
+        assert_matches_sdpa(*fused_qkv(tiles, 1025, heads, 64, dtype, device))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="head_dim 128 at full size on the GPU")
