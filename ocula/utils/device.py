@@ -55,9 +55,11 @@ def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def cat_to_device_async(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """`torch.cat(parts)` (CPU tensors of one dtype) on `device`, as `to_device_async` but
     concatenated straight into one pinned buffer: one pinned allocation and one copy for all of
-    them. A new pinned block is a page-locked host allocation, which the CUDA documentation
-    lists among the calls that serialize with the device; an image step that staged each image
-    on its own asked for one per image whenever the device was still behind."""
+    them. A pinned block the caching host allocator cannot reuse (the device still reads the
+    earlier ones) is a new page-locked allocation, ~0.75 ms of host time per 1 MB block on an
+    H100 machine (it does not wait for the device's queued work). Staging 26 images of an
+    offline step behind a busy device took 19.4 ms one by one and 11.0 ms in one buffer (1.7
+    and 0.85 ms once the blocks were cached)."""
     if device.type != "cuda":
         return torch.cat(list(parts)).to(device)
     shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
