@@ -1,0 +1,174 @@
+"""Where an idle engine's host time goes for one request at a time, by step phase.
+
+The request time line (`request_timeline.py`) found on an H100 that a single request's prefill
+step spends 2.6-3.8 ms of host time in `EngineCore.step` before the GPU has all its work, although
+the forward is one whole-step CUDA graph. This script builds the engine in-process (`LLM`, the
+server's defaults), sends one image request to fill the caches, then runs bench_serving's cached
+cases one request at a time (1 greedy token each):
+- `same_prompt`: the first prompt again (its prefix cached but the last token);
+- `new_question`: the same image and lead text, a new question after them;
+- `new_lead`: the same image behind new text (the embedding cached, the prefix not).
+For each case it reports the median host milliseconds of the step's phases: scheduling, launching
+and, inside the launch, the batch's tensors, the image embeddings, the graph replays, the LM head
+and the sampler's launch; then collecting. Then one request of `new_question` under
+torch.profiler: the host's CUDA runtime calls (allocations of pinned memory, copies,
+synchronizations, graph launches) and the operators that cost the most host time.
+A diagnosis tool, not a benchmark of record.
+
+    python -m benchmarks.profile_launch --checkpoint VLM_DIR [--reps 8] [--out launch.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import engine_options, log, make_llm, pick_device, run_metadata, write_json
+from benchmarks.workloads import chat_prompt, image_bytes, words
+
+# (owner, method, label): what is timed, the owner's method wrapped in place.
+TIMED_CALLS = (
+    ("ocula.engine.engine_core", "EngineCore", "step", "step"),
+    ("ocula.engine.scheduler", "Scheduler", "schedule", "schedule"),
+    ("ocula.engine.model_runner", "ModelRunner", "launch", "launch"),
+    ("ocula.engine.model_runner", "ModelRunner", "_update_image_embeddings", "launch.images"),
+    ("ocula.engine.model_runner", "ModelRunner", "_build_batch", "launch.batch"),
+    ("ocula.engine.piecewise_graphs", "PiecewiseGraphs", "run", "launch.piecewise_graphs"),
+    ("ocula.engine.cuda_graphs", "DecodeGraphs", "run", "launch.decode_graphs"),
+    ("ocula.engine.runner_sampling", "RequestSampler", "follow", "launch.sampler_follow"),
+    ("ocula.engine.runner_sampling", "RequestSampler", "sample", "launch.sampler"),
+    ("ocula.engine.model_runner", "ModelRunner", "collect", "collect"),
+    ("ocula.engine.scheduler", "Scheduler", "update", "update"),
+)
+
+
+class CallTimer:
+    """Accumulates the host milliseconds of each wrapped method, call by call."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[float]] = defaultdict(list)
+
+    def wrap_all(self) -> None:
+        import importlib
+
+        for module, owner, method, label in TIMED_CALLS:
+            cls = getattr(importlib.import_module(module), owner)
+            setattr(cls, method, self._timed(getattr(cls, method), label))
+
+    def wrap_instance(self, target: Any, method: str, label: str) -> None:
+        setattr(target, method, self._timed(getattr(target, method), label))
+
+    def _timed(self, function: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.calls[label].append((time.perf_counter() - start) * 1e3)
+
+        return timed
+
+    def take(self) -> dict[str, list[float]]:
+        calls, self.calls = dict(self.calls), defaultdict(list)
+        return calls
+
+
+def image_request(lead_seed: int, question_seed: int, picture: bytes) -> dict[str, Any]:
+    text = f"{words(lead_seed, 8)}\n<image>\n{words(question_seed, 50)}"
+    return {"prompt": chat_prompt(text), "images": [picture]}
+
+
+def summarize(calls: dict[str, list[float]], requests: int) -> dict[str, Any]:
+    """Per label: calls per request, the median call and the host ms per request."""
+    return {
+        label: {
+            "calls_per_request": len(times) / requests,
+            "median_ms": round(statistics.median(times), 4),
+            "ms_per_request": round(sum(times) / requests, 4),
+        }
+        for label, times in sorted(calls.items())
+    }
+
+
+def profiler_tables(run: Callable[[], Any], device: torch.device, top: int) -> dict[str, Any]:
+    """One `run()` under torch.profiler: the CUDA runtime calls and the top host operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as profiler:
+        run()
+    rows = [
+        {
+            "name": event.key,
+            "count": event.count,
+            "host_us_total": round(event.cpu_time_total, 1),
+            "host_us_self": round(event.self_cpu_time_total, 1),
+        }
+        for event in profiler.key_averages()
+    ]
+    runtime = [row for row in rows if row["name"].startswith(("cuda", "cu"))]
+    runtime.sort(key=lambda row: -row["host_us_total"])
+    rows.sort(key=lambda row: -row["host_us_self"])
+    return {"cuda_runtime": runtime[:top], "top_host_self": rows[:top]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="an InternVL checkpoint")
+    parser.add_argument("--reps", type=int, default=8, help="requests of each case")
+    parser.add_argument("--top", type=int, default=30, help="profiler rows to keep")
+    parser.add_argument("--engine_args", default="")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from ocula import SamplingParams
+
+    device = pick_device()
+    llm = make_llm(engine_options(args.checkpoint, args.engine_args))
+    timer = CallTimer()
+    timer.wrap_all()
+    model = llm.engine.core.runner.model
+    timer.wrap_instance(model, "compute_logits", "launch.lm_head")
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)
+    picture = image_bytes(7)
+    for _ in range(3):  # the first fills the caches; the others warm the cached path
+        llm.generate(image_request(1, 2, picture), params)
+    cases: dict[str, Callable[[int], dict[str, Any]]] = {
+        "same_prompt": lambda _: image_request(1, 2, picture),
+        "new_question": lambda rep: image_request(1, 1000 + rep, picture),
+        "new_lead": lambda rep: image_request(2000 + rep, 2, picture),
+    }
+    results: dict[str, Any] = {"meta": run_metadata(device), "reps": args.reps, "cases": {}}
+    for case, make in cases.items():
+        timer.take()
+        walls = []
+        for rep in range(args.reps):
+            start = time.perf_counter()
+            llm.generate(make(rep), params)
+            walls.append((time.perf_counter() - start) * 1e3)
+        summary = summarize(timer.take(), args.reps)
+        results["cases"][case] = {"request_ms": statistics.median(walls), "calls": summary}
+        log(f"{case}: request {statistics.median(walls):.2f} ms (median of {args.reps})")
+        for label, entry in summary.items():
+            log(f"  {label:28s} {entry['ms_per_request']:8.3f} ms per request")
+    tables = profiler_tables(
+        lambda: llm.generate(cases["new_question"](args.reps), params), device, args.top
+    )
+    results["profiler_new_question"] = tables
+    for row in tables["cuda_runtime"]:
+        log(f"  {row['name'][:50]:50s} x{row['count']:<5d} {row['host_us_total']:10.1f} us")
+    if args.out:
+        write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
