@@ -10,9 +10,10 @@ cases one request at a time (1 greedy token each):
 - `new_lead`: the same image behind new text (the embedding cached, the prefix not).
 For each case it reports the median host milliseconds of the step's phases: scheduling, launching
 and, inside the launch, the batch's tensors, the image embeddings, the graph replays, the LM head
-and the sampler's launch; then collecting. Then one request of `new_question` under
-torch.profiler: the host's CUDA runtime calls (allocations of pinned memory, copies,
-synchronizations, graph launches) and the operators that cost the most host time.
+and the sampler's launch; then collecting. Then one request of `new_question` traced by
+`HostSyncTrace`: the host's CUDA runtime calls (pinned allocations, copies, synchronizations,
+graph launches), the longest ones with the operators above them, the operators that synchronize
+and the allocators' counters.
 A diagnosis tool, not a benchmark of record.
 
     python -m benchmarks.profile_launch --checkpoint VLM_DIR [--reps 8] [--out launch.json]
@@ -28,9 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from benchmarks.common import engine_options, log, make_llm, pick_device, run_metadata, write_json
+from benchmarks.host_sync_trace import HostSyncTrace
 from benchmarks.workloads import chat_prompt, image_bytes, words
 
 # (owner, method, label): what is timed, the owner's method wrapped in place.
@@ -97,35 +97,11 @@ def summarize(calls: dict[str, list[float]], requests: int) -> dict[str, Any]:
     }
 
 
-def profiler_tables(run: Callable[[], Any], device: torch.device, top: int) -> dict[str, Any]:
-    """One `run()` under torch.profiler: the CUDA runtime calls and the top host operators."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as profiler:
-        run()
-    rows = [
-        {
-            "name": event.key,
-            "count": event.count,
-            "host_us_total": round(event.cpu_time_total, 1),
-            "host_us_self": round(event.self_cpu_time_total, 1),
-        }
-        for event in profiler.key_averages()
-    ]
-    runtime = [row for row in rows if row["name"].startswith(("cuda", "cu"))]
-    runtime.sort(key=lambda row: -row["host_us_total"])
-    rows.sort(key=lambda row: -row["host_us_self"])
-    return {"cuda_runtime": runtime[:top], "top_host_self": rows[:top]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="an InternVL checkpoint")
     parser.add_argument("--reps", type=int, default=8, help="requests of each case")
-    parser.add_argument("--top", type=int, default=30, help="profiler rows to keep")
+    parser.add_argument("--top", type=int, default=30, help="runtime calls to print")
     parser.add_argument("--engine_args", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -160,12 +136,15 @@ def main() -> None:
         log(f"{case}: request {statistics.median(walls):.2f} ms (median of {args.reps})")
         for label, entry in summary.items():
             log(f"  {label:28s} {entry['ms_per_request']:8.3f} ms per request")
-    tables = profiler_tables(
-        lambda: llm.generate(cases["new_question"](args.reps), params), device, args.top
-    )
-    results["profiler_new_question"] = tables
-    for row in tables["cuda_runtime"]:
-        log(f"  {row['name'][:50]:50s} x{row['count']:<5d} {row['host_us_total']:10.1f} us")
+    trace = HostSyncTrace(device)
+    trace.start()
+    llm.generate(cases["new_question"](args.reps), params)
+    report = trace.stop()
+    results["new_question_traced"] = report
+    for row in report["runtime_calls"][: args.top]:
+        log(f"  {row['name'][:50]:50s} x{row['count']:<5d} {row['host_ms']:8.3f} ms")
+    for entry in report["warnings"]:
+        log(f"  warning x{entry['count']}: {entry['warning'].splitlines()[0][:120]}")
     if args.out:
         write_json(args.out, results)
 
