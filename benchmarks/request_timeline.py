@@ -9,7 +9,7 @@ client's send to each mark up to the first token, the k-th occurrence of a mark 
 idle request's first token takes several engine steps). A diagnosis tool: the TTFTs of record
 come from bench_serving.
 
-    python -m benchmarks.request_timeline --checkpoint DIR --out timeline.json [--tiny]
+    python -m benchmarks.request_timeline --checkpoint DIR --out timeline.json [--reps 15]
 """
 
 from __future__ import annotations
@@ -80,7 +80,11 @@ def main() -> None:
         module="benchmarks.timeline_server",
         env={MARKS_DIR_ENV: str(marks_dir)},
     )
-    results: dict[str, Any] = {"meta": run_metadata(torch.device("cpu")), "reps": args.reps}
+    # No CUDA in this process (the client must not take GPU memory from the server), so the
+    # GPU is not named here, as in bench_serving without --hardware.
+    meta = run_metadata(torch.device("cpu"))
+    meta["device"] = "(not queried)"
+    results: dict[str, Any] = {"meta": meta, "reps": args.reps}
     results["server_command"] = shlex.join(server.command)
     try:
         server.wait_healthy(300)
