@@ -15,8 +15,10 @@ has one row per placeholder. The scheduler admits a request, then this class:
   start) or when it stops running, whichever comes first; evicted keys reach the runner as a
   plan's frees, which it drops before that plan's encodes.
 
-Tiling an image (decode, resize, crop) is CPU work of a millisecond to tens of milliseconds,
-done in worker threads ahead of admission: `prefetch` starts it when a request arrives, and
+Tiling an image (decode, resize, crop) is CPU work of a millisecond to tens of milliseconds.
+The server's front tiles the images it decodes and sends the tiles with the request; the others
+(an image the front had seen, the offline engine's) are tiled here, in worker threads, ahead of
+admission: `prefetch` starts it when a request arrives (or takes the front's tiles), and
 `finish_plan` tops the window up from the waiting queue every step, in queue order, for images
 the embedding cache does not hold (shared by key, at most MAX_PREFETCHED_TOKENS placeholder
 tokens' worth of tiles waiting at once). The scheduler admits a request only once `tiles_ready`
@@ -81,6 +83,21 @@ PREFETCH_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 PREFETCH_LOOKAHEAD = 256
 
 
+def _front_tiles(span: ImageSpan) -> torch.Tensor | None:
+    """Takes the tiles the front made off the span: tiles that come with the image's payload,
+    which can make them again. Tiles given without a payload stay (nothing could remake them)."""
+    if span.pixel_values is None or (span.image_bytes is None and span.image_base64 is None):
+        return None
+    tiles, span.pixel_values = span.pixel_values, None
+    return tiles
+
+
+def _finished(tiles: torch.Tensor) -> Future[torch.Tensor]:
+    done: Future[torch.Tensor] = Future()
+    done.set_result(tiles)
+    return done
+
+
 class ImageScheduler:
     def __init__(
         self,
@@ -105,10 +122,16 @@ class ImageScheduler:
     def prefetch(self, request: Request, past_window: bool = False) -> bool:
         """Starts tiling the request's images that are not cached (nor being tiled already);
         idempotent. False when the window is full before all of them are started (never with
-        `past_window`)."""
+        `past_window`).
+
+        Tiles the front made (`_front_tiles`) enter the window as a finished tiling; they are
+        dropped where the image is cached or tiled already, or where the window is full: the
+        bytes are tiled again once there is room, so that waiting requests hold at most the
+        window's tiles whoever made them."""
         if self._preprocess is None:
             return True
-        for span in request.images:
+        for index, span in enumerate(request.images):
+            tiles = _front_tiles(span)
             if span.key in self._prefetched:  # another waiting request's image too
                 self._waiters[span.key].add(request.request_id)
                 continue
@@ -120,8 +143,12 @@ class ImageScheduler:
                 and self._prefetched
                 and window + span.length > MAX_PREFETCHED_TOKENS
             ):
+                for later in request.images[index + 1 :]:
+                    _front_tiles(later)
                 return False
-            self._prefetched[span.key] = self._submit(span)
+            self._prefetched[span.key] = (
+                _finished(tiles) if tiles is not None else (self._submit(span))
+            )
             self._prefetched_tokens[span.key] = span.length
             self._waiters[span.key] = {request.request_id}
         return True
@@ -248,9 +275,7 @@ class ImageScheduler:
         self, span: ImageSpan, prefetched: Future[torch.Tensor] | None
     ) -> Future[torch.Tensor]:
         if span.pixel_values is not None:
-            ready: Future[torch.Tensor] = Future()
-            ready.set_result(span.pixel_values)
-            return ready
+            return _finished(span.pixel_values)
         if prefetched is not None:
             return prefetched
         if self._preprocess is None:

@@ -4,7 +4,9 @@ In a prompt, each `<img></img>` (LightLLM's client) or `<image>` (InternVL's cha
 stands for one image, in order. It becomes `<img>` + n × `<IMG_CONTEXT>` + `</img>`, where n is
 the image's tiles × tokens per tile; the IMG_CONTEXT rows of the input embeddings are later
 replaced by the image's embedding. The tile count comes from the image size alone, so no pixel
-is touched here: tiling happens in the engine, and only when the embedding is not cached.
+is touched here: a span carries the tiles its image was loaded with (`LoadedImage.tiles`, made
+with this very tiling), else the engine tiles the bytes, and only when the embedding is not
+cached.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ def build_image_prompt(
             img.data,
             tiling=tiling,
             image_base64=img.base64,
+            pixel_values=img.tiles if img.tiled_with == tiling else None,
             payload_key=img.sha256,
         )
         for img, offset, length in zip(images, offsets, lengths, strict=True)

@@ -1,6 +1,8 @@
 """An image as the prompt builder sees it (bytes, MD5, size) and how the front loads one:
 fetched or base64-decoded, hashed, and decoded once to be checked and measured, unless the
-front's memory of sizes knows its bytes already."""
+front's memory of sizes knows its bytes already. An image the front decodes is also cut into
+its tiles in the same worker thread, when the request's tiling is given: the engine then
+encodes them without decoding the image again (it still can, from the bytes)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ocula.multimodal.image_loading import (
     decode_image,
     md5_hex,
 )
+from ocula.multimodal.image_processing import InternVLImageConfig, tile_pixels
 
 
 class KnownImageSizes:
@@ -84,6 +87,10 @@ class LoadedImage:
     # SHA-256 of the bytes, when the front loaded them: the payload's identity on its way to the
     # engine process (`server/image_payloads.py`).
     sha256: str | None = None
+    # uint8 [tiles, 3, S, S] (`tile_pixels`) made with `tiled_with`, when the image was decoded
+    # here with a tiling given.
+    tiles: Any = None
+    tiled_with: InternVLImageConfig | None = None
 
     @classmethod
     def decoded(cls, data: bytes, limits: ImageLimits) -> LoadedImage:
@@ -102,9 +109,11 @@ async def load_image(
     limits: ImageLimits,
     client: ImageHttpClient,
     known: KnownImageSizes | None = None,
+    tiling: InternVLImageConfig | None = None,
 ) -> LoadedImage:
     """Fetch and decode one image; decoding runs in a worker thread, and is skipped for an
-    image `known` has seen decode before (a base64 payload seen before is not decoded at all)."""
+    image `known` has seen decode before (a base64 payload seen before is not decoded at all).
+    A decoded image is also tiled with `tiling`, if given, in the same thread."""
     payload_digest = None
     if source.kind == "base64" and known is not None:
         payload = compact_base64(source.data)
@@ -125,13 +134,23 @@ async def load_image(
     else:
         md5, digest = _digests(data)
     size = known.get(digest) if known is not None else None
+    tiles = None
     if size is None:
-        size = (await asyncio.to_thread(decode_image, data, limits)).size
+        size, tiles = await asyncio.to_thread(_decode_and_tile, data, limits, tiling)
         if known is not None:
             known.put(digest, size)
     if known is not None and payload_digest is not None:
         known.put_payload(payload_digest, md5, size, digest)
-    return LoadedImage(data, md5, size, sha256=digest)
+    tiled_with = tiling if tiles is not None else None
+    return LoadedImage(data, md5, size, sha256=digest, tiles=tiles, tiled_with=tiled_with)
+
+
+def _decode_and_tile(
+    data: bytes, limits: ImageLimits, tiling: InternVLImageConfig | None
+) -> tuple[tuple[int, int], Any]:
+    """(size, tiles or None) of the bytes; raises ImageError."""
+    image = decode_image(data, limits)
+    return image.size, tile_pixels(image, tiling) if tiling is not None else None
 
 
 def _payload_digest(payload: str) -> str:

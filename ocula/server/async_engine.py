@@ -263,6 +263,11 @@ class AsyncEngine:
                     request.images,
                 )
             )
+            # The tiles the front made cross once (the engine shares them by image key), and
+            # the front does not hold them while the request runs: the payload remakes them.
+            for span in request.images:
+                if span.image_bytes is not None or span.image_base64 is not None:
+                    span.pixel_values = None
         try:
             unfinished = set(streams)
             while unfinished:

@@ -1,7 +1,9 @@
 """The front's part of serving images: fetch and check them, then expand the prompt's image tags.
 
-Pixels are not touched here beyond decoding (which checks the file): tiling happens in the
-engine, and only for images whose embedding is not cached.
+An image the front decodes (to check it and learn its size) is cut into its tiles in the same
+worker thread, and the tiles go to the engine with the request: a new image's tiles are ready
+when the request arrives there, and the image is decoded once. An image the front has seen
+before is not decoded again: the engine tiles its bytes if its embedding is no longer cached.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ocula.multimodal.image_loading import (
     ImageSource,
     warm_image_decoders,
 )
+from ocula.multimodal.image_processing import InternVLImageConfig
 from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt, count_image_tags
 from ocula.multimodal.loaded_images import KnownImageSizes, LoadedImage, load_image
 from ocula.server.text_encoding import off_loop_if_long
@@ -38,9 +41,12 @@ class FrontImages:
         self.known_sizes = KnownImageSizes()
         warm_image_decoders()
 
-    async def load(self, sources: list[Any]) -> list[LoadedImage]:
-        """Fetches and decodes every image concurrently. Raises ImageError (4xx) naming the
-        index of an image that failed; the first failure cancels the fetches still running."""
+    async def load(
+        self, sources: list[Any], tiling: InternVLImageConfig | None = None
+    ) -> list[LoadedImage]:
+        """Fetches and decodes every image concurrently (and tiles with `tiling` those decoded).
+        Raises ImageError (4xx) naming the index of an image that failed; the first failure
+        cancels the fetches still running."""
         if len(sources) > MAX_IMAGES_PER_REQUEST:
             raise ImageError(
                 f"the request has {len(sources)} images; at most {MAX_IMAGES_PER_REQUEST} are "
@@ -56,7 +62,7 @@ class FrontImages:
         if not parsed:
             return []
         loads = [
-            asyncio.ensure_future(load_image(s, self.limits, self.client, self.known_sizes))
+            asyncio.ensure_future(load_image(s, self.limits, self.client, self.known_sizes, tiling))
             for s in parsed
         ]
         try:
@@ -89,7 +95,7 @@ class FrontImages:
                 f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request "
                 f"has {len(sources)} image(s); they must match one to one"
             )
-        images = await self.load(sources)
+        images = await self.load(sources, self.vision.tiling_for(max_tiles))
         return await off_loop_if_long(
             text,
             build_image_prompt,
