@@ -48,6 +48,12 @@ READ_CHUNK_BYTES = 1 << 20
 MAX_PIECES_PER_WRITE = 64
 # Room in the kernel for the engine's outputs while the front's event loop is busy elsewhere.
 SEND_BUFFER_BYTES = 4 << 20
+# The engine side reads a frame it has begun to its end before it returns, waiting up to this
+# long in all for the rest. The kernel holds about 200-400 KB of a Unix socket's bytes in
+# flight (net.core.wmem_max caps the buffer), so the front writes a larger frame (a request's
+# new image tiles: 602 KB each) in pieces, each once the engine has read the last; read once
+# per engine step, a tile's request arrived two or three steps late (+15 ms TTFT on an H100).
+PARTIAL_FRAME_WAIT_MS = 20
 
 
 class ChannelClosedError(ConnectionError):
@@ -145,8 +151,8 @@ class EngineSideChannel:
 
     def receive(self, timeout_ms: int) -> list[Any]:
         """Every message that has arrived, waiting up to `timeout_ms` for the first one ([] when
-        none came); unsent messages go out meanwhile. Sets `closed` when the front has closed its
-        end."""
+        none came), and for the rest of a message begun (`PARTIAL_FRAME_WAIT_MS`); unsent
+        messages go out meanwhile. Sets `closed` when the front has closed its end."""
         if self.closed:
             return []
         self._flush()
@@ -163,10 +169,13 @@ class EngineSideChannel:
         if not any(fd == socket_fd and event & readable for fd, event in ready):
             return []
         frames: list[bytes] = []
+        rest_deadline = time.monotonic() + PARTIAL_FRAME_WAIT_MS / 1000
         while True:
             try:
                 count = self._socket.recv_into(self._view, READ_CHUNK_BYTES, socket.MSG_DONTWAIT)
             except BlockingIOError:
+                if self._decoder.pending_bytes and self._wait_for_more(rest_deadline):
+                    continue
                 break
             except ConnectionResetError:
                 count = 0
@@ -177,6 +186,14 @@ class EngineSideChannel:
             if count < READ_CHUNK_BYTES and not self._decoder.pending_bytes:
                 break  # drained: save the system call that would say so
         return [pickle.loads(frame) for frame in frames]
+
+    def _wait_for_more(self, deadline: float) -> bool:
+        """Whether bytes arrived before `deadline` (the socket alone: a wake-up pipe must not
+        end this wait)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        return bool(select.select([self._socket], [], [], remaining)[0])
 
     def close(self, flush_seconds: float = 2.0) -> None:
         """Closes the socket after trying for up to `flush_seconds` to write what is unsent."""

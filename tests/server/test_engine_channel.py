@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from ocula.server import engine_channel
 from ocula.server.engine_channel import (
     HEADER,
     READ_CHUNK_BYTES,
@@ -273,3 +274,28 @@ def test_a_wakeup_pipe_ends_the_wait_early_and_is_read_empty(engine_and_peer) ->
         assert receive_all(engine, 1) == [{"after": 1}]
     finally:
         signal.close()
+
+
+def test_a_frame_larger_than_the_socket_holds_comes_in_one_receive(
+    engine_and_peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The front writes it in pieces of the socket's buffer, each once the engine has read the
+    # last: an engine reading only what is there would need a call (an engine step) per piece.
+    monkeypatch.setattr(engine_channel, "PARTIAL_FRAME_WAIT_MS", 10_000)  # a slow CI machine
+    engine, peer = engine_and_peer
+    message = os.urandom(3 << 20)
+    writer = threading.Thread(target=peer.sendall, args=(b"".join(encode(message)),))
+    writer.start()
+    assert engine.receive(10_000) == [message]
+    writer.join(timeout=30)
+    # A front that stops inside a frame holds the engine up only so long.
+    monkeypatch.setattr(engine_channel, "PARTIAL_FRAME_WAIT_MS", 50)
+    header, data = encode(message)
+    peer.sendall(header + data[:1000])
+    started = time.monotonic()
+    assert engine.receive(0) == []
+    assert 0.04 < time.monotonic() - started < 5
+    writer = threading.Thread(target=peer.sendall, args=(data[1000:],))
+    writer.start()
+    assert receive_all(engine, 1) == [message]
+    writer.join(timeout=30)
