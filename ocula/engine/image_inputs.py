@@ -20,8 +20,7 @@ The server's front tiles the images it decodes and sends the tiles with the requ
 (an image the front had seen, the offline engine's) are tiled here, in worker threads, ahead of
 admission: `prefetch` starts it when a request arrives (or takes the front's tiles), and
 `finish_plan` tops the window up from the waiting queue every step, in queue order, for images
-the embedding cache does not hold (shared by key, at most MAX_PREFETCHED_TOKENS placeholder
-tokens' worth of tiles waiting at once). The scheduler admits a request only once `tiles_ready`
+the embedding cache does not hold (the window: `tile_prefetch.py`). The scheduler admits a request only once `tiles_ready`
 (`tiling_admission.py`), so a step never waits for tiling; an engine with nothing else to do
 waits for the next tiling to finish (`wait_for_tiles`, or `tiling.fileno()` beside other
 inputs). `finish_plan` hands the admitted images' tiles to the encoder; an image admitted
@@ -31,10 +30,8 @@ without a prefetch (called directly, as tests do) is tiled then, in the same thr
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for_futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +39,7 @@ import torch
 from ocula.engine.embedding_cache import EmbeddingCacheIndex
 from ocula.engine.embedding_pool import pages_for_rows
 from ocula.engine.request import ImageSpan, Request
-from ocula.engine.tiling_signal import TilingSignal
+from ocula.engine.tile_prefetch import TilePrefetch, finished
 
 
 @dataclass
@@ -72,30 +69,8 @@ class ImageSlice:
     dst_start: int
 
 
-# Placeholder tokens of the images tiled ahead of admission at once, at most: their uint8 tiles
-# wait in memory. InternVL's tiles take 2,352 bytes per placeholder token (a 448 px tile is 602 KB
-# for 256 tokens), so this bounds them at about 77 MB: 128 one-tile images, or 9 of 13 tiles.
-# One image is always allowed, whatever its size.
-MAX_PREFETCHED_TOKENS = 32768
-# PIL decodes and resizes without the GIL: tiling scales with threads, up to the cores spared.
-PREFETCH_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 # Waiting requests `finish_plan` looks at, at most, each step (the queue's head is admitted first).
 PREFETCH_LOOKAHEAD = 256
-
-
-def _front_tiles(span: ImageSpan) -> torch.Tensor | None:
-    """Takes the tiles the front made off the span: tiles that come with the image's payload,
-    which can make them again. Tiles given without a payload stay (nothing could remake them)."""
-    if span.pixel_values is None or (span.image_bytes is None and span.image_base64 is None):
-        return None
-    tiles, span.pixel_values = span.pixel_values, None
-    return tiles
-
-
-def _finished(tiles: torch.Tensor) -> Future[torch.Tensor]:
-    done: Future[torch.Tensor] = Future()
-    done.set_result(tiles)
-    return done
 
 
 class ImageScheduler:
@@ -113,77 +88,23 @@ class ImageScheduler:
         self._pending_frees: list[str] = []
         self._to_release: list[Request] = []  # at the next plan's start
         self.num_served_by_prefix_cache = 0  # images whose KV was cached: no embedding needed
-        self._prefetched: dict[str, Future[torch.Tensor]] = {}  # by cache key
-        self._prefetched_tokens: dict[str, int] = {}  # placeholder tokens of each prefetched key
-        self._waiters: dict[str, set[str]] = {}  # waiting request ids per prefetched key
-        self._pool: ThreadPoolExecutor | None = None
-        self.tiling = TilingSignal()  # readable when a tiling finishes
+        self.prefetcher = TilePrefetch(preprocess)
+        self.tiling = self.prefetcher.signal  # readable when a tiling finishes
 
     def prefetch(self, request: Request, past_window: bool = False) -> bool:
         """Starts tiling the request's images that are not cached (nor being tiled already);
         idempotent. False when the window is full before all of them are started (never with
-        `past_window`).
-
-        Tiles the front made (`_front_tiles`) enter the window as a finished tiling; they are
-        dropped where the image is cached or tiled already, or where the window is full: the
-        bytes are tiled again once there is room, so that waiting requests hold at most the
-        window's tiles whoever made them."""
-        if self._preprocess is None:
-            return True
-        for index, span in enumerate(request.images):
-            tiles = _front_tiles(span)
-            if span.key in self._prefetched:  # another waiting request's image too
-                self._waiters[span.key].add(request.request_id)
-                continue
-            if span.pixel_values is not None or span.key in self.index:
-                continue
-            window = sum(self._prefetched_tokens.values())
-            if (
-                not past_window
-                and self._prefetched
-                and window + span.length > MAX_PREFETCHED_TOKENS
-            ):
-                for later in request.images[index + 1 :]:
-                    _front_tiles(later)
-                return False
-            self._prefetched[span.key] = (
-                _finished(tiles) if tiles is not None else (self._submit(span))
-            )
-            self._prefetched_tokens[span.key] = span.length
-            self._waiters[span.key] = {request.request_id}
-        return True
+        `past_window`). See `TilePrefetch.start` for the front's tiles."""
+        return self.prefetcher.start(request, self.index.__contains__, past_window)
 
     def drop_prefetched(self, request: Request) -> None:
         """Forgets the tiles prefetched for a request that leaves before its admission, unless
         another waiting request needs the same image."""
-        for span in request.images:
-            self._drop_waiter(span.key, request.request_id)
-
-    def _drop_waiter(self, key: str, request_id: str) -> None:
-        waiters = self._waiters.get(key)
-        if waiters is None:
-            return
-        waiters.discard(request_id)
-        if not waiters:
-            self._take_prefetched(key).cancel()
-
-    def _take_prefetched(self, key: str) -> Future[torch.Tensor] | None:
-        self._waiters.pop(key, None)
-        self._prefetched_tokens.pop(key, None)
-        return self._prefetched.pop(key, None)
-
-    def _submit(self, span: ImageSpan) -> Future[torch.Tensor]:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(PREFETCH_THREADS, "ocula-tiling")
-        future = self._pool.submit(self._preprocess, span)
-        future.add_done_callback(self.tiling.notify)
-        return future
+        self.prefetcher.drop_request(request)
 
     def wait_for_tiles(self) -> None:
         """Blocks until one of the tilings under way finishes (at once if none is)."""
-        running = [future for future in self._prefetched.values() if not future.done()]
-        if running:
-            wait_for_futures(running, return_when=FIRST_COMPLETED)
+        self.prefetcher.wait_for_any()
 
     def _new_images(self, request: Request, cached_prefix_len: int) -> dict[str, int]:
         """Pages of each image the request would encode now (not cached, not in its prefix hit)."""
@@ -211,10 +132,7 @@ class ImageScheduler:
             return True
         self.prefetch(request, past_window)
         given = {span.key for span in request.images if span.pixel_values is not None}
-        return all(
-            key in given or (key in self._prefetched and self._prefetched[key].done())
-            for key in new
-        )
+        return all(key in given or self.prefetcher.is_done(key) for key in new)
 
     def can_admit(self, request: Request, cached_prefix_len: int) -> bool:
         """Whether the pool has room for the request's images now (see `admit`)."""
@@ -237,7 +155,7 @@ class ImageScheduler:
             if span.offset + span.length <= cached_prefix_len:
                 # Its KV is cached: no embedding needed here, but other waiting requests may
                 # still need the tiles.
-                self._drop_waiter(span.key, request.request_id)
+                self.prefetcher.drop_waiter(span.key, request.request_id)
                 self.num_served_by_prefix_cache += 1
             else:
                 wanted.append(span)
@@ -247,7 +165,7 @@ class ImageScheduler:
         for span in cached + [span for span in wanted if span.key not in self.index]:
             # Taken whether the embedding is cached or encoded now: requests waiting with the
             # same image will find it in the cache.
-            prefetched = self._take_prefetched(span.key)
+            prefetched = self.prefetcher.take(span.key)
             if self.index.lookup(span.key):
                 self.index.acquire(span.key)
             else:
@@ -275,12 +193,12 @@ class ImageScheduler:
         self, span: ImageSpan, prefetched: Future[torch.Tensor] | None
     ) -> Future[torch.Tensor]:
         if span.pixel_values is not None:
-            return _finished(span.pixel_values)
+            return finished(span.pixel_values)
         if prefetched is not None:
             return prefetched
         if self._preprocess is None:
             raise RuntimeError("an image reached an engine without a vision encoder")
-        return self._submit(span)
+        return self.prefetcher.submit(span)
 
     def release(self, request: Request) -> None:
         for key in request.held_image_keys:
@@ -290,7 +208,7 @@ class ImageScheduler:
     def forget_all(self) -> None:
         """Empties the embedding cache (its pages are freed with the next plan) and starts its
         counters over. Only while no request holds or waits for an image."""
-        if self._prefetched:
+        if self.prefetcher.tiles:
             raise RuntimeError("forget_all with images still being tiled")
         self._pending_frees += self.index.clear()
         self._to_release = []  # finished requests: they hold nothing any more

@@ -123,7 +123,7 @@ def test_running_requests_stop_holding_embeddings_once_their_images_are_planned(
     first = with_image("a", "ka", 100)
     scheduler.add_request(first)
     images.prefetch(first)  # as the engine does on arrival; an idle engine waits for the tiles
-    images._prefetched["ka"].result()
+    images.prefetcher.tiles["ka"].result()
     plan = scheduler.schedule()  # tokens 0-7: half the image
     assert [item.key for item in plan.encoder_inputs] == ["ka"] and first.held_image_keys
     run(plan)
@@ -135,7 +135,7 @@ def test_running_requests_stop_holding_embeddings_once_their_images_are_planned(
     second = with_image("b", "kb", 300)
     scheduler.add_request(second)
     images.prefetch(second)  # as the engine does on arrival; with `first` running, `second`
-    images._prefetched["kb"].result()  # is admitted once its tiles are made
+    images.prefetcher.tiles["kb"].result()  # is admitted once its tiles are made
     plan = scheduler.schedule()
     assert first.held_image_keys == [] and images.index.num_in_use == 1
     assert plan.encoder_frees == ["ka"] and [i.key for i in plan.encoder_inputs] == ["kb"]

@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from ocula.engine import image_inputs
+from ocula.engine import tile_prefetch
 from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.request import ImageSpan, Request
 from ocula.sampling.params import SamplingParams
@@ -29,7 +29,7 @@ def request(name: str, *spans: ImageSpan) -> Request:
     return Request(name, prompt, SamplingParams(), frozenset(), list(spans))
 
 
-def counting_tiler() -> tuple[image_inputs.ImageScheduler, list[str]]:
+def counting_tiler() -> tuple[ImageScheduler, list[str]]:
     calls: list[str] = []
     lock = threading.Lock()
 
@@ -55,9 +55,9 @@ def test_front_tiles_are_a_finished_tiling_and_leave_the_span() -> None:
     assert images.tiles_ready(first, 0, past_window=False)
     # The window holds them now; the waiting request does not hold a second reference.
     assert all(span.pixel_values is None for span in first.images)
-    assert sorted(images._prefetched_tokens.items()) == [("x", 4), ("y", 4)]
+    assert sorted(images.prefetcher.tokens.items()) == [("x", 4), ("y", 4)]
     assert encoded(images, first) == [("x", 7), ("y", 9)]
-    assert calls == [] and not images._prefetched
+    assert calls == [] and not images.prefetcher.tiles
     # The same image again, with the front's tiles: cached, so the tiles are dropped unused.
     again = request("b", front_span("x", 0, 4, 7))
     assert images.prefetch(again) and again.images[0].pixel_values is None
@@ -76,19 +76,19 @@ def test_two_waiting_requests_with_one_new_image_share_the_first_ones_tiles() ->
 def test_past_the_window_the_front_tiles_are_dropped_and_the_bytes_tiled_later() -> None:
     images, calls = counting_tiler()
     per_window = 2
-    length = image_inputs.MAX_PREFETCHED_TOKENS // per_window
+    length = tile_prefetch.MAX_PREFETCHED_TOKENS // per_window
     queue = [request(f"r{i}", front_span(f"k{i}", 0, length, i + 1)) for i in range(per_window + 1)]
     last = queue[-1]
     # A request given two images, the window full at the first: neither keeps its tiles.
     crowded = request("c", front_span("p", 0, length, 50), front_span("q", length, 4, 51))
     assert [images.prefetch(r) for r in [*queue, crowded]] == [True, True, False, False]
-    assert last.images[0].pixel_values is None and "k2" not in images._prefetched
+    assert last.images[0].pixel_values is None and "k2" not in images.prefetcher.tiles
     assert all(span.pixel_values is None for span in crowded.images)
     assert not images.tiles_ready(last, 0, past_window=False)
     # Admitting the head frees room: the next image is tiled from its bytes, by the engine.
     assert encoded(images, queue[0]) == [("k0", 1)]
     images.finish_plan([], queue[1:])
-    images._prefetched["k2"].result()
+    images.prefetcher.tiles["k2"].result()
     assert calls == ["k2"]
     assert encoded(images, queue[1]) == [("k1", 2)]
     assert encoded(images, last) == [("k2", ENGINE_TILE_VALUE)]
@@ -98,6 +98,6 @@ def test_tiles_given_without_a_payload_stay_with_their_span() -> None:
     images, calls = counting_tiler()
     given = ImageSpan("g", 0, 4, pixel_values=torch.full((1, 3, 2, 2), 3, dtype=torch.uint8))
     req = request("a", given)
-    assert images.prefetch(req) and given.pixel_values is not None and not images._prefetched
+    assert images.prefetch(req) and given.pixel_values is not None and not images.prefetcher.tiles
     assert images.tiles_ready(req, 0, past_window=False)
     assert encoded(images, req) == [("g", 3)] and calls == []

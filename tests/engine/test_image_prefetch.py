@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from ocula.engine import image_inputs
+from ocula.engine import tile_prefetch
 from ocula.engine.image_inputs import ImageScheduler
 from ocula.engine.request import ImageSpan, Request
 from ocula.sampling.params import SamplingParams
@@ -61,13 +61,13 @@ def test_images_are_tiled_ahead_in_a_worker_thread_and_taken_once() -> None:
     # A second request with the same image finds it cached: no tiling, nothing to encode.
     assert images.admit(same_image, 0) == ([], [])
     images.drop_prefetched(other)  # left while waiting: its prefetched tiles are forgotten
-    assert images._prefetched == {} and images._waiters == {}
+    assert images.prefetcher.tiles == {} and images.prefetcher.waiters == {}
     # Two waiting requests share a new image; the first leaves: the second keeps the tiles.
     leaving, staying = request("e", "w"), request("f", "w")
     for r in (leaving, staying, leaving):
         images.prefetch(r)
     images.drop_prefetched(leaving)
-    assert admitted(images, staying) == [("w", 1)] and not images._prefetched
+    assert admitted(images, staying) == [("w", 1)] and not images.prefetcher.tiles
     # yy and z were dropped: each was tiled only if its thread started before the cancel.
     tiled = [key for key, _ in calls]
     assert sorted(tiled)[:2] == ["w", "x"] and set(tiled) <= {"w", "x", "yy", "z"}
@@ -81,21 +81,21 @@ def test_the_window_is_bounded_and_topped_up_from_the_waiting_queue() -> None:
     tile, calls = recording_tiler(gate)
     images = ImageScheduler(64, tile, PAGES, PAGE_ROWS)
     per_window = 3
-    length = image_inputs.MAX_PREFETCHED_TOKENS // per_window
+    length = tile_prefetch.MAX_PREFETCHED_TOKENS // per_window
     queue = [request(f"r{i}", f"k{i}", length=length) for i in range(per_window + 2)]
     for r in queue:
         images.prefetch(r)
-    assert sorted(images._prefetched) == [f"k{i}" for i in range(per_window)]
+    assert sorted(images.prefetcher.tiles) == [f"k{i}" for i in range(per_window)]
     # A step admits the head; the window it frees goes to the next waiting image, in order.
     assert admitted(images, queue[0], queue[1:]) == [("k0", 2)]
-    assert sorted(images._prefetched) == [f"k{i}" for i in range(1, per_window + 1)]
+    assert sorted(images.prefetcher.tiles) == [f"k{i}" for i in range(1, per_window + 1)]
     # An image larger than the whole window still prefetches when nothing else waits.
-    huge = request("huge", "big", length=2 * image_inputs.MAX_PREFETCHED_TOKENS)
+    huge = request("huge", "big", length=2 * tile_prefetch.MAX_PREFETCHED_TOKENS)
     assert not images.prefetch(huge)
     for r in queue[1:]:
         admitted(images, r)
-    assert images.prefetch(huge) and list(images._prefetched) == ["big"]
-    images._prefetched["big"].result()
+    assert images.prefetch(huge) and list(images.prefetcher.tiles) == ["big"]
+    images.prefetcher.tiles["big"].result()
     assert sorted(key for key, _ in calls) == sorted([f"k{i}" for i in range(len(queue))] + ["big"])
 
 
@@ -103,7 +103,7 @@ def test_images_admitted_before_their_prefetch_are_tiled_in_parallel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Both tilings must be running at once for either to finish: one by one, this would hang.
-    monkeypatch.setattr(image_inputs, "PREFETCH_THREADS", 2)
+    monkeypatch.setattr(tile_prefetch, "PREFETCH_THREADS", 2)
     both_running = threading.Barrier(2, timeout=5)
     names: list[str] = []
 
@@ -144,8 +144,8 @@ def test_an_image_whose_kv_is_cached_is_tiled_once_for_all_its_waiting_requests(
     for index, r in enumerate(waiting):
         to_encode, _ = images.admit(r, cached_prefix_len=8)
         assert images.finish_plan(to_encode, waiting[index + 1 :]) == []
-        assert ("k" in images._prefetched) == (index < len(waiting) - 1)
-    assert [key for key, _ in calls] == ["k"] and images._waiters == {}
+        assert ("k" in images.prefetcher.tiles) == (index < len(waiting) - 1)
+    assert [key for key, _ in calls] == ["k"] and images.prefetcher.waiters == {}
     assert images.num_served_by_prefix_cache == 4
 
 
@@ -172,19 +172,23 @@ def test_a_request_ending_while_preempted_takes_its_prefetched_tiles_along() -> 
         scheduler.add_request(r)
         images.prefetch(r)
     for key in ("ka", "kb"):  # an idle engine admits them once tiled
-        images._prefetched[key].result()
+        images.prefetcher.tiles[key].result()
     in_flight = scheduler.schedule()
     # The next plan preempts `ending` while `in_flight` samples its last token: it waits at the
     # head of the queue with that token pending, and must not be prefetched again...
     scheduler._preempt(ending)
     scheduler.schedule()
-    assert "ka" not in images._prefetched
+    assert "ka" not in images.prefetcher.tiles
     images.prefetch(ending)  # ...and when it was (as on arrival), ending must drop it.
-    assert images._waiters == {"ka": {"a"}}
+    assert images.prefetcher.waiters == {"ka": {"a"}}
     sampled = [SampledToken(s.request_id, 5) for s in in_flight.sequences if s.samples]
     updates = scheduler.update(in_flight, sampled)
     assert [u.request_id for u in updates if u.finish_reason is not None] == ["a"]
-    assert images._waiters == {} and images._prefetched == {} and images._prefetched_tokens == {}
+    assert (
+        images.prefetcher.waiters == {}
+        and images.prefetcher.tiles == {}
+        and images.prefetcher.tokens == {}
+    )
 
 
 def test_a_request_waits_for_its_tiles_and_later_ones_pass_it() -> None:
@@ -198,15 +202,15 @@ def test_a_request_waits_for_its_tiles_and_later_ones_pass_it() -> None:
     gate = threading.Event()
     tile, calls = recording_tiler(gate)
     images = ImageScheduler(8, tile, PAGES, PAGE_ROWS)
-    allocator = SlotAllocator(4 * image_inputs.MAX_PREFETCHED_TOKENS)
-    budget = 3 * image_inputs.MAX_PREFETCHED_TOKENS
+    allocator = SlotAllocator(4 * tile_prefetch.MAX_PREFETCHED_TOKENS)
+    budget = 3 * tile_prefetch.MAX_PREFETCHED_TOKENS
     scheduler = Scheduler(allocator, RadixCache(allocator), budget, None, 8, budget, images=images)
     params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
 
     def text(name: str) -> Request:
         return Request(name, [1, 2, 3], params, frozenset())
 
-    big = 2 * image_inputs.MAX_PREFETCHED_TOKENS  # more than the whole prefetch window
+    big = 2 * tile_prefetch.MAX_PREFETCHED_TOKENS  # more than the whole prefetch window
     with_image = Request(
         "image",
         list(range(big + 1)),
@@ -221,10 +225,10 @@ def test_a_request_waits_for_its_tiles_and_later_ones_pass_it() -> None:
     plan = scheduler.schedule()
     assert sorted(s.request_id for s in plan.sequences) == ["behind", "running"]
     assert [r.request_id for r in scheduler.waiting] == ["image"]
-    assert "img" in images._prefetched and calls and not plan.encoder_inputs
+    assert "img" in images.prefetcher.tiles and calls and not plan.encoder_inputs
     assert not scheduler.waiting_for_tiles  # others run: their steps go on meanwhile
     gate.set()
-    images._prefetched["img"].result()
+    images.prefetcher.tiles["img"].result()
     plan = scheduler.schedule()
     assert "image" in [s.request_id for s in plan.sequences]
     assert [item.key for item in plan.encoder_inputs] == ["img"] and not scheduler.waiting
