@@ -40,13 +40,15 @@ def test_one_by_one_decoding_with_folded_norms_equals_transformers(
     tiny_checkpoint, device: torch.device, folded_steps: list[int], arch: str
 ) -> None:
     checkpoint = tiny_checkpoint(arch)
-    expected = reference_continuations(checkpoint, PROMPTS[:2], GREEDY.max_new_tokens)
+    # One prompt under the interpreter (~7 s a prompt on the 2-core CI machine), two on a GPU.
+    prompts = PROMPTS[:1] if device.type == "cpu" else PROMPTS[:2]
+    expected = reference_continuations(checkpoint, prompts, GREEDY.max_new_tokens)
     llm = LLM(str(checkpoint), device=device.type, data_type="fp32", max_total_token_num=1024)
-    got = [llm.generate(prompt, GREEDY)[0].token_ids for prompt in PROMPTS[:2]]
+    got = [llm.generate(prompt, GREEDY)[0].token_ids for prompt in prompts]
     assert got == expected
     layers = 2  # the tiny checkpoints' depth
     if device.type == "cpu":  # every decode step runs eagerly
-        assert len(folded_steps) >= 2 * (GREEDY.max_new_tokens - 1) * layers
+        assert len(folded_steps) >= len(prompts) * (GREEDY.max_new_tokens - 1) * layers
     else:  # the batch-1 decode graph was captured through the folded layers, then replayed
         assert len(folded_steps) >= layers
 
