@@ -20,11 +20,12 @@ The server's front tiles the images it decodes and sends the tiles with the requ
 (an image the front had seen, the offline engine's) are tiled here, in worker threads, ahead of
 admission: `prefetch` starts it when a request arrives (or takes the front's tiles), and
 `finish_plan` tops the window up from the waiting queue every step, in queue order, for images
-the embedding cache does not hold (the window: `tile_prefetch.py`). The scheduler admits a request only once `tiles_ready`
-(`tiling_admission.py`), so a step never waits for tiling; an engine with nothing else to do
-waits for the next tiling to finish (`wait_for_tiles`, or `tiling.fileno()` beside other
-inputs). `finish_plan` hands the admitted images' tiles to the encoder; an image admitted
-without a prefetch (called directly, as tests do) is tiled then, in the same threads.
+the embedding cache does not hold (the window: `tile_prefetch.py`). The scheduler admits a
+request only once `tiles_ready` (`tiling_admission.py`), so a step never waits for tiling; an
+engine with nothing else to do waits for the next tiling to finish (`wait_for_tiles`, or
+`tiling.fileno()` beside other inputs). `finish_plan` hands the admitted images' tiles to the
+encoder; an image admitted without a prefetch (called directly, as tests do) is tiled then, in
+the same threads.
 """
 
 from __future__ import annotations
