@@ -21,7 +21,13 @@ from ocula.multimodal.image_loading import (
     decode_image,
     md5_hex,
 )
-from ocula.multimodal.image_processing import InternVLImageConfig, tile_pixels
+from ocula.multimodal.image_processing import InternVLImageConfig, count_tiles, tile_pixels
+
+# The most tiles the front sends with a request (602 KB each at 448 px). A frame crosses the
+# engine channel's socket a few hundred KB at a time while the engine loop waits for its end (at
+# most PARTIAL_FRAME_WAIT_MS): on the 2-core CPU machine one tile took ~1-2 ms, 13 tiles 10-30 ms.
+# A larger image goes as its bytes, tiled in the engine's worker threads off the engine loop.
+MAX_FRONT_TILES = 4
 
 
 class KnownImageSizes:
@@ -88,7 +94,7 @@ class LoadedImage:
     # engine process (`server/image_payloads.py`).
     sha256: str | None = None
     # uint8 [tiles, 3, S, S] (`tile_pixels`) made with `tiled_with`, when the image was decoded
-    # here with a tiling given.
+    # here with a tiling given (and makes at most MAX_FRONT_TILES).
     tiles: Any = None
     tiled_with: InternVLImageConfig | None = None
 
@@ -113,7 +119,8 @@ async def load_image(
 ) -> LoadedImage:
     """Fetch and decode one image; decoding runs in a worker thread, and is skipped for an
     image `known` has seen decode before (a base64 payload seen before is not decoded at all).
-    A decoded image is also tiled with `tiling`, if given, in the same thread."""
+    A decoded image is also tiled with `tiling`, if given, in the same thread (up to
+    MAX_FRONT_TILES tiles)."""
     payload_digest = None
     if source.kind == "base64" and known is not None:
         payload = compact_base64(source.data)
@@ -150,7 +157,9 @@ def _decode_and_tile(
 ) -> tuple[tuple[int, int], Any]:
     """(size, tiles or None) of the bytes; raises ImageError."""
     image = decode_image(data, limits)
-    return image.size, tile_pixels(image, tiling) if tiling is not None else None
+    if tiling is None or count_tiles(*image.size, tiling) > MAX_FRONT_TILES:
+        return image.size, None
+    return image.size, tile_pixels(image, tiling)
 
 
 def _payload_digest(payload: str) -> str:

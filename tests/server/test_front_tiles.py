@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from ocula.multimodal.loaded_images import MAX_FRONT_TILES
 from ocula.multimodal.preprocess_span import preprocess_span
 from ocula.sampling.params import SamplingParams
 from ocula.server.args import ServerArgs
@@ -54,17 +55,23 @@ async def tokenize(front: AsyncEngine, picture: bytes, max_tiles: int | None = N
 
 
 def test_a_decoded_image_carries_the_tiles_the_engine_would_make(front: AsyncEngine) -> None:
-    picture = random_png(150, 70, 3)  # several tiles and a thumbnail
+    picture = random_png(170, 56, 3)  # a 3 x 1 grid and a thumbnail: MAX_FRONT_TILES
     (span,) = asyncio.run(tokenize(front, picture, max_tiles=6))
     assert span.pixel_values is not None and span.pixel_values.dtype == torch.uint8
     assert span.tiling.max_num == 6
     made_by_engine = preprocess_span(span)
-    assert span.pixel_values.shape[0] > 1
+    assert span.pixel_values.shape[0] == MAX_FRONT_TILES
     assert torch.equal(span.pixel_values, made_by_engine)
     assert span.length == span.pixel_values.shape[0] * 4
     # Seen before: not decoded, so no tiles (the engine tiles the bytes if its cache misses).
     (again,) = asyncio.run(tokenize(front, picture, max_tiles=6))
     assert again.pixel_values is None and again.key == span.key
+
+
+def test_an_image_of_more_tiles_goes_as_bytes(front: AsyncEngine) -> None:
+    (span,) = asyncio.run(tokenize(front, random_png(230, 60, 5), max_tiles=6))
+    assert span.length == (MAX_FRONT_TILES + 1) * 4  # a 4 x 1 grid and a thumbnail
+    assert span.pixel_values is None and span.image_bytes is not None
 
 
 def test_tiles_cross_to_the_engine_once_and_are_not_kept(front: AsyncEngine) -> None:
