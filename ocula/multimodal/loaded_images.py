@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ocula.multimodal.image_fetching import ImageHttpClient, fetch_image_bytes
@@ -95,7 +95,7 @@ class LoadedImage:
     sha256: str | None = None
     # uint8 [tiles, 3, S, S] (`tile_pixels`) made with `tiled_with`, when the image was decoded
     # here with a tiling given (and makes at most MAX_FRONT_TILES).
-    tiles: Any = None
+    tiles: Any = field(default=None, compare=False)  # a tensor: no == between images
     tiled_with: InternVLImageConfig | None = None
 
     @classmethod
