@@ -197,9 +197,7 @@ class ImageScheduler:
             return finished(span.pixel_values)
         if prefetched is not None:
             return prefetched
-        if self._preprocess is None:
-            raise RuntimeError("an image reached an engine without a vision encoder")
-        return self.prefetcher.submit(span)
+        return self.prefetcher.submit(span)  # raises without a vision encoder
 
     def release(self, request: Request) -> None:
         for key in request.held_image_keys:
