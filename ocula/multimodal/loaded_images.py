@@ -23,11 +23,13 @@ from ocula.multimodal.image_loading import (
 )
 from ocula.multimodal.image_processing import InternVLImageConfig, count_tiles, tile_pixels
 
-# The most tiles the front sends with a request (602 KB each at 448 px). A frame crosses the
-# engine channel's socket a few hundred KB at a time while the engine loop waits for its end (at
-# most PARTIAL_FRAME_WAIT_MS): on the 2-core CPU machine one tile took ~1-2 ms, 13 tiles 10-30 ms.
-# A larger image goes as its bytes, tiled in the engine's worker threads off the engine loop.
-MAX_FRONT_TILES = 4
+# The most tiles the front sends with a request (602 KB each at 448 px): InternVL's default
+# tiling of one image (12 and a thumbnail). Their frame crosses the engine channel beside its
+# pickle (channel_frames.py) while the engine loop reads it: 13 tiles (7.8 MB) took 2.5 ms from
+# the front's send to the engine's answer on an H100 host, 2.2-3.0 ms on the 2-core CPU machine
+# (26 and 30 ms when tensors were pickled in band). An image of more tiles (a request's own
+# larger cap) goes as its bytes, tiled in the engine's worker threads off the engine loop.
+MAX_FRONT_TILES = 13
 
 
 class KnownImageSizes:

@@ -55,12 +55,12 @@ async def tokenize(front: AsyncEngine, picture: bytes, max_tiles: int | None = N
 
 
 def test_a_decoded_image_carries_the_tiles_the_engine_would_make(front: AsyncEngine) -> None:
-    picture = random_png(170, 56, 3)  # a 3 x 1 grid and a thumbnail: MAX_FRONT_TILES
+    picture = random_png(170, 56, 3)  # a 3 x 1 grid and a thumbnail
     (span,) = asyncio.run(tokenize(front, picture, max_tiles=6))
     assert span.pixel_values is not None and span.pixel_values.dtype == torch.uint8
     assert span.tiling.max_num == 6
     made_by_engine = preprocess_span(span)
-    assert span.pixel_values.shape[0] == MAX_FRONT_TILES
+    assert span.pixel_values.shape[0] == 4
     assert torch.equal(span.pixel_values, made_by_engine)
     assert span.length == span.pixel_values.shape[0] * 4
     # Seen before: not decoded, so no tiles (the engine tiles the bytes if its cache misses).
@@ -69,9 +69,13 @@ def test_a_decoded_image_carries_the_tiles_the_engine_would_make(front: AsyncEng
 
 
 def test_an_image_of_more_tiles_goes_as_bytes(front: AsyncEngine) -> None:
-    (span,) = asyncio.run(tokenize(front, random_png(230, 60, 5), max_tiles=6))
-    assert span.length == (MAX_FRONT_TILES + 1) * 4  # a 4 x 1 grid and a thumbnail
+    # A request's own cap above the default: a 14 x 1 grid and a thumbnail.
+    (span,) = asyncio.run(tokenize(front, random_png(14 * 20, 20, 5), max_tiles=16))
+    assert span.length == (MAX_FRONT_TILES + 2) * 4
     assert span.pixel_values is None and span.image_bytes is not None
+    # At the cap (a 12 x 1 grid and a thumbnail) the tiles come along.
+    (span,) = asyncio.run(tokenize(front, random_png(12 * 20, 20, 6), max_tiles=16))
+    assert span.pixel_values is not None and span.pixel_values.shape[0] == MAX_FRONT_TILES
 
 
 def test_tiles_cross_to_the_engine_once_and_are_not_kept(front: AsyncEngine) -> None:
