@@ -3,7 +3,8 @@ the image caches.
 
 Starts `python -m ocula.server.api_server --enable_multimodal` on the checkpoint (plus
 `--engine_args`), waits for /health, warms it up, then, streaming LightLLM's /generate_stream:
-- idle TTFT, one request at a time, each one 448 x 448 image + about 64 text tokens (an 8-word
+- idle TTFT, one request at a time, each one 448 x 448 image (`--image_side`: 1344 gives each
+  image ten tiles) + about 64 text tokens (an 8-word
   lead, the image, a 50-word question), 1 new token; four cases, 5 times each:
   `miss` (new image, new text), `image_cached` (an image already encoded behind a new lead text,
   so the prefix cache cannot reuse the image's KV: the embedding cache saves the ViT only),
@@ -20,6 +21,7 @@ image the server ever sees. Times are the client's, from just before sending the
 body.
 
     python -m benchmarks.bench_serving --checkpoint DIR --out serving.json [--tiny]
+        [--image_side 1344]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from benchmarks.common import (
 )
 from benchmarks.http_stream import StreamingClient
 from benchmarks.serving_client import ServerProcess, StreamResult, generate_body, stream
-from benchmarks.workloads import chat_prompt, image_bytes, poisson_arrivals, words
+from benchmarks.workloads import IMAGE_SIDE, chat_prompt, image_bytes, poisson_arrivals, words
 
 # Idle TTFT cases, in the order each repetition sends them (see the module docstring).
 IDLE_CASES = ("miss", "image_cached", "image_prefix_cached", "prompt_cached")
@@ -57,11 +59,17 @@ TINY = {"rates": "1,4", "duration": 4.0, "new_tokens": 8, "drain": 30.0, "reps":
 
 
 def image_request(
-    seed: int, lead_seed: int, new_tokens: int, question_seed: int | None = None
+    seed: int,
+    lead_seed: int,
+    new_tokens: int,
+    question_seed: int | None = None,
+    side: int = IMAGE_SIDE,
 ) -> bytes:
+    """A chat prompt with one side x side JPEG (448: one tile; 1344: a 3 x 3 grid and a
+    thumbnail) and ~64 text tokens."""
     question = words(seed + 50_000 if question_seed is None else question_seed, 50)
     text = f"{words(lead_seed, 8)}\n<image>\n{question}"
-    picture = base64.b64encode(image_bytes(seed)).decode()
+    picture = base64.b64encode(image_bytes(seed, side)).decode()
     return generate_body(chat_prompt(text), [picture], new_tokens)
 
 
@@ -70,27 +78,27 @@ def _ms(values: list[float], q: float) -> float | None:
     return None if value is None else value * 1e3
 
 
-def idle_bodies(seed: int) -> dict[str, bytes]:
+def idle_bodies(seed: int, side: int = IMAGE_SIDE) -> dict[str, bytes]:
     """One request of each idle case, to be sent in IDLE_CASES order (each case but `miss`
     finds what the ones before it left in the caches); a new `seed` for each repetition."""
-    first = image_request(seed, seed, 1)
+    first = image_request(seed, seed, 1, side=side)
     return {
         "miss": first,
-        "image_cached": image_request(seed, seed + 1000, 1),
-        "image_prefix_cached": image_request(seed, seed, 1, question_seed=seed + 70_000),
+        "image_cached": image_request(seed, seed + 1000, 1, side=side),
+        "image_prefix_cached": image_request(seed, seed, 1, seed + 70_000, side),
         "prompt_cached": first,
     }
 
 
 async def send_idle_cases(
-    url: str, reps: int, first_seed: int, gap_seconds: float = 0.0
+    url: str, reps: int, first_seed: int, gap_seconds: float = 0.0, side: int = IMAGE_SIDE
 ) -> list[tuple[str, StreamResult]]:
     """`reps` rounds of `idle_bodies`, one request at a time (`gap_seconds` after each); every
     (case, result) in sending order. Raises if a request fails."""
     sent = []
     async with StreamingClient(url) as client:
         for rep in range(reps):
-            for case, body in idle_bodies(first_seed + rep).items():
+            for case, body in idle_bodies(first_seed + rep, side).items():
                 result = await stream(client, body)
                 if not result.ok:
                     raise RuntimeError(f"idle {case} request failed: {result.error}")
@@ -100,9 +108,9 @@ async def send_idle_cases(
     return sent
 
 
-async def idle_ttft(url: str, reps: int) -> dict[str, Any]:
+async def idle_ttft(url: str, reps: int, side: int = IMAGE_SIDE) -> dict[str, Any]:
     cases: dict[str, list[float]] = {case: [] for case in IDLE_CASES}
-    for case, result in await send_idle_cases(url, reps, 100):
+    for case, result in await send_idle_cases(url, reps, 100, side=side):
         cases[case].append(result.ttft)
     summary: dict[str, Any] = {"reps": reps}
     for case, values in cases.items():
@@ -134,12 +142,19 @@ def _outliers(results: list[StreamResult]) -> dict[str, Any]:
 
 
 async def at_rate(
-    url: str, rate: float, duration: float, new_tokens: int, drain: float, deadline: Deadline
+    url: str,
+    rate: float,
+    duration: float,
+    new_tokens: int,
+    drain: float,
+    deadline: Deadline,
+    side: int = IMAGE_SIDE,
 ) -> dict[str, Any]:
     count = max(4, round(rate * duration))
     arrivals = poisson_arrivals(int(rate * 1000), rate, count)
     drain = max(5.0, min(drain, deadline.remaining() - arrivals[-1] - 5))
-    bodies = [image_request(10_000 * (1 + int(rate)) + i, i, new_tokens) for i in range(count)]
+    seeds = [10_000 * (1 + int(rate)) + i for i in range(count)]
+    bodies = [image_request(seed, i, new_tokens, side=side) for i, seed in enumerate(seeds)]
     async with StreamingClient(url) as client:
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -192,6 +207,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help="seconds of arrivals per rate")
     parser.add_argument("--new_tokens", type=int)
     parser.add_argument("--log", type=Path, help="server log file")
+    parser.add_argument(
+        "--image_side",
+        type=int,
+        default=IMAGE_SIDE,
+        help="pixels of each request's square image (448: one tile; 1344: ten)",
+    )
     args = parser.parse_args()
     settings = dict(TINY if args.tiny else FULL)
     for name in ("rates", "duration", "new_tokens"):
@@ -204,7 +225,8 @@ def main() -> None:
     # No CUDA in this process: the client must not take GPU memory from the server.
     meta = run_metadata(torch.device("cpu"))
     meta["device"] = read_json(args.hardware)["device"] if args.hardware else "(not queried)"
-    results: dict[str, Any] = {"meta": meta, "settings": settings}
+    side = args.image_side
+    results: dict[str, Any] = {"meta": meta, "settings": {**settings, "image_side": side}}
     server = ServerProcess(args.checkpoint, flags, log_path)
     results["server_command"] = shlex.join(server.command)
     results["server_log"] = str(log_path)
@@ -212,19 +234,21 @@ def main() -> None:
         startup_timeout = min(300.0, max(30.0, deadline.remaining() - 30))
         results["startup_seconds"] = server.wait_healthy(startup_timeout)
         log(f"server ready in {results['startup_seconds']:.1f} s on {server.url}")
-        warm = [image_request(90 + i, 90 + i, 8) for i in range(3)]
+        warm = [image_request(90 + i, 90 + i, 8, side=side) for i in range(3)]
         warm_ttft = asyncio.run(asyncio.wait_for(send_one_by_one(server.url, warm), timeout=120))
         # The first is the first image the server ever sees: what start-up left undone shows.
         results["warmup_ttft_ms"] = [ttft * 1e3 for ttft in warm_ttft]
         log("warm-up TTFT: " + ", ".join(f"{ttft * 1e3:.1f} ms" for ttft in warm_ttft))
 
         def idle() -> dict[str, Any]:
-            return asyncio.run(idle_ttft(server.url, settings["reps"]))
+            return asyncio.run(idle_ttft(server.url, settings["reps"], side))
 
         def loaded(rate: float) -> dict[str, Any]:
             duration, new_tokens = settings["duration"], settings["new_tokens"]
             drain = settings["drain"]
-            return asyncio.run(at_rate(server.url, rate, duration, new_tokens, drain, deadline))
+            return asyncio.run(
+                at_rate(server.url, rate, duration, new_tokens, drain, deadline, side)
+            )
 
         run_part("idle_ttft", results, idle, deadline, 10)
         results["rates"] = {}

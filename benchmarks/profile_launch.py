@@ -16,7 +16,11 @@ graph launches), the longest ones with the operators above them, the operators t
 and the allocators' counters.
 A diagnosis tool, not a benchmark of record.
 
-    python -m benchmarks.profile_launch --checkpoint VLM_DIR [--reps 8] [--out launch.json]
+With `--idle_ms 50` each case runs again after a 50 ms pause before every request, the host
+asleep, then spinning: what an idle server's first step pays for a host that slept.
+
+    python -m benchmarks.profile_launch --checkpoint VLM_DIR [--reps 8] [--idle_ms 0,50]
+        [--out launch.json]
 """
 
 from __future__ import annotations
@@ -97,11 +101,27 @@ def summarize(calls: dict[str, list[float]], requests: int) -> dict[str, Any]:
     }
 
 
+def wait(seconds: float, spin: bool) -> None:
+    """Pauses the host, asleep or busy (spinning keeps the core awake and its caches warm)."""
+    if not spin:
+        time.sleep(seconds)
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="an InternVL checkpoint")
     parser.add_argument("--reps", type=int, default=8, help="requests of each case")
     parser.add_argument("--top", type=int, default=30, help="runtime calls to print")
+    parser.add_argument(
+        "--idle_ms",
+        default="0",
+        help="comma-separated pauses before each request; each pause > 0 is run twice, the host "
+        "sleeping through it and spinning through it (is a step slower after the host idled?)",
+    )
     parser.add_argument("--engine_args", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -124,18 +144,24 @@ def main() -> None:
         "new_lead": lambda rep: image_request(2000 + rep, 2, picture),
     }
     results: dict[str, Any] = {"meta": run_metadata(device), "reps": args.reps, "cases": {}}
-    for case, make in cases.items():
-        timer.take()
-        walls = []
-        for rep in range(args.reps):
-            start = time.perf_counter()
-            llm.generate(make(rep), params)
-            walls.append((time.perf_counter() - start) * 1e3)
-        summary = summarize(timer.take(), args.reps)
-        results["cases"][case] = {"request_ms": statistics.median(walls), "calls": summary}
-        log(f"{case}: request {statistics.median(walls):.2f} ms (median of {args.reps})")
-        for label, entry in summary.items():
-            log(f"  {label:28s} {entry['ms_per_request']:8.3f} ms per request")
+    pauses = [(0.0, "none")]
+    for idle_ms in (float(part) for part in args.idle_ms.split(",") if float(part) > 0):
+        pauses += [(idle_ms, "sleep"), (idle_ms, "spin")]
+    for idle_ms, pause in pauses:
+        for case, make in cases.items():
+            name = case if pause == "none" else f"{case}@{idle_ms:g}ms_{pause}"
+            timer.take()
+            walls = []
+            for rep in range(args.reps):
+                wait(idle_ms / 1e3, spin=pause == "spin")
+                start = time.perf_counter()
+                llm.generate(make(rep), params)
+                walls.append((time.perf_counter() - start) * 1e3)
+            summary = summarize(timer.take(), args.reps)
+            results["cases"][name] = {"request_ms": statistics.median(walls), "calls": summary}
+            log(f"{name}: request {statistics.median(walls):.2f} ms (median of {args.reps})")
+            for label, entry in summary.items():
+                log(f"  {label:28s} {entry['ms_per_request']:8.3f} ms per request")
     trace = HostSyncTrace(device)
     trace.start()
     llm.generate(cases["new_question"](args.reps), params)
