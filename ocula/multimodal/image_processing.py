@@ -154,8 +154,13 @@ def tile_pixels(image: Image.Image, config: InternVLImageConfig) -> torch.Tensor
         tile if tile.size == (size, size) else tile.resize((size, size), Image.Resampling.BICUBIC)
         for tile in tiles
     ]
-    pixels_uint8 = np.stack([np.asarray(tile, dtype=np.uint8) for tile in tiles])  # N, H, W, C
-    return torch.from_numpy(pixels_uint8).permute(0, 3, 1, 2).contiguous()
+    # Channels first, one plane at a time (PIL's split, numpy's copy): torch's permuted copy of
+    # the same bytes ran on its thread pool, 1.0 ms for one tile on 2 cores against 0.2 here.
+    pixels = np.empty((len(tiles), 3, size, size), dtype=np.uint8)
+    for index, tile in enumerate(tiles):
+        for channel, band in enumerate(tile.split()):
+            pixels[index, channel] = np.asarray(band)
+    return torch.from_numpy(pixels)
 
 
 def normalize_pixels(tiles: torch.Tensor) -> torch.Tensor:
