@@ -3,13 +3,14 @@
 Starts the server through `timeline_server` (the server with `timeline_marks` installed in both
 of its processes), warms it up as bench_serving does, then sends bench_serving's idle cases one
 request at a time (`miss`, `image_cached`, `image_prefix_cached`, `prompt_cached`; each a
-448 x 448 image and ~64 text tokens, 1 new token), `--reps` of each. Every mark falls on one
-clock (`time.perf_counter`, CLOCK_MONOTONIC); for each case it reports the median time from the
-client's send to each mark up to the first token, the k-th occurrence of a mark named `#k` (an
-idle request's first token takes several engine steps). A diagnosis tool: the TTFTs of record
-come from bench_serving.
+448 x 448 image (`--image_side`) and ~64 text tokens, 1 new token), `--reps` of each. Every mark
+falls on one clock (`time.perf_counter`, CLOCK_MONOTONIC); for each case it reports the median
+time from the client's send to each mark up to the first token, the k-th occurrence of a mark
+named `#k` (an idle request's first token takes several engine steps). A diagnosis tool: the
+TTFTs of record come from bench_serving.
 
     python -m benchmarks.request_timeline --checkpoint DIR --out timeline.json [--reps 15]
+        [--image_side 1344]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from benchmarks.bench_serving import IDLE_CASES, image_request, send_idle_cases,
 from benchmarks.common import log, run_metadata, write_json
 from benchmarks.serving_client import ServerProcess
 from benchmarks.timeline_marks import MARKS_DIR_ENV, read_marks
+from benchmarks.workloads import IMAGE_SIDE
 
 # A pause between requests, so that each finds the engine idle.
 GAP_SECONDS = 0.05
@@ -69,6 +71,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15, help="requests of each case")
     parser.add_argument("--engine_args", default="", help="more server flags")
     parser.add_argument("--log", type=Path, help="server log file")
+    parser.add_argument(
+        "--image_side", type=int, default=IMAGE_SIDE, help="pixels of the square images (448)"
+    )
     args = parser.parse_args()
     marks_dir = Path(tempfile.mkdtemp(prefix="ocula-timeline-"))
     log_path = args.log or marks_dir / "server.log"
@@ -84,14 +89,16 @@ def main() -> None:
     # GPU is not named here, as in bench_serving without --hardware.
     meta = run_metadata(torch.device("cpu"))
     meta["device"] = "(not queried)"
-    results: dict[str, Any] = {"meta": meta, "reps": args.reps}
+    results: dict[str, Any] = {"meta": meta, "reps": args.reps, "image_side": args.image_side}
     results["server_command"] = shlex.join(server.command)
     try:
         server.wait_healthy(300)
-        warm = [image_request(90 + i, 90 + i, 8) for i in range(3)]
+        warm = [image_request(90 + i, 90 + i, 8, side=args.image_side) for i in range(3)]
         asyncio.run(send_one_by_one(server.url, warm))
         started = time.perf_counter()
-        sent = asyncio.run(send_idle_cases(server.url, args.reps, 200, GAP_SECONDS))
+        sent = asyncio.run(
+            send_idle_cases(server.url, args.reps, 200, GAP_SECONDS, args.image_side)
+        )
         requests = [(case, r.sent_at, r.token_times[0]) for case, r in sent]
     finally:
         results["server_exit_code"] = server.stop()
