@@ -189,3 +189,22 @@ def test_resolve_max_tiles_precedence(monkeypatch):
     assert resolve_max_tiles(None, env.max_patch_num(), 12) == 5
     monkeypatch.delenv("MAX_PATCH_NUM")
     assert resolve_max_tiles(None, env.max_patch_num(), 12) == 12
+
+
+def test_the_thumbnail_is_made_inline_when_its_threads_are_busy(monkeypatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Event
+
+    from ocula.multimodal import image_processing
+
+    image = noise_image(1000, 750)
+    expected = reference_pixel_values(image, max_num=12, thumb=True)
+    busy = ThreadPoolExecutor(max_workers=1)
+    release = Event()
+    busy.submit(release.wait)  # the only thread is taken: the thumbnail's job waits in line
+    monkeypatch.setattr(image_processing, "_THUMBNAILS", busy)
+    try:
+        assert torch.equal(preprocess(image, InternVLImageConfig(max_num=12)), expected)
+    finally:
+        release.set()
+        busy.shutdown()
