@@ -93,3 +93,17 @@ def test_corrupt_lengths_are_errors_not_huge_allocations() -> None:
         FrameDecoder().feed(HEADER.pack(10, MAX_BUFFERS + 1))
     with pytest.raises(ValueError, match="corrupt"):
         FrameDecoder().feed(HEADER.pack(10, 1) + struct.pack("<Q", 1 << 62))
+
+
+def test_a_queued_buffer_keeps_its_tensor_alive() -> None:
+    # The channel may write a frame's buffers after the sender has dropped the message (the
+    # front drops a request's tiles once sent): the views must keep the memory valid.
+    import gc
+
+    image = tiles(1, seed=3)
+    expected = image.numpy().tobytes()
+    pieces = encode({"tiles": image})
+    del image
+    gc.collect()
+    reuse = [tiles(1, seed=4) for _ in range(8)]  # memory freed meanwhile would be reused here
+    assert bytes(pieces[2]) == expected and len(reuse) == 8
