@@ -147,7 +147,8 @@ def main() -> None:
     pauses = [(0.0, "none")]
     for idle_ms in (float(part) for part in args.idle_ms.split(",") if float(part) > 0):
         pauses += [(idle_ms, "sleep"), (idle_ms, "spin")]
-    for idle_ms, pause in pauses:
+    for index, (idle_ms, pause) in enumerate(pauses):
+        first_seed = index * args.reps  # each pass's new questions and leads are new to the cache
         for case, make in cases.items():
             name = case if pause == "none" else f"{case}@{idle_ms:g}ms_{pause}"
             timer.take()
@@ -155,7 +156,7 @@ def main() -> None:
             for rep in range(args.reps):
                 wait(idle_ms / 1e3, spin=pause == "spin")
                 start = time.perf_counter()
-                llm.generate(make(rep), params)
+                llm.generate(make(first_seed + rep), params)
                 walls.append((time.perf_counter() - start) * 1e3)
             summary = summarize(timer.take(), args.reps)
             results["cases"][name] = {"request_ms": statistics.median(walls), "calls": summary}
@@ -164,7 +165,7 @@ def main() -> None:
                 log(f"  {label:28s} {entry['ms_per_request']:8.3f} ms per request")
     trace = HostSyncTrace(device)
     trace.start()
-    llm.generate(cases["new_question"](args.reps), params)
+    llm.generate(cases["new_question"](len(pauses) * args.reps), params)
     report = trace.stop()
     results["new_question_traced"] = report
     for row in report["runtime_calls"][: args.top]:
