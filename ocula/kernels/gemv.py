@@ -247,12 +247,20 @@ def launch_gemv(
 
 
 def check_gemv_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Raises ValueError unless x [1, K], weight [N, K] and bias [N] (or None) are contiguous
-    and share a dtype and a device."""
+    """`check_row_inputs` for one row."""
+    check_row_inputs(x, weight, bias, max_rows=1)
+
+
+def check_row_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int
+) -> None:
+    """Raises ValueError unless x [M, K] (1 <= M <= max_rows), weight [N, K] and bias [N] (or
+    None) are contiguous and share a dtype and a device."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} cannot multiply weight {tuple(weight.shape)}^T")
-    if x.shape[0] != 1:
-        raise ValueError(f"gemv takes one row, got {x.shape[0]}")
+    if not 1 <= x.shape[0] <= max_rows:
+        takes = "one row" if max_rows == 1 else f"1 to {max_rows} rows"
+        raise ValueError(f"this kernel takes {takes}, got {x.shape[0]}")
     if not x.is_contiguous() or not weight.is_contiguous():
         raise ValueError("x and weight must be contiguous")
     features = weight.shape[0]

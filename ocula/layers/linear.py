@@ -27,6 +27,10 @@ from ocula.kernels import use_triton
 # Whether one row of x on the GPU goes to the GEMV kernel instead of cuBLAS. A constant; the
 # benchmark scripts' `--switches` (benchmarks/common.py) set it before building the engine.
 USE_GEMV = True
+# Whether 2 to `skinny_linear.MAX_ROWS` rows of x on the GPU go to the skinny kernel instead of
+# cuBLAS (a constant, like USE_GEMV).
+USE_SKINNY = True
+SKINNY_MAX_ROWS = 16  # = ocula.kernels.skinny_linear.MAX_ROWS (that module imports Triton)
 
 
 class LazySlice(Protocol):
@@ -108,13 +112,31 @@ def gemv_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     )
 
 
+def skinny_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x times weight^T (+ bias) goes to the skinny kernel: 2 to 16 rows of x on the GPU
+    (a small batch's decode step, a short prefill chunk; see `ocula.kernels.skinny_linear`)."""
+    depth = x.shape[-1]
+    return (
+        USE_SKINNY
+        and depth == weight.shape[-1] > 0
+        and 2 * depth <= x.numel() <= SKINNY_MAX_ROWS * depth
+        and gemv_takes(x, weight, bias)
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the GEMV kernel where `gemv_applies`."""
+    """F.linear(x, weight, bias), through the GEMV kernel where `gemv_applies` and the skinny
+    kernel where `skinny_applies`."""
     if gemv_applies(x, weight, bias):
         from ocula.kernels.gemv import gemv  # Triton is imported only on the CUDA path
 
         row = x.reshape(1, -1).contiguous()
         return gemv(row, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    if skinny_applies(x, weight, bias):
+        from ocula.kernels.skinny_linear import skinny_linear
+
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        return skinny_linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
