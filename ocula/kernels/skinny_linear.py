@@ -7,7 +7,7 @@ the tensor cores with W's features as the long side of the MMA ("swap AB"): each
 BLOCK_N output features and walks K in BLOCK_K steps,
     acc[BLOCK_N, BLOCK_M] += W[features, k:k+BLOCK_K] @ x[:, k:k+BLOCK_K]^T,
 with x's rows padded to the MMA's smallest width, 16, by masked loads. Rows past M are neither
-read nor written. On an H100 it takes 0.94-0.99 of cuBLAS's time on the large projections of
+read nor written. On an H100 it takes 0.94-0.98 of cuBLAS's time on the large projections of
 Qwen2.5-7B and InternLM2.5-7B (gate_up, down, LM head) and about as long on the small ones, and
 a decode step at batch 2-16 ~5% less (BENCHMARKS.md). 32 rows were slower than cuBLAS on the
 down projections (the wider x tile left room for fewer pipeline stages), so they stay there.
@@ -23,6 +23,8 @@ W tile, then waits for the previous kernel before it reads x.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -32,9 +34,23 @@ from ocula.kernels import launch_with_pdl
 from ocula.kernels.gemv import check_row_inputs
 
 MAX_ROWS = 16  # = BLOCK_M, one MMA width of rows
-# Shared memory a config may fill with its pipeline's W and x tiles (the H100 and H200 have 227 KB
-# a block; the rest is left to the compiler).
-SHARED_BUDGET_BYTES = 216 * 1024
+# Shared memory per block, as Triton reads it from the GPU: the H100's and H200's 227 KB stand in
+# for it off the GPU (the interpreter). A config fills all of it but `SHARED_HEADROOM_BYTES` with
+# its pipeline's W and x tiles.
+HOPPER_SHARED_BYTES = 232_448
+SHARED_HEADROOM_BYTES = 16 * 1024
+
+
+@functools.cache
+def shared_budget(device_index: int | None) -> int:
+    """Bytes of shared memory a config may use on CUDA device `device_index` (None: off the GPU):
+    an A100 has 163 KB a block and an L40 99 KB, against the Hopper's 227 KB the rule was tuned
+    on, so its stages and K steps shrink there instead of failing to launch."""
+    limit = HOPPER_SHARED_BYTES
+    if device_index is not None:
+        properties = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        limit = properties["max_shared_mem"]
+    return limit - SHARED_HEADROOM_BYTES
 
 
 @triton.jit
@@ -45,7 +61,7 @@ def _skinny_linear_kernel(
     y_ptr,
     M,
     N,
-    K: tl.constexpr,  # a model constant; the loop's trip count must be one for the interpreter
+    K: tl.constexpr,  # a model constant; the interpreter needs a compile-time trip count
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (not TF32); Triton's default otherwise
     BLOCK_M: tl.constexpr,
@@ -82,12 +98,17 @@ def _skinny_linear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=feature_ok[:, None] & row_ok[None, :])
 
 
-def skinny_config(features: int, depth: int, element_size: int = 2) -> tuple[int, int, int]:
+def skinny_config(
+    features: int, depth: int, element_size: int = 2, budget: int | None = None
+) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, STAGES), from sweeps of Qwen2.5-7B's and InternLM2.5-7B's projections
     on an H100 at 16 rows (BENCHMARKS.md): 512-wide K steps for long rows (the down projections),
     128-wide ones for tens of thousands of features (gate_up, the LM head), 256 otherwise; then
-    as many stages as fit `SHARED_BUDGET_BYTES` (up to 5), K steps halved if even one does not
-    (float32 inputs). The pipeline holds STAGES + 1 pairs of W and x tiles."""
+    as many stages as `budget` bytes of shared memory hold (default: a Hopper's; up to 5), K
+    steps halved if even one does not (float32 inputs, GPUs with less). The pipeline holds
+    STAGES + 1 pairs of W and x tiles (Triton asked for 6 x 40 KB at 5 stages of 80 x 256 bf16)."""
+    if budget is None:
+        budget = shared_budget(None)
     if depth >= 8192:
         block_n, block_k, stages = 32, 512, 3
     elif features >= 16384:
@@ -95,10 +116,10 @@ def skinny_config(features: int, depth: int, element_size: int = 2) -> tuple[int
     else:
         block_n, block_k, stages = 64, 256, 5
     block_k = min(block_k, max(16, triton.next_power_of_2(depth)))
-    while block_k > 16 and 2 * (block_n + MAX_ROWS) * block_k * element_size > SHARED_BUDGET_BYTES:
+    while block_k > 16 and 2 * (block_n + MAX_ROWS) * block_k * element_size > budget:
         block_k //= 2
     pair = (block_n + MAX_ROWS) * block_k * element_size
-    return block_n, block_k, max(1, min(stages, SHARED_BUDGET_BYTES // pair - 1))
+    return block_n, block_k, max(1, min(stages, budget // pair - 1))
 
 
 def skinny_linear(
@@ -112,7 +133,8 @@ def skinny_linear(
     check_row_inputs(x, weight, bias, MAX_ROWS)
     rows, depth = x.shape
     features = weight.shape[0]
-    block_n, block_k, stages = config or skinny_config(features, depth, x.element_size())
+    budget = shared_budget(x.device.index if x.is_cuda else None)
+    block_n, block_k, stages = config or skinny_config(features, depth, x.element_size(), budget)
     pdl = launch_with_pdl(x)
     y = torch.empty((rows, features), dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(features, block_n),)](

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ocula.kernels.skinny_linear import (
+    HOPPER_SHARED_BYTES,
     MAX_ROWS,
-    SHARED_BUDGET_BYTES,
+    SHARED_HEADROOM_BYTES,
+    shared_budget,
     skinny_config,
     skinny_linear,
 )
@@ -77,12 +79,23 @@ def test_skinny_linear_rejects_what_it_cannot_take(device: torch.device) -> None
 )  # fmt: skip
 def test_configs_fit_the_shared_memory_budget(features: int, depth: int) -> None:
     """The pipeline holds STAGES + 1 pairs of tiles (Triton asked for 6 x 40 KB at 5 stages of a
-    (64 + 16) x 256 bf16 pair on an H100)."""
-    for element_size in (2, 4):
-        block_n, block_k, stages = skinny_config(features, depth, element_size)
-        assert block_k <= max(16, 1 << (depth - 1).bit_length())
-        pair = (block_n + MAX_ROWS) * block_k * element_size
-        assert stages >= 1 and (stages + 1) * pair <= SHARED_BUDGET_BYTES
+    (64 + 16) x 256 bf16 pair on an H100), on a Hopper (the default), an A100 and an L40."""
+    for limit in (HOPPER_SHARED_BYTES, 166_912, 101_376):
+        budget = limit - SHARED_HEADROOM_BYTES
+        for element_size in (2, 4):
+            block_n, block_k, stages = skinny_config(features, depth, element_size, budget)
+            assert block_k <= max(16, 1 << (depth - 1).bit_length())
+            pair = (block_n + MAX_ROWS) * block_k * element_size
+            assert stages >= 1 and (stages + 1) * pair <= budget
+    assert skinny_config(features, depth) == skinny_config(features, depth, 2, shared_budget(None))
+
+
+def test_the_rule_on_a_hopper_is_the_one_measured() -> None:
+    """The tiles of the H100 decode A/B (BENCHMARKS.md, seventeenth session)."""
+    assert skinny_config(4608, 3584) == (64, 256, 4)  # Qwen2.5-7B qkv
+    assert skinny_config(37888, 3584) == (64, 128, 3)  # gate_up
+    assert skinny_config(3584, 18944) == (32, 512, 3)  # down
+    assert skinny_config(152064, 3584) == (64, 128, 3)  # LM head
 
 
 def test_linear_sends_2_to_16_rows_on_the_gpu_to_the_skinny_kernel(
