@@ -10,8 +10,11 @@ would not meet it.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
+import triton
 import torch.nn.functional as F
 
 from ocula.kernels.skinny_linear import (
@@ -118,3 +121,24 @@ def test_linear_keeps_several_rows_on_f_linear_off_the_gpu() -> None:
     x, weight, bias = make(8, 32, 64, torch.float32, torch.device("cpu"))
     assert not linear_module.skinny_applies(x, weight, bias)
     assert torch.equal(linear_module.linear(x, weight, bias), F.linear(x, weight, bias))
+
+
+def test_the_budget_is_read_from_the_gpu_triton_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the budget is the per-block limit Triton's own launch check reads (the driver's
+    MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), less the headroom; here an L40's, through a stand-in."""
+    asked = []
+
+    def properties(index: int) -> dict[str, int]:
+        asked.append(index)
+        return {"max_shared_mem": 101_376}
+
+    utils = types.SimpleNamespace(get_device_properties=properties)
+    monkeypatch.setattr(
+        triton.runtime, "driver", types.SimpleNamespace(active=types.SimpleNamespace(utils=utils))
+    )
+    shared_budget.cache_clear()
+    try:
+        assert shared_budget(3) == 101_376 - SHARED_HEADROOM_BYTES and asked == [3]
+        assert shared_budget(None) == HOPPER_SHARED_BYTES - SHARED_HEADROOM_BYTES
+    finally:
+        shared_budget.cache_clear()
