@@ -14,8 +14,8 @@ import types
 
 import pytest
 import torch
-import triton
 import torch.nn.functional as F
+import triton
 
 from ocula.kernels.skinny_linear import (
     HOPPER_SHARED_BYTES,
