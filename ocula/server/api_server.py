@@ -1,7 +1,8 @@
 """`python -m ocula.server.api_server [flags]` (also `ocula serve`): the HTTP server.
 
 Start-up order: bind the port (so a port in use fails at once, not after loading the model),
-start the engine process and wait for it, then serve. SIGINT/SIGTERM drain first (new requests
+start the engine process (`engine_launch`: before this process imports the front, so that both
+import at once), then import and build the front, wait for the engine, and serve. SIGINT/SIGTERM drain first (new requests
 get 503, those in flight get SHUTDOWN_GRACE_SECONDS to finish, then are stopped with a 503 or a
 last error event), then stop uvicorn, which stops the engine process; exit code 0. An engine
 that dies takes the server down with exit code 1.
@@ -20,11 +21,12 @@ from typing import Any
 import uvicorn
 
 from ocula.cli_args import parse_config
-from ocula.server.app import build_app
 from ocula.server.args import ServerArgs
-from ocula.server.async_engine import AsyncEngine, EngineUnavailableError
-from ocula.server.serving import ServerState, drain, stop_in_flight
-from ocula.server.stats_log import log_stats_forever
+from ocula.server.engine_launch import EngineLaunch
+
+# The front's own modules (the app, the engine handle, the serving state) are imported by
+# `serve`, after the engine process has started: a module-level import here would also run in
+# that process, which imports this module again as the spawn's main module.
 
 logger = logging.getLogger("ocula.server")
 
@@ -54,9 +56,12 @@ class _Server(uvicorn.Server):
         self.event_loop.call_soon_threadsafe(self.drain_requested.set)
 
 
-async def drain_then_exit(server: _Server, state: ServerState) -> None:
-    """Waits for a shutdown signal, drains (`serving.drain`), then stops uvicorn, which closes
-    the port and waits for the last responses to be sent."""
+async def drain_then_exit(server: _Server, state: Any) -> None:
+    """Waits for a shutdown signal, drains `state` (a `serving.ServerState`, see
+    `serving.drain`), then stops uvicorn, which closes the port and waits for the last
+    responses to be sent."""
+    from ocula.server.serving import drain, stop_in_flight
+
     await server.drain_requested.wait()
     drain_task = asyncio.create_task(drain(state, SHUTDOWN_GRACE_SECONDS))
     while not drain_task.done() and not server.should_exit:
@@ -87,16 +92,35 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(args: ServerArgs) -> int:
-    sock = bind_socket(args.host, args.port)
+async def serve(args: ServerArgs, sock: socket.socket, launch: EngineLaunch) -> int:
+    """Serves on the bound `sock` with the engine process `launch` started; the exit code."""
     try:
+        import ocula.server.app  # noqa: F401  the front's modules, imported while the engine loads
+        from ocula.server.async_engine import AsyncEngine
+
         engine = AsyncEngine(args)
     except (ValueError, OSError) as error:  # the model folder or its settings cannot be served
         logger.error("cannot serve %s: %s", args.model_dir or "the default model", error)
+        launch.abandon()
         sock.close()
         return 1
+    except BaseException:
+        launch.abandon()
+        sock.close()
+        raise
+    return await serve_with(engine, args, sock, launch)
+
+
+async def serve_with(
+    engine: Any, args: ServerArgs, sock: socket.socket, launch: EngineLaunch
+) -> int:
+    """`serve` once the engine handle (an `AsyncEngine`) exists: it owns `launch` from here."""
+    from ocula.server.app import build_app
+    from ocula.server.async_engine import EngineUnavailableError
+    from ocula.server.stats_log import log_stats_forever
+
     try:
-        ready = await engine.start()
+        ready = await engine.start(launch)
     except Exception as error:  # the engine process must not outlive a failed start
         if isinstance(error, EngineUnavailableError):
             logger.error("%s", error)
@@ -170,7 +194,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         from ocula.engine.worker_node import run_worker_node
 
         sys.exit(run_worker_node(args))
-    sys.exit(run_event_loop(serve(args)))
+    sock = bind_socket(args.host, args.port)
+    try:
+        launch = EngineLaunch(args)
+    except BaseException:
+        sock.close()
+        raise
+    sys.exit(run_event_loop(serve(args, sock, launch)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
+import multiprocessing.process
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +21,7 @@ from ocula.multimodal.internvl_prompt import VisionSpec
 from ocula.sampling.params import SamplingParams
 from ocula.server.args import ServerArgs
 from ocula.server.engine_channel import FrontSideChannel
-from ocula.server.engine_process import run_engine_process
+from ocula.server.engine_launch import EngineLaunch
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
 from ocula.server.image_payloads import FrontPayloads
 from ocula.server.images import FrontImages
@@ -98,14 +98,13 @@ class AsyncEngine:
         self.stats_listeners: list[Callable[[EngineStats, list[int]], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
-    async def start(self) -> EngineReady:
-        """Starts the engine process and waits until it has loaded the model."""
-        channel_path = await self._channel.listen()
-        spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(
-            target=run_engine_process, args=(self.args, str(channel_path)), name="ocula-engine"
-        )
-        self._process.start()
+    async def start(self, launch: EngineLaunch | None = None) -> EngineReady:
+        """Takes over the engine process `launch` started (started here when None), accepts its
+        connection and waits until it has loaded the model."""
+        if launch is None:
+            launch = EngineLaunch(self.args)
+        self._process = launch.process
+        await self._channel.listen(launch.listener)
         if self.images is not None and not self.args.skip_server_warmup:
             await self.images.warm_up()  # while the engine loads
         while self.ready is None:

@@ -170,6 +170,31 @@ class EngineSideChannel:
         self._socket.close()
 
 
+class ChannelListener:
+    """A Unix socket listening in a new folder only this user can enter (mode 0700), made
+    before any event loop runs, so that the engine process can be started, and connect, while
+    the front is still importing (`ocula.server.engine_launch`). A connection made before the
+    front accepts waits in the socket's backlog."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ocula-"))
+        self.path = self.folder / "engine.sock"
+        self.socket: socket.socket | None = None
+        try:
+            self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.socket.bind(str(self.path))
+            self.socket.listen(1)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Closes the socket and removes its folder (for a listener no channel adopted)."""
+        if self.socket is not None:
+            self.socket.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class FrontSideChannel(asyncio.Protocol):
     """The front's end: listens in a private folder for the engine process's one connection,
     then hands every message to `on_message` on the event loop and calls `on_close` once if the
@@ -186,18 +211,21 @@ class FrontSideChannel(asyncio.Protocol):
         self._accepted = False
         self._folder: Path | None = None  # holds the listening socket until the engine connects
 
-    async def listen(self) -> Path:
-        """Listens in a new folder only this user can enter; returns the socket's path, for the
-        engine process to connect to."""
-        self._folder = Path(tempfile.mkdtemp(prefix="ocula-"))  # mode 0700
-        path = self._folder / "engine.sock"
+    async def listen(self, listener: ChannelListener | None = None) -> Path:
+        """Accepts the engine's connection on `listener` (made here when None, which this
+        channel then owns either way); returns the socket's path, for the engine process to
+        connect to."""
+        if listener is None:
+            listener = ChannelListener()
+        self._folder = listener.folder
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_unix_server(self._accept, str(path))
+            self._server = await loop.create_unix_server(self._accept, sock=listener.socket)
         except BaseException:
-            self._remove_folder()
+            listener.close()
+            self._folder = None
             raise
-        return path
+        return listener.path
 
     def _remove_folder(self) -> None:
         if self._folder is not None:

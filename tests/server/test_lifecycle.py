@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.helpers.server import assert_all_gone, start_server
+from tests.helpers.server import assert_all_gone, free_port, start_server
 
 
 def test_health_probes_and_unknown_routes(server) -> None:
@@ -114,3 +117,34 @@ def test_a_dead_engine_takes_the_server_down(tiny_checkpoint, tmp_path) -> None:
         ) from None
     assert code == 1
     assert "engine process exited with code -9" in running.log()
+
+
+def test_a_folder_that_is_no_model_stops_the_engine_started_beside_the_front(tmp_path) -> None:
+    """The engine process starts right after the port is bound, while the front imports; when
+    the front then finds no model in the folder, it exits 1 naming why, and stops that process
+    and removes the channel's socket folder before it goes."""
+    channels_before = set(Path(tempfile.gettempdir()).glob("ocula-*"))
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    command = [sys.executable, "-m", "ocula.server.api_server", "--model_dir", str(empty)]
+    front = subprocess.Popen(
+        [*command, "--port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + 60
+    while front.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(front.pid).children(recursive=True):
+                seen.setdefault(child.pid, child)
+        time.sleep(0.02)
+    if front.poll() is None:
+        front.kill()
+    output = front.communicate(timeout=10)[0]
+    assert front.returncode == 1, output
+    assert "has no config.json: it is not a model folder" in output
+    assert seen, "no engine process was started beside the front"
+    assert_all_gone(list(seen.values()), timeout=5)
+    assert set(Path(tempfile.gettempdir()).glob("ocula-*")) <= channels_before

@@ -1,0 +1,52 @@
+"""The engine process, started before the front imports its own modules.
+
+Both processes import torch, transformers and the engine (~4-5 s of a server's start on a
+2-core machine); started after the front had imported everything, the engine process did its
+imports only then, one after the other. `EngineLaunch` is made right after the port is bound:
+it opens the channel's listening socket (`ChannelListener`) and spawns the engine, which imports
+and loads the model while the front imports and builds its app; the engine's connection waits
+in the socket's backlog until the front's event loop accepts it (`AsyncEngine.start`).
+
+This module imports only what the spawn needs, so that pickling its target by reference does
+not import the engine into the front first; the spawned process imports the engine itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+from ocula.server.engine_channel import ChannelListener
+
+KILL_WAIT_SECONDS = 10.0
+
+
+def _run_engine(args: Any, channel_path: str) -> None:
+    """The spawned process's entry point."""
+    from ocula.server.engine_process import run_engine_process
+
+    run_engine_process(args, channel_path)
+
+
+class EngineLaunch:
+    """A started engine process and the socket it connects to; `AsyncEngine.start` adopts both.
+    `abandon` stops and removes them when the front fails before that."""
+
+    def __init__(self, args: Any) -> None:
+        self.listener = ChannelListener()
+        spawn = multiprocessing.get_context("spawn")
+        self.process = spawn.Process(
+            target=_run_engine, args=(args, str(self.listener.path)), name="ocula-engine"
+        )
+        try:
+            self.process.start()
+        except BaseException:
+            self.listener.close()
+            raise
+
+    def abandon(self) -> None:
+        """Kills the engine process (it has not been told anything yet) and removes the socket."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(KILL_WAIT_SECONDS)
+        self.listener.close()
