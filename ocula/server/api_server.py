@@ -200,7 +200,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BaseException:
         sock.close()
         raise
-    sys.exit(run_event_loop(serve(args, sock, launch)))
+    try:
+        code = run_event_loop(serve(args, sock, launch))
+    finally:  # nothing left once the engine was shut down; a start cut short (Ctrl-C) kills it
+        launch.abandon()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -148,3 +149,33 @@ def test_a_folder_that_is_no_model_stops_the_engine_started_beside_the_front(tmp
     assert seen, "no engine process was started beside the front"
     assert_all_gone(list(seen.values()), timeout=5)
     assert set(Path(tempfile.gettempdir()).glob("ocula-*")) <= channels_before
+
+
+def test_ctrl_c_while_starting_leaves_no_engine_behind(tiny_checkpoint, tmp_path) -> None:
+    """SIGINT as soon as the engine process exists (the front still importing; the interrupt
+    lands at its first await): the server exits and stops the engine process itself, which is
+    killed while the channel still listens, never left to find its front gone (a connection
+    refused)."""
+    command = [sys.executable, "-m", "ocula.server.api_server"]
+    model = str(tiny_checkpoint("llama"))
+    front = subprocess.Popen(
+        [*command, "--model_dir", model, "--port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    children: list[psutil.Process] = []
+    deadline = time.monotonic() + 60
+    while not children and front.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(front.pid).children(recursive=True)
+        time.sleep(0.02)
+    assert children, "no engine process was started beside the front"
+    front.send_signal(signal.SIGINT)
+    try:
+        output = front.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        front.kill()
+        raise AssertionError("the server did not exit after SIGINT while starting") from None
+    assert_all_gone(children, timeout=5)
+    assert "ConnectionRefusedError" not in output, output
