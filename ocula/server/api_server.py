@@ -2,10 +2,10 @@
 
 Start-up order: bind the port (so a port in use fails at once, not after loading the model),
 start the engine process (`engine_launch`: before this process imports the front, so that both
-import at once), then import and build the front, wait for the engine, and serve. SIGINT/SIGTERM drain first (new requests
-get 503, those in flight get SHUTDOWN_GRACE_SECONDS to finish, then are stopped with a 503 or a
-last error event), then stop uvicorn, which stops the engine process; exit code 0. An engine
-that dies takes the server down with exit code 1.
+import at once), then import and build the front, wait for the engine, and serve.
+SIGINT/SIGTERM drain first (new requests get 503, those in flight get SHUTDOWN_GRACE_SECONDS to
+finish, then are stopped with a 503 or a last error event), then stop uvicorn, which stops the
+engine process; exit code 0. An engine that dies takes the server down with exit code 1.
 """
 
 from __future__ import annotations
