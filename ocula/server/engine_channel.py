@@ -189,7 +189,9 @@ class ChannelListener:
             raise
 
     def close(self) -> None:
-        """Closes the socket and removes its folder (for a listener no channel adopted)."""
+        """Closes the socket (nothing more once a channel's server has closed it) and removes its
+        folder (already gone once the engine connected; left behind by an engine killed before
+        it connected)."""
         if self.socket is not None:
             self.socket.close()
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -151,7 +151,7 @@ def test_a_folder_that_is_no_model_stops_the_engine_started_beside_the_front(tmp
     assert set(Path(tempfile.gettempdir()).glob("ocula-*")) <= channels_before
 
 
-def test_ctrl_c_while_starting_leaves_no_engine_behind(tiny_checkpoint, tmp_path) -> None:
+def test_ctrl_c_while_starting_leaves_no_engine_behind(tiny_checkpoint) -> None:
     """SIGINT as soon as the engine process exists (the front still importing; the interrupt
     lands at its first await): the server exits and stops the engine process itself, which is
     killed while the channel still listens, never left to find its front gone (a connection
