@@ -82,6 +82,7 @@ KERNEL_SWITCHES = {
     "gemv": ("ocula.layers.linear", "USE_GEMV"),
     "gemv_tiles": ("ocula.kernels.gemv", "WIDE_TILES"),
     "skinny": ("ocula.layers.linear", "USE_SKINNY"),
+    "skinny_tma": ("ocula.kernels.skinny_linear", "USE_TMA"),
     "pdl": ("ocula.kernels", "USE_PDL"),
     "fold_row_norms": ("ocula.models.folded_row", "FOLD_ROW_NORMS"),
     "rotate_in_decode": ("ocula.attention.triton_backend", "ROTATE_IN_DECODE"),

@@ -1,21 +1,23 @@
 """y = x W^T (+ b) for a few rows of x (2 to `MAX_ROWS`): decode steps of small batches and
-prefill chunks of up to 16 tokens (a short follow-up over a cached prefix).
+short prefill chunks (a follow-up over a cached prefix).
 
 With a few rows the product is still bound by reading W once, and cuBLAS's time does not move
-from 1 to 32 rows. This kernel streams W like the GEMV (`ocula.kernels.gemv`) but multiplies on
+from 1 to 64 rows. This kernel streams W like the GEMV (`ocula.kernels.gemv`) but multiplies on
 the tensor cores with W's features as the long side of the MMA ("swap AB"): each program owns
 BLOCK_N output features and walks K in BLOCK_K steps,
     acc[BLOCK_N, BLOCK_M] += W[features, k:k+BLOCK_K] @ x[:, k:k+BLOCK_K]^T,
-with x's rows padded to the MMA's smallest width, 16, by masked loads. Rows past M are neither
-read nor written. On an H100 it takes 0.94-0.98 of cuBLAS's time on the large projections of
-Qwen2.5-7B and InternLM2.5-7B (gate_up, down, LM head) and about as long on the small ones, and
-a decode step at batch 2-16 ~5% less (BENCHMARKS.md). 32 rows were slower than cuBLAS on the
-down projections (the wider x tile left room for fewer pipeline stages), so they stay there.
+with x's rows padded to BLOCK_M (16 or 32, `row_block`). Rows past M are neither read nor
+written. Where both tensors allow it (`tma_fits`), the tiles come through tensor descriptors
+(TMA on Hopper): 1-4% faster than pointer loads alone on every projection, about equal in a
+decode step. On an H100 a decode step at batch 2-32 takes 0.11-0.27 ms less than on cuBLAS
+(BENCHMARKS.md). At 33-64 rows the kernel was ahead alone only on the widest weights (gate_up,
+the LM head) and slower in the decode step even there, so those rows stay on cuBLAS.
 
 The torch reference is `F.linear(x, weight, bias)`. Products are summed in float32 (fp32 inputs
 multiply in IEEE float32, not TF32), the bias is added in float32 and the result rounded once to
 x's dtype; the order of the K sum differs from cuBLAS's, so results agree to float32 summation,
-not bit for bit. Each row's result depends on that row only.
+not bit for bit. A row's result depends on that row and on BLOCK_M only: rows padded to the same
+BLOCK_M get the same bits alone or in a batch.
 
 With programmatic dependent launch (`ocula.kernels.launch_with_pdl`) every program loads its first
 W tile, then waits for the previous kernel before it reads x.
@@ -29,11 +31,16 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ocula.kernels import launch_with_pdl
 from ocula.kernels.gemv import check_row_inputs
 
-MAX_ROWS = 16  # = BLOCK_M, one MMA width of rows
+MAX_ROWS = 32
+# Whether tiles come through tensor descriptors where `tma_fits` (a constant; the benchmark
+# scripts' `--switches skinny_tma=off` clears it for an A/B against pointer loads).
+USE_TMA = True
+MMA_MIN_ROWS = 16  # the smallest BLOCK_M: x's rows are padded to at least one MMA width
 # Shared memory per block, as Triton reads it from the GPU: the H100's and H200's 227 KB stand in
 # for it off the GPU (the interpreter). A config fills all of it but `SHARED_HEADROOM_BYTES` with
 # its pipeline's W and x tiles.
@@ -57,6 +64,8 @@ def shared_budget(device_index: int | None) -> int:
 def _skinny_linear_kernel(
     x_ptr,
     w_ptr,
+    x_desc,  # tensor descriptors of x and W when TMA, else unused (the pointers stand in)
+    w_desc,
     bias_ptr,
     y_ptr,
     M,
@@ -69,8 +78,10 @@ def _skinny_linear_kernel(
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
     PDL: tl.constexpr,
+    TMA: tl.constexpr,  # tiles through the descriptors (zero-filled past M, N and K)
 ):
-    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(0) * BLOCK_N
+    features = first + tl.arange(0, BLOCK_N)
     feature_ok = features < N
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -79,18 +90,28 @@ def _skinny_linear_kernel(
     x_ptrs = x_ptr + rows[:, None] * K + depth[None, :]
     # The first step outside the loop: its W tile is loaded before the PDL wait.
     depth_ok = depth < K
-    w = tl.load(w_ptrs, mask=feature_ok[:, None] & depth_ok[None, :], other=0.0)
+    if TMA:
+        w = w_desc.load([first, 0])
+    else:
+        w = tl.load(w_ptrs, mask=feature_ok[:, None] & depth_ok[None, :], other=0.0)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    x = tl.load(x_ptrs, mask=row_ok[:, None] & depth_ok[None, :], other=0.0)
+    if TMA:
+        x = x_desc.load([0, 0])
+    else:
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & depth_ok[None, :], other=0.0)
     acc = tl.dot(w, tl.trans(x), input_precision=PRECISION)
     NUM_STEPS: tl.constexpr = triton.cdiv(K, BLOCK_K)
     for step in tl.range(1, NUM_STEPS, num_stages=STAGES):
         k = step * BLOCK_K
-        depth_ok = (depth + k) < K
-        w = tl.load(w_ptrs + k, mask=feature_ok[:, None] & depth_ok[None, :], other=0.0)
-        x = tl.load(x_ptrs + k, mask=row_ok[:, None] & depth_ok[None, :], other=0.0)
+        if TMA:
+            w = w_desc.load([first, k])
+            x = x_desc.load([0, k])
+        else:
+            depth_ok = (depth + k) < K
+            w = tl.load(w_ptrs + k, mask=feature_ok[:, None] & depth_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs + k, mask=row_ok[:, None] & depth_ok[None, :], other=0.0)
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + features, mask=feature_ok, other=0.0).to(tl.float32)[:, None]
@@ -98,28 +119,54 @@ def _skinny_linear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=feature_ok[:, None] & row_ok[None, :])
 
 
+def row_block(rows: int) -> int:
+    """BLOCK_M for `rows` rows of x: the MMA's smallest width, 16, or the next power of two."""
+    return max(MMA_MIN_ROWS, triton.next_power_of_2(rows))
+
+
 def skinny_config(
-    features: int, depth: int, element_size: int = 2, budget: int | None = None
+    features: int,
+    depth: int,
+    element_size: int = 2,
+    budget: int | None = None,
+    block_m: int = MMA_MIN_ROWS,
 ) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, STAGES), from sweeps of Qwen2.5-7B's and InternLM2.5-7B's projections
-    on an H100 at 16 rows (BENCHMARKS.md): 512-wide K steps for long rows (the down projections),
-    128-wide ones for tens of thousands of features (gate_up, the LM head), 256 otherwise; then
-    as many stages as `budget` bytes of shared memory hold (default: a Hopper's; up to 5), K
-    steps halved if even one does not (float32 inputs, GPUs with less). The pipeline holds
-    STAGES + 1 pairs of W and x tiles (Triton asked for 6 x 40 KB at 5 stages of 80 x 256 bf16)."""
+    """(BLOCK_N, BLOCK_K, STAGES), from a sweep of Qwen2.5-7B's projections on an H100 at 2-32
+    rows with TMA loads (BENCHMARKS.md): 32 features by 256-wide K steps where the row is at
+    least as long as the features (o, down), 64 by 128 otherwise, with 5 stages, 3 for tens of
+    thousands of features (gate_up, the LM head); each within 1-2% of the best of 9-11 tile
+    shapes. Then at most as many stages as `budget` bytes of shared memory hold (default: a
+    Hopper's), the K step halved where not even one does (float32 inputs, GPUs with less). The
+    pipeline holds STAGES + 1 pairs of W and x tiles (Triton asked for 6 x 40 KB at 5 stages of
+    80 x 256 bf16); `block_m` is x's tile height (`row_block`)."""
     if budget is None:
         budget = shared_budget(None)
-    if depth >= 8192:
-        block_n, block_k, stages = 32, 512, 3
+    if features <= depth:
+        block_n, block_k, stages = 32, 256, 5
     elif features >= 16384:
         block_n, block_k, stages = 64, 128, 3
     else:
-        block_n, block_k, stages = 64, 256, 5
+        block_n, block_k, stages = 64, 128, 5
     block_k = min(block_k, max(16, triton.next_power_of_2(depth)))
-    while block_k > 16 and 2 * (block_n + MAX_ROWS) * block_k * element_size > budget:
+    while block_k > 16 and 2 * (block_n + block_m) * block_k * element_size > budget:
         block_k //= 2
-    pair = (block_n + MAX_ROWS) * block_k * element_size
+    pair = (block_n + block_m) * block_k * element_size
     return block_n, block_k, max(1, min(stages, budget // pair - 1))
+
+
+@functools.cache
+def has_tma(device_index: int | None) -> bool:
+    """Whether CUDA device `device_index` has the tensor memory accelerator (Hopper on)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def tma_fits(tensor: torch.Tensor) -> bool:
+    """Whether a contiguous 2-D tensor can be read through a tensor descriptor: on a GPU with
+    TMA (Hopper on) or in the interpreter, base address and row stride multiples of 16 bytes."""
+    if not USE_TMA or (tensor.is_cuda and not has_tma(tensor.device.index)):
+        return False
+    row_bytes = tensor.shape[-1] * tensor.element_size()
+    return tensor.data_ptr() % 16 == 0 and row_bytes % 16 == 0
 
 
 def skinny_linear(
@@ -133,13 +180,25 @@ def skinny_linear(
     check_row_inputs(x, weight, bias, MAX_ROWS)
     rows, depth = x.shape
     features = weight.shape[0]
+    block_m = row_block(rows)
     budget = shared_budget(x.device.index if x.is_cuda else None)
-    block_n, block_k, stages = config or skinny_config(features, depth, x.element_size(), budget)
+    block_n, block_k, stages = config or skinny_config(
+        features, depth, x.element_size(), budget, block_m
+    )
+    tma = tma_fits(x) and tma_fits(weight)
+    x_desc, w_desc = x, weight
+    if tma:
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [block_m, block_k])
+        w_desc = TensorDescriptor(
+            weight, list(weight.shape), list(weight.stride()), [block_n, block_k]
+        )
     pdl = launch_with_pdl(x)
     y = torch.empty((rows, features), dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(features, block_n),)](
         x,
         weight,
+        x_desc,
+        w_desc,
         bias if bias is not None else weight,
         y,
         rows,
@@ -147,11 +206,12 @@ def skinny_linear(
         depth,
         HAS_BIAS=bias is not None,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=MAX_ROWS,
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         STAGES=stages,
         PDL=pdl,
+        TMA=tma,
         num_warps=4,
         launch_pdl=pdl,
     )

@@ -27,10 +27,10 @@ from ocula.kernels import use_triton
 # Whether one row of x on the GPU goes to the GEMV kernel instead of cuBLAS. A constant; the
 # benchmark scripts' `--switches` (benchmarks/common.py) set it before building the engine.
 USE_GEMV = True
-# Whether 2 to `skinny_linear.MAX_ROWS` rows of x on the GPU go to the skinny kernel instead of
-# cuBLAS (a constant, like USE_GEMV).
+# Whether 2 to `SKINNY_MAX_ROWS` rows of x on the GPU go to the skinny kernel instead of cuBLAS
+# (a constant, like USE_GEMV).
 USE_SKINNY = True
-SKINNY_MAX_ROWS = 16  # = ocula.kernels.skinny_linear.MAX_ROWS (that module imports Triton)
+SKINNY_MAX_ROWS = 32  # = ocula.kernels.skinny_linear.MAX_ROWS (that module imports Triton)
 
 
 class LazySlice(Protocol):
@@ -113,7 +113,7 @@ def gemv_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def skinny_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether x times weight^T (+ bias) goes to the skinny kernel: 2 to 16 rows of x on the GPU
+    """Whether x times weight^T (+ bias) goes to the skinny kernel: 2 to 32 rows of x on the GPU
     (a small batch's decode step, a short prefill chunk; see `ocula.kernels.skinny_linear`)."""
     depth = x.shape[-1]
     return (
