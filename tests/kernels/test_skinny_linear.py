@@ -24,6 +24,7 @@ from ocula.kernels.skinny_linear import (
     HOPPER_SHARED_BYTES,
     MAX_ROWS,
     SHARED_HEADROOM_BYTES,
+    has_tma,
     row_block,
     shared_budget,
     skinny_config,
@@ -76,7 +77,8 @@ def test_an_unaligned_row_start_takes_pointer_loads(device: torch.device) -> Non
     storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=device)
     shifted = storage[1:].view_as(x)
     shifted.copy_(x)
-    assert not tma_fits(shifted) and tma_fits(x)
+    assert not tma_fits(shifted)
+    assert tma_fits(x) or not has_tma(device.index)  # a GPU before Hopper reads both by pointer
     assert torch.equal(skinny_linear(shifted, weight, bias), skinny_linear(x, weight, bias))
 
 
@@ -88,7 +90,7 @@ def test_each_row_depends_on_that_row_only(device: torch.device) -> None:
         together = skinny_linear(x[:rows], weight, bias)
         for row in (0, 5, 11):
             alone = skinny_linear(x[row : row + single].contiguous(), weight, bias)
-            assert row_block(single) == row_block(rows) or single == 1
+            assert row_block(single) == row_block(rows)
             assert torch.equal(alone[0], together[row])
 
 
