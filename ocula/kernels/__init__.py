@@ -45,8 +45,13 @@ def launch_with_pdl(tensor: torch.Tensor) -> bool:
 
 @functools.cache
 def _has_pdl(device_index: int | None) -> bool:
-    # Not in Triton's interpreter (no inline PTX there, even for CUDA tensors) nor on ROCm
-    # (griddepcontrol is PTX).
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None:
-        return False
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    # Not in Triton's interpreter (no inline PTX there, even for CUDA tensors).
+    return os.environ.get("TRITON_INTERPRET") != "1" and hopper_or_later(device_index)
+
+
+@functools.cache
+def hopper_or_later(device_index: int | None) -> bool:
+    """Whether CUDA device `device_index` is an NVIDIA GPU of compute capability 9.0 or later
+    (programmatic dependent launch, the tensor memory accelerator); never on ROCm, whose
+    capability numbers mean something else."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9

@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ocula.kernels import launch_with_pdl
+from ocula.kernels import hopper_or_later, launch_with_pdl
 from ocula.kernels.gemv import check_row_inputs
 
 MAX_ROWS = 32
@@ -154,16 +154,10 @@ def skinny_config(
     return block_n, block_k, max(1, min(stages, budget // pair - 1))
 
 
-@functools.cache
-def has_tma(device_index: int | None) -> bool:
-    """Whether CUDA device `device_index` has the tensor memory accelerator (Hopper on)."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def tma_fits(tensor: torch.Tensor) -> bool:
     """Whether a contiguous 2-D tensor can be read through a tensor descriptor: on a GPU with
     TMA (Hopper on) or in the interpreter, base address and row stride multiples of 16 bytes."""
-    if not USE_TMA or (tensor.is_cuda and not has_tma(tensor.device.index)):
+    if not USE_TMA or (tensor.is_cuda and not hopper_or_later(tensor.device.index)):
         return False
     row_bytes = tensor.shape[-1] * tensor.element_size()
     return tensor.data_ptr() % 16 == 0 and row_bytes % 16 == 0

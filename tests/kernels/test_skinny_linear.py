@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from ocula.kernels import hopper_or_later
 from ocula.kernels import skinny_linear as skinny_module
 from ocula.kernels.skinny_linear import (
     HOPPER_SHARED_BYTES,
     MAX_ROWS,
     SHARED_HEADROOM_BYTES,
-    has_tma,
     row_block,
     shared_budget,
     skinny_config,
@@ -78,7 +78,9 @@ def test_an_unaligned_row_start_takes_pointer_loads(device: torch.device) -> Non
     shifted = storage[1:].view_as(x)
     shifted.copy_(x)
     assert not tma_fits(shifted)
-    assert tma_fits(x) or not has_tma(device.index)  # a GPU before Hopper reads both by pointer
+    assert tma_fits(x) or not hopper_or_later(
+        device.index
+    )  # a GPU before Hopper reads both by pointer
     assert torch.equal(skinny_linear(shifted, weight, bias), skinny_linear(x, weight, bias))
 
 
