@@ -1,16 +1,18 @@
 """How many KV-cache slots fit in `--mem_fraction` of the GPU.
 
 The KV pool gets what is left of `total * mem_fraction` after the memory already in use (weights,
-the image-embedding pool of a vision model, the CUDA context), the activation peak of the largest
-eager forward (`--batch_max_tokens` prompt tokens) and, when CUDA graphs are on, the language
-model's graph pool. Those graphs are captured after the KV pool exists (they read its
-addresses), so their share is estimated beforehand: the
-activations of their largest forward (all share one pool and never replay at the same time) plus
-what each graph keeps allocated between replays (decode logits, the final hidden states of each
-piecewise bucket's pieces and of its whole-step graph, the shared attention buffers). Not
+the image-embedding pool of a vision model, the CUDA context, and what the measuring forwards
+below leave behind for good: the kernels they loaded, the GEMM libraries' workspaces), the
+activation peak of the largest eager forward (`--batch_max_tokens` prompt tokens) and, when CUDA
+graphs are on, the language model's graph pool. Those graphs are captured after the KV pool
+exists (they read its addresses), so their share is estimated beforehand: the activations of
+their largest forward (all share one pool and never replay at the same time) plus what each graph
+keeps allocated between replays (decode logits, the final hidden states of each piecewise
+bucket's pieces and of its whole-step graph, the shared attention buffers). The vision encoder's
+graphs are captured before sizing (`ModelRunner`), so what they hold counts as in use. Not
 reserved (they live in the rest of the GPU, 1 - mem_fraction): the vision encoder's activations
-and its graphs, captured per tile count at start-up, and what the driver itself holds for the
-graphs and the kernels loaded after sizing.
+when it runs more tiles than its graphs take, and what the driver itself holds for the language
+model's graphs and the kernels first loaded after sizing (~0.15 GiB for a toy model on an H100).
 """
 
 from __future__ import annotations
@@ -114,11 +116,13 @@ def kv_pool_slots(
     """KV slots this rank can hold (see the module doc); raises when none fit."""
     if device.type != "cuda":
         return max(1, CPU_DEFAULT_KV_BYTES // bytes_per_token)
+    activations = measure_forward(model, dtype, device, args.effective_batch_max_tokens).peak
+    graphs = graph_pool_bytes(model, dtype, device, args) if with_graphs else 0
+    # Read after those forwards: what they left behind for good (the kernels they loaded, the
+    # GEMM libraries' workspaces) is then counted as in use, not taken out of the KV pool later.
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
-    activations = measure_forward(model, dtype, device, args.effective_batch_max_tokens).peak
-    graphs = graph_pool_bytes(model, dtype, device, args) if with_graphs else 0
     budget = total * args.mem_fraction - used - activations - graphs
     gib = 2**30
     if budget < bytes_per_token:

@@ -82,10 +82,14 @@ class ModelRunner:
             attention_backend=backend,
             vision_tp=vision_tp,
         )
-        # Before the KV pool is sized: the embedding cache is part of --mem_fraction.
+        # Before the KV pool is sized, so that --mem_fraction holds them: the embedding cache, and
+        # what the vision encoder's graphs and first run keep (their pool, the driver's share,
+        # the convolution library's state: ~0.45 GiB beyond the pool for a toy ViT on an H100).
         self.embedding_pool: EmbeddingPool | None = None
+        self.image_encoder: ImageEncoder | None = None
         if hasattr(self.model, "encode_images"):
             self.embedding_pool = build_embedding_pool(self.model, args, dtype, device, tp)
+            self.image_encoder = self._build_image_encoder(args, tp, layout)
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
         bytes_per_token = KVCachePool.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         uses_graphs = (
@@ -132,33 +136,36 @@ class ModelRunner:
         # by cache key. The scheduler's EmbeddingCacheIndex decides what is here and where
         # (plan.encoder_inputs with their pages, plan.encoder_frees).
         self.image_pages: dict[str, torch.Tensor] = {}
-        self.image_encoder: ImageEncoder | None = None
-        if hasattr(self.model, "encode_images"):
-            encode = self.model.encode_images
-            config = self.model.config
-            tile = (config.vision_config.num_channels, config.image_size, config.image_size)
-            if device.type == "cuda" and not args.disable_cudagraph:
-                encode = VisionGraphs(encode, tile, dtype, device, VISION_GRAPH_MAX_TILES)
-                encode.capture()  # collective under vision tensor parallelism
-            elif device.type == "cuda":
-                # Eager: the encoder's kernels compile now rather than in the first image's step
-                # (collective under vision tensor parallelism).
-                with torch.inference_mode():
-                    encode(torch.zeros((1, *tile), dtype=dtype, device=device))
-                    if hasattr(self.model, "warm_up_kernels"):  # paths a large batch takes
-                        self.model.warm_up_kernels(dtype, device)
-            self.image_encoder = ImageEncoder(
-                encode,
-                self.model.tokens_per_tile,
-                self.model.config.text_config.hidden_size,
-                dtype,
-                device,
-                args.visual_infer_batch_size,
-                tp,
-                layout,
-            )
         if device.type == "cuda":
             self._warm_up_sampling()
+
+    def _build_image_encoder(
+        self, args: EngineArgs, tp: ParallelGroup, layout: VisionLayout
+    ) -> ImageEncoder:
+        """The encoder of image tiles: on CUDA its graphs captured, or its kernels compiled, now
+        rather than in the first image's step (collective under vision tensor parallelism)."""
+        device, dtype = self.device, self.dtype
+        encode = self.model.encode_images
+        config = self.model.config
+        tile = (config.vision_config.num_channels, config.image_size, config.image_size)
+        if device.type == "cuda" and not args.disable_cudagraph:
+            encode = VisionGraphs(encode, tile, dtype, device, VISION_GRAPH_MAX_TILES)
+            encode.capture()
+        elif device.type == "cuda":
+            with torch.inference_mode():
+                encode(torch.zeros((1, *tile), dtype=dtype, device=device))
+                if hasattr(self.model, "warm_up_kernels"):  # paths a large batch takes
+                    self.model.warm_up_kernels(dtype, device)
+        return ImageEncoder(
+            encode,
+            self.model.tokens_per_tile,
+            config.text_config.hidden_size,
+            dtype,
+            device,
+            args.visual_infer_batch_size,
+            tp,
+            layout,
+        )
 
     @torch.inference_mode()
     def _warm_up_sampling(self) -> None:

@@ -29,7 +29,9 @@ def test_kv_pool_is_sized_from_mem_fraction(tiny_checkpoint, piecewise_tokens) -
     used = total - free
     assert pool.k_caches[0].is_cuda
     assert core.allocator.capacity > 100_000  # a 2-layer toy model: millions of tokens fit
-    assert used <= 0.3 * total + (256 << 20)  # the pool stays inside its budget (plus the context)
+    # Inside the budget but for what memory_budget does not reserve: the driver's share of the
+    # language model's graphs and of kernels first loaded after sizing (~0.2 GiB on an H100).
+    assert used <= 0.3 * total + (256 << 20)
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))
     assert len(out[0].token_ids) == 8
     del llm, core, pool
@@ -105,7 +107,7 @@ def test_image_embedding_pool_is_part_of_mem_fraction(tmp_path, monkeypatch) -> 
         page = pool.nbytes // pool.num_pages
         assert pool.pages.is_cuda and cache_gb * gib - page < pool.nbytes <= cache_gb * gib
         free, total = torch.cuda.mem_get_info()
-        assert total - free <= 0.3 * total + (256 << 20)
+        assert total - free <= 0.3 * total + (256 << 20)  # the vision graphs are inside it
         outputs.append(llm.generate(prompt, params)[0].token_ids)
         kv_tokens.append(core.allocator.capacity)
         pool_bytes.append(pool.nbytes)
