@@ -9,9 +9,10 @@ BLOCK_N output features and walks K in BLOCK_K steps,
 with x's rows padded to BLOCK_M (16 or 32, `row_block`). Rows past M are neither read nor
 written. Where both tensors allow it (`tma_fits`), the tiles come through tensor descriptors
 (TMA on Hopper): 0.4-11% faster than pointer loads alone on every projection (the small ones
-most), about equal in a decode step. On an H100 a decode step at batch 2-32 takes 0.11-0.27 ms less than on cuBLAS
-(BENCHMARKS.md). At 33-64 rows the kernel was ahead alone only on the widest weights (gate_up,
-the LM head) and slower in the decode step even there, so those rows stay on cuBLAS.
+most), about equal in a decode step. On an H100 a decode step at batch 2-32 takes 0.11-0.27 ms
+less than on cuBLAS (BENCHMARKS.md). At 33-64 rows cuBLAS stays: alone, under an L2 flush, the
+kernel led on the widest weights (gate_up, the LM head), but inside the step cuBLAS's gate_up
+runs at 0.87-0.90 of the copy-bandwidth floor and the kernel behind it.
 
 The torch reference is `F.linear(x, weight, bias)`. Products are summed in float32 (fp32 inputs
 multiply in IEEE float32, not TF32), the bias is added in float32 and the result rounded once to
@@ -135,9 +136,10 @@ def skinny_config(
     rows with TMA loads (BENCHMARKS.md): 32 features by 256-wide K steps where the row is at
     least as long as the features (o, down), 64 by 128 otherwise, with 5 stages, 3 for tens of
     thousands of features (gate_up, the LM head); each within 1-2% of the best of 9-11 tile
-    shapes. Other models' shapes take the same rule (InternLM2.5-7B's were not swept with TMA). Then at most as many stages as `budget` bytes of shared memory hold (default: a
-    Hopper's), the K step halved where not even one does (float32 inputs, GPUs with less). The
-    pipeline holds STAGES + 1 pairs of W and x tiles (Triton asked for 6 x 40 KB at 5 stages of
+    shapes. Other models' shapes take the same rule (InternLM2.5-7B's were not swept with TMA).
+    Then at most as many stages as `budget` bytes of shared memory hold (default: a Hopper's),
+    the K step halved where not even one does (float32 inputs, GPUs with less). The pipeline
+    holds STAGES + 1 pairs of W and x tiles (Triton asked for 6 x 40 KB at 5 stages of
     80 x 256 bf16); `block_m` is x's tile height (`row_block`)."""
     if budget is None:
         budget = shared_budget(None)
