@@ -78,9 +78,8 @@ def test_an_unaligned_row_start_takes_pointer_loads(device: torch.device) -> Non
     shifted = storage[1:].view_as(x)
     shifted.copy_(x)
     assert not tma_fits(shifted)
-    assert tma_fits(x) or not hopper_or_later(
-        device.index
-    )  # a GPU before Hopper reads both by pointer
+    # A GPU before Hopper reads both by pointer.
+    assert tma_fits(x) or not hopper_or_later(device.index)
     assert torch.equal(skinny_linear(shifted, weight, bias), skinny_linear(x, weight, bias))
 
 
