@@ -9,8 +9,7 @@ shapes stay small and the blocks are 16 wide to make the online softmax cross ma
 from __future__ import annotations
 
 import itertools
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from ocula.engine.kv_pool import KVCachePool
 from ocula.kernels.decode_attention import decode_attention, decode_num_splits
 from ocula.kernels.prefill_attention import prefill_attention
 from ocula.layers.attention import get_attention_backend
+from ocula.utils.triton_interpreter import runtime_loop_bounds
 
 # The reference runs in float32 on the same (rounded) inputs. fp32: summation order only.
 # fp16/bf16: the kernels round the probabilities to the input dtype before P @ V and round the
@@ -40,22 +40,11 @@ def dtypes(device: torch.device) -> list[torch.dtype]:
 
 
 @pytest.fixture(autouse=True)
-def interpreter_runtime_loop_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernels loop `for start in range(lo, hi, BLOCK)` to bounds read from device memory,
-    as compiled Triton allows. Triton 3.6's interpreter converts such a bound with
-    int(<1-element 1-d array>), which numpy >= 2.4 rejects; convert the single element instead.
-    Only the interpreter (CPU) is touched, and only for the duration of a test."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor: type, scope: object) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda value: int(value.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
+def interpreter_runtime_loop_bounds() -> Iterator[None]:
+    """On CPU, lets Triton's interpreter run loops to bounds read from device memory
+    (`ocula.utils.triton_interpreter`), for the duration of each test."""
+    with runtime_loop_bounds():
+        yield
 
 
 def make_batch(
