@@ -86,6 +86,7 @@ KERNEL_SWITCHES = {
     "pdl": ("ocula.kernels", "USE_PDL"),
     "fold_row_norms": ("ocula.models.folded_row", "FOLD_ROW_NORMS"),
     "rotate_in_decode": ("ocula.attention.triton_backend", "ROTATE_IN_DECODE"),
+    "short_chunk_blocks": ("ocula.kernels.prefill_attention", "SHORT_CHUNK_BLOCKS"),
     "table_activation": ("ocula.models.intern_vit", "USE_TABLE_ACTIVATIONS"),
 }
 

@@ -27,8 +27,11 @@ import triton.language as tl
 from ocula.kernels.key_blocks import attend_key_range
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Query chunks up to this long launch 16-query x 128-key blocks (see `_launch_config`).
+# Query chunks up to this long launch 16-query x 128-key blocks (see `_launch_config`), while
+# SHORT_CHUNK_BLOCKS is on; the benchmarks' `--switches short_chunk_blocks=off` turns it off for
+# an A/B (the rule before: up to 64 queries over 64 keys).
 SHORT_CHUNK_QUERIES = 128
+SHORT_CHUNK_BLOCKS = True
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -152,7 +155,7 @@ def _launch_config(max_query_len: int, head_dim_pad: int, element_size: int) -> 
     if head_dim_pad <= 128 and element_size == 2:
         if max_query_len >= 512:
             return 128, 128, 8, 3
-        if max_query_len <= SHORT_CHUNK_QUERIES:
+        if SHORT_CHUNK_BLOCKS and max_query_len <= SHORT_CHUNK_QUERIES:
             return 16, 128, 4, 3
     block_m = min(64, max(16, triton.next_power_of_2(max_query_len)))
     return block_m, 64 if head_dim_pad <= 128 else 32, 4, 3 if element_size == 2 else 2

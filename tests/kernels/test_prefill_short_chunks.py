@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ocula.kernels.prefill_attention as prefill_attention_module
 from ocula.kernels.prefill_attention import SHORT_CHUNK_QUERIES, _launch_config
 from tests.kernels.test_paged_attention import (  # noqa: F401 (an autouse fixture)
     assert_close,
@@ -29,6 +30,16 @@ def test_short_chunks_take_narrow_query_blocks_over_wide_key_blocks() -> None:
     assert _launch_config(512, 128, 2)[:2] == (128, 128)
     assert _launch_config(64, 128, 4)[:2] == (64, 64)  # fp32: the shared memory of 64 keys
     assert _launch_config(64, 256, 2)[:2] == (64, 32)
+
+
+def test_the_switch_restores_the_rule_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prefill_attention_module, "SHORT_CHUNK_BLOCKS", False)
+    assert [_launch_config(n, 128, 2)[:2] for n in (16, 32, 60, 128)] == [
+        (16, 64),
+        (32, 64),
+        (64, 64),
+        (64, 64),
+    ]
 
 
 @pytest.mark.parametrize("window", [None, 50, 200])
