@@ -32,8 +32,9 @@ from ocula.kernels.prefill_attention import _launch_config, padded_head_dim, pre
 from ocula.utils.triton_interpreter import runtime_loop_bounds
 
 # (new queries, graph bucket, keys including the new ones): a question after an image (~390
-# keys), longer chat histories, a short follow-up, a ~120-token chunk, a 250-token chunk over 4k
-# keys, and a 330-token prompt with no prefix (an image's prefill).
+# keys), longer chat histories, a short follow-up, a ~120-token chunk, then chunks of 129-511
+# tokens (which keep 64 x 64 blocks) over no prefix (a 330-token image prompt), a short one and
+# long ones.
 CASES = [
     (60, 64, 390),
     (60, 64, 1100),
@@ -41,8 +42,13 @@ CASES = [
     (30, 32, 2000),
     (16, 16, 400),
     (120, 128, 500),
+    (120, 128, 120),
     (250, 256, 4000),
     (330, 352, 330),
+    (200, 224, 1200),
+    (200, 224, 8000),
+    (480, 480, 480),
+    (480, 480, 4000),
 ]
 TINY_CASES = [(12, 16, 40), (20, 32, 20)]
 BLOCKS = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128)]
