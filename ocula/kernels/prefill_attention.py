@@ -27,10 +27,12 @@ import triton.language as tl
 from ocula.kernels.key_blocks import attend_key_range
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Query chunks up to this long launch 16-query x 128-key blocks (see `_launch_config`), while
-# SHORT_CHUNK_BLOCKS is on; the benchmarks' `--switches short_chunk_blocks=off` turns it off for
-# an A/B (the rule before: up to 64 queries over 64 keys).
+# Query chunks up to SHORT_CHUNK_QUERIES long launch 16-query x 128-key blocks, up to
+# WIDE_KEY_QUERIES 64 x 128 (see `_launch_config`), while SHORT_CHUNK_BLOCKS is on; the
+# benchmarks' `--switches short_chunk_blocks=off` turns both off for an A/B (the rule before:
+# up to 64 queries over 64 keys).
 SHORT_CHUNK_QUERIES = 128
+WIDE_KEY_QUERIES = 256
 SHORT_CHUNK_BLOCKS = True
 
 
@@ -143,20 +145,26 @@ def prefill_attention(
 def _launch_config(max_query_len: int, head_dim_pad: int, element_size: int) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), tuned on an H100 (bf16, head_dim 128): long
     chunks take 128 x 128 tiles in three stages (~310 TFLOP/s, against ~230 for 128 x 64 in two).
-    Chunks of up to SHORT_CHUNK_QUERIES (a follow-up question, a short prompt, the whole-step
-    graphs of the 16-128 token buckets) take 16-query blocks over 128 keys: one sequence then
-    runs 4-8 times as many programs, and each walks the cached prefix in half the steps (28
-    layers in a CUDA graph, L2 flushed before each call, us per call, 16 x 128 against the 64 x
-    64 before: 60 queries over 390 keys 12.9 / 18.0, over 1,100 23.4 / 37.8, over 8,000 135 /
-    224; 30 over 2,000 37.9 / 62.6; 120 over 500 14.8 / 19.7; 16 over 400 12.8 / 14.8; none
-    was faster with 32 or 64 queries a block). Longer chunks below 512 keep 64 x 64 (a 330-token
-    prompt without a prefix: 16.5 us, against 19.0 with 128 keys a block). fp32 tiles need half
-    the stages of shared memory."""
+    Shorter chunks fill fewer programs than the GPU has SMs (one per query block and head), so
+    their keys go in 128-wide blocks, half the steps of 64: chunks of up to SHORT_CHUNK_QUERIES
+    (a follow-up question, a short prompt, the whole-step graphs of the 16-128 token buckets)
+    with 16-query blocks, 4-8 times the programs; up to WIDE_KEY_QUERIES with 64-query blocks.
+    Measured with benchmarks/profile_prefill_blocks.py (Qwen2.5-7B's heads, 28 layers in a CUDA
+    graph, L2 flushed before each call; us per call against the 64 x 64 before): 60 queries
+    over 390 keys 12.2 / 18.2, over 8,000 135 / 221; 30 over 2,000 37.5 / 60.7; 120 over 500
+    14.4 / 19.7, over 120 6.9 / 8.8 (none faster with 32 or 64 queries a block); with 64 x 128,
+    160 over 2,000 42.5 / 61.1, 250 over 600 18.1 / 23.5, over 4,000 78 / 116, 200 over 8,000
+    146 / 225, 200 or 250 with no prefix 11.5-11.8 / 11.9-12.5, 160 with none 10.8 / 10.3.
+    From 257 queries 64 x 64 is the fastest, prefix or not (330 with none 16.1 against 18.7 for
+    64 x 128; 480 over 4,000 119 against 144). fp32 tiles need half the stages of shared
+    memory."""
     if head_dim_pad <= 128 and element_size == 2:
         if max_query_len >= 512:
             return 128, 128, 8, 3
         if SHORT_CHUNK_BLOCKS and max_query_len <= SHORT_CHUNK_QUERIES:
             return 16, 128, 4, 3
+        if SHORT_CHUNK_BLOCKS and max_query_len <= WIDE_KEY_QUERIES:
+            return 64, 128, 4, 3
     block_m = min(64, max(16, triton.next_power_of_2(max_query_len)))
     return block_m, 64 if head_dim_pad <= 128 else 32, 4, 3 if element_size == 2 else 2
 
