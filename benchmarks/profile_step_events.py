@@ -3,11 +3,11 @@
 `torch.profiler` traces cost time of their own, most visibly on CUDA graph launches (a trace read
 373 us for the launch of a whole-step graph whose replay holds the host 16-73 us untraced). Here
 an in-process engine (`LLM`, server defaults) serves two kinds of request one at a time, each a
-new question of ~60 tokens after a prefix the cache holds: `new_question` (a short lead and a
-448 px image) and `long_history` (~3k tokens of earlier chat and the image). The runner is
-wrapped to record a CUDA event and the host clock at: the step's launch, the forward (the
-whole-step graph's replay, or the eager model's forward), the end of launch (LM head and sampler
-queued) and the end of collect. Reported per mark, medians over `--reps` requests, in ms from the
+new question (~60 tokens; `--question_words`) after a prefix the cache holds: `new_question` (a
+short lead and a 448 px image) and `long_history` (~3k tokens of earlier chat and the image).
+The runner is wrapped to record a CUDA event and the host clock at: the step's launch, the
+forward (the whole-step graph's replay, or the eager model's forward), the end of launch (LM
+head and sampler queued) and the end of collect. Reported per mark, medians over `--reps` requests, in ms from the
 launch's start: host clock and GPU time (on a CPU, host only). The forward's GPU time is
 `forward.end - forward.start`; `forward.start` is how long the GPU waited for the host's setup.
 
@@ -134,6 +134,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reps", type=int, default=12, help="requests of each kind")
     parser.add_argument("--history_words", type=int, default=2400, help="long_history's chat")
+    parser.add_argument(
+        "--question_words", type=int, default=50, help="the new question (~60 tokens)"
+    )
     parser.add_argument("--engine_args", default="", help="engine flags")
     add_switches_arg(parser)
     args = parser.parse_args()
@@ -146,11 +149,11 @@ def main() -> None:
     history = words(3, args.history_words)
 
     def new_question(seed: int) -> dict[str, Any]:
-        return {"prompt": chat_prompt(f"{words(1, 8)}\n<image>\n{words(seed, 50)}"),
+        return {"prompt": chat_prompt(f"{words(1, 8)}\n<image>\n{words(seed, args.question_words)}"),
                 "images": [picture]}  # fmt: skip
 
     def long_history(seed: int) -> dict[str, Any]:
-        return {"prompt": chat_prompt(f"{history}\n<image>\n{words(seed, 50)}"),
+        return {"prompt": chat_prompt(f"{history}\n<image>\n{words(seed, args.question_words)}"),
                 "images": [picture]}  # fmt: skip
 
     results: dict[str, Any] = {"meta": run_metadata(device), "switches": switches}
