@@ -220,6 +220,35 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
     }
 
 
+def graph_us(products: list[Any], device: torch.device, reps: int = 10) -> float:
+    """Median microseconds per product of one CUDA graph of `products`; NaN off CUDA (the tiny
+    CPU run only exercises the code)."""
+
+    def run() -> None:
+        for product in products:
+            product()
+
+    if device.type != "cuda":
+        return float("nan")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compiles and warms outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(products))
+    return sorted(times)[len(times) // 2]
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import log, pick_device, run_metadata, write_json
+from benchmarks.common import graph_us, log, pick_device, run_metadata, write_json
 from benchmarks.hardware import copy_bandwidth
 from benchmarks.shapes import INTERNLM25_7B, QWEN25_7B, TINY_TEXT, TextShape
 from ocula.kernels.gemv import gemv, gemv_config
@@ -57,35 +57,6 @@ def projections(
         "down": (shape.hidden, shape.intermediate, False),
         "lm_head": (vocab, shape.hidden, False),
     }
-
-
-def graph_us(products: list[Any], device: torch.device, reps: int = 10) -> float:
-    """Median microseconds per product of one CUDA graph of `products`; NaN off CUDA (the tiny
-    CPU run only exercises the code)."""
-
-    def run() -> None:
-        for product in products:
-            product()
-
-    if device.type != "cuda":
-        return float("nan")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()  # compiles and warms outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(products))
-    return sorted(times)[len(times) // 2]
 
 
 def case(

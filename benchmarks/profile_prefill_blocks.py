@@ -18,15 +18,14 @@ same configuration on an H100: too noisy for kernels of ~15 us.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import log, pick_device, run_metadata, write_json
+from benchmarks.common import graph_us, log, pick_device, run_metadata, write_json
 from benchmarks.shapes import QWEN25_7B, TINY_TEXT, TextShape
 from ocula.kernels.prefill_attention import _launch_config, padded_head_dim, prefill_attention
 from ocula.utils.triton_interpreter import runtime_loop_bounds
@@ -79,37 +78,20 @@ class Case:
         self.out = torch.zeros(layers, *self.q.shape, dtype=dtype, device=device)
         self.scale = head_dim**-0.5
 
-    def run_layers(self, bucket: int, block_m: int, block_n: int, flush: torch.Tensor) -> None:
-        for layer, (k, v) in enumerate(self.caches):
+    def layer_calls(
+        self, bucket: int, block_m: int, block_n: int, flush: torch.Tensor
+    ) -> list[Callable[[], Any]]:
+        """One call per layer, each after a memset of `flush` (the weights' read in the model)."""
+
+        def call(layer: int) -> None:
+            k, v = self.caches[layer]
             flush.zero_()
             prefill_attention(
                 self.q, k, v, self.table, self.rows, self.starts, self.lens, self.scale,
                 bucket, out=self.out[layer], block_m=block_m, block_n=block_n,
             )  # fmt: skip
 
-
-def time_us(run: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Median time of `run`: replays of its CUDA graph on a GPU, plain calls on a CPU."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        run()
-        return (time.perf_counter() - start) * 1e6
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+        return [functools.partial(call, layer) for layer in range(len(self.caches))]
 
 
 def sweep_case(
@@ -120,18 +102,18 @@ def sweep_case(
     case = Case(shape, args.layers, queries, context, device)
     element_size = case.q.element_size()
     default = tuple(_launch_config(bucket, padded_head_dim(case.q.shape[-1]), element_size)[:2])
-    flush_us = time_us(lambda: [flush.zero_() for _ in range(args.layers)], device, args.reps)
+    flush_us = graph_us([flush.zero_] * args.layers, device, args.reps)
     rows = []
     reference = None
     for block_m, block_n in [default, *BLOCKS]:
+        calls = case.layer_calls(bucket, block_m, block_n, flush)
         case.out.zero_()
-        case.run_layers(bucket, block_m, block_n, flush)
+        for call in calls:
+            call()
         if reference is None:
             reference = case.out.float().clone()
         error = (case.out.float() - reference).abs().max().item()
-        total = time_us(lambda m=block_m, n=block_n: case.run_layers(bucket, m, n, flush),
-                        device, args.reps)  # fmt: skip
-        us = (total - flush_us) / args.layers
+        us = graph_us(calls, device, args.reps) - flush_us  # NaN off CUDA: a check only
         row = {"queries": queries, "bucket": bucket, "context": context, "block_m": block_m,
                "block_n": block_n, "us_per_call": us, "max_abs_diff": error,
                "launch_default": (block_m, block_n) == default}  # fmt: skip
