@@ -45,6 +45,7 @@ TIMED_CALLS = (
     ("ocula.engine.model_runner", "ModelRunner", "_update_image_embeddings", "launch.images"),
     ("ocula.engine.model_runner", "ModelRunner", "_build_batch", "launch.batch"),
     ("ocula.engine.piecewise_graphs", "PiecewiseGraphs", "run", "launch.piecewise_graphs"),
+    ("ocula.engine.whole_step_graphs", "WholeStepGraphs", "run", "launch.whole_step"),
     ("ocula.engine.cuda_graphs", "DecodeGraphs", "run", "launch.decode_graphs"),
     ("ocula.engine.runner_sampling", "RequestSampler", "follow", "launch.sampler_follow"),
     ("ocula.engine.runner_sampling", "RequestSampler", "sample", "launch.sampler"),

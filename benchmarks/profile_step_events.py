@@ -97,7 +97,7 @@ def instrument(llm: Any, marks: StepMarks) -> None:
     if graphs is None:  # eager forwards (CPU, --disable_cudagraph)
         marks.around(runner.model, "forward", "forward")
         return
-    for graph, _ in graphs.whole.values():
+    for graph, _ in graphs.whole_steps.graphs.values():
         marks.around(graph, "replay", "forward")
 
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
+from ocula.config import EngineArgs
 from ocula.distributed.parallel_group import ParallelGroup
 from ocula.distributed.vision_groups import VisionLayout, assign_images
 from ocula.engine.image_inputs import EncoderInput
+from ocula.engine.vision_graphs import VisionGraphs
 from ocula.multimodal.image_processing import normalize_pixels
 from ocula.utils.device import cat_to_device_async
 
@@ -96,3 +99,42 @@ class ImageEncoder:
     def take_batch_sizes(self) -> list[int]:
         sizes, self.batch_sizes = self.batch_sizes, []
         return sizes
+
+
+# Vision-encoder forwards of up to this many tiles replay a CUDA graph (one image of up to 12
+# tiles plus its thumbnail fits); larger batches run eagerly.
+VISION_GRAPH_MAX_TILES = 16
+
+
+def build_image_encoder(
+    model: nn.Module,
+    args: EngineArgs,
+    tp: ParallelGroup,
+    layout: VisionLayout,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> ImageEncoder:
+    """The encoder of a vision model's image tiles: on CUDA its graphs captured, or its kernels
+    compiled, now rather than in the first image's step (collective under vision tensor
+    parallelism)."""
+    encode = model.encode_images
+    config = model.config
+    tile = (config.vision_config.num_channels, config.image_size, config.image_size)
+    if device.type == "cuda" and not args.disable_cudagraph:
+        encode = VisionGraphs(encode, tile, dtype, device, VISION_GRAPH_MAX_TILES)
+        encode.capture()
+    elif device.type == "cuda":
+        with torch.inference_mode():
+            encode(torch.zeros((1, *tile), dtype=dtype, device=device))
+            if hasattr(model, "warm_up_kernels"):  # paths a large batch takes
+                model.warm_up_kernels(dtype, device)
+    return ImageEncoder(
+        encode,
+        model.tokens_per_tile,
+        config.text_config.hidden_size,
+        dtype,
+        device,
+        args.visual_infer_batch_size,
+        tp,
+        layout,
+    )

@@ -29,16 +29,16 @@ from ocula.distributed.vision_groups import VisionLayout, make_vision_group
 from ocula.engine.cuda_graphs import DecodeGraphs, capture_forward_graphs
 from ocula.engine.embedding_pool import EmbeddingPool, build_embedding_pool
 from ocula.engine.forward_batch import ForwardBatch
-from ocula.engine.image_encoder import ImageEncoder
+from ocula.engine.image_encoder import ImageEncoder, build_image_encoder
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.memory_budget import kv_pool_slots
 from ocula.engine.model_setup import ModelSetup
 from ocula.engine.piecewise_graphs import PiecewiseGraphs
-from ocula.engine.plan_batch import build_forward_batch
+from ocula.engine.plan_batch import build_forward_batch, image_rows, write_slot_table
 from ocula.engine.prompt_logprobs import compute_prompt_logprobs, plan_wants_prompt_logprobs
+from ocula.engine.request import PLACEHOLDER_TOKEN
 from ocula.engine.runner_sampling import PendingSamples, RequestSampler
-from ocula.engine.step_plan import SampledToken, StepPlan
-from ocula.engine.vision_graphs import VisionGraphs
+from ocula.engine.step_plan import SampledToken, ScheduledSequence, StepPlan
 from ocula.kernels import triton_available
 from ocula.layers.attention import get_attention_backend
 from ocula.models.loader import load_model
@@ -46,10 +46,6 @@ from ocula.sampling.batch import host_to_device
 from ocula.utils.device import to_device_async
 
 logger = logging.getLogger(__name__)
-
-# Vision-encoder forwards of up to this many tiles replay a CUDA graph (one image of up to 12
-# tiles plus its thumbnail fits); larger batches run eagerly.
-VISION_GRAPH_MAX_TILES = 16
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
@@ -89,7 +85,7 @@ class ModelRunner:
         self.image_encoder: ImageEncoder | None = None
         if hasattr(self.model, "encode_images"):
             self.embedding_pool = build_embedding_pool(self.model, args, dtype, device, tp)
-            self.image_encoder = self._build_image_encoder(args, tp, layout)
+            self.image_encoder = build_image_encoder(self.model, args, tp, layout, dtype, device)
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
         bytes_per_token = KVCachePool.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         uses_graphs = (
@@ -125,11 +121,19 @@ class ModelRunner:
         if uses_graphs:
             # Replays must launch the captured decode configuration (see TritonBackend).
             backend.decode_context_bound = table_width
-            image_width = None
-            if hasattr(self.model, "encode_images"):
+            image_width = gather = None
+            if self.embedding_pool is not None:
                 image_width = self.model.config.text_config.hidden_size
+                gather = self.embedding_pool.gather
             self.decode_graphs, self.piecewise_graphs = capture_forward_graphs(
-                self.model, backend, self.kv_pool, self.slot_table, args, image_width
+                self.model,
+                backend,
+                self.kv_pool,
+                self.slot_table,
+                args,
+                image_width,
+                self.last_tokens,
+                gather,
             )
         self.sampling = RequestSampler(device, args.seed) if tp.rank == 0 else None
         # Pages of `embedding_pool` (CPU int64, in row order) of each cached image's embedding,
@@ -138,34 +142,6 @@ class ModelRunner:
         self.image_pages: dict[str, torch.Tensor] = {}
         if device.type == "cuda":
             self._warm_up_sampling()
-
-    def _build_image_encoder(
-        self, args: EngineArgs, tp: ParallelGroup, layout: VisionLayout
-    ) -> ImageEncoder:
-        """The encoder of image tiles: on CUDA its graphs captured, or its kernels compiled, now
-        rather than in the first image's step (collective under vision tensor parallelism)."""
-        device, dtype = self.device, self.dtype
-        encode = self.model.encode_images
-        config = self.model.config
-        tile = (config.vision_config.num_channels, config.image_size, config.image_size)
-        if device.type == "cuda" and not args.disable_cudagraph:
-            encode = VisionGraphs(encode, tile, dtype, device, VISION_GRAPH_MAX_TILES)
-            encode.capture()
-        elif device.type == "cuda":
-            with torch.inference_mode():
-                encode(torch.zeros((1, *tile), dtype=dtype, device=device))
-                if hasattr(self.model, "warm_up_kernels"):  # paths a large batch takes
-                    self.model.warm_up_kernels(dtype, device)
-        return ImageEncoder(
-            encode,
-            self.model.tokens_per_tile,
-            config.text_config.hidden_size,
-            dtype,
-            device,
-            args.visual_infer_batch_size,
-            tp,
-            layout,
-        )
 
     @torch.inference_mode()
     def _warm_up_sampling(self) -> None:
@@ -188,25 +164,36 @@ class ModelRunner:
         samples nothing, and on the other ranks)."""
         if self.sampling is not None:
             self.sampling.follow(plan)
-        writes = plan.table_writes.flatten()
-        if writes is not None:
-            rows, cols, slots = to_device_async(writes, self.device)
-            self.slot_table[rows, cols] = slots.to(torch.int32)
+        write_slot_table(self.slot_table, plan.table_writes.flatten())
         self._update_image_embeddings(plan)
         if plan.is_empty:
             return None
-        batch = self._build_batch(plan)
         prompt_rows = plan_wants_prompt_logprobs(plan)  # they need every row's hidden state
-        if not prompt_rows and self.decode_graphs is not None and self.decode_graphs.can_run(batch):
-            logits = self.decode_graphs.run(batch)
-        else:
-            if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(batch):
-                hidden = self.piecewise_graphs.run(batch)
-            else:
-                hidden = self.model(batch)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
+        decode_graphs = self.decode_graphs
+        if not prompt_rows and decode_graphs is not None and decode_graphs.takes(plan.sequences):
+            return self._sample(plan, decode_graphs.run(plan.sequences))
+        whole_step = self._whole_step_sequence(plan)
+        if whole_step is not None:
+            hidden = self._run_whole_step(plan, whole_step)
+            count = whole_step.num_new_tokens
+            sampled = hidden[count - 1 : count] if whole_step.samples else hidden[:0]
+            logits = self.model.compute_logits(sampled)  # collective
             if prompt_rows:
                 self._prompt_logprobs(plan, hidden)
+            return self._sample(plan, logits)
+        batch = self._build_batch(plan)
+        if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(batch):
+            hidden = self.piecewise_graphs.run(batch)
+        else:
+            hidden = self.model(batch)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # collective
+        if prompt_rows:
+            self._prompt_logprobs(plan, hidden)
+        return self._sample(plan, logits)
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> PendingSamples | None:
+        """Samples the plan's sampling rows from `logits` (rank 0), and keeps the tokens in
+        `last_tokens` for the next plan's placeholders (every rank, when they are shared)."""
         sampling_rows = [s.table_row for s in plan.sequences if s.samples]
         if not sampling_rows:
             return None
@@ -219,6 +206,26 @@ class ModelRunner:
         if tokens is not None and self.feeds_last_tokens:
             self.last_tokens[host_to_device(sampling_rows, torch.int64, self.device)] = tokens
         return pending
+
+    def _whole_step_sequence(self, plan: StepPlan) -> ScheduledSequence | None:
+        """The plan's sequence when a whole-step graph runs the plan (the decode graphs did not
+        take it): a single sequence of up to the graphs' size whose tokens are all on the host
+        (no placeholder for a token of the step before)."""
+        graphs = self.piecewise_graphs
+        if graphs is None or len(plan.sequences) != 1:
+            return None
+        seq = plan.sequences[0]
+        if seq.num_new_tokens > graphs.max_tokens or seq.token_ids[-1] == PLACEHOLDER_TOKEN:
+            return None
+        return seq
+
+    def _run_whole_step(self, plan: StepPlan, seq: ScheduledSequence) -> torch.Tensor:
+        rows = None
+        if seq.image_slices:
+            pool_rows = self.embedding_pool.row_indices
+            batch_rows, sources = image_rows(plan, [0], self.image_pages, pool_rows)
+            rows = (batch_rows.numpy(), sources.numpy())
+        return self.piecewise_graphs.whole_steps.run(seq.token_ids, seq.start, seq.table_row, rows)
 
     def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> None:
         """Computes the plan's prompt logprobs (every rank: the LM head is collective) and hands
@@ -256,19 +263,12 @@ class ModelRunner:
         self, plan: StepPlan, query_starts: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rows of the batch whose embeddings come from images, and those embeddings."""
-        rows: list[torch.Tensor] = []
-        sources: list[torch.Tensor] = []  # rows of the embedding pool
-        for seq, base in zip(plan.sequences, query_starts, strict=False):
-            for piece in seq.image_slices:
-                first = base + piece.dst_start
-                rows.append(torch.arange(first, first + piece.src_end - piece.src_start))
-                pages = self.image_pages[piece.key]
-                sources.append(
-                    self.embedding_pool.row_indices(pages, piece.src_start, piece.src_end)
-                )
-        if not rows:
+        if self.embedding_pool is None:
             return None
-        both = to_device_async(torch.stack([torch.cat(rows), torch.cat(sources)]), self.device)
+        rows = image_rows(plan, query_starts, self.image_pages, self.embedding_pool.row_indices)
+        if rows is None:
+            return None
+        both = to_device_async(torch.stack(rows), self.device)
         return both[0], self.embedding_pool.gather(both[1])
 
     def _build_batch(self, plan: StepPlan) -> ForwardBatch:

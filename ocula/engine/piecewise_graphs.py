@@ -21,28 +21,23 @@ Capture swaps the backend of every `Attention` module for `PieceRecorder` (`piec
 q and the attention output buffers are shared by all layers and buckets: replay runs on one
 stream, each attention call reads its q before the next piece overwrites it.
 
-A step of a single sequence (an idle server's prefill, a follow-up question, the last chunk of a
-long prompt) needs no eager attention: each bucket also holds one whole graph of the forward for
-one sequence, attention included. The attention kernels read the sequence's query span, context
-length and slot-table row from static device tensors, and their grid, sized at capture for the
-bucket's token count, covers any query length up to it (blocks past the real length exit), so
-the whole graph is exact for every single-sequence step of up to `size` tokens. Its attention
-writes into the pieces' shared output buffer (`StaticOutputBackend`), so its padding rows too
-keep what earlier steps left there. This removes the ~110 us of host time per layer the pieces
-still cost (eager attention launch and replays).
+A step of a single sequence replays a whole-step graph instead, attention included
+(`whole_step_graphs`), captured here bucket by bucket beside the pieces, in the same pool.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
-from ocula.engine.piece_recorder import CapturedBucket, PieceRecorder, StaticOutputBackend
+from ocula.engine.piece_recorder import CapturedBucket, PieceRecorder
+from ocula.engine.whole_step_graphs import WholeStepGraphs
 from ocula.layers.attention import Attention, AttentionBackend
 from ocula.utils.device import copy_padded_, replay_once
 
@@ -71,10 +66,12 @@ class PiecewiseGraphs:
         max_tokens: int,
         image_hidden_size: int | None,
         dtype: torch.dtype,
+        gather_image_rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """`slot_table[padding_row]` must stay all zeros (the scratch slot), and `max_tokens` be
         at most the table's width. `image_hidden_size`: the width of spliced image embeddings
-        (None for a model without images: no splice in the pieces)."""
+        (None for a model without images: no splice in the pieces); `gather_image_rows`: the
+        image embedding pool's rows by index, for the whole-step graphs (`WholeStepGraphs`)."""
         self.model = model
         self.dtype = dtype
         self.backend = backend
@@ -93,28 +90,29 @@ class PiecewiseGraphs:
         if image_hidden_size is not None:
             self.spliced_rows = torch.full((size,), -1, dtype=torch.int64, device=device)
             self.spliced_embeds = torch.zeros(size, image_hidden_size, dtype=dtype, device=device)
-        # The single sequence of a whole-step graph: query span, context length, table row.
-        self.one_query_start_loc = torch.zeros(2, dtype=torch.int32, device=device)
-        self.one_seq_len = torch.zeros(1, dtype=torch.int32, device=device)
-        self.one_table_row = torch.zeros(1, dtype=torch.int64, device=device)
+        # The capture batch's single sequence (kept: nothing captured may point at freed memory).
+        self.capture_query_start_loc = torch.zeros(2, dtype=torch.int32, device=device)
+        self.capture_seq_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.capture_table_row = torch.full((1,), padding_row, dtype=torch.int64, device=device)
         self.attentions = [m for m in model.modules() if isinstance(m, Attention)]
         self.captured: dict[int, CapturedBucket] = {}
-        self.whole: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.whole_steps = WholeStepGraphs(
+            model, backend, kv_pool, slot_table, padding_row, size, gather_image_rows
+        )
 
     def _static_batch(self, size: int) -> ForwardBatch:
-        """The bucket's batch at capture: one sequence of `size` new tokens in the padding row,
-        its metadata in the whole-step graphs' static tensors."""
+        """The bucket's batch at capture: one sequence of `size` new tokens in the padding row
+        (the pieces capture no attention: its metadata here serves the warm-up forward)."""
         device = self.slot_table.device
-        self.one_query_start_loc.copy_(torch.tensor([0, size]))
-        self.one_seq_len.fill_(size)
-        self.one_table_row.fill_(self.padding_row)
+        self.capture_query_start_loc[1] = size
+        self.capture_seq_len.fill_(size)
         return ForwardBatch(
             input_ids=self.input_ids[:size],
             positions=self.positions[:size],
-            query_start_loc=self.one_query_start_loc,
-            seq_lens=self.one_seq_len,
+            query_start_loc=self.capture_query_start_loc,
+            seq_lens=self.capture_seq_len,
             slot_table=self.slot_table,
-            table_rows=self.one_table_row,
+            table_rows=self.capture_table_row,
             out_slots=self.out_slots[:size],
             logits_indices=torch.tensor([size - 1], dtype=torch.int64, device=device),
             kv_pool=self.kv_pool,
@@ -157,17 +155,10 @@ class PiecewiseGraphs:
                 recorder.close_open_piece()
                 self._swap_backends(self.backend)
             self.captured[size] = CapturedBucket(recorder.pieces, recorder.calls, hidden)
-            whole = torch.cuda.CUDAGraph()
-            self._swap_backends(StaticOutputBackend(self.backend, recorder.buffers))
-            try:
-                with torch.cuda.graph(whole, pool=recorder.pool, stream=stream):
-                    self.whole[size] = (whole, self.model(batch))
-            finally:
-                self._swap_backends(self.backend)
-            recorder.pool = whole.pool()
+            recorder.pool = self.whole_steps.capture(size, stream, recorder.pool, recorder.buffers)
         replay_once(
             [piece for bucket in self.captured.values() for piece in bucket.pieces]
-            + [graph for graph, _ in self.whole.values()]
+            + [graph for graph, _ in self.whole_steps.graphs.values()]
         )
         logger.info(
             "piecewise CUDA graphs captured for batches of up to %d tokens (%d buckets), and "
@@ -176,9 +167,7 @@ class PiecewiseGraphs:
             len(self.buckets),
         )
 
-    def _swap_backends(
-        self, backend: AttentionBackend | PieceRecorder | StaticOutputBackend
-    ) -> None:
+    def _swap_backends(self, backend: AttentionBackend | PieceRecorder) -> None:
         for attention in self.attentions:
             attention.backend = backend
 
@@ -187,7 +176,9 @@ class PiecewiseGraphs:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, hidden] of the batch's T new tokens (see the module doc); the
-        tensor lives in the graphs' shared pool, valid until any of these graphs replays again."""
+        tensor lives in the graphs' shared pool, valid until any of these graphs replays again.
+        A single sequence runs here too (in pieces) when the runner does not take it to
+        `whole_steps` (a placeholder token among several new ones)."""
         count = batch.num_tokens
         size = next(bucket for bucket in self.buckets if bucket >= count)
         # Padding rows: token 0 at position 0 into the scratch slot, no image rows.
@@ -200,13 +191,6 @@ class PiecewiseGraphs:
                 self.spliced_embeds[: batch.spliced_embeds.shape[0]].copy_(batch.spliced_embeds)
         elif batch.spliced_rows is not None:
             raise ValueError("image embeddings in a batch of a model without images")
-        if batch.num_seqs == 1:
-            self.one_query_start_loc.copy_(batch.query_start_loc)
-            self.one_seq_len.copy_(batch.seq_lens)
-            self.one_table_row.copy_(batch.table_rows)
-            graph, hidden = self.whole[size]
-            graph.replay()
-            return hidden[:count]
         bucket = self.captured[size]
         for piece, call in itertools.zip_longest(bucket.pieces, bucket.calls):
             piece.replay()

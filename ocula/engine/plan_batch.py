@@ -11,7 +11,40 @@ from ocula.engine.forward_batch import ForwardBatch
 from ocula.engine.kv_pool import KVCachePool
 from ocula.engine.request import PLACEHOLDER_TOKEN
 from ocula.engine.step_plan import StepPlan
-from ocula.utils.device import host_arrays_to_device
+from ocula.utils.device import host_arrays_to_device, to_device_async
+
+
+def write_slot_table(slot_table: torch.Tensor, writes: torch.Tensor | None) -> None:
+    """Applies a plan's `SlotTableWrites.flatten()` ([3, cells] int64 CPU: row, column, slot;
+    None for none) to the device's slot table, in one transfer. (Staging the three rows apart
+    with the slots as int32 saves the cast's launch but took more host time: ~3,300 cells, on
+    an H100 host, 0.41 ms against 0.23 ms for `flatten` and this function together.)"""
+    if writes is None:
+        return
+    rows, cols, slots = to_device_async(writes, slot_table.device)
+    slot_table[rows, cols] = slots.to(slot_table.dtype)
+
+
+def image_rows(
+    plan: StepPlan,
+    query_starts: list[int],
+    image_pages: dict[str, torch.Tensor],
+    pool_rows: Callable[[torch.Tensor, int, int], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows of the batch, rows of the image embedding pool) of every image embedding row the
+    plan splices in, CPU int64; None when it splices none. Sequence b's rows start at
+    `query_starts[b]`; `pool_rows(pages, start, end)` maps an embedding's rows to pool rows
+    (`EmbeddingPool.row_indices`), `image_pages` is each cached image's pages by key."""
+    rows: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    for seq, base in zip(plan.sequences, query_starts, strict=False):
+        for piece in seq.image_slices:
+            first = base + piece.dst_start
+            rows.append(torch.arange(first, first + piece.src_end - piece.src_start))
+            sources.append(pool_rows(image_pages[piece.key], piece.src_start, piece.src_end))
+    if not rows:
+        return None
+    return torch.cat(rows), torch.cat(sources)
 
 
 def build_forward_batch(

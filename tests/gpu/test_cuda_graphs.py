@@ -103,7 +103,7 @@ def test_graphs_equal_eager_and_reference_backend(tiny_checkpoint, count) -> Non
 
 
 def test_vision_graphs_equal_eager_encoding(tmp_path, monkeypatch) -> None:
-    from ocula.engine.model_runner import VISION_GRAPH_MAX_TILES
+    from ocula.engine.image_encoder import VISION_GRAPH_MAX_TILES
     from ocula.engine.vision_graphs import VisionGraphs
     from tests.helpers.tiny_internvl import make_hf_internvl
 

@@ -31,30 +31,39 @@ def engine(checkpoint, **options) -> LLM:
 def record_piecewise_runs(
     llm: LLM, monkeypatch, spliced: list[int] | None = None, seqs: list[int] | None = None
 ) -> list[int]:
-    """Token counts of the batches the piecewise graphs ran (a spy around the real `run`), into
-    `spliced` the number of image rows of each and into `seqs` its number of sequences (one:
-    the whole-step graph ran, more: the pieces)."""
+    """Token counts of the batches the piecewise graphs ran (spies around the real `run` of the
+    pieces and of the whole-step graphs), into `spliced` the number of image rows of each and
+    into `seqs` its number of sequences (one: the whole-step graph ran, more: the pieces)."""
     graphs = llm.engine.core.runner.piecewise_graphs
     assert graphs is not None
     counts: list[int] = []
     real_run = graphs.run
+    real_whole_run = graphs.whole_steps.run
+
+    def record(num_tokens: int, num_seqs: int, image_rows: int) -> None:
+        counts.append(num_tokens)
+        if seqs is not None:
+            seqs.append(num_seqs)
+        if spliced is not None:
+            spliced.append(image_rows)
 
     def run(batch):
-        counts.append(batch.num_tokens)
-        if seqs is not None:
-            seqs.append(batch.num_seqs)
-        if spliced is not None:
-            rows = batch.spliced_rows
-            spliced.append(0 if rows is None else rows.shape[0])
+        rows = batch.spliced_rows
+        record(batch.num_tokens, batch.num_seqs, 0 if rows is None else rows.shape[0])
         return real_run(batch)
 
+    def whole_run(token_ids, start, table_row, image_rows=None):
+        record(len(token_ids), 1, 0 if image_rows is None else len(image_rows[0]))
+        return real_whole_run(token_ids, start, table_row, image_rows)
+
     monkeypatch.setattr(graphs, "run", run)
+    monkeypatch.setattr(graphs.whole_steps, "run", whole_run)
     return counts
 
 
 def record_whole_replays(llm: LLM, monkeypatch) -> list[int]:
     """Bucket sizes of the whole-step graphs replayed (a spy around each graph's replay)."""
-    graphs = llm.engine.core.runner.piecewise_graphs
+    whole_steps = llm.engine.core.runner.piecewise_graphs.whole_steps
     replays: list[int] = []
 
     class Spy:
@@ -65,8 +74,10 @@ def record_whole_replays(llm: LLM, monkeypatch) -> list[int]:
             replays.append(self.size)
             self.graph.replay()
 
-    spies = {size: (Spy(size, graph), hidden) for size, (graph, hidden) in graphs.whole.items()}
-    monkeypatch.setattr(graphs, "whole", spies)
+    spies = {
+        size: (Spy(size, graph), hidden) for size, (graph, hidden) in whole_steps.graphs.items()
+    }
+    monkeypatch.setattr(whole_steps, "graphs", spies)
     return replays
 
 
