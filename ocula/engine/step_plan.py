@@ -46,6 +46,10 @@ class NewRequestData:
     eos_token_ids: frozenset[int]
 
 
+# SlotTableWrites.flatten writes up to this many ranges one by one.
+FEW_RANGES = 4
+
+
 @dataclass
 class SlotTableWrites:
     """`slot_table[row, start + j] = slots[j]` for every (row, start, slots) added.
@@ -89,10 +93,22 @@ class SlotTableWrites:
             return self._flat
         if not self.rows and not self.cell_rows:
             return None
-        lengths = np.fromiter((s.shape[0] for s in self.slots), np.int64, len(self.slots))
-        ranges = int(lengths.sum())
-        flat = np.empty((3, ranges + len(self.cell_rows)), dtype=np.int64)
-        if self.rows:
+        if len(self.rows) <= FEW_RANGES:
+            # Entry by entry: fewer numpy calls than the vectorized form below for a step's
+            # one or two ranges (a prompt's chunk, a cached prefix): 12 against 29 us for two.
+            ranges = sum(slots.shape[0] for slots in self.slots)
+            flat = np.empty((3, ranges + len(self.cell_rows)), dtype=np.int64)
+            at = 0
+            for row, start, slots in zip(self.rows, self.starts, self.slots, strict=True):
+                end = at + slots.shape[0]
+                flat[0, at:end] = row
+                flat[1, at:end] = np.arange(start, start + end - at)
+                flat[2, at:end] = slots.numpy()
+                at = end
+        else:
+            lengths = np.fromiter((s.shape[0] for s in self.slots), np.int64, len(self.slots))
+            ranges = int(lengths.sum())
+            flat = np.empty((3, ranges + len(self.cell_rows)), dtype=np.int64)
             flat[0, :ranges] = np.repeat(np.asarray(self.rows, dtype=np.int64), lengths)
             # Column of each cell: its entry's start plus its offset inside the entry.
             entry_begin = np.cumsum(lengths) - lengths

@@ -178,3 +178,22 @@ def test_table_writes_flatten_ranges_then_cells_and_pickle_flat() -> None:
     cells_only.add_cell(1, 1, 1)
     assert cells_only.flatten().tolist() == [[1], [1], [1]]
     assert SlotTableWrites().flatten() is None
+
+
+@pytest.mark.parametrize("ranges", [1, 2, 4, 5, 9])
+def test_table_writes_flatten_few_and_many_ranges_alike(ranges: int) -> None:
+    """Up to FEW_RANGES ranges are written one by one, more in one vectorized pass: both give
+    every range's cells in order (row, start + offset, slot), then the single cells."""
+    from ocula.engine.step_plan import FEW_RANGES, SlotTableWrites
+
+    assert FEW_RANGES in range(1, 9)
+    writes = SlotTableWrites()
+    expected: list[tuple[int, int, int]] = []
+    for entry in range(ranges):
+        length = entry % 3 + 1 if entry != 1 else 40
+        slots = torch.arange(100 * entry, 100 * entry + length)
+        writes.add(entry + 1, 7 * entry, slots)
+        expected += [(entry + 1, 7 * entry + j, int(slots[j])) for j in range(length)]
+    writes.add_cell(0, 3, 999)
+    expected.append((0, 3, 999))
+    assert writes.flatten().tolist() == [list(column) for column in zip(*expected, strict=True)]
