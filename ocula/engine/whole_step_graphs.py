@@ -3,13 +3,12 @@
 A step of a single sequence (an idle server's prefill, a follow-up question after a cached
 prefix, the last chunk of a long prompt) needs no eager attention between graph pieces
 (`piecewise_graphs`, ~110 us of host time per layer for the eager launches and replays): its
-bucket's whole-step graph holds the forward of one sequence of up to
-`size` new tokens. The attention kernels read the sequence's query span, context length and
-slot-table row from static device tensors, and their grid, sized at capture for the bucket's
-token count, covers any query length up to it (blocks past the real length exit), so one graph
-is exact for every single-sequence step of up to `size` tokens. Its attention writes into the
-pieces' shared output buffer (`StaticOutputBackend`), so its padding rows too keep what earlier
-steps left there.
+bucket's whole-step graph holds the forward of one sequence of up to `size` new tokens. The
+attention kernels read the sequence's query span, context length and slot-table row from static
+device tensors, and their grid, sized at capture for the bucket's token count, covers any query
+length up to it (blocks past the real length exit), so one graph is exact for every
+single-sequence step of up to `size` tokens. Its attention writes into the pieces' shared output
+buffer (`StaticOutputBackend`), so its padding rows too keep what earlier steps left there.
 
 All static inputs live in one `StaticInputBlock`, which a step fills with one host-to-device
 copy. The graph computes the rest itself: each new token's KV slot is read from the slot table
