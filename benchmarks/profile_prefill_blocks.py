@@ -1,10 +1,11 @@
-"""The prefill attention's block sizes for chunks over a cached prefix, timed as the model runs them.
+"""The prefill attention's block sizes for chunks over a cached prefix, timed as the model runs.
 
 For each case (new queries, the whole-step graph's bucket that fixes `max_query_len`, the
-sequence's keys: its cached prefix and the new tokens) and each (BLOCK_M, BLOCK_N), `prefill_attention` runs once per layer of Qwen2.5-7B (28
-query heads over 4 KV heads of 128, bf16), each layer with its own K/V cache, all in one CUDA
-graph, with a memset of `--flush_mb` before each call as the weights' read between two layers
-evicts the L2 cache in the model; the memsets' own graph is timed too and subtracted. Reported:
+sequence's keys: its cached prefix and the new tokens) and each (BLOCK_M, BLOCK_N),
+`prefill_attention` runs once per layer of Qwen2.5-7B (28 query heads over 4 KV heads of 128,
+bf16), each layer with its own K/V cache, all in one CUDA graph, with a memset of `--flush_mb`
+before each call as the weights' read between two layers evicts the L2 cache in the model; the
+memsets' own graph is timed too and subtracted. Reported:
 microseconds per call (median of `--reps` replays), and the largest difference from the launch's
 own configuration (`_launch_config`, measured first and again in the sweep when it is one of
 the swept pairs). Timing one call with `triton.testing.do_bench` read 18-92 us for one and the

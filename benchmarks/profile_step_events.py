@@ -7,9 +7,10 @@ new question (~60 tokens; `--question_words`) after a prefix the cache holds: `n
 short lead and a 448 px image) and `long_history` (~3k tokens of earlier chat and the image).
 The runner is wrapped to record a CUDA event and the host clock at: the step's launch, the
 forward (the whole-step graph's replay, or the eager model's forward), the end of launch (LM
-head and sampler queued) and the end of collect. Reported per mark, medians over `--reps` requests, in ms from the
-launch's start: host clock and GPU time (on a CPU, host only). The forward's GPU time is
-`forward.end - forward.start`; `forward.start` is how long the GPU waited for the host's setup.
+head and sampler queued) and the end of collect. Reported per mark, medians over `--reps`
+requests, in ms from the launch's start: host clock and GPU time (on a CPU, host only). The
+forward's GPU time is `forward.end - forward.start`; `forward.start` is how long the GPU waited
+for the host's setup.
 
     python -m benchmarks.profile_step_events --checkpoint /dev/shm/ocula-bench/internvl3-8b \\
         --out events.json [--switches short_chunk_blocks=off]

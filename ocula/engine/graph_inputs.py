@@ -3,10 +3,11 @@
 A graph replays on fixed device addresses, so each step's values must be copied into its static
 input tensors first. Built as a `ForwardBatch` and then copied one tensor at a time (the step's
 values plus a fill of the padding rows for each, ~10 small operations), a single-sequence step's
-inputs took ~0.26 ms of host time on an H100 host while the idle GPU waited for them. Here every input is a view of one block: the host
-writes the step's values, padded, into a pinned copy of the whole block, and one asynchronous
-copy moves it (a few KiB). Values the graph derives from its inputs (a token's KV slot from the
-slot table) are computed inside the graph instead of before it.
+inputs took ~0.26 ms of host time on an H100 host while the idle GPU waited for them. Here every
+input is a view of one block: the host writes the step's values, padded, into a pinned copy of
+the whole block, and one asynchronous copy moves it (a few KiB). Values the graph derives from
+its inputs (a token's KV slot from the slot table) are computed inside the graph instead of
+before it.
 """
 
 from __future__ import annotations
