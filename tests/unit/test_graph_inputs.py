@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from ocula.engine.graph_inputs import FIELD_ALIGNMENT, InputField, StaticInputBlock
+from ocula.engine.graph_inputs import (
+    FIELD_ALIGNMENT,
+    STAGING_BUFFERS,
+    InputField,
+    StaticInputBlock,
+)
 from ocula.engine.plan_batch import write_slot_table
 from ocula.engine.whole_step_graphs import step_inputs
 
@@ -64,6 +69,22 @@ def test_a_step_fills_each_field_then_its_padding(device: torch.device) -> None:
     assert block.view("rows").tolist() == [9] * 5
     assert block.view("span").tolist() == [0, 0, 0]
     assert block.view("spliced").tolist() == [-1] * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned staging copies are CUDA's")
+def test_steps_staged_ahead_of_the_gpu_each_land_in_turn() -> None:
+    # The host stages more steps than the block has pinned copies while the GPU is still busy:
+    # a copy is rewritten only after the transfer queued from it has run, so each step's
+    # clone (queued right after its transfer) sees that step's values.
+    block = StaticInputBlock(FIELDS, torch.device("cuda"))
+    torch.cuda._sleep(100_000_000)
+    clones = []
+    for step in range(3 * STAGING_BUFFERS):
+        block.stage({"input_ids": [step, step + 1], "rows": [step]})
+        clones.append(torch.cat([block.view("input_ids"), block.view("rows")]))
+    torch.cuda.synchronize()
+    expected = [[step, step + 1, 0, 0, 0, step, 9, 9, 9, 9] for step in range(3 * STAGING_BUFFERS)]
+    assert [clone.tolist() for clone in clones] == expected
 
 
 def test_more_values_than_a_field_holds_are_refused() -> None:
