@@ -261,3 +261,39 @@ def test_an_idle_engine_admits_text_while_an_image_is_tiled_and_waits_for_the_ti
     assert [s.request_id for s in plan.sequences] == ["text", "alone"]
     assert [item.key for item in plan.encoder_inputs] == ["a"]
     images.tiling.close()
+
+
+class CountingKV:
+    """The two RequestKV calls the tiling gate makes, recording which requests it looked up."""
+
+    def __init__(self) -> None:
+        self.looked_up: list[str] = []
+
+    def match_prefix(self, req: Request) -> int:
+        self.looked_up.append(req.request_id)
+        return 0
+
+    def unlock_prefix(self, req: Request) -> None:
+        pass
+
+
+def test_the_idle_gate_looks_up_no_prefix_for_a_request_whose_images_are_cached() -> None:
+    """Its images' embeddings cached, a request has nothing to tile whatever its prefix-cache hit:
+    the gate skips that lookup (the admission makes the one it needs), and still finds an image
+    being tiled behind it, which makes the idle plan hold back the requests that encode."""
+    from ocula.engine.tiling_admission import TilingGate
+
+    gate = threading.Event()
+    images = ImageScheduler(8, recording_tiler(gate)[0], PAGES, PAGE_ROWS)
+    gate.set()
+    assert admitted(images, request("first", "x")) == [("x", 1)]  # "x" is embedded from now on
+    gate.clear()
+    cached, untiled = request("cached", "x"), request("untiled", "yy")
+    kv = CountingKV()
+    alone = TilingGate.for_plan(images, kv, [cached], 8, 64, None, idle=True)
+    assert kv.looked_up == [] and not alone.must_wait(cached, 0)
+    both = TilingGate.for_plan(images, kv, [cached, untiled], 8, 64, None, idle=True)
+    assert kv.looked_up == ["untiled"]
+    assert not both.must_wait(cached, 0) and both.must_wait(untiled, 0)
+    gate.set()
+    images.prefetcher.tiles["yy"].result()
