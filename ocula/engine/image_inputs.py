@@ -132,8 +132,17 @@ class ImageScheduler:
         if not new or self._preprocess is None:
             return True
         self.prefetch(request, past_window)
+        return self._tiles_made(request, new)
+
+    def tiles_pending(self, request: Request) -> bool:
+        """Whether an image the request could encode (whatever its prefix-cache hit) has no tiles
+        made yet. Starts no tiling."""
+        new = self._new_images(request, 0)
+        return bool(new) and self._preprocess is not None and not self._tiles_made(request, new)
+
+    def _tiles_made(self, request: Request, keys: Iterable[str]) -> bool:
         given = {span.key for span in request.images if span.pixel_values is not None}
-        return all(key in given or self.prefetcher.is_done(key) for key in new)
+        return all(key in given or self.prefetcher.is_done(key) for key in keys)
 
     def can_admit(self, request: Request, cached_prefix_len: int) -> bool:
         """Whether the pool has room for the request's images now (see `admit`)."""

@@ -72,7 +72,7 @@ def _untiled_within(
     for request in itertools.islice(waiting, rows):
         if budget <= 0 or request.token_ids[-1] == PLACEHOLDER_TOKEN:
             break
-        if request.images and images.encodes_images(request, 0):
+        if request.images and images.tiles_pending(request):
             prefix_len = kv.match_prefix(request)
             num_new = chunk_size(request, budget, chunked_prefill_size)
             ready = images.tiles_ready(request, prefix_len, past_window=True)
@@ -80,9 +80,10 @@ def _untiled_within(
             if not ready:
                 return True
         else:
-            # Text, or images whose embeddings are all cached: nothing to tile whatever the
-            # request's prefix-cache hit, which is not looked up here (~0.1 ms for an image
-            # prompt's); its chunk is counted whole.
+            # Text, or images whose embeddings are cached or whose tiles are made (the front's,
+            # or a finished prefetch): nothing to wait for whatever the request's prefix-cache
+            # hit, which is not looked up here (~0.1 ms for an image prompt's); its chunk is
+            # counted whole.
             num_new = chunk_size(request, budget, chunked_prefill_size)
         if num_new == 0:  # the plan stops here
             break

@@ -297,3 +297,31 @@ def test_the_idle_gate_looks_up_no_prefix_for_a_request_whose_images_are_cached(
     assert not both.must_wait(cached, 0) and both.must_wait(untiled, 0)
     gate.set()
     images.prefetcher.tiles["yy"].result()
+
+
+def test_the_idle_gate_looks_up_no_prefix_for_a_request_whose_tiles_are_made() -> None:
+    """A new image whose tiles came with the request (the front's) or are tiled already waits on
+    no tiling whatever the request's prefix-cache hit: no lookup for it. A request whose image is
+    still being tiled is looked up, and makes the idle plan hold back the requests that encode."""
+    from ocula.engine.tiling_admission import TilingGate
+
+    gate = threading.Event()
+    images = ImageScheduler(8, recording_tiler(gate)[0], PAGES, PAGE_ROWS)
+    with_tiles = request("with_tiles", "x")
+    with_tiles.images[0].image_bytes = b"the payload"
+    with_tiles.images[0].pixel_values = torch.full((1, 3, 2, 2), 7, dtype=torch.uint8)
+    untiled = request("untiled", "yy")
+    for r in (with_tiles, untiled):
+        images.prefetch(r)
+    kv = CountingKV()
+    alone = TilingGate.for_plan(images, kv, [with_tiles], 8, 64, None, idle=True)
+    assert kv.looked_up == [] and not alone.must_wait(with_tiles, 0)
+    both = TilingGate.for_plan(images, kv, [with_tiles, untiled], 8, 64, None, idle=True)
+    assert kv.looked_up == ["untiled"]
+    assert both.must_wait(with_tiles, 0) and both.must_wait(untiled, 0)
+    gate.set()
+    images.prefetcher.tiles["yy"].result()  # tiled now: no lookup for it either
+    done = TilingGate.for_plan(images, kv, [with_tiles, untiled], 8, 64, None, idle=True)
+    assert kv.looked_up == ["untiled"]
+    assert not done.must_wait(with_tiles, 0) and not done.must_wait(untiled, 0)
+    assert admitted(images, with_tiles) == [("x", 7)]
