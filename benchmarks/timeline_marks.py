@@ -85,9 +85,10 @@ def _has_updates(args: tuple[Any, ...], _: Any) -> bool:
 def install(directory: str | Path) -> None:
     """Marks, in call order for one request:
     front: front.body_read (LightLLM body parsed), front.params_start / params_end (sampling
-    parameters), front.images_loaded, front.build_start / build_end (the prompt tokenized with
-    its image spans), front.prepare_start / prepared (the request's checks), front.sent
-    (AddRequest on the channel); engine: engine.received, engine.adding /
+    parameters), front.images_start (the images' loads started), front.build_start / build_end
+    (the prompt tokenized with one placeholder per image, while they load), front.images_wait /
+    images_loaded (waiting for the loads), front.prepare_start / prepared (the request's
+    checks), front.sent (AddRequest on the channel); engine: engine.received, engine.adding /
     engine.added (`EngineCore.add_request`: image cache lookups, tiling submitted), engine.step_start,
     engine.encode_start / encode_end (ViT and embedding store inside a step's launch),
     engine.launched, engine.step_end, engine.sent (a message with tokens); front:
@@ -105,9 +106,12 @@ def install(directory: str | Path) -> None:
     log = MarkLog(directory)
     # Front.
     _wrap_async(routes_lightllm, "read_body", log, "front.body_start", "front.body_read")
-    _wrap_async(images.FrontImages, "load", log, "front.images_start", "front.images_loaded")
+    _wrap(images.FrontImages, "_start_loads", log, before="front.images_start")
+    _wrap_async(
+        images.FrontImages, "_finish_loads", log, "front.images_wait", "front.images_loaded"
+    )
     _wrap(routes_lightllm, "to_sampling_params", log, "front.params_start", "front.params_end")
-    _wrap(images, "build_image_prompt", log, "front.build_start", "front.build_end")
+    _wrap(images, "tokenize_compact", log, "front.build_start", "front.build_end")
     _wrap(async_engine.AsyncEngine, "prepare", log, "front.prepare_start", "front.prepared")
     _wrap(async_engine.AsyncEngine, "_send", log, before="front.sent")
     _wrap(async_engine.AsyncEngine, "_on_message", log, "front.tokens_received", when=_has_updates)

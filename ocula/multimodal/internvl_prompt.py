@@ -109,37 +109,71 @@ def build_image_prompt(
 ) -> tuple[list[int], list[ImageSpan]]:
     """Token ids of `text` with its image tags expanded, and one ImageSpan per image.
     Raises ValueError when tags and images do not match one to one."""
+    compact = tokenize_compact(text, len(images), spec, tokenizer, add_special_tokens)
+    return expand_images(compact, images, spec, requested_max_tiles)
+
+
+@dataclass(frozen=True)
+class CompactPrompt:
+    """A prompt tokenized with one placeholder token per image: the ids, and where each
+    image's placeholder is."""
+
+    ids: list[int]
+    placeholders: list[int]
+
+
+def tokenize_compact(
+    text: str, num_images: int, spec: VisionSpec, tokenizer: Any, add_special_tokens: bool = True
+) -> CompactPrompt:
+    """`text` tokenized with each image tag as <img>, ONE placeholder, </img>: what the images'
+    sizes do not change, so it can be done while they load. Raises ValueError when the tags are
+    not `num_images`, or when the text holds placeholder tokens of its own."""
     tags = count_image_tags(text)
-    if tags != len(images):
+    if tags != num_images:
         raise ValueError(
             f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request has "
-            f"{len(images)} image(s); they must match one to one"
+            f"{num_images} image(s); they must match one to one"
         )
-    tiling = spec.tiling_for(requested_max_tiles)
-    lengths = [count_tiles(*img.size, tiling) * spec.tokens_per_tile for img in images]
-    # Each tag becomes <img>, ONE placeholder, </img>, and the placeholder's token is repeated
-    # after tokenizing. Same ids as tokenizing the fully expanded text: the tokenizer splits its
-    # input at added tokens before anything else, so the text around a run of placeholders is
-    # tokenized alone whatever the run's length; but tokenizing 3,328 placeholders (12 tiles
-    # and a thumbnail) took 6 ms of the front's event loop on 2 CPU cores.
+    # The placeholder's token is repeated after tokenizing (`expand_images`). Same ids as
+    # tokenizing the fully expanded text: the tokenizer splits its input at added tokens before
+    # anything else, so the text around a run of placeholders is tokenized alone whatever the
+    # run's length; but tokenizing 3,328 placeholders (12 tiles and a thumbnail) took 6 ms of
+    # the front's event loop on 2 CPU cores.
     expanded = _TAG.sub(lambda _: spec.start_token + spec.context_token + spec.end_token, text)
-    compact = tokenizer.encode(expanded, add_special_tokens=add_special_tokens)
-    runs = _runs_of(compact, spec.context_token_id)
-    if [length for _, length in runs] != [1] * len(images):
+    ids = tokenizer.encode(expanded, add_special_tokens=add_special_tokens)
+    runs = _runs_of(ids, spec.context_token_id)
+    if [length for _, length in runs] != [1] * num_images:
         raise ValueError(
             "the prompt's text contains image placeholder tokens of its own; "
             f"write images only as <img></img> or <image> (found {len(runs)} spans for "
-            f"{len(images)} images)"
+            f"{num_images} images)"
         )
+    return CompactPrompt(ids, [position for position, _ in runs])
+
+
+def expand_images(
+    compact: CompactPrompt,
+    images: list[LoadedImage],
+    spec: VisionSpec,
+    requested_max_tiles: int | None = None,
+) -> tuple[list[int], list[ImageSpan]]:
+    """The prompt's token ids with each placeholder repeated for its image's tiles x tokens per
+    tile, and the images' spans (`images` in placeholder order)."""
+    if len(images) != len(compact.placeholders):
+        raise ValueError(
+            f"{len(images)} images for a prompt of {len(compact.placeholders)} placeholders"
+        )
+    tiling = spec.tiling_for(requested_max_tiles)
+    lengths = [count_tiles(*img.size, tiling) * spec.tokens_per_tile for img in images]
     token_ids: list[int] = []
     offsets = []
     previous = 0
-    for (position, _), length in zip(runs, lengths, strict=True):
-        token_ids += compact[previous:position]
+    for position, length in zip(compact.placeholders, lengths, strict=True):
+        token_ids += compact.ids[previous:position]
         offsets.append(len(token_ids))
         token_ids += [spec.context_token_id] * length
         previous = position + 1
-    token_ids += compact[previous:]
+    token_ids += compact.ids[previous:]
     spans = [
         ImageSpan(
             image_cache_key(img.md5, img.size, tiling),

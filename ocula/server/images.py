@@ -23,7 +23,12 @@ from ocula.multimodal.image_loading import (
     warm_image_decoders,
 )
 from ocula.multimodal.image_processing import InternVLImageConfig
-from ocula.multimodal.internvl_prompt import VisionSpec, build_image_prompt, count_image_tags
+from ocula.multimodal.internvl_prompt import (
+    VisionSpec,
+    count_image_tags,
+    expand_images,
+    tokenize_compact,
+)
 from ocula.multimodal.loaded_images import KnownImageSizes, LoadedImage, load_image
 from ocula.server.text_encoding import off_loop_if_long
 
@@ -47,6 +52,52 @@ class FrontImages:
         """Fetches and decodes every image concurrently (and tiles with `tiling` those decoded).
         Raises ImageError (4xx) naming the index of an image that failed; the first failure
         cancels the fetches still running."""
+        return await self._finish_loads(self._start_loads(sources, tiling))
+
+    async def tokenize(
+        self,
+        text: str,
+        sources: list[Any],
+        max_tiles: int | None,
+        add_special_tokens: bool,
+    ) -> tuple[list[int], list[ImageSpan]]:
+        """Token ids of `text` with its image tags expanded, and the images' spans. Raises
+        ValueError when tags and images do not match (checked before any fetch) or the text
+        holds placeholder tokens, ImageError for an image that cannot be used.
+
+        The text is tokenized while the images load: a new image's decoding and tiling run in
+        a worker thread, and only the expansion needs their sizes."""
+        tags = count_image_tags(text)
+        if tags != len(sources):
+            raise ValueError(
+                f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request "
+                f"has {len(sources)} image(s); they must match one to one"
+            )
+        loads = self._start_loads(sources, self.vision.tiling_for(max_tiles))
+        try:
+            # One turn of the event loop: each load runs to its first wait (a new image's
+            # decoding thread, a URL's fetch) before the tokenizer holds the loop.
+            await asyncio.sleep(0)
+            compact = await off_loop_if_long(
+                text,
+                tokenize_compact,
+                text,
+                len(sources),
+                self.vision,
+                self.tokenizer,
+                add_special_tokens,
+            )
+        except BaseException:
+            await _cancel(loads)
+            raise
+        images = await self._finish_loads(loads)
+        return expand_images(compact, images, self.vision, max_tiles)
+
+    def _start_loads(
+        self, sources: list[Any], tiling: InternVLImageConfig | None
+    ) -> list[asyncio.Future[LoadedImage]]:
+        """One task per image, started; raises ImageError for a request with too many images or
+        a source that is not an image reference."""
         if len(sources) > MAX_IMAGES_PER_REQUEST:
             raise ImageError(
                 f"the request has {len(sources)} images; at most {MAX_IMAGES_PER_REQUEST} are "
@@ -59,18 +110,20 @@ class FrontImages:
                 parsed.append(ImageSource.parse(raw))
             except ImageError as error:
                 raise ImageError(f"image {index}: {error.message}", error.status) from None
-        if not parsed:
-            return []
-        loads = [
+        return [
             asyncio.ensure_future(load_image(s, self.limits, self.client, self.known_sizes, tiling))
             for s in parsed
         ]
+
+    async def _finish_loads(self, loads: list[asyncio.Future[LoadedImage]]) -> list[LoadedImage]:
+        """The loaded images in order; the first failure (ImageError naming the image's index)
+        cancels the loads still running."""
+        if not loads:
+            return []
         try:
             await asyncio.wait(loads, return_when=asyncio.FIRST_EXCEPTION)
         finally:  # one failed, or this request was cancelled: the other fetches are moot
-            for load in loads:
-                load.cancel()
-            await asyncio.gather(*loads, return_exceptions=True)
+            await _cancel(loads)
         for index, load in enumerate(loads):
             error = None if load.cancelled() else load.exception()
             if isinstance(error, ImageError):
@@ -78,34 +131,6 @@ class FrontImages:
             if error is not None:
                 raise error
         return [load.result() for load in loads]
-
-    async def tokenize(
-        self,
-        text: str,
-        sources: list[Any],
-        max_tiles: int | None,
-        add_special_tokens: bool,
-    ) -> tuple[list[int], list[ImageSpan]]:
-        """Token ids of `text` with its image tags expanded, and the images' spans. Raises
-        ValueError when tags and images do not match (checked before any fetch), ImageError
-        for an image that cannot be used."""
-        tags = count_image_tags(text)
-        if tags != len(sources):
-            raise ValueError(
-                f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request "
-                f"has {len(sources)} image(s); they must match one to one"
-            )
-        images = await self.load(sources, self.vision.tiling_for(max_tiles))
-        return await off_loop_if_long(
-            text,
-            build_image_prompt,
-            text,
-            images,
-            self.vision,
-            self.tokenizer,
-            max_tiles,
-            add_special_tokens,
-        )
 
     async def warm_up(self) -> None:
         """Loads and expands one synthetic image prompt as a request would, then forgets the
@@ -121,3 +146,11 @@ class FrontImages:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+async def _cancel(loads: list[asyncio.Future[LoadedImage]]) -> None:
+    """Cancels the loads not finished and waits for them to end (a worker thread's decoding
+    runs on, its result dropped)."""
+    for load in loads:
+        load.cancel()
+    await asyncio.gather(*loads, return_exceptions=True)
