@@ -91,7 +91,7 @@ class FrontImages:
             await _cancel(loads)
             raise
         images = await self._finish_loads(loads)
-        return expand_images(compact, images, self.vision, max_tiles)
+        return await off_loop_if_long(text, expand_images, compact, images, self.vision, max_tiles)
 
     def _start_loads(
         self, sources: list[Any], tiling: InternVLImageConfig | None
