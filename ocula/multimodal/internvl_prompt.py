@@ -89,6 +89,16 @@ def count_image_tags(text: str) -> int:
     return len(_TAG.findall(text))
 
 
+def check_image_tags(text: str, num_images: int) -> None:
+    """Raises ValueError unless `text` has one image tag per image."""
+    tags = count_image_tags(text)
+    if tags != num_images:
+        raise ValueError(
+            f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request has "
+            f"{num_images} image(s); they must match one to one"
+        )
+
+
 def image_cache_key(md5: str, size: tuple[int, int], tiling: InternVLImageConfig) -> str:
     """The bytes' MD5 plus the image's size and every tiling parameter that changes the
     embedding. The size keeps two images whose MD5s collide (a forged collision is cheap) from
@@ -128,12 +138,7 @@ def tokenize_compact(
     """`text` tokenized with each image tag as <img>, ONE placeholder, </img>: what the images'
     sizes do not change, so it can be done while they load. Raises ValueError when the tags are
     not `num_images`, or when the text holds placeholder tokens of its own."""
-    tags = count_image_tags(text)
-    if tags != num_images:
-        raise ValueError(
-            f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request has "
-            f"{num_images} image(s); they must match one to one"
-        )
+    check_image_tags(text, num_images)
     # The placeholder's token is repeated after tokenizing (`expand_images`). Same ids as
     # tokenizing the fully expanded text: the tokenizer splits its input at added tokens before
     # anything else, so the text around a run of placeholders is tokenized alone whatever the

@@ -25,7 +25,7 @@ from ocula.multimodal.image_loading import (
 from ocula.multimodal.image_processing import InternVLImageConfig
 from ocula.multimodal.internvl_prompt import (
     VisionSpec,
-    count_image_tags,
+    check_image_tags,
     expand_images,
     tokenize_compact,
 )
@@ -67,12 +67,7 @@ class FrontImages:
 
         The text is tokenized while the images load: a new image's decoding and tiling run in
         a worker thread, and only the expansion needs their sizes."""
-        tags = count_image_tags(text)
-        if tags != len(sources):
-            raise ValueError(
-                f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request "
-                f"has {len(sources)} image(s); they must match one to one"
-            )
+        check_image_tags(text, len(sources))
         loads = self._start_loads(sources, self.vision.tiling_for(max_tiles))
         try:
             # One turn of the event loop: each load runs to its first wait (a new image's
