@@ -117,8 +117,11 @@ async def serve_with(
     """`serve` once the engine handle (an `AsyncEngine`) exists: it owns `launch` from here."""
     from ocula.server.app import build_app
     from ocula.server.async_engine import EngineUnavailableError
+    from ocula.server.idle_wait import FrontSpin
     from ocula.server.stats_log import log_stats_forever
 
+    spin = FrontSpin()
+    spin.install()  # before the image warm-up's first worker thread
     try:
         ready = await engine.start(launch)
     except Exception as error:  # the engine process must not outlive a failed start
@@ -155,6 +158,13 @@ async def serve_with(
             await asyncio.sleep(0.5)
         server.should_exit = True
 
+    if ready.spins_when_idle:
+        spin.start()
+    logger.info(
+        "while idle, the engine process and the front %s (--idle_wait %s)",
+        "spin" if ready.spins_when_idle else "sleep",
+        args.idle_wait,
+    )
     watcher = asyncio.create_task(stop_when_engine_fails())
     drainer = asyncio.create_task(drain_then_exit(server, app.state.ocula))
     stats_logger = None
@@ -170,6 +180,7 @@ async def serve_with(
         drainer.cancel()
         if stats_logger is not None:
             stats_logger.cancel()
+        await spin.stop()
         await engine.shutdown()
         sock.close()
     return 1 if engine.failure is not None else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ocula.config import EngineArgs, option
+from ocula.server.idle_wait import IDLE_WAIT_CHOICES
 
 
 @dataclass
@@ -61,6 +62,13 @@ class ServerArgs(EngineArgs):
     httpserver_workers: int = option(1, "LightLLM's HTTP worker processes: only 1 here.")
     quant_type: str = option(
         "none", "LightLLM's weight quantization: only none here.", choices=("none",)
+    )
+    idle_wait: str = option(
+        "auto",
+        "How the engine process and the front wait while idle: spin (poll without sleeping, one "
+        "CPU core each, so a request finds their caches warm), sleep (no CPU while idle), or "
+        "auto: spin when the model runs on a GPU, sleep on a CPU device.",
+        choices=IDLE_WAIT_CHOICES,
     )
     skip_server_warmup: bool = option(
         False,

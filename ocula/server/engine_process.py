@@ -30,6 +30,7 @@ from ocula.engine.warm_up_request import warm_up_engine
 from ocula.server.args import ServerArgs
 from ocula.server.engine_channel import ChannelClosedError, EngineSideChannel
 from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, StepOutputs
+from ocula.server.idle_wait import receive_spinning, spins_when_idle
 from ocula.server.image_payloads import EnginePayloads
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 from ocula.utils.device import set_host_threads
@@ -54,6 +55,7 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
             followers = FollowerRanks(args, setup)
             setup, tp = followers.setup, followers.group
         core = EngineCore(args, setup, tp)
+        spin = spins_when_idle(args.idle_wait, setup.device.type)
         if not args.skip_server_warmup:
             warm_up_engine(core, setup.model_config, with_image=args.enable_multimodal)
         channel.send(
@@ -61,10 +63,11 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
                 kv_capacity=core.allocator.capacity,
                 max_req_total_len=core.max_req_total_len,
                 batch_max_tokens=core.scheduler.batch_max_tokens,
+                spins_when_idle=spin,
             )
         )
         try:
-            _serve(core, channel, followers)
+            _serve(core, channel, followers, spin)
         except ChannelClosedError:  # a send found the front gone: as if it said Shutdown
             logger.info("the front closed the channel; engine process %d exits", os.getpid())
     except Exception as error:  # report, then exit non-zero: the front must not hang
@@ -87,15 +90,24 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
     channel.close()
 
 
-def _serve(core: EngineCore, channel: EngineSideChannel, followers: FollowerRanks | None) -> None:
+def _serve(
+    core: EngineCore, channel: EngineSideChannel, followers: FollowerRanks | None, spin: bool
+) -> None:
+    """Steps while there is work; while there is none, waits for messages, spinning if `spin`
+    (`idle_wait.py`)."""
     parent = multiprocessing.parent_process()
     sent_stats: EngineStats | None = None
     payloads = EnginePayloads()  # the image payloads received, mirrored by the front
     if core.tiling_fd is not None:
         channel.add_wakeup(core.tiling_fd)  # a finished tiling may make a request admissible
     while True:
-        timeout = 0 if core.has_work() and not core.waiting_for_tiles else IDLE_POLL_MS
-        for message in channel.receive(timeout):
+        if core.has_work():  # a request whose image is still being tiled waits for the tiling
+            messages = channel.receive(IDLE_POLL_MS if core.waiting_for_tiles else 0)
+        elif spin:
+            messages = receive_spinning(channel.receive, IDLE_POLL_MS / 1000)
+        else:
+            messages = channel.receive(IDLE_POLL_MS)
+        for message in messages:
             if isinstance(message, Shutdown):
                 return
             if isinstance(message, AddRequest):

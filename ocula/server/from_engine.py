@@ -13,6 +13,7 @@ class EngineReady:
     kv_capacity: int  # tokens the KV cache holds
     max_req_total_len: int  # effective limit: the flag capped by the model's context
     batch_max_tokens: int
+    spins_when_idle: bool = False  # the engine polls without sleeping; the front should too
 
 
 @dataclass
