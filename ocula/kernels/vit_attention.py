@@ -68,9 +68,8 @@ def vit_attention(
     if out.numel() == 0:
         return out.view(tiles, tokens, heads * head_dim)
     block_m, block_n, num_warps, num_stages = _launch_config(tokens, head_dim, block_m, block_n)
-    row_tail, key_tail = _vector_tail(tokens, block_m), _vector_tail(tokens, block_n)
     # Query blocks of one (tile, head) run next to each other, so its keys stay in L2.
-    grid = (triton.cdiv(tokens - row_tail, block_m), heads, tiles)
+    grid = (triton.cdiv(tokens, block_m), heads, tiles)
     _vit_attention_kernel[grid](
         q,
         k,
@@ -85,8 +84,6 @@ def vit_attention(
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        ROW_TAIL=row_tail,
-        KEY_TAIL=key_tail,
         # fp32 inputs keep full precision on tensor cores (no tf32); 16-bit inputs ignore it.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
@@ -109,19 +106,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"head_dim {q.shape[-1]} is not a power of two in [16, 256]")
 
 
-# A tail of at most this many queries (past the last full query block) or keys (past the last full
-# key block) is attended row by row on the CUDA cores instead of as one more block on the tensor
-# cores, nearly all of whose rows would be padding: InternViT's 1025 tokens are 1024 + 1.
-MAX_VECTOR_TAIL = 4
-
-
-def _vector_tail(tokens: int, block: int) -> int:
-    """Tokens past the last full block that are attended row by row (0: none, a partial block
-    is masked instead)."""
-    tail = tokens % block
-    return tail if tokens > block and tail <= MAX_VECTOR_TAIL else 0
-
-
 def _launch_config(
     tokens: int, head_dim: int, block_m: int | None = None, block_n: int | None = None
 ) -> tuple[int, int, int, int]:
@@ -129,10 +113,10 @@ def _launch_config(
     are kept. Measured on an H100 (bf16, 8-32 tiles): 64 x 64 blocks, 4 warps, 3 stages were the
     best or within 3% of it for head_dim 128 and for 1025 tokens; 128-query blocks with 8 warps
     won (by about 7%) only for head_dim 64 with token counts whose 128-block tail is over half
-    full (1024 tokens), or (since the tails row by row) a few rows only (1025).
+    full (1024 tokens); at 1025 the last 128-block would hold a single query.
     """
     tail = tokens % 128
-    wide = head_dim <= 64 and tokens > 64 and (tail == 0 or tail > 64 or tail <= MAX_VECTOR_TAIL)
+    wide = head_dim <= 64 and tokens > 64 and (tail == 0 or tail > 64)
     block_m = block_m or (128 if wide else 64)
     block_n = block_n or (64 if head_dim <= 128 else 32)
     num_warps = 8 if block_m >= 128 else 4
@@ -184,71 +168,6 @@ def _attend_key_block(
 
 
 @triton.jit
-def _attend_one_key(
-    acc, row_max, row_sum, q, k_base, v_base, key, stride_k_token, stride_v_token, qk_scale, offs_d
-):
-    """The online-softmax step of `_attend_key_block` for the single key `key`, on the CUDA
-    cores: a product and a sum per query instead of a 64-key block of tensor-core work."""
-    k = tl.load(k_base + key * stride_k_token + offs_d).to(tl.float32)
-    v = tl.load(v_base + key * stride_v_token + offs_d)
-    scores = tl.sum(q.to(tl.float32) * k[None, :], 1)
-    new_max = tl.maximum(row_max, scores * qk_scale)
-    probs = tl.exp2(scores * qk_scale - new_max)
-    correction = tl.exp2(row_max - new_max)
-    row_sum = row_sum * correction + probs
-    # Rounded to the inputs' dtype as the block step's P @ V operand is.
-    weighted = probs.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
-    acc = acc * correction[:, None] + weighted
-    return acc, new_max, row_sum
-
-
-@triton.jit
-def _attend_one_query(
-    q_row_ptr,
-    k_base,
-    v_base,
-    o_row_ptr,
-    stride_k_token,
-    stride_v_token,
-    qk_scale,
-    TOKENS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One query's attention over all the tile's keys, on the CUDA cores, stored at o_row_ptr:
-    the same online softmax as the query blocks', for a row past the last full block."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_row_ptr + offs_d).to(tl.float32)
-    row_max = tl.full([1], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, TOKENS, BLOCK_N):
-        keys = start_n + offs_n
-        valid = keys < TOKENS
-        k = tl.load(
-            k_base + keys[:, None] * stride_k_token + offs_d[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + keys[:, None] * stride_v_token + offs_d[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        )
-        scores = tl.sum(k.to(tl.float32) * q[None, :], 1)
-        scores = tl.where(valid, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 0) * qk_scale)
-        probs = tl.exp2(scores * qk_scale - new_max)
-        correction = tl.exp2(row_max - new_max)
-        row_sum = row_sum * correction + tl.sum(probs, 0)
-        weighted = probs.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)
-        acc = acc * correction + tl.sum(weighted, 0)
-        row_max = new_max
-    tl.store(o_row_ptr + offs_d, (acc / row_sum).to(o_row_ptr.dtype.element_ty))
-
-
-@triton.jit
 def _vit_attention_kernel(
     q_ptr,
     k_ptr,
@@ -274,8 +193,6 @@ def _vit_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ROW_TAIL: tl.constexpr,  # the last queries, which the last program attends row by row
-    KEY_TAIL: tl.constexpr,  # the last keys, which every program attends one by one
     INPUT_PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -316,22 +233,7 @@ def _vit_attention_kernel(
             False,
             INPUT_PRECISION,
         )
-    if KEY_TAIL > 0:
-        for key in tl.static_range(full_end, TOKENS):
-            acc, row_max, row_sum = _attend_one_key(
-                acc,
-                row_max,
-                row_sum,
-                q,
-                k_base,
-                v_base,
-                key,
-                stride_k_token,
-                stride_v_token,
-                qk_scale,
-                offs_d,
-            )
-    elif full_end < TOKENS:
+    if full_end < TOKENS:
         acc, row_max, row_sum = _attend_key_block(
             acc,
             row_max,
@@ -352,18 +254,3 @@ def _vit_attention_kernel(
     o_base = out_ptr + tile * stride_o_tile + head * stride_o_head
     o_ptrs = o_base + offs_m[:, None] * stride_o_token + offs_d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows_valid)
-    if ROW_TAIL > 0:  # noqa: SIM102  (a compile-time test, then a run-time one)
-        if block == tl.num_programs(0) - 1:
-            for row in tl.static_range(TOKENS - ROW_TAIL, TOKENS):
-                _attend_one_query(
-                    q_base + row * stride_q_token,
-                    k_base,
-                    v_base,
-                    o_base + row * stride_o_token,
-                    stride_k_token,
-                    stride_v_token,
-                    qk_scale,
-                    TOKENS,
-                    HEAD_DIM,
-                    BLOCK_N,
-                )

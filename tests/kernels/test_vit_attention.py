@@ -78,14 +78,6 @@ def test_many_key_blocks_with_small_blocks(
         assert_matches_sdpa(q, k, v, block_m, block_n)
 
 
-@pytest.mark.parametrize("tokens", [17, 67, 68, 69])
-def test_short_tails_attended_row_by_row(device: torch.device, tokens: int) -> None:
-    # With 16-token blocks: 1, 3 and 4 queries and keys past the last full block are attended
-    # one by one (the last program takes the queries); 5 (69) are a masked block again.
-    for dtype in dtypes(device):
-        assert_matches_sdpa(*fused_qkv(2, tokens, 2, 16, dtype, device), 16, 16)
-
-
 def test_internvit_tile_of_1025_tokens(device: torch.device) -> None:
     # 448 px tile: 32 x 32 patches + the class token, one past a multiple of every block.
     heads = 16 if device.type == "cuda" else 1
