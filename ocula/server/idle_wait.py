@@ -1,12 +1,13 @@
 """How the server's two processes wait for work: spinning (polling without sleeping) or sleeping.
 
 A process that sleeps between requests wakes up cold: its core left for a deep idle state or
-another tenant's work, and its caches lost the request path's code and data. On the 2-core CPU
-machine (a KVM guest, 2026-12-07) the prompt's tokenizing took 0.12 ms run back to back, 0.53
-ms after a 50 ms sleep and 0.17 ms after a 50 ms spin; an idle request crosses both processes
-several times. Spinning keeps one core busy per process, as SGLang's scheduler does unless
-`--sleep-on-idle`. `--idle_wait auto` spins when the model runs on a GPU and sleeps on a CPU
-device, where a spinning core is one the model's own threads do not get.
+another tenant's work, and its caches lost the request path's code and data
+(`benchmarks/host_warmth.py`: on the 2-core CPU machine, a KVM guest, the prompt's tokenizing
+took 0.12 ms back to back, 0.53-0.75 ms after a 50 ms sleep and 0.17-0.23 ms after 50 ms of
+spinning). An idle request crosses both processes several times. Spinning keeps one core busy
+per process, as SGLang's scheduler does unless `--sleep-on-idle`. `--idle_wait auto` spins when
+the model runs on a GPU and sleeps on a CPU device, where a spinning core is one the model's
+own threads do not get.
 
 - The engine process (`engine_process.py`) polls its channel without a timeout while it has no
   request (`receive_spinning`).
