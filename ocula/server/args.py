@@ -64,10 +64,10 @@ class ServerArgs(EngineArgs):
         "none", "LightLLM's weight quantization: only none here.", choices=("none",)
     )
     idle_wait: str = option(
-        "auto",
-        "How the engine process and the front wait while idle: spin (poll without sleeping, one "
-        "CPU core each, so a request finds their caches warm), sleep (no CPU while idle), or "
-        "auto: spin when the model runs on a GPU, sleep on a CPU device.",
+        "sleep",
+        "How the engine process and the front wait while idle: sleep (no CPU while idle), spin "
+        "(poll without sleeping, one CPU core each, so that a request finds their caches warm), "
+        "or auto: spin when the model runs on a GPU, sleep on a CPU device.",
         choices=IDLE_WAIT_CHOICES,
     )
     skip_server_warmup: bool = option(

@@ -30,6 +30,11 @@ def test_health_probes_and_unknown_routes(server) -> None:
         assert httpx.post(server.url + path).status_code == 200
 
 
+def test_the_server_sleeps_while_idle_by_default(server) -> None:
+    # --idle_wait spin is opt-in (tests/server/test_idle_wait.py).
+    assert "while idle, the engine process and the front sleep (--idle_wait sleep)" in server.log()
+
+
 def test_lightllm_compat_routes(server) -> None:
     body = {"inputs": "the quick brown fox", "parameters": {"max_new_tokens": 3}}
     whole = httpx.post(server.url + "/", json={**body, "stream": False}, timeout=60)
