@@ -121,7 +121,8 @@ async def serve_with(
     from ocula.server.stats_log import log_stats_forever
 
     spin = FrontSpin()
-    spin.install()  # before the image warm-up's first worker thread
+    if args.idle_wait != "sleep":  # may spin: count the worker threads from the image warm-up on
+        spin.install()
     try:
         ready = await engine.start(launch)
     except Exception as error:  # the engine process must not outlive a failed start
