@@ -106,11 +106,10 @@ class SequenceStream:
                 new_text = self.detokenizer.finish_with(self._text_ids)
             else:
                 new_text += self.detokenizer.flush()
-        if len(self.token_ids) <= self.params.min_new_tokens:
-            # Like EOS and stop ids, stop strings only count once min_new_tokens exist.
-            emitted, stopped = new_text, False
-        else:
-            emitted, stopped = self.stop_matcher.feed(new_text)
+        # Like EOS and stop ids, stop strings only count once min_new_tokens exist; one that
+        # started before that and ends after it counts (vLLM's look-back).
+        may_stop = len(self.token_ids) > self.params.min_new_tokens
+        emitted, stopped = self.stop_matcher.feed(new_text, may_stop)
         if stopped:
             self.finish_reason = FinishReason.STOP.value
             self.stop_reason = self.stop_matcher.matched_stop

@@ -69,8 +69,11 @@ class StopStringMatcher:
         """Text fed but not emitted yet because it may be the start of a stop string."""
         return self._held_text
 
-    def feed(self, new_text: str) -> tuple[str, bool]:
-        """Add output text; return the text safe to emit now and whether a stop string was hit."""
+    def feed(self, new_text: str, may_stop: bool = True) -> tuple[str, bool]:
+        """Add output text; return the text safe to emit now and whether a stop string was hit.
+        With `may_stop` false (the output is still short of min_new_tokens) a stop string that
+        ends in `new_text` is passed over, but the text still advances the automata: a stop
+        string that starts there and ends in a later piece is found."""
         if self._matched_stop is not None:
             return "", True
         if not self._stop_strings:
@@ -79,7 +82,7 @@ class StopStringMatcher:
         offset = len(self._held_text)  # the automata have consumed text[:offset]
         for position in range(offset, len(text)):
             completed = self._advance(text[position])
-            if completed is not None:
+            if completed is not None and may_stop:
                 self._matched_stop = completed
                 self._held_text = ""
                 end = position + 1 if self._include_stop_str else position + 1 - len(completed)

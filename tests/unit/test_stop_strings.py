@@ -9,7 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ocula.engine.detokenizer import IncrementalDetokenizer
+from ocula.engine.output_processor import SequenceStream
+from ocula.engine.outputs import TokenUpdate
 from ocula.engine.stop_strings import StopStringMatcher
+from ocula.sampling.params import SamplingParams
 
 # Session fixtures `qwen_tokenizer` and `qwen_tokenizer_dir`, defined once for all modules.
 
@@ -95,6 +98,18 @@ def test_repeated_prefix() -> None:
     assert run_pieces(included, list("aaab"))[0] == "aaab"
 
 
+def test_a_stop_string_that_ends_after_min_new_tokens_counts_from_before() -> None:
+    """Text fed before min_new_tokens cannot stop the output, but a stop string that starts in
+    it and ends later does; text that may start one is held back meanwhile."""
+    matcher = StopStringMatcher(["world. Good"])
+    assert matcher.feed(" Hello", may_stop=False) == (" Hello", False)
+    assert matcher.feed(" world", may_stop=False) == (" ", False)  # "world" may start it
+    assert matcher.feed(". Good", may_stop=True) == ("", True)
+    early = StopStringMatcher(["ab"])
+    assert early.feed("xab", may_stop=False) == ("xab", False)  # ended too early: passed over
+    assert early.feed("cab", may_stop=True) == ("c", True)
+
+
 def test_no_stop_strings_passes_text_through() -> None:
     matcher = StopStringMatcher(["", ""])
     assert matcher.feed("anything") == ("anything", False)
@@ -178,3 +193,28 @@ def test_with_detokenized_qwen_stream(
     else:
         streamed.append(matcher.feed(detokenizer.flush())[0] + matcher.flush())
     assert "".join(streamed) == expected
+
+
+@pytest.mark.parametrize(("min_new_tokens", "tokens"), [(0, 4), (2, 4), (3, 4), (4, 8)])
+def test_a_sequence_stops_on_a_string_that_straddles_min_new_tokens(
+    qwen_tokenizer, min_new_tokens: int, tokens: int
+) -> None:
+    """` Hello| world|.| Good|bye|...`: "world. Good" ends on the fourth token, so it stops
+    there unless min_new_tokens holds the stop strings off past it (then no later one ends)."""
+    ids = qwen_tokenizer.encode(" Hello world. Goodbye now, friend")
+    params = SamplingParams(
+        max_new_tokens=len(ids), min_new_tokens=min_new_tokens, stop=["world. Good"]
+    )
+    stream = SequenceStream(0, qwen_tokenizer, [], params)
+    for position, token_id in enumerate(ids):
+        last = position == len(ids) - 1
+        stream.apply(
+            TokenUpdate("r", token_id, None, None, finish_reason="length" if last else None)
+        )
+        if stream.finished:
+            break
+    assert len(stream.token_ids) == tokens
+    if tokens == 4:
+        assert (stream.text, stream.finish_reason) == (" Hello ", "stop")
+    else:
+        assert stream.text == " Hello world. Goodbye now, friend"
