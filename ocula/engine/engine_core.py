@@ -108,6 +108,7 @@ class EngineCore:
             raise ValueError(f"the engine core runs on rank 0, not rank {tp.rank}")
         self.args = args
         self.tp = tp
+        self.vocab_size = setup.model_config.vocab_size
         batch_max_tokens = args.effective_batch_max_tokens
         self.runner = build_model_runner(args, setup, tp)
         model_limit = self.runner.model.max_context_len()
@@ -165,10 +166,10 @@ class EngineCore:
             raise RequestRejectedError(problem)
         if request.images and self.images is None:
             raise RequestRejectedError("this model has no vision encoder: it cannot take images")
-        if not _can_sample_before_min_new_tokens(request):
+        if not _can_sample_before_min_new_tokens(request, self.vocab_size):
             raise RequestRejectedError(
-                "allowed_token_ids holds only EOS and stop token ids, which cannot be sampled "
-                "before min_new_tokens: no token is left to sample"
+                "every token this request may sample is banned before min_new_tokens (its "
+                "banned ids, EOS and stop token ids): no token is left to sample"
             )
         # A safety net: the pool holds a whole --max_req_total_len of image tokens.
         if request.images and self.images is not None:
@@ -291,13 +292,15 @@ class EngineCore:
         )
 
 
-def _can_sample_before_min_new_tokens(request: Request) -> bool:
-    """False when a request's allowed tokens are all banned until its min_new_tokens (EOS,
-    unless ignored, and its stop token ids): its logits would be all -inf."""
+def _can_sample_before_min_new_tokens(request: Request, vocab_size: int) -> bool:
+    """False when every token a request may sample is banned until its min_new_tokens (its
+    banned ids, EOS unless ignored, its stop token ids): its logits would be all -inf."""
     params = request.sampling_params
-    if not params.allowed_token_ids or params.min_new_tokens == 0:
-        return True
-    banned = set(params.stop_token_ids)
-    if not params.ignore_eos:
-        banned |= request.eos_token_ids
-    return not set(params.allowed_token_ids) <= banned
+    banned = set(params.banned_token_ids)
+    if params.min_new_tokens > 0:
+        banned |= set(params.stop_token_ids)
+        if not params.ignore_eos:
+            banned |= request.eos_token_ids
+    if params.allowed_token_ids:
+        return not set(params.allowed_token_ids) <= banned
+    return len({token for token in banned if token < vocab_size}) < vocab_size

@@ -129,6 +129,12 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """False for a request that computes its whole prompt: one that wants its prompt's
+        logprobs (every position's hidden state), or that asked to skip the cache."""
+        return not (self.wants_prompt_logprobs or self.sampling_params.skip_prefix_cache)
+
     def prompt_logprob_targets(self, start: int, end: int) -> list[int] | None:
         """The prompt tokens that positions [start, end) predict (position p predicts p + 1),
         while the request still wants its prompt's logprobs; None when there are none."""

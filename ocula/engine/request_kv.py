@@ -53,10 +53,8 @@ class RequestKV:
         """Locks the longest cached prefix of a waiting request; returns its length. Hit-rate
         statistics are counted at admission, not here (a blocked request is matched again)."""
         # At least one token must be computed to produce the next token's logits; a request
-        # that wants its prompt's logprobs computes every prompt position.
-        end = request.num_tokens - 1
-        if request.wants_prompt_logprobs:
-            end = 0
+        # that does not read the cache computes every prompt position.
+        end = request.num_tokens - 1 if request.reads_prefix_cache else 0
         match = self.prefix_cache.match_prefix(request.cache_key(end), count_in_stats=False)
         self.prefix_cache.lock(match.node)
         request.prefix_node = match.node

@@ -217,7 +217,7 @@ class Scheduler:
                 self.kv.unlock_prefix(request)
                 break
             self.waiting.popleft()
-            if not request.wants_prompt_logprobs:  # such a request skips the cache by design
+            if request.reads_prefix_cache:  # one that does not is no lookup
                 self.prefix_cache.count_lookup(request.num_tokens - 1, prefix_len)
             request.status = RequestStatus.RUNNING
             request.table_row = self._free_rows.pop()

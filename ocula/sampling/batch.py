@@ -100,7 +100,8 @@ class SamplingBatch:
     # this step (rows without a gain have no ids).
     eos_gain_token_ids: list[Sequence[int]]
     eos_gains: list[float]
-    banned_token_ids: list[Sequence[int]]  # logits set to -inf (EOS/stop ids before min_new_tokens)
+    # logits set to -inf: banned_token_ids, and EOS/stop ids before min_new_tokens
+    banned_token_ids: list[Sequence[int]]
     bias_token_ids: list[Sequence[int]]  # logit_bias: tokens of each row, distinct
     bias_values: list[Sequence[float]]  # ... and what is added to their logits
     num_logprobs: int  # largest k requested over the rows (0 if none asked for alternatives)
@@ -180,7 +181,7 @@ class SamplingBatch:
             eos_gain_ids.append(sorted(request.eos_token_ids) if gain else ())
             eos_gains.append(gain)
 
-            row_banned: list[int] = []
+            row_banned: list[int] = list(params.banned_token_ids)
             if len(token_ids) - split < params.min_new_tokens:
                 row_banned.extend(params.stop_token_ids)
                 if not params.ignore_eos:

@@ -28,6 +28,12 @@ MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_EOS_DECAY_GAIN = 1e6
 # Each row's allowed ids are copied to the device every step.
 MAX_ALLOWED_TOKEN_IDS = 16384
+# Stop token ids of one request (the engine keeps a set of them per sequence).
+MAX_STOP_TOKEN_IDS = 1024
+# Token ids in all the id lists of one request (allowed, banned, stop, stop runs, logit_bias),
+# times its n: every sequence carries its own copy to the engine process, so a small body with
+# a large n must not turn into gigabytes there.
+MAX_TOKEN_ID_ENTRIES = 1 << 20
 # Which tokens the penalties count (see SamplingParams).
 PENALTY_SCOPES = ("vllm", "output", "prompt_and_output")
 _SEED_MIN = -(2**63)  # torch.Generator.manual_seed accepts [-2**63, 2**64 - 1]
@@ -108,14 +114,18 @@ def validate_params(params: SamplingParams, vocab_size: int | None = None) -> No
             f"stop strings may hold {MAX_STOP_CHARS} characters in all, "
             f"got {sum(len(s) for s in params.stop)}"
         )
-    for token_id in params.stop_token_ids:
-        _check_int("stop_token_ids", token_id)
-        if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
-            bound = vocab_size if vocab_size is not None else "the vocabulary size"
-            raise ValueError(f"stop_token_ids: token id {token_id} is outside [0, {bound})")
+    _check_id_list("stop_token_ids", params.stop_token_ids, MAX_STOP_TOKEN_IDS, vocab_size)
     _validate_stop_token_sequences(params, vocab_size)
     _validate_logit_bias(params, vocab_size)
-    _validate_allowed_token_ids(params, vocab_size)
+    _check_id_list("allowed_token_ids", params.allowed_token_ids, MAX_ALLOWED_TOKEN_IDS, vocab_size)
+    _validate_banned_token_ids(params, vocab_size)
+    entries = token_id_entries(params) * params.n
+    if entries > MAX_TOKEN_ID_ENTRIES:
+        raise ValueError(
+            f"n ({params.n}) x the token ids in allowed_token_ids, stop ids, stop sequences and "
+            f"logit_bias ({token_id_entries(params)}) is {entries}, over the limit of "
+            f"{MAX_TOKEN_ID_ENTRIES}: send fewer ids or a smaller n"
+        )
     if params.exponential_decay_length_penalty is not None:
         decay = params.exponential_decay_length_penalty
         if not isinstance(decay, (tuple, list)) or len(decay) != 2:
@@ -159,20 +169,38 @@ def _validate_stop_token_sequences(params: SamplingParams, vocab_size: int | Non
                 )
 
 
-def _validate_allowed_token_ids(params: SamplingParams, vocab_size: int | None) -> None:
-    allowed = params.allowed_token_ids
-    if not isinstance(allowed, list):
-        raise ValueError(f"allowed_token_ids must be a list of token ids, got {allowed!r}")
-    if len(allowed) > MAX_ALLOWED_TOKEN_IDS:
-        raise ValueError(
-            f"allowed_token_ids holds {len(allowed)} ids; at most {MAX_ALLOWED_TOKEN_IDS} "
-            "are allowed"
-        )
+def _check_id_list(name: str, ids: Any, limit: int, vocab_size: int | None) -> None:
+    """A list of at most `limit` token ids, each in [0, vocab_size)."""
+    if not isinstance(ids, list):
+        raise ValueError(f"{name} must be a list of token ids, got {ids!r}")
+    if len(ids) > limit:
+        raise ValueError(f"{name} holds {len(ids)} ids; at most {limit} are allowed")
     bound = vocab_size if vocab_size is not None else "the vocabulary size"
-    for token_id in allowed:
-        _check_int("allowed_token_ids", token_id)
+    for token_id in ids:
+        _check_int(name, token_id)
         if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
-            raise ValueError(f"allowed_token_ids: token id {token_id} is outside [0, {bound})")
+            raise ValueError(f"{name}: token id {token_id} is outside [0, {bound})")
+
+
+def token_id_entries(params: SamplingParams) -> int:
+    """Token ids in the request's id lists, each sequence's copy counted once."""
+    return (
+        len(params.allowed_token_ids)
+        + len(params.banned_token_ids)
+        + len(params.stop_token_ids)
+        + sum(len(sequence) for sequence in params.stop_token_sequences)
+        + len(params.logit_bias)
+    )
+
+
+def _validate_banned_token_ids(params: SamplingParams, vocab_size: int | None) -> None:
+    banned = params.banned_token_ids
+    _check_id_list("banned_token_ids", banned, MAX_LOGIT_BIAS_TOKENS, vocab_size)
+    unique = set(banned)
+    if vocab_size is not None and len(unique) >= vocab_size:
+        raise ValueError("banned_token_ids bans every token of the vocabulary")
+    if params.allowed_token_ids and set(params.allowed_token_ids) <= unique:
+        raise ValueError("banned_token_ids bans every token of allowed_token_ids")
 
 
 def _validate_logit_bias(params: SamplingParams, vocab_size: int | None) -> None:

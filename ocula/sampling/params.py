@@ -61,6 +61,10 @@ class SamplingParams:
     - `logit_bias` {token id: bias in [-100, 100]} is added to the logits before sampling,
       before the penalties (vLLM's order) and the bans of `min_new_tokens`; logprobs stay those
       of the model.
+    - `banned_token_ids` are never sampled (LightLLM's `logit_bias` keys); they must leave at
+      least one token of the vocabulary, and of `allowed_token_ids` when that is set.
+    - `skip_prefix_cache`: the whole prompt is computed, whatever the prefix cache holds
+      (LightLLM's `disable_prompt_cache`); its KV is still cached for later requests.
     """
 
     n: int = 1
@@ -86,6 +90,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     penalty_scope: str = "vllm"
     allowed_token_ids: list[int] = field(default_factory=list)  # empty: any token
+    banned_token_ids: list[int] = field(default_factory=list)
+    skip_prefix_cache: bool = False
     exponential_decay_length_penalty: tuple[int, float] | None = None  # (start, factor)
 
     def __post_init__(self) -> None:
@@ -100,6 +106,8 @@ class SamplingParams:
             self.stop_token_sequences = []
         if self.allowed_token_ids is None:
             self.allowed_token_ids = []
+        if self.banned_token_ids is None:
+            self.banned_token_ids = []
         if self.logit_bias is None:
             self.logit_bias = {}
 
@@ -154,4 +162,5 @@ class SamplingParams:
             stop_token_sequences=[list(sequence) for sequence in self.stop_token_sequences],
             logit_bias=dict(self.logit_bias),
             allowed_token_ids=list(self.allowed_token_ids),
+            banned_token_ids=list(self.banned_token_ids),
         )

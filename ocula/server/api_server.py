@@ -23,6 +23,7 @@ import uvicorn
 from ocula.cli_args import parse_config
 from ocula.server.args import ServerArgs
 from ocula.server.engine_launch import EngineLaunch
+from ocula.server.lightllm_flags import ignored_flags_note
 
 # The front's own modules (the app, the engine handle, the serving state) are imported by
 # `serve`, after the engine process has started: a module-level import here would also run in
@@ -151,7 +152,12 @@ async def serve_with(
             args.visual_infer_batch_size,
         )
     app = build_app(engine, args)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
+    config = uvicorn.Config(
+        app,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        access_log=False,
+    )
     server = _Server(config, asyncio.get_running_loop())
 
     async def stop_when_engine_fails() -> None:
@@ -202,6 +208,9 @@ def run_event_loop(main_coroutine: Coroutine[Any, Any, int]) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_config(ServerArgs, argv, "Ocula: serve a (vision-)language model over HTTP.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    note = ignored_flags_note(args)
+    if note is not None:
+        logger.info(note)
     if args.node_rank > 0:  # another node's ranks: no HTTP front here
         from ocula.engine.worker_node import run_worker_node
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from ocula.config import EngineArgs, option
 from ocula.server.idle_wait import IDLE_WAIT_CHOICES
+from ocula.server.lightllm_flags import LightLLMTuningFlags
 
 
 @dataclass
-class ServerArgs(EngineArgs):
+class ServerArgs(EngineArgs, LightLLMTuningFlags):
     host: str = option("127.0.0.1", "Address the HTTP server listens on.")
     port: int = option(8000, "HTTP port.")
     model_name: str | None = option(

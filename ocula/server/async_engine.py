@@ -79,6 +79,11 @@ class AsyncEngine:
         self.tokenizer = setup.load_tokenizer(args)
         self.eos_token_ids = setup.eos_token_ids(args, self.tokenizer)
         self.model_name = args.model_name or setup.model_dir.name
+        # Names OpenAI requests may give: the served one, and without --model_name the
+        # --model_dir string too (vLLM serves a model under its --model string).
+        self.model_names = {self.model_name}
+        if args.model_name is None and args.model_dir:
+            self.model_names.add(str(args.model_dir))
         # Images are served when the checkpoint has a vision side and --enable_multimodal is on.
         self.images: FrontImages | None = None
         self.is_vision_model = hasattr(self.model_config, "tokens_per_tile")

@@ -27,7 +27,10 @@ class OpenAIRequestModel(BaseModel):
 
 
 class StreamOptions(OpenAIRequestModel):
-    include_usage: bool | None = False
+    """Sent without `include_usage`, the usage comes (vLLM's default); not sent at all, it does
+    not (`check_stream_options`)."""
+
+    include_usage: bool | None = True
     continuous_usage_stats: bool | None = False  # vLLM's: the usage so far on every chunk
 
 
@@ -65,6 +68,12 @@ class SamplingFields(OpenAIRequestModel):
     include_stop_str_in_output: bool | None = False
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # answered whole only
+    # None: chat templates write their own special tokens (False); a completion's prompt gets
+    # the tokenizer's (True).
+    add_special_tokens: bool | None = None
+    # InternVL's tiling through vLLM's field: only max_dynamic_patch (the tile cap per image).
+    mm_processor_kwargs: dict[str, Any] | None = None
+    do_sample: bool | None = None  # LightLLM's: false is greedy, whatever the temperature
     # vLLM's options this server lacks: refused when set, never ignored (see
     # routes_openai_common.UNSUPPORTED_OPTIONS).
     guided_json: Any = None
@@ -76,6 +85,8 @@ class SamplingFields(OpenAIRequestModel):
     bad_words: list[Any] | None = None
     use_beam_search: bool | None = False
     truncate_prompt_tokens: Any = None
+    return_tokens_as_token_ids: bool | None = False
+    logits_processors: Any = None
 
 
 class ContentPart(OpenAIRequestModel):
@@ -109,6 +120,10 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's, refused when set: a request's own template (vLLM too refuses one unless started
+    # with --trust-request-chat-template) and the last message echoed before the answer.
+    chat_template: str | None = None
+    echo: bool | None = False
 
 
 class CompletionRequest(SamplingFields):

@@ -15,6 +15,7 @@ What the parameters mean is in protocol_lightllm. Here:
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
@@ -31,12 +32,9 @@ from ocula.server.async_engine import (
 )
 from ocula.server.json_body import read_body
 from ocula.server.lightllm_responses import DetailWriter, generate_response, stream_events
-from ocula.server.protocol_lightllm import (
-    GenerateRequest,
-    MultimodalParams,
-    TokensRequest,
-    to_sampling_params,
-)
+from ocula.server.lightllm_sampling import fit_max_new_tokens, to_sampling_params
+from ocula.server.protocol_lightllm import GenerateRequest, MultimodalParams, TokensRequest
+from ocula.server.routes_openai_common import context_limit
 from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 
 router = APIRouter()
@@ -77,6 +75,8 @@ async def tokenize_with_images(
 ) -> tuple[list[int], list[ImageSpan]]:
     """The prompt's token ids, with each `<img></img>` expanded to its image's placeholders.
     Raises RequestError (400) or ImageError (4xx)."""
+    if multimodal.audios:
+        raise RequestError("multimodal_params.audios: this server's models take no audio")
     if not multimodal.images:
         if isinstance(inputs, str):
             budget = engine.max_prompt_tokens
@@ -92,9 +92,12 @@ async def tokenize_with_images(
     sources = [image.model_dump() for image in multimodal.images]
     max_tiles = lightllm_tile_cap(max_tiles, len(sources), engine.images.vision.tiling.max_num)
     try:
-        return await engine.images.tokenize(inputs, sources, max_tiles, add_special_tokens)
+        ids, spans = await engine.images.tokenize(inputs, sources, max_tiles, add_special_tokens)
     except ValueError as error:
         raise RequestError(str(error)) from None
+    if multimodal.skip_image_cache:  # keys no other request has: no cache entry is shared
+        spans = [dataclasses.replace(span, key=f"{span.key}:{uuid.uuid4().hex}") for span in spans]
+    return ids, spans
 
 
 def tokenize_inputs(
@@ -129,6 +132,14 @@ async def prepare_request(
         body.multimodal_params,
         body.parameters.image_max_patch_num,
         body.parameters.add_special_tokens,
+    )
+    max_new_tokens = fit_max_new_tokens(
+        body.parameters.max_new_tokens, len(prompt_ids), context_limit(state)
+    )
+    params = dataclasses.replace(
+        params,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min(params.min_new_tokens, max_new_tokens),
     )
     prepared = engine.prepare(prompt_ids, params, images)
     if isinstance(body.inputs, str):

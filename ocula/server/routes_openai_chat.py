@@ -30,6 +30,7 @@ from ocula.server.routes_openai_common import (
     OpenAIError,
     check_model,
     check_stream_options,
+    max_tiles_of,
     openai_endpoint,
     parse_body,
     resolve_max_tokens,
@@ -51,11 +52,15 @@ from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 router = APIRouter()
 
 
-async def tokenize_chat(
-    state: ServerState, body: ChatCompletionRequest, add_special_tokens: bool = False
-) -> tuple[list[int], list]:
+async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], list]:
     """Token ids of the conversation, with images expanded, and the image spans. Templates
-    write their own special tokens (BOS included), so none are added by default."""
+    write their own special tokens (BOS included), so none are added unless the request's
+    `add_special_tokens` says so."""
+    for name in ("chat_template", "echo"):
+        if getattr(body, name):
+            raise OpenAIError(400, f"{name} is not supported on this route", param=name)
+    add_special_tokens = bool(body.add_special_tokens)
+    max_tiles = max_tiles_of(body)
     engine = state.engine
     text, sources = await asyncio.to_thread(render_chat_prompt, engine.tokenizer, body)
     if not sources:
@@ -67,7 +72,7 @@ async def tokenize_chat(
     assert engine.images is not None
     await check_token_budget_off_loop(engine.tokenizer, text, engine.max_prompt_tokens)
     try:
-        return await engine.images.tokenize(text, sources, None, add_special_tokens)
+        return await engine.images.tokenize(text, sources, max_tiles, add_special_tokens)
     except ValueError as error:
         raise OpenAIError(400, f"messages: {error}", param="messages") from None
 
@@ -85,7 +90,7 @@ async def create_chat_completion(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     model = check_model(state, body.model)
     stream_options = check_stream_options(body)
-    if body.top_logprobs is not None and not body.logprobs:
+    if body.top_logprobs and not body.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     tokenizer = state.engine.tokenizer
     prompt_ids, images = await tokenize_chat(state, body)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ocula.multimodal.image_loading import ImageError
+from ocula.multimodal.image_processing import MAX_REQUEST_TILES
 from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError
 from ocula.server.errors import IMAGE_ERROR_TYPES, describe_validation_error
@@ -116,7 +117,9 @@ def check_model(state: ServerState, requested: str | None) -> str:
     """The served model's name; 404 `model_not_found` when the request names another one (an
     empty or null name means the served one)."""
     served = state.engine.model_name
-    if requested and requested != served:  # an empty name is the served model (vLLM)
+    # An empty name is the served model; so is the --model_dir string as given (vLLM's name
+    # for a model served without --served-model-name).
+    if requested and requested not in state.engine.model_names:
         raise OpenAIError(
             404,
             f"The model `{requested}` does not exist; this server serves `{served}`",
@@ -167,11 +170,13 @@ def resolve_max_tokens(
 
 
 def check_stream_options(fields: SamplingFields) -> StreamOptions:
-    if fields.stream_options is not None and not fields.stream:
+    if fields.stream_options is None:
+        return StreamOptions(include_usage=False)
+    if not fields.stream:
         raise OpenAIError(
             400, "stream_options is only allowed when stream is true", param="stream_options"
         )
-    return fields.stream_options or StreamOptions()
+    return fields.stream_options
 
 
 def sampling_params(
@@ -199,7 +204,7 @@ def sampling_params(
         n=fields.n or 1,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_tokens,
-        temperature=fields.temperature,
+        temperature=0.0 if fields.do_sample is False else fields.temperature,
         top_p=fields.top_p,
         top_k=fields.top_k,
         min_p=fields.min_p,
@@ -217,6 +222,29 @@ def sampling_params(
         allowed_token_ids=list(fields.allowed_token_ids or []),
         prompt_logprobs=fields.prompt_logprobs,
     )
+
+
+def max_tiles_of(fields: SamplingFields) -> int | None:
+    """The tile cap per image that `mm_processor_kwargs` asks for (None: the server's)."""
+    kwargs = dict(fields.mm_processor_kwargs or {})
+    tiles = kwargs.pop("max_dynamic_patch", None)
+    if kwargs:
+        raise OpenAIError(
+            400,
+            f"mm_processor_kwargs: {', '.join(map(repr, kwargs))} not supported; this server "
+            "takes max_dynamic_patch (the tile cap per image) only",
+            param="mm_processor_kwargs",
+        )
+    if tiles is None:
+        return None
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not 1 <= tiles <= MAX_REQUEST_TILES:
+        raise OpenAIError(
+            400,
+            f"mm_processor_kwargs.max_dynamic_patch must be an integer in [1, "
+            f"{MAX_REQUEST_TILES}], got {tiles!r}",
+            param="mm_processor_kwargs",
+        )
+    return tiles
 
 
 def logit_bias_by_id(logit_bias: dict[str, float] | None) -> dict[int, float]:
@@ -246,6 +274,8 @@ UNSUPPORTED_OPTIONS = {
     "bad_words": "bad words",
     "use_beam_search": "beam search",
     "truncate_prompt_tokens": "prompt truncation",
+    "return_tokens_as_token_ids": "logprob tokens written as token ids",
+    "logits_processors": "custom logits processors",
 }
 
 

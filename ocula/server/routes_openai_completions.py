@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from ocula.sampling.param_checks import MAX_TOKEN_ID_ENTRIES, token_id_entries
+from ocula.sampling.params import SamplingParams
 from ocula.server.completion_reply import CompletionReply
 from ocula.server.protocol_openai import (
     CompletionRequest,
@@ -43,24 +45,42 @@ class TokenizedPrompt:
 
 
 def tokenize_prompts(
-    tokenizer: Any, prompt: str | list[Any], max_tokens: int
+    tokenizer: Any, prompt: str | list[Any], max_tokens: int, add_special_tokens: bool = True
 ) -> list[TokenizedPrompt]:
     """The request's prompts: a string, a list of token ids, or a batch of either. A string is
-    tokenized with the tokenizer's special tokens (BOS), as a plain prompt should be; a huge one
-    past `max_tokens` is refused first (`check_token_budget`)."""
+    tokenized with the tokenizer's special tokens (BOS) unless `add_special_tokens` is false; a
+    huge one past `max_tokens` is refused first (`check_token_budget`)."""
     if isinstance(prompt, str):
         check_token_budget(tokenizer, prompt, max_tokens)
-        return [TokenizedPrompt(prompt, tokenizer.encode(prompt, add_special_tokens=True))]
+        return [
+            TokenizedPrompt(prompt, tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        ]
     if not prompt or isinstance(prompt[0], int):
         return [TokenizedPrompt(None, list(prompt))]
     batch = []
     for item in prompt:
         if isinstance(item, str):
             check_token_budget(tokenizer, item, max_tokens)
-            batch.append(TokenizedPrompt(item, tokenizer.encode(item, add_special_tokens=True)))
+            batch.append(
+                TokenizedPrompt(item, tokenizer.encode(item, add_special_tokens=add_special_tokens))
+            )
         else:
             batch.append(TokenizedPrompt(None, list(item)))
     return batch
+
+
+def check_batch_token_ids(params: SamplingParams, num_prompts: int) -> None:
+    """400 for a batch whose sequences would carry too many token ids to the engine in all
+    (`MAX_TOKEN_ID_ENTRIES`; one prompt's n is checked with the other parameters)."""
+    entries = num_prompts * params.n * token_id_entries(params)
+    if entries > MAX_TOKEN_ID_ENTRIES:
+        raise OpenAIError(
+            400,
+            f"{num_prompts} prompts x n={params.n} x {token_id_entries(params)} token ids "
+            f"(allowed_token_ids, stop_token_ids, logit_bias) is {entries}, over the limit of "
+            f"{MAX_TOKEN_ID_ENTRIES}",
+            param="prompt",
+        )
 
 
 def check_unsupported(body: CompletionRequest) -> None:
@@ -86,7 +106,11 @@ async def create_completion(request: Request) -> Response:
     check_unsupported(body)
     tokenizer = state.engine.tokenizer
     prompts = await asyncio.to_thread(
-        tokenize_prompts, tokenizer, body.prompt, state.engine.max_prompt_tokens
+        tokenize_prompts,
+        tokenizer,
+        body.prompt,
+        state.engine.max_prompt_tokens,
+        body.add_special_tokens is not False,
     )
     sequences = len(prompts) * (body.n or 1)
     if sequences > state.max_in_flight:  # could never be admitted: not a 503 to retry
@@ -107,6 +131,7 @@ async def create_completion(request: Request) -> Response:
         # max_tokens: 16 when left out (OpenAI), all the room left when sent as null (vLLM).
         max_new_tokens = resolve_max_tokens(state, max_tokens, len(prompt.token_ids), "prompt")
         params = sampling_params(body, max_new_tokens, body.logprobs)
+        check_batch_token_ids(params, len(prompts))
         if body.echo and body.logprobs is not None:  # the echoed prompt's tokens need theirs
             wanted = max(body.logprobs, body.prompt_logprobs or 0)
             params = dataclasses.replace(params, prompt_logprobs=wanted)

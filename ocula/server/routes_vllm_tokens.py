@@ -64,7 +64,7 @@ async def tokenize(request: Request) -> Response:
         chat = ChatCompletionRequest.model_validate(
             body.model_dump(include=set(ChatCompletionRequest.model_fields), exclude_none=True)
         )
-        token_ids, _ = await tokenize_chat(state, chat, body.add_special_tokens is True)
+        token_ids, _ = await tokenize_chat(state, chat)
     else:
         add_special = body.add_special_tokens is not False
         token_ids = await encode_text(
@@ -109,6 +109,6 @@ async def detokenize(request: Request) -> Response:
     return JSONResponse({"prompt": text})
 
 
-@router.get("/version")
+@router.api_route("/version", methods=["GET", "HEAD"])
 async def version() -> JSONResponse:
     return JSONResponse({"version": ocula.__version__})

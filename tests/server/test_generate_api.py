@@ -76,7 +76,7 @@ def offline(llm: LLM, prompt, **params) -> list:
 # -- generation ---------------------------------------------------------------------------------
 def test_greedy_generate_equals_the_offline_llm(server, llm) -> None:
     reference = offline(llm, PROMPT, temperature=0, max_new_tokens=16, logprobs=0)[0]
-    result = generate(server, PROMPT, do_sample=False, return_details=True)  # 16 by default
+    result = generate(server, PROMPT, do_sample=False, return_details=True, max_new_tokens=16)
     prompt_ids = llm.tokenizer.encode(PROMPT)
     assert [token["id"] for token in result["tokens"]] == reference.token_ids
     assert result["generated_text"] == [reference.text]
@@ -98,7 +98,7 @@ def test_greedy_generate_equals_the_offline_llm(server, llm) -> None:
         assert token["prompt_tokens"] == len(prompt_ids)
         assert 0 <= token["prompt_cache_len"] < len(prompt_ids)
     # The same prompt as token ids, and /tokens counting what /generate counted.
-    by_ids = generate(server, prompt_ids, do_sample=False)
+    by_ids = generate(server, prompt_ids, do_sample=False, max_new_tokens=16)
     assert by_ids["generated_text"] == result["generated_text"]
     assert "tokens" not in by_ids
     ntokens = httpx.post(server.url + "/tokens", json={"text": PROMPT}).json()["ntokens"]

@@ -10,11 +10,8 @@ import pytest
 
 from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError
-from ocula.server.protocol_lightllm import (
-    GenerateParameters,
-    stop_conditions,
-    to_sampling_params,
-)
+from ocula.server.lightllm_sampling import stop_conditions, to_sampling_params
+from ocula.server.protocol_lightllm import GenerateParameters
 from tests.helpers.server import start_server
 from tests.server.test_generate_api import (
     CLIENT_STOP_SEQUENCES,
@@ -55,7 +52,7 @@ def test_stop_sequences_match_token_ids_and_keep_their_text(server, llm) -> None
     # The first pair of tokens that did not occur before: the output first ends with it there.
     end = next(i for i in range(2, 16) if (ids[i - 1], ids[i]) not in itertools.pairwise(ids[:i]))
     run = ids[end - 1 : end + 1]
-    result = generate(server, PROMPT, do_sample=False, stop_sequences=[run])
+    result = generate(server, PROMPT, do_sample=False, max_new_tokens=16, stop_sequences=[run])
     assert result["count_output_tokens"] == end + 1
     assert result["finish_reason"] == "stop"
     head = offline(llm, PROMPT, temperature=0, max_new_tokens=end + 1)[0]
@@ -63,27 +60,49 @@ def test_stop_sequences_match_token_ids_and_keep_their_text(server, llm) -> None
     assert llm.tokenizer.decode(run) in head.text
     # The same tokens' text as a string: matched on the text, which ends before it.
     stop_text = llm.tokenizer.decode(run)
-    by_text = generate(server, PROMPT, do_sample=False, stop_sequences=[stop_text])
+    by_text = generate(
+        server, PROMPT, do_sample=False, max_new_tokens=16, stop_sequences=[stop_text]
+    )
     assert by_text["finish_reason"] == "stop"
     assert by_text["generated_text"][0] == head.text[: head.text.index(stop_text)]
     kept = generate(
-        server, PROMPT, do_sample=False, stop_sequences=stop_text, include_stop_str_in_output=True
+        server,
+        PROMPT,
+        do_sample=False,
+        max_new_tokens=16,
+        stop_sequences=stop_text,
+        include_stop_str_in_output=True,
     )
     assert kept["generated_text"][0].endswith(stop_text)
     # One id short of a run the output holds: it runs to its length.
     assert 600 not in ids
-    result = generate(server, PROMPT, do_sample=False, stop_sequences=[[*run, 600]])
+    result = generate(
+        server, PROMPT, do_sample=False, max_new_tokens=16, stop_sequences=[[*run, 600]]
+    )
     assert result["count_output_tokens"] == 16 and result["finish_reason"] == "length"
 
 
 def test_lightllm_sampling_options_reach_the_sampler(server, llm) -> None:
     # allowed_token_ids: only those come out.
-    allowed = generate(server, PROMPT, do_sample=False, allowed_token_ids=[11, 12], ignore_eos=True)
+    allowed = generate(
+        server,
+        PROMPT,
+        do_sample=False,
+        allowed_token_ids=[11, 12],
+        ignore_eos=True,
+        max_new_tokens=8,
+    )
     ids = llm.tokenizer.encode(allowed["generated_text"][0], add_special_tokens=False)
     assert set(ids) <= {11, 12}
     # exponential_decay_length_penalty: from the second token on EOS takes over (the gain is
     # capped, never an overflow).
-    decayed = generate(server, PROMPT, do_sample=False, exponential_decay_length_penalty=[0, 1e9])
+    decayed = generate(
+        server,
+        PROMPT,
+        do_sample=False,
+        max_new_tokens=16,
+        exponential_decay_length_penalty=[0, 1e9],
+    )
     assert decayed["count_output_tokens"] == 2 and decayed["finish_reason"] == "stop"
 
 

@@ -82,6 +82,10 @@ def test_sigterm_stops_every_process_and_frees_the_port(tiny_checkpoint, tmp_pat
         # No abbreviations: a LightLLM flag Ocula lacks is named, not taken for another.
         (["--mode", "triton_gqa_flashdecoding"], "unrecognized arguments: --mode"),
         (["--trust"], "unrecognized arguments: --trust"),
+        # LightLLM's flags that would change outputs are not taken as no-ops.
+        (["--tool_call_parser", "qwen25"], "unrecognized arguments: --tool_call_parser"),
+        (["--use_tgi_api"], "unrecognized arguments: --use_tgi_api"),
+        (["--hardware_platform", "musa"], "--hardware_platform: invalid choice"),
         (["--dp", "2"], "--dp 2 is not supported"),
         (["--quant_type", "w8a8"], "--quant_type: invalid choice"),
         (["--chat_template", "/no/such.jinja"], "--chat_template: cannot read"),

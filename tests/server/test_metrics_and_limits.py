@@ -96,7 +96,8 @@ def test_overload_gets_503_with_retry_after(small_server) -> None:
             sample = families(small_server)["ocula_requests_in_flight"].samples[0].value
             if sample == 1:
                 break
-        refused = httpx.post(small_server.url + "/generate", json={"inputs": "fox"}, timeout=60)
+        short = {"inputs": "fox", "parameters": {"max_new_tokens": 2}}
+        refused = httpx.post(small_server.url + "/generate", json=short, timeout=60)
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "1"
         assert "capacity" in refused.json()["error"]["message"]
@@ -114,7 +115,8 @@ def test_body_over_the_limit_gets_413(small_server) -> None:
     chunks = (b"x" * 4096 for _ in range(8))
     response = httpx.post(small_server.url + "/generate", content=chunks, timeout=60)
     assert response.status_code == 413
-    ok = httpx.post(small_server.url + "/generate", json={"inputs": "fox"}, timeout=60)
+    short = {"inputs": "fox", "parameters": {"max_new_tokens": 2}}
+    ok = httpx.post(small_server.url + "/generate", json=short, timeout=60)
     assert ok.status_code == 200
 
 

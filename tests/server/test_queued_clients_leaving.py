@@ -93,7 +93,10 @@ def test_clients_leaving_the_queue_free_their_places(one_slot_server) -> None:
 @pytest.mark.parametrize(
     ("route", "body"),
     [
-        ("/generate", {"inputs": "fox", "parameters": {"n": 6, "do_sample": True}}),
+        (
+            "/generate",
+            {"inputs": "fox", "parameters": {"n": 6, "do_sample": True, "max_new_tokens": 2}},
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 6}),
         ("/v1/completions", {"prompt": ["fox", "dog", "cat"], "n": 2}),
     ],

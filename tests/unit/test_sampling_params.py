@@ -56,6 +56,12 @@ def test_defaults_are_valid() -> None:
         ({"logit_bias": {-1: 1.0}}, "logit_bias"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"logit_bias": {i: 1.0 for i in range(1025)}}, "logit_bias"),
+        ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+        ({"banned_token_ids": [-1]}, "banned_token_ids"),
+        ({"banned_token_ids": list(range(1025))}, "banned_token_ids"),
+        ({"allowed_token_ids": [3, 4], "banned_token_ids": [4, 3]}, "allowed_token_ids"),
+        # Every sequence carries its own copy of the id lists: n x ids is bounded.
+        ({"n": 128, "allowed_token_ids": list(range(8193))}, "smaller n"),
     ],
 )
 def test_validate_names_the_bad_field(kwargs: dict, field_name: str) -> None:
@@ -166,3 +172,9 @@ def test_module_needs_no_torch() -> None:
         "module.SamplingParams(temperature=0.5).validate()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_banned_ids_must_leave_a_token_of_the_vocabulary() -> None:
+    SamplingParams(banned_token_ids=list(range(9))).validate(vocab_size=10)
+    with pytest.raises(ValueError, match="every token of the vocabulary"):
+        SamplingParams(banned_token_ids=[*range(10), 3]).validate(vocab_size=10)
