@@ -23,6 +23,7 @@ import uvicorn
 from ocula.cli_args import parse_config
 from ocula.server.args import ServerArgs
 from ocula.server.engine_launch import EngineLaunch
+from ocula.server.http_protocol import guarded_protocol
 from ocula.server.lightllm_flags import ignored_flags_note
 
 # The front's own modules (the app, the engine handle, the serving state) are imported by
@@ -154,6 +155,7 @@ async def serve_with(
     app = build_app(engine, args)
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(args.request_body_timeout_s) or "auto",
         log_level="info",
         timeout_graceful_shutdown=5,
         access_log=False,

@@ -1,5 +1,7 @@
 """Every error leaves the server as JSON `{"error": {"message", "type", "code"}}` with a 4xx that
-fits (5xx only for the server's own faults), on every route, streaming ones included."""
+fits (5xx only for the server's own faults), on every route, streaming ones included. Bodies
+made here (all but the OpenAI routes' own errors) also hold the message at their top level, where
+LightLLM's clients read it (LightLLM answers `{"message": ...}`)."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the conne
 def error_response(
     status: int, message: str, error_type: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "code": status}}
+    body = {"error": {"message": message, "type": error_type, "code": status}, "message": message}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -27,7 +27,7 @@ async def health(request: Request) -> JSONResponse:
     return _health(request)
 
 
-@router.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) probe
+@router.api_route("/ping", methods=["GET", "HEAD", "POST"])  # vLLM's (SageMaker's) probe
 async def ping(request: Request) -> JSONResponse:
     return _health(request)
 
@@ -48,19 +48,19 @@ async def liveness() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics")
+@router.api_route("/metrics", methods=["GET", "HEAD"])
 async def metrics(request: Request) -> Response:
     state = server_state(request)
     body = state.metrics.render(state.engine.stats)
     return Response(body, media_type=state.metrics.content_type)
 
 
-@router.api_route("/get_model_name", methods=["GET", "POST"])
+@router.api_route("/get_model_name", methods=["GET", "HEAD", "POST"])
 async def get_model_name(request: Request) -> JSONResponse:
     return JSONResponse({"model_name": server_state(request).engine.model_name})
 
 
-@router.get("/token_load")
+@router.api_route("/token_load", methods=["GET", "HEAD"])
 async def token_load(request: Request) -> JSONResponse:
     """LightLLM's load report for balancers, as fractions of the KV cache's tokens:
     `current_load` what running requests hold now (the prefix cache's evictable tokens count as

@@ -22,12 +22,12 @@ def model_card(state: ServerState) -> ModelCard:
     return ModelCard(id=engine.model_name, created=created, max_model_len=context_limit(state))
 
 
-@router.get("/v1/models")
+@router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def list_models(request: Request) -> JSONResponse:
     return JSONResponse(ModelList(data=[model_card(server_state(request))]).model_dump())
 
 
-@router.get("/v1/models/{model_name:path}")
+@router.api_route("/v1/models/{model_name:path}", methods=["GET", "HEAD"])
 @openai_endpoint
 async def retrieve_model(request: Request) -> Response:
     state = server_state(request)
