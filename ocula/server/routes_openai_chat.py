@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from ocula.multimodal.image_processing import MAX_REQUEST_TILES
 from ocula.server.async_engine import StreamEvent
 from ocula.server.chat_messages import render_chat_prompt
 from ocula.server.openai_logprobs import top_alternatives, top_logprob, vllm_prompt_logprobs
@@ -30,7 +31,6 @@ from ocula.server.routes_openai_common import (
     OpenAIError,
     check_model,
     check_stream_options,
-    max_tiles_of,
     openai_endpoint,
     parse_body,
     resolve_max_tokens,
@@ -75,6 +75,29 @@ async def tokenize_chat(state: ServerState, body: ChatCompletionRequest) -> tupl
         return await engine.images.tokenize(text, sources, max_tiles, add_special_tokens)
     except ValueError as error:
         raise OpenAIError(400, f"messages: {error}", param="messages") from None
+
+
+def max_tiles_of(fields: ChatCompletionRequest) -> int | None:
+    """The tile cap per image that `mm_processor_kwargs` asks for (None: the server's)."""
+    kwargs = dict(fields.mm_processor_kwargs or {})
+    tiles = kwargs.pop("max_dynamic_patch", None)
+    if kwargs:
+        raise OpenAIError(
+            400,
+            f"mm_processor_kwargs: {', '.join(map(repr, kwargs))} not supported; this server "
+            "takes max_dynamic_patch (the tile cap per image) only",
+            param="mm_processor_kwargs",
+        )
+    if tiles is None:
+        return None
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not 1 <= tiles <= MAX_REQUEST_TILES:
+        raise OpenAIError(
+            400,
+            f"mm_processor_kwargs.max_dynamic_patch must be an integer in [1, "
+            f"{MAX_REQUEST_TILES}], got {tiles!r}",
+            param="mm_processor_kwargs",
+        )
+    return tiles
 
 
 def logprob_entry(tokenizer: Any, event: StreamEvent) -> TokenLogprobEntry:

@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ocula.multimodal.image_loading import ImageError
-from ocula.multimodal.image_processing import MAX_REQUEST_TILES
 from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError
 from ocula.server.errors import IMAGE_ERROR_TYPES, describe_validation_error
@@ -222,29 +221,6 @@ def sampling_params(
         allowed_token_ids=list(fields.allowed_token_ids or []),
         prompt_logprobs=fields.prompt_logprobs,
     )
-
-
-def max_tiles_of(fields: SamplingFields) -> int | None:
-    """The tile cap per image that `mm_processor_kwargs` asks for (None: the server's)."""
-    kwargs = dict(fields.mm_processor_kwargs or {})
-    tiles = kwargs.pop("max_dynamic_patch", None)
-    if kwargs:
-        raise OpenAIError(
-            400,
-            f"mm_processor_kwargs: {', '.join(map(repr, kwargs))} not supported; this server "
-            "takes max_dynamic_patch (the tile cap per image) only",
-            param="mm_processor_kwargs",
-        )
-    if tiles is None:
-        return None
-    if isinstance(tiles, bool) or not isinstance(tiles, int) or not 1 <= tiles <= MAX_REQUEST_TILES:
-        raise OpenAIError(
-            400,
-            f"mm_processor_kwargs.max_dynamic_patch must be an integer in [1, "
-            f"{MAX_REQUEST_TILES}], got {tiles!r}",
-            param="mm_processor_kwargs",
-        )
-    return tiles
 
 
 def logit_bias_by_id(logit_bias: dict[str, float] | None) -> dict[int, float]:
