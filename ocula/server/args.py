@@ -35,7 +35,9 @@ class ServerArgs(EngineArgs, LightLLMTuningFlags):
     )
     max_request_body_mb: float = option(64.0, "Largest HTTP request body, in MiB (413 beyond).")
     request_body_timeout_s: float = option(
-        30.0, "Longest wait for the next piece of a request body (408 beyond)."
+        30.0,
+        "Longest wait for the next piece of a request body, and for a request's headers from "
+        "the connection's start or the request's first byte (408 beyond).",
     )
     return_all_prompt_logprobs: bool = option(
         False,
