@@ -19,7 +19,8 @@ from ocula.server.serving import ServerState
 
 def build_app(engine: AsyncEngine, args: ServerArgs) -> FastAPI:
     app = FastAPI(title="Ocula", version=ocula.__version__)
-    metrics = ServerMetrics(engine.model_name)
+    limit = engine.ready.max_req_total_len if engine.ready else args.max_req_total_len
+    metrics = ServerMetrics(engine.model_name, limit)
     engine.stats_listeners.append(metrics.observe_step)
     app.state.ocula = ServerState(engine, args, metrics)
     app.include_router(routes_health.router)

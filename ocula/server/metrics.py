@@ -14,6 +14,7 @@ from prometheus_client import (
 )
 
 from ocula.engine.engine_core import EngineStats
+from ocula.server.lightllm_metrics import LightLLMMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
@@ -22,9 +23,10 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_req_total_len: int) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.lightllm = LightLLMMetrics(r, model_name, max_req_total_len)
         self.requests = Counter(
             "ocula_requests", "Finished HTTP generation requests by outcome", ["status"], registry=r
         )
@@ -132,6 +134,7 @@ class ServerMetrics:
     def update_engine(self, stats: EngineStats | None) -> None:
         if stats is None:
             return
+        self.lightllm.update_engine(stats)
         self.image_cache_entries.set(stats.image_cache_entries)
         self.image_cache_tiles.set(stats.image_cache_tiles)
         self.image_cache_tiles_free.set(stats.image_cache_tiles_free)

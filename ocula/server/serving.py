@@ -76,7 +76,9 @@ async def run_request(
     state.in_flight += 1
     state.sequences_in_flight += sequences
     metrics.in_flight.inc()
+    metrics.lightllm.request_admitted()
     arrival = last = time.monotonic()
+    first_token_s: float | None = None
     status = "aborted"
     num_tokens = 0
     cached = 0
@@ -84,7 +86,8 @@ async def run_request(
         async for event in state.engine.generate(request_id, prepared):
             now = time.monotonic()
             if num_tokens == 0:
-                metrics.ttft.observe(now - arrival)
+                first_token_s = now - arrival
+                metrics.ttft.observe(first_token_s)
             else:
                 metrics.inter_token.observe(now - last)
             if event.queued_seconds is not None:
@@ -112,6 +115,14 @@ async def run_request(
         metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
         metrics.generation_tokens.inc(num_tokens)
         metrics.cached_prompt_tokens.inc(cached)
+        metrics.lightllm.request_finished(
+            status,
+            len(prepared.prompt_token_ids),
+            cached,
+            num_tokens,
+            first_token_s,
+            last - arrival if num_tokens else None,
+        )
         if status == "aborted":  # the access log is off: this line is the request's 499
             logger.info(
                 "%s: 499, the client left (or the request was cancelled) after %d token(s); "

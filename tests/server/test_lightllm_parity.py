@@ -1,7 +1,8 @@
 """LightLLM's `/generate` parameters as its current release reads them, on the real server: the
 room-filling `max_new_tokens`, `min_new_tokens` counting the ending token, `seed: -1`,
 `logit_bias` keys as bans, `disable_prompt_cache`, the keys LightLLM sends for its own routing,
-`multimodal_params.audios`, LightLLM's tuning flags and the error body's top-level message."""
+`multimodal_params.audios`, LightLLM's tuning flags, the error body's top-level message and
+LightLLM's Prometheus series."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ocula.sampling.params import SamplingParams
 from ocula.server.async_engine import RequestError
@@ -159,3 +161,40 @@ def test_lightllm_routing_keys_and_empty_audios_are_accepted(server) -> None:
     assert response.status_code == 400 and "audios" in response.json()["error"]["message"]
     # LightLLM's clients read the message at the top level.
     assert response.json()["message"] == response.json()["error"]["message"]
+
+
+def lightllm_series(server) -> dict[str, float]:
+    """LightLLM's series of /metrics, by name (each has the one model_name label)."""
+    text = httpx.get(server.url + "/metrics").text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("lightllm_") and "le" not in sample.labels:
+                assert set(sample.labels) == {"model_name"}
+                values[sample.name] = sample.value
+    return values
+
+
+def test_lightllm_metrics_count_requests_tokens_and_latencies(server) -> None:
+    before = lightllm_series(server)
+    result = generate(server, PROMPT, do_sample=False, max_new_tokens=5, ignore_eos=True)
+    after = lightllm_series(server)
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew("lightllm_request_count_total") == grew("lightllm_request_success_total") == 1
+    assert grew("lightllm_request_failure_total") == 0
+    assert grew("lightllm_generation_tokens_total") == 5
+    assert grew("lightllm_request_generated_tokens_sum") == 5
+    assert grew("lightllm_prompt_tokens_total") == result["prompt_tokens"]
+    assert grew("lightllm_request_input_length_sum") == result["prompt_tokens"]
+    for name in ("first_token_duration", "duration", "mean_time_per_token_duration"):
+        assert grew(f"lightllm_request_{name}_count") == 1
+    assert (
+        0
+        < grew("lightllm_request_first_token_duration_sum")
+        <= grew("lightllm_request_duration_sum")
+    )
+    for gauge in ("num_running_reqs", "batch_current_size", "queue_size", "cache_hit_rate"):
+        assert f"lightllm_{gauge}" in after
