@@ -88,7 +88,8 @@ def guarded_protocol(header_timeout_s: float) -> type | None:
             self._disarm_header_deadline()
             super().on_headers_complete()
             self._open_cycles = [c for c in self._open_cycles if not c.response_complete]
-            self._open_cycles.append(self.cycle)
+            if self.cycle is not None and self.cycle not in self._open_cycles:  # not an upgrade
+                self._open_cycles.append(self.cycle)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_header_deadline()
