@@ -5,8 +5,9 @@ before a request reaches the app:
   header buffers): httptools alone buffers headers of any size, slower the longer they get,
   on the event loop every client shares;
 - they must arrive within the header deadline (`--request_body_timeout_s`; 408 after it), from the
-  connection's start or the first byte of a later request on it: a client that connects and
-  sends nothing, or half a header, no longer holds a connection for ever;
+  connection's start or from the first piece of a later request whose headers it does not
+  complete: a client that connects and sends nothing, or half a header, no longer holds a
+  connection for ever;
 - when the connection is lost, every request of it still running learns it (uvicorn tells only
   the newest one, a pipelined request queued behind the running one), so that its generation is
   aborted and its KV freed;
@@ -71,16 +72,19 @@ def guarded_protocol(header_timeout_s: float) -> type | None:
             super().data_received(data)
             # Counted only when the whole piece was header bytes (a piece that also ends an
             # earlier body or starts a body is not): at most one piece more than the limit.
-            if was_in_headers and self._in_headers and not self._lingering:
-                self._header_bytes += len(data)
-                if self._header_bytes > HEADER_LIMIT_BYTES:
-                    message = f"the request line and headers exceed {HEADER_LIMIT_BYTES} bytes"
-                    self._close_with(431, message, "request_too_large")
+            if self._in_headers and not self._lingering:
+                if was_in_headers:
+                    self._header_bytes += len(data)
+                    if self._header_bytes > HEADER_LIMIT_BYTES:
+                        message = f"the request line and headers exceed {HEADER_LIMIT_BYTES} bytes"
+                        self._close_with(431, message, "request_too_large")
+                        return
+                # Armed only for headers split over pieces: most arrive whole, timer-free.
+                self._arm_header_deadline()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_headers = True
-            self._arm_header_deadline()
 
         def on_headers_complete(self) -> None:
             self._in_headers = False
