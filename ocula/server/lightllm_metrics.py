@@ -25,7 +25,9 @@ LENGTH_STEPS = 100
 
 
 class LightLLMMetrics:
-    def __init__(self, registry: CollectorRegistry, model_name: str, max_req_total_len: int):
+    def __init__(
+        self, registry: CollectorRegistry, model_name: str, max_req_total_len: int
+    ) -> None:
         self.model_name = model_name
         lengths = tuple(max_req_total_len / LENGTH_STEPS * i for i in range(LENGTH_STEPS + 1))
         labels = ["model_name"]
