@@ -2,8 +2,9 @@
 before a request reaches the app:
 
 - the request line and headers may take `HEADER_LIMIT_BYTES` (431 beyond, as nginx does for its
-  header buffers): httptools alone buffers headers of any size, slower the longer they get,
-  on the event loop every client shares;
+  header buffers; a later request of a connection may pass it by the socket read that starts
+  it): httptools alone buffers headers of any size, slower the longer they get, on the event
+  loop every client shares;
 - they must arrive within the header deadline (`--request_body_timeout_s`; 408 after it), from the
   connection's start or from the first piece of a later request whose headers it does not
   complete: a client that connects and sends nothing, or half a header, no longer holds a
@@ -11,7 +12,12 @@ before a request reaches the app:
 - when the connection is lost, every request of it still running learns it (uvicorn tells only
   the newest one, a pipelined request queued behind the running one), so that its generation is
   aborted and its KV freed;
-- a request httptools cannot parse gets the server's JSON error body, not plain text.
+- a request httptools cannot parse gets the server's JSON error body, not plain text;
+- an error answer waits until the responses of earlier requests on the connection are complete,
+  never landing inside one.
+
+Not guarded here: chunked trailers (uvicorn keeps them as headers; the body guard does not count
+them) and a keep-alive connection kept open by bare line breaks between requests.
 
 `guarded_protocol` returns None when httptools is not installed; uvicorn then uses h11, which
 caps headers itself (16 KiB) but has no header deadline.
@@ -60,6 +66,7 @@ def guarded_protocol(header_timeout_s: float) -> type | None:
             self._header_deadline: asyncio.TimerHandle | None = None
             self._open_cycles: list[Any] = []  # this connection's requests not answered yet
             self._lingering = False  # answered with an error: reading only to drop the bytes
+            self._pending_error: bytes | None = None  # waits for the responses before it
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -125,11 +132,31 @@ def guarded_protocol(header_timeout_s: float) -> type | None:
                 message = f"the request's headers did not arrive within {header_timeout_s:g} s"
                 self._close_with(408, message, "request_timeout")
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._pending_error is not None and not self._answering():
+                answer, self._pending_error = self._pending_error, None
+                self._answer_and_linger(answer)
+
+        def _answering(self) -> bool:
+            """Whether an earlier request of this connection still has a response to finish."""
+            return any(not cycle.response_complete for cycle in self._open_cycles)
+
         def _close_with(self, status: int, message: str, error_type: str) -> None:
-            """Answers, then drops whatever else comes for LINGER_SECONDS and closes."""
+            """Answers once the responses before it are complete (never inside one), then drops
+            whatever else comes for LINGER_SECONDS and closes."""
             self._disarm_header_deadline()
             self._lingering = True
-            self.transport.write(error_bytes(status, message, error_type))
+            answer = error_bytes(status, message, error_type)
+            if self._answering():
+                self._pending_error = answer
+            else:
+                self._answer_and_linger(answer)
+
+        def _answer_and_linger(self, answer: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            self.transport.write(answer)
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, self.transport.close)

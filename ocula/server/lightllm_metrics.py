@@ -2,9 +2,10 @@
 (`model_name`) and buckets LightLLM's monitor uses, so that dashboards and monitors written for
 a LightLLM server read an Ocula one as they are.
 
-What each means here: a request is one HTTP generation request (all its sequences); its
-duration runs from its admission to its last token, the first-token duration to its first
-token, the time per token is the mean gap between its later tokens; input length and cache
+What each means here: a request is one engine request (an HTTP generation request with all its
+sequences; a completions batch counts each prompt); its duration runs from its admission to its
+last token, the first-token duration to its first token, the time per token is the mean gap
+between a sequence's later tokens; input length and cache
 length are its prompt's tokens and those the prefix cache served. `lightllm_request_failure`
 counts requests that ended in an error (a client that leaves is neither a success nor a failure).
 Gauges follow the engine's latest report: running requests (`lightllm_num_running_reqs`, and
@@ -84,11 +85,12 @@ class LightLLMMetrics:
         prompt_tokens: int,
         cached_tokens: int,
         generated_tokens: int,
+        sequences: int,
         first_token_s: float | None,
         last_token_s: float | None,
     ) -> None:
         """One admitted request's end; `outcome` is "ok", "aborted" or anything else for an
-        error; the times are from admission."""
+        error; `generated_tokens` counts all its `sequences`; the times are from admission."""
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated_tokens)
         if outcome == "aborted":
@@ -103,8 +105,9 @@ class LightLLMMetrics:
         if first_token_s is not None and last_token_s is not None:
             self.first_token.observe(first_token_s)
             self.duration.observe(last_token_s)
-            if generated_tokens > 1:
-                self.per_token.observe((last_token_s - first_token_s) / (generated_tokens - 1))
+            per_sequence = generated_tokens / sequences  # they run side by side
+            if per_sequence > 1:
+                self.per_token.observe((last_token_s - first_token_s) / (per_sequence - 1))
 
     def update_engine(self, stats: EngineStats) -> None:
         self.running.set(stats.num_running)

@@ -145,7 +145,7 @@ def to_sampling_params(
         skip_special_tokens=parameters.skip_special_tokens,
         penalty_scope="prompt_and_output" if parameters.input_penalty else "output",
         allowed_token_ids=list(parameters.allowed_token_ids or ()),
-        banned_token_ids=_banned_ids(parameters.logit_bias),
+        banned_token_ids=_banned_ids(parameters.logit_bias, vocab_size),
         skip_prefix_cache=parameters.disable_prompt_cache,
         exponential_decay_length_penalty=_decay(parameters.exponential_decay_length_penalty),
         logprobs=0 if want_logprobs else None,
@@ -169,13 +169,19 @@ def to_sampling_params(
     return dataclasses.replace(params, temperature=temperature, min_new_tokens=min_new_tokens)
 
 
-def _banned_ids(logit_bias: Mapping[str, Any] | None) -> list[int]:
+def _banned_ids(logit_bias: Mapping[str, Any] | None, vocab_size: int) -> list[int]:
     """The token ids of LightLLM's `logit_bias` keys (JSON keys are strings)."""
     ids = []
     for key in logit_bias or {}:
-        if not re.fullmatch(r"\s*-?[0-9]+\s*", key):
-            raise RequestError(f"parameters.logit_bias: keys must be token ids, got {key!r}")
-        ids.append(int(key))
+        # Far fewer digits than int() refuses (4,300); a token id has at most ten.
+        if not re.fullmatch(r"\s*[0-9]{1,18}\s*", key):
+            raise RequestError(f"parameters.logit_bias: keys must be token ids, got {key[:40]!r}")
+        token_id = int(key)
+        if token_id >= vocab_size:
+            raise RequestError(
+                f"parameters.logit_bias: token id {token_id} is outside [0, {vocab_size})"
+            )
+        ids.append(token_id)
     return ids
 
 

@@ -115,8 +115,8 @@ class ImageInput(_StrictModel):
 class MultimodalParams(_StrictModel):
     images: list[ImageInput] = Field(default_factory=list)
     audios: list[Any] = Field(default_factory=list)  # LightLLM's; none can be served here
-    # LightLLM's: the images' embeddings are computed afresh, neither read from nor left for
-    # later requests in the embedding and prefix caches.
+    # LightLLM's: the images' embeddings are computed afresh, under keys no other request uses,
+    # so no cache entry is shared (the entries left are evicted like any other).
     skip_image_cache: bool = False
 
 

@@ -120,6 +120,7 @@ async def run_request(
             len(prepared.prompt_token_ids),
             cached,
             num_tokens,
+            sequences,
             first_token_s,
             last - arrival if num_tokens else None,
         )

@@ -113,3 +113,27 @@ def test_unparsable_http_gets_a_json_400(server) -> None:
 def test_head_is_answered_where_get_is(server, path: str) -> None:
     response = httpx.head(server.url + path)
     assert response.status_code == 200 and response.content == b""
+
+
+def test_an_error_answer_waits_for_the_response_streaming_before_it(server) -> None:
+    """Oversized headers sent on a connection whose earlier request still streams: that stream
+    finishes whole, and the 431 follows it instead of landing inside it."""
+    body = json.dumps(
+        {"inputs": "hello", "parameters": {"max_new_tokens": 200, "ignore_eos": True}}
+    ).encode()
+    head = b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with connect(server) as sock:
+        sock.sendall(head + body)
+        received = sock.recv(65536)
+        while b"data:" not in received:
+            received += sock.recv(65536)
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (6 * HEADER_LIMIT_BYTES)
+        )
+        received += read_all(sock)
+    stream, _, answer = received.partition(b"HTTP/1.1 431")
+    assert answer, received[-300:]
+    assert stream.endswith(b"0\r\n\r\n")  # the stream's last chunk came before the 431
+    events = [json.loads(line[5:]) for line in stream.split(b"\n") if line.startswith(b"data:")]
+    assert len(events) == 200 and events[-1]["finished"]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["type"] == "request_too_large"

@@ -125,9 +125,12 @@ def test_logit_bias_keys_are_never_sampled(server) -> None:
     )
     assert first not in [token["id"] for token in banned["tokens"]]
     assert mapped(logit_bias={"5": 1, " 7": -100}).banned_token_ids == [5, 7]
-    for bias, fragment in (({"x": 1}, "token ids"), ({"601": 1}, "outside"), ({"²": 1}, "ids")):
+    bad_keys = [({"x": 1}, "token ids"), ({"601": 1}, "outside"), ({"²": 1}, "ids")]
+    bad_keys += [({"-5": 1}, "token ids"), ({"1" * 5000: 1}, "token ids")]  # int() refuses 5,000
+    for bias, fragment in bad_keys:
         response = post(server, {"inputs": PROMPT, "parameters": {"logit_bias": bias}})
-        assert response.status_code == 400 and fragment in response.json()["error"]["message"]
+        message = response.json()["error"]["message"]
+        assert response.status_code == 400 and fragment in message and "logit_bias" in message
 
 
 def test_logit_bias_that_bans_every_allowed_token_is_refused(server) -> None:
