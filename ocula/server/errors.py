@@ -41,11 +41,17 @@ class ClientDisconnectedError(Exception):
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection
 
 
+def error_body(status: int, message: str, error_type: str) -> dict:
+    """The JSON body of an error answer (the OpenAI routes' own errors aside)."""
+    return {"error": {"message": message, "type": error_type, "code": status}, "message": message}
+
+
 def error_response(
     status: int, message: str, error_type: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "code": status}, "message": message}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(status, message, error_type), status_code=status, headers=headers
+    )
 
 
 def describe_validation_error(error: RequestValidationError) -> str:

@@ -29,6 +29,8 @@ import asyncio
 import json
 from typing import Any
 
+from ocula.server.errors import error_body
+
 # The request line and headers together; nginx's default buffers take 4 x 8 KiB.
 HEADER_LIMIT_BYTES = 64 * 1024
 # After an error answer, what the client still sends is read and dropped this long before the
@@ -41,8 +43,7 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 
 def error_bytes(status: int, message: str, error_type: str) -> bytes:
     """A whole HTTP/1.1 response: the server's JSON error body, then the connection closes."""
-    error = {"message": message, "type": error_type, "code": status}
-    body = json.dumps({"error": error, "message": message}).encode()
+    body = json.dumps(error_body(status, message, error_type)).encode()
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
         b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
