@@ -7,9 +7,10 @@ took 0.12 ms back to back, 0.53-0.75 ms after a 50 ms sleep and 0.17-0.23 ms aft
 spinning). An idle request crosses both processes several times. Spinning keeps one core busy
 per process, as SGLang's scheduler does unless `--sleep-on-idle`. `--idle_wait auto` spins when
 the model runs on a GPU and sleeps on a CPU device, where a spinning core is one the model's
-own threads do not get. The default is `sleep` until spinning is measured on a GPU host with
-servers alternating (BENCHMARKS.md: an H200 A/B of one server each read 0.3-0.4 ms less TTFT,
-inside the spread between servers).
+own threads do not get. The default is `sleep`: on an H100 host with servers alternating
+(BENCHMARKS.md, twenty-seventh session) spinning took ~0.1 ms off the hop from the front to
+the engine and nothing measurable off the TTFT (20.9 against 21.4 ms for a new image, 10.4 both
+for a repeated prompt), while it holds two cores busy.
 
 - The engine process (`engine_process.py`) polls its channel without a timeout while it has no
   request (`receive_spinning`).
