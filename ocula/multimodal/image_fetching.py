@@ -16,11 +16,20 @@ from contextlib import asynccontextmanager
 
 import httpx
 
+from ocula.multimodal.content_encoding import ACCEPTED_ENCODINGS, content_codings, decode_content
 from ocula.multimodal.image_loading import ImageError, ImageLimits, ImageSource, decode_base64
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+# Ranges Python's `is_global` calls global that serve no public image: IETF protocol
+# assignments (192.0.0.0/24, e.g. 192.0.0.8, the dummy address), the deprecated 6to4 relay
+# anycast, and IPv6 site-local addresses (deprecated, still routed inside some networks).
+_NON_PUBLIC_NETWORKS = (
+    ipaddress.IPv4Network("192.0.0.0/24"),
+    ipaddress.IPv4Network("192.88.99.0/24"),
+    ipaddress.IPv6Network("fec0::/10"),
+)
 
 
 # URL fetches in progress at once, per client: below httpx's pool of 100 connections, whose
@@ -96,9 +105,9 @@ async def fetch_image_bytes(
 
 
 def address_is_public(address: IPAddress) -> bool:
-    """False for loopback, private, link-local, multicast, reserved, unspecified and other
-    non-global addresses, including IPv4 addresses embedded in IPv6 (mapped, 6to4, Teredo,
-    NAT64)."""
+    """False for loopback, private, link-local, site-local, multicast, reserved, unspecified
+    and other non-global addresses, including IPv4 addresses embedded in IPv6 (mapped, 6to4,
+    Teredo, NAT64)."""
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return address_is_public(address.ipv4_mapped)
@@ -114,6 +123,7 @@ def address_is_public(address: IPAddress) -> bool:
         or address.is_multicast
         or address.is_reserved
         or address.is_unspecified
+        or any(address in network for network in _NON_PUBLIC_NETWORKS)
     )
     return not refused and address.is_global
 
@@ -179,7 +189,7 @@ async def _pinned_get(
         request = client.build_request(
             "GET",
             url.copy_with(host=str(address)),
-            headers={"Host": url.netloc.decode("ascii")},
+            headers={"Host": url.netloc.decode("ascii"), "Accept-Encoding": ACCEPTED_ENCODINGS},
             extensions={"sni_hostname": url.raw_host.decode("ascii")},
             timeout=limits.timeout_s,
         )
@@ -197,12 +207,18 @@ async def _pinned_get(
 
 
 async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    """The body, its Content-Encoding undone: the bytes as sent are capped while they arrive,
+    and each decoding layer is capped again (`content_encoding`), never httpx's own unbounded
+    decoding."""
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ImageError(f"image is {declared} bytes, above the limit of {max_bytes}", 413)
     body = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():
         body += chunk
         if len(body) > max_bytes:
             raise ImageError(f"image is larger than the limit of {max_bytes} bytes", 413)
-    return bytes(body)
+    encoding = response.headers.get("content-encoding", "")
+    if not content_codings(encoding):
+        return bytes(body)
+    return await asyncio.to_thread(decode_content, bytes(body), encoding, max_bytes)

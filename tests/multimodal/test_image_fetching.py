@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import ipaddress
 import socket
 import threading
 import time
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -24,6 +27,35 @@ from ocula.server import images as front_images
 from tests.helpers.image_loading import LIMITS, LOCAL, encode, error_of, fetch, gradient, status_of
 
 PNG_BYTES = encode(gradient(), "PNG")
+
+
+def gzipped_zeros(size: int) -> bytes:
+    """`size` zero bytes gzipped, without ever holding them (a body that inflates ~1000x)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    return b"".join(compressor.compress(block) for _ in range(size >> 20)) + compressor.flush()
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+# Bodies sent with a Content-Encoding: path -> (header, body).
+ENCODED = {
+    "/gzip": ("gzip", gzip.compress(PNG_BYTES)),
+    "/gzip-twice": ("gzip, gzip", gzip.compress(gzip.compress(PNG_BYTES))),
+    "/deflate": ("deflate", zlib.compress(PNG_BYTES)),
+    "/raw-deflate": ("deflate", raw_deflate(PNG_BYTES)),
+    "/identity": ("identity", PNG_BYTES),
+    # 64 MiB of zeros gzipped twice: ~200 bytes on the wire
+    "/bomb": ("gzip, gzip", gzip.compress(gzipped_zeros(64 << 20))),
+    "/gzip-thrice": ("gzip, gzip, gzip", gzip.compress(gzip.compress(gzip.compress(PNG_BYTES)))),
+    "/brotli": ("br", PNG_BYTES),
+    "/corrupt-gzip": ("gzip", b"\x1f\x8b" + b"not a gzip stream"),
+    "/truncated-gzip": ("gzip", gzip.compress(PNG_BYTES)[:-20]),
+}
+ACCEPT_ENCODINGS_SEEN: list[str] = []
 CONCURRENCY = {"now": 0, "peak": 0}  # requests to /counted in progress, and their most at once
 COUNTER_LOCK = threading.Lock()
 
@@ -45,6 +77,10 @@ class Handler(BaseHTTPRequestHandler):
             "/big-declared": lambda: self.reply(200, b"x" * 5000),
             "/big-streamed": lambda: self.reply(200, b"x" * 5000, declare_length=False),
         }
+        if self.path in ENCODED:
+            ACCEPT_ENCODINGS_SEEN.append(self.headers.get("Accept-Encoding", ""))
+            self.reply(200, ENCODED[self.path][1], encoding=ENCODED[self.path][0])
+            return
         routes.get(self.path, lambda: self.reply(404, b"not found"))()
 
     def counted(self) -> None:
@@ -57,8 +93,12 @@ class Handler(BaseHTTPRequestHandler):
             CONCURRENCY["now"] -= 1
         self.reply(200, PNG_BYTES)
 
-    def reply(self, status: int, body: bytes, declare_length: bool = True) -> None:
+    def reply(
+        self, status: int, body: bytes, declare_length: bool = True, encoding: str = ""
+    ) -> None:
         self.send_response(status)
+        if encoding:
+            self.send_header("Content-Encoding", encoding)
         if declare_length:
             self.send_header("Content-Length", str(len(body)))
         else:
@@ -127,6 +167,34 @@ def test_oversize_bodies_are_413(server_port):
         assert status_of(fetch_url, f"http://127.0.0.1:{server_port}{path}", small) == 413
 
 
+def test_encoded_bodies_are_inflated_under_the_byte_limit(server_port):
+    """httpx would inflate a body without bound before the size check: the fetch reads the raw
+    bytes and inflates each layer only up to the limit."""
+    base = f"http://127.0.0.1:{server_port}"
+    for path in ["/gzip", "/gzip-twice", "/deflate", "/raw-deflate", "/identity"]:
+        assert fetch_url(base + path, LOCAL) == PNG_BYTES, path
+    assert set(ACCEPT_ENCODINGS_SEEN) == {"gzip, deflate"}
+    tracemalloc.start()
+    try:
+        limits = ImageLimits(allow_local=True, max_bytes=1 << 20)
+        error = error_of(fetch_url, f"{base}/bomb", limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.status == 413 and "limit of 1048576 bytes" in error.message
+    assert peak < 16 << 20, peak  # the 64 MiB the bomb inflates to were never held
+    tight = ImageLimits(allow_local=True, max_bytes=len(PNG_BYTES) - 1)
+    assert status_of(fetch_url, f"{base}/gzip", tight) == 413
+    for path, reason in [
+        ("/gzip-thrice", "too many layers"),
+        ("/brotli", "Content-Encoding 'br'"),
+        ("/corrupt-gzip", "gzip encoding is corrupt"),
+        ("/truncated-gzip", "gzip stream is truncated"),
+    ]:
+        error = error_of(fetch_url, base + path, LOCAL)
+        assert (error.status, reason in error.message) == (422, True), (path, error.message)
+
+
 def test_private_addresses_are_refused_by_default(server_port):
     for host in ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "[::1]", "2130706433"]:
         error = error_of(fetch_url, f"http://{host}:{server_port}/image.png", LIMITS)
@@ -134,8 +202,9 @@ def test_private_addresses_are_refused_by_default(server_port):
 
 
 PRIVATE_V4 = ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254"]
-OTHER_V4 = ["100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255"]
-NON_GLOBAL_V6 = ["::", "::1", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1"]
+OTHER_V4 = ["100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255", "192.0.0.8"]
+OTHER_V4 += ["192.0.0.9", "192.88.99.1"]  # is_global in Python, no public image server
+NON_GLOBAL_V6 = ["::", "::1", "fe80::1", "fc00::1", "fec0::1", "ff02::1", "::ffff:127.0.0.1"]
 EMBEDDED_V4 = ["::ffff:10.0.0.1", "2002:7f00:1::1", "64:ff9b::a00:1"]  # mapped, 6to4, NAT64
 NON_PUBLIC = PRIVATE_V4 + OTHER_V4 + NON_GLOBAL_V6 + EMBEDDED_V4
 PUBLIC = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
