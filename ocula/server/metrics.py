@@ -64,6 +64,11 @@ class ServerMetrics:
         self.in_flight = Gauge(
             "ocula_requests_in_flight", "Requests the front is serving", registry=r
         )
+        self.preparing = Gauge(
+            "ocula_requests_preparing",
+            "Requests whose images are being fetched, decoded and tiled before they are served",
+            registry=r,
+        )
         self.running = Gauge(
             "ocula_num_requests_running", "Requests in the running batch", registry=r
         )

@@ -172,7 +172,12 @@ async def _generate(request: Request, body: GenerateRequest) -> Response:
     state = serving.server_state(request)
     details = body.parameters.return_details
     score = state.args.return_all_prompt_logprobs  # /generate alone answers with them
-    prepared = await prepare_request(state, body, want_logprobs=details, score_prompt=score)
+    prepared = await serving.prepare_admitted(
+        request,
+        state,
+        body.parameters.num_sequences,
+        lambda: prepare_request(state, body, want_logprobs=details, score_prompt=score),
+    )
     if not details:  # `tokens` (return_details) hold each token's text
         prepared = dataclasses.replace(prepared, text_at_end=True)
     request_id = state.new_request_id("generate")
@@ -190,7 +195,9 @@ async def _generate_stream(
             f"parameters.n: /generate_stream returns one sequence; got n="
             f"{body.parameters.num_sequences} (use /generate for several)"
         )
-    prepared = await prepare_request(state, body, want_logprobs=True)
+    prepared = await serving.prepare_admitted(
+        request, state, 1, lambda: prepare_request(state, body, want_logprobs=True)
+    )
     request_id = state.new_request_id("generate")
     # Errors up to the first token (admission, engine refusal) raise here, before any byte.
     events = await serving.primed_unless_disconnected(

@@ -46,7 +46,7 @@ from ocula.server.routes_openai_events import (
     usage,
     whole_response,
 )
-from ocula.server.serving import ServerState, server_state
+from ocula.server.serving import ServerState, prepare_admitted, server_state
 from ocula.server.text_encoding import check_token_budget_off_loop, encode_text
 
 router = APIRouter()
@@ -116,7 +116,9 @@ async def create_chat_completion(request: Request) -> Response:
     if body.top_logprobs and not body.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     tokenizer = state.engine.tokenizer
-    prompt_ids, images = await tokenize_chat(state, body)
+    prompt_ids, images = await prepare_admitted(
+        request, state, body.n or 1, lambda: tokenize_chat(state, body)
+    )
     if body.max_completion_tokens is not None:
         requested, field = body.max_completion_tokens, "max_completion_tokens"
     else:

@@ -40,6 +40,10 @@ class ServerState:
     # running and waiting queues hold, so what admission counts.
     sequences_in_flight: int = 0
     draining: bool = False  # set once by `drain`: new requests get 503, /health is unhealthy
+    # Requests (and their sequences) being prepared (`prepare_admitted`): not yet in flight,
+    # but counted by admission so that image work stops once the server is full.
+    preparing: int = 0
+    sequences_preparing: int = 0
 
     @property
     def max_in_flight(self) -> int:
@@ -61,17 +65,8 @@ async def run_request(
     """The request's events, with admission control and metrics. Raises ServerShuttingDownError
     while the server drains, OverloadedError when the queue is full, and whatever
     `AsyncEngine.generate` raises."""
-    if state.draining:
-        state.metrics.requests.labels(status="shutting_down").inc()
-        raise ServerShuttingDownError("the server is shutting down; retry on another replica")
     sequences = prepared.params.n
-    check_fits_at_once(state, sequences)
-    if state.sequences_in_flight + sequences > state.max_in_flight:
-        state.metrics.requests.labels(status="overloaded").inc()
-        raise OverloadedError(
-            f"the server is at capacity ({state.in_flight} requests, "
-            f"{state.sequences_in_flight} sequences in flight); retry shortly"
-        )
+    admit(state, sequences, state.sequences_in_flight)
     metrics = state.metrics
     state.in_flight += 1
     state.sequences_in_flight += sequences
@@ -131,6 +126,46 @@ async def run_request(
                 request_id,
                 num_tokens,
             )
+
+
+def admit(state: ServerState, sequences: int, sequences_taken: int) -> None:
+    """Raises ServerShuttingDownError while the server drains, RequestError for more sequences
+    than it ever holds, OverloadedError when `sequences_taken` leave no room for `sequences`;
+    each counted as a request of that status."""
+    if state.draining:
+        state.metrics.requests.labels(status="shutting_down").inc()
+        raise ServerShuttingDownError("the server is shutting down; retry on another replica")
+    check_fits_at_once(state, sequences)
+    if sequences_taken + sequences > state.max_in_flight:
+        state.metrics.requests.labels(status="overloaded").inc()
+        raise OverloadedError(
+            f"the server is at capacity ({state.in_flight} requests, "
+            f"{state.sequences_in_flight} sequences in flight, {state.preparing} preparing); "
+            "retry shortly"
+        )
+
+
+async def prepare_admitted(
+    request: Request, state: ServerState, sequences: int, prepare: Callable[[], Awaitable[T]]
+) -> T:
+    """`prepare()`'s result: a request's preparation (its images fetched, decoded and tiled,
+    its prompt tokenized) under the admission its generation will meet, so that a server that
+    drains or is full refuses before any image work (503), and cancelled if the client leaves
+    first (ClientDisconnectedError): a fetch stops, a decoding thread's result is dropped."""
+    admit(state, sequences, state.sequences_in_flight + state.sequences_preparing)
+    state.preparing += 1
+    state.sequences_preparing += sequences
+    state.metrics.preparing.inc()
+    try:
+        return await unless_disconnected(request, prepare(), _nothing_to_clean)
+    finally:
+        state.preparing -= 1
+        state.sequences_preparing -= sequences
+        state.metrics.preparing.dec()
+
+
+async def _nothing_to_clean() -> None:
+    return None
 
 
 def check_fits_at_once(state: ServerState, sequences: int) -> None:
@@ -302,7 +337,9 @@ def stop_in_flight(state: ServerState) -> None:
 
 
 async def _until_idle(state: ServerState, timeout: float) -> bool:
+    """Whether nothing is in flight or being prepared (a request still preparing is refused
+    when it reaches `run_request`) before `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
-    while state.in_flight and time.monotonic() < deadline:
+    while (state.in_flight or state.preparing) and time.monotonic() < deadline:
         await asyncio.sleep(DRAIN_POLL_SECONDS)
-    return state.in_flight == 0
+    return state.in_flight == 0 and state.preparing == 0
