@@ -60,9 +60,9 @@ class _Server(uvicorn.Server):
 
 async def drain_then_exit(server: _Server, state: Any) -> None:
     """Waits for a shutdown signal, drains `state` (a `serving.ServerState`, see
-    `serving.drain`), then stops uvicorn, which closes the port and waits for the last
+    `draining.drain`), then stops uvicorn, which closes the port and waits for the last
     responses to be sent."""
-    from ocula.server.serving import drain, stop_in_flight
+    from ocula.server.draining import drain, stop_in_flight
 
     await server.drain_requested.wait()
     drain_task = asyncio.create_task(drain(state, SHUTDOWN_GRACE_SECONDS))
