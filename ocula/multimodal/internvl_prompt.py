@@ -89,14 +89,26 @@ def count_image_tags(text: str) -> int:
     return len(_TAG.findall(text))
 
 
-def check_image_tags(text: str, num_images: int) -> None:
-    """Raises ValueError unless `text` has one image tag per image."""
-    tags = count_image_tags(text)
-    if tags != num_images:
+def image_tags(text: str, num_images: int) -> list[re.Match[str]]:
+    """The tags that stand for the request's images, in order: every `<img></img>` and
+    `<image>`, except that a prompt without `<img></img>` may hold more `<image>` tags than
+    its (one or more) images: the first ones stand for the images and the rest stay text, as
+    InternVL's chat and LightLLM's InternVL tokenizer read them. Raises ValueError when the
+    tags cannot match the images one to one."""
+    tags = list(_TAG.finditer(text))
+    if 0 < num_images < len(tags) and all(tag.group() == "<image>" for tag in tags):
+        tags = tags[:num_images]
+    if len(tags) != num_images:
         raise ValueError(
-            f"the prompt has {tags} image tag(s) (<img></img> or <image>) but the request has "
-            f"{num_images} image(s); they must match one to one"
+            f"the prompt has {len(tags)} image tag(s) (<img></img> or <image>) but the request "
+            f"has {num_images} image(s); they must match one to one"
         )
+    return tags
+
+
+def check_image_tags(text: str, num_images: int) -> None:
+    """Raises ValueError unless `text` has one image tag per image (`image_tags`)."""
+    image_tags(text, num_images)
 
 
 def image_cache_key(md5: str, size: tuple[int, int], tiling: InternVLImageConfig) -> str:
@@ -138,13 +150,18 @@ def tokenize_compact(
     """`text` tokenized with each image tag as <img>, ONE placeholder, </img>: what the images'
     sizes do not change, so it can be done while they load. Raises ValueError when the tags are
     not `num_images`, or when the text holds placeholder tokens of its own."""
-    check_image_tags(text, num_images)
+    tags = image_tags(text, num_images)
     # The placeholder's token is repeated after tokenizing (`expand_images`). Same ids as
     # tokenizing the fully expanded text: the tokenizer splits its input at added tokens before
     # anything else, so the text around a run of placeholders is tokenized alone whatever the
     # run's length; but tokenizing 3,328 placeholders (12 tiles and a thumbnail) took 6 ms of
     # the front's event loop on 2 CPU cores.
-    expanded = _TAG.sub(lambda _: spec.start_token + spec.context_token + spec.end_token, text)
+    placeholder = spec.start_token + spec.context_token + spec.end_token
+    pieces, end = [], 0
+    for tag in tags:
+        pieces += [text[end : tag.start()], placeholder]
+        end = tag.end()
+    expanded = "".join(pieces) + text[end:]
     ids = tokenizer.encode(expanded, add_special_tokens=add_special_tokens)
     runs = _runs_of(ids, spec.context_token_id)
     if [length for _, length in runs] != [1] * num_images:

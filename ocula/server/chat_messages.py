@@ -9,6 +9,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from ocula.multimodal.internvl_prompt import count_image_tags
 from ocula.server.protocol_openai import ChatCompletionRequest, ChatMessage
 from ocula.server.routes_openai_common import OpenAIError
 
@@ -39,7 +40,10 @@ IMAGE_PLACEHOLDER = "<image>"
 def message_text(message: ChatMessage, index: int, images: list[dict[str, str]]) -> str:
     """The message's content as one string (parts joined by newlines; a plain string in the list
     is a text part, a `refusal` part its refusal). Each image part becomes the model's image tag
-    where it stands, and its source is appended to `images`."""
+    where it stands, and its source is appended to `images`. As in vLLM, image tags the client
+    wrote in the message's text stand for its images: then none is written where the parts
+    stand, and those the text lacks go first; more written tags than image parts are a 400
+    (a text-only message's tags are left to `template_messages`)."""
     content = message.content
     if content is None:
         if message.role == "assistant" or message.tool_calls:
@@ -47,7 +51,8 @@ def message_text(message: ChatMessage, index: int, images: list[dict[str, str]])
         raise OpenAIError(400, f"messages[{index}] has no content", param="messages")
     if isinstance(content, str):
         return content
-    texts = []
+    texts: list[str] = []
+    tags_at: list[int] = []  # where each image part's tag stands in `texts`
     for part_index, part in enumerate(content):
         where = f"messages[{index}].content[{part_index}]"
         if isinstance(part, str):
@@ -65,6 +70,7 @@ def message_text(message: ChatMessage, index: int, images: list[dict[str, str]])
                     400, f"{where}: an image part needs image_url.url", param="messages"
                 )
             images.append({"type": "url", "data": url})
+            tags_at.append(len(texts))
             texts.append(IMAGE_PLACEHOLDER)
         else:
             raise OpenAIError(
@@ -73,7 +79,18 @@ def message_text(message: ChatMessage, index: int, images: list[dict[str, str]])
                 "or image_url parts",
                 param="messages",
             )
-    return "\n".join(texts)
+    written = sum(count_image_tags(texts[i]) for i in range(len(texts)) if i not in tags_at)
+    if written == 0 or not tags_at:
+        return "\n".join(texts)
+    if written > len(tags_at):
+        raise OpenAIError(
+            400,
+            f"messages[{index}]: the text holds {written} image tags (<image> or <img></img>) "
+            f"for {len(tags_at)} image part(s)",
+            param="messages",
+        )
+    missing = [IMAGE_PLACEHOLDER] * (len(tags_at) - written)
+    return "\n".join(missing + [text for i, text in enumerate(texts) if i not in tags_at])
 
 
 def template_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[dict]]:
@@ -82,9 +99,14 @@ def template_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]]
     result's `tool_call_id`), and the image sources in the order their tags appear."""
     result = []
     images: list[dict[str, str]] = []
+    text_only_tags = []  # messages without images whose text holds image tags
     for index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
-        entry: dict[str, Any] = {"role": role, "content": message_text(message, index, images)}
+        before = len(images)
+        text = message_text(message, index, images)
+        if len(images) == before and count_image_tags(text):
+            text_only_tags.append(index)
+        entry: dict[str, Any] = {"role": role, "content": text}
         if message.name is not None:
             entry["name"] = message.name
         if message.tool_calls:
@@ -92,6 +114,13 @@ def template_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]]
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
         result.append(entry)
+    if images and text_only_tags:  # such a tag would take another message's image
+        raise OpenAIError(
+            400,
+            f"messages[{text_only_tags[0]}]: the text holds an image tag (<image> or "
+            "<img></img>) but the message has no image part",
+            param="messages",
+        )
     return result, images
 
 

@@ -82,3 +82,19 @@ def test_placeholder_tokens_in_the_text_are_refused(tokenizer) -> None:
     for text in ["<image> and <IMG_CONTEXT>", "<image><IMG_CONTEXT>", "<IMG_CONTEXT><image>"]:
         with pytest.raises(ValueError, match="placeholder tokens of its own"):
             build_image_prompt(text, [image], spec, tokenizer)
+
+
+def test_image_tags_beyond_the_images_stay_text_without_img_pairs(tokenizer) -> None:
+    """InternVL's chat and LightLLM replace the first <image> tags, one per image, and leave
+    the others as text; with an <img></img> pair among the tags, LightLLM counts them all, so
+    a mismatch is refused."""
+    spec = spec_for(tokenizer)
+    image = LoadedImage(b"", "md5", (448, 448))
+    text = "<image>\nWhat does the tag <image> mean here?"
+    ids, spans = build_image_prompt(text, [image], spec, tokenizer)
+    reference = fully_expanded_ids("<image>", [(448, 448)], tokenizer, True)
+    tail = tokenizer.encode("\nWhat does the tag <image> mean here?", add_special_tokens=False)
+    assert ids == reference + tail and len(spans) == 1
+    for mismatched in ["<img></img> and <image>", "<image><img></img>", "no tag at all"]:
+        with pytest.raises(ValueError, match="must match one to one"):
+            build_image_prompt(mismatched, [image], spec, tokenizer)

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from ocula.server.chat_messages import render_chat_prompt
 from ocula.server.protocol_openai import ChatCompletionRequest
+from ocula.server.routes_openai_common import OpenAIError
 
 # A template that shows everything it is given: tools, each message's role, content, tool calls
 # (their arguments as the template sees them) and the call a tool result answers.
@@ -73,3 +74,34 @@ def test_content_parts_of_every_text_kind(tokenizer) -> None:
     ]
     text = rendered(tokenizer, messages=[{"role": "developer", "content": content}])
     assert text == "[system] a\nb\nc\nd\ne\n"
+
+
+def image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def with_images(tokenizer, content: list, *earlier: dict) -> tuple[str, list]:
+    messages = [*earlier, {"role": "user", "content": content}]
+    request = ChatCompletionRequest.model_validate(
+        {"add_generation_prompt": False, "messages": messages}
+    )
+    return render_chat_prompt(tokenizer, request)
+
+
+def test_image_tags_written_in_the_text_stand_for_the_images(tokenizer) -> None:
+    """vLLM's rule: tags the client wrote are where its images go; missing ones go first."""
+    text, images = with_images(tokenizer, ["Look:", image("a"), "Compare", image("b")])
+    assert text == "[user] Look:\n<image>\nCompare\n<image>\n" and images[1]["data"] == "b"
+    text, _ = with_images(tokenizer, [{"type": "text", "text": "A <image> and B"}, image("a")])
+    assert text == "[user] A <image> and B\n"
+    text, _ = with_images(tokenizer, ["<img></img> first", image("a"), image("b")])
+    assert text == "[user] <image>\n<img></img> first\n"
+    for content, earlier in [
+        (["<image> <image>", image("a")], ()),  # more written tags than images
+        ([image("a")], ({"role": "system", "content": "Reply to <image> posts."},)),
+    ]:
+        with pytest.raises(OpenAIError, match="image tag") as raised:
+            with_images(tokenizer, content, *earlier)
+        assert raised.value.status == 400
+    text, images = with_images(tokenizer, ["What is <image>?"])  # no images: plain text
+    assert text == "[user] What is <image>?\n" and images == []
