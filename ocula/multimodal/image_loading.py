@@ -6,10 +6,11 @@ image, truncated or undecodable image, unsupported reference), 413 too large (by
 address the policy refuses). Messages do not name the image; the caller prefixes its index.
 The bytes of a reference, URLs fetched under the address policy: `image_fetching`.
 
-Decoding follows the InternVL reference (`Image.open(...).convert("RGB")`): the first frame of an
-animation, alpha dropped (not composited), and EXIF orientation NOT applied, so a model sees what
-it saw in training. One deliberate difference: 16-bit grayscale is scaled to 8 bits (high byte, as
-PIL does for 16-bit RGB), where `convert("RGB")` would clip every value above 255 to white.
+Decoding is the InternVL reference's (`Image.open(...).convert("RGB")`, which LightLLM and vLLM
+use too): the first frame of an animation, alpha dropped (not composited), EXIF orientation NOT
+applied, so a model sees what it saw in training; 16-bit grayscale clipped at 255 as
+`convert("RGB")` clips it (most such images come out white; 16-bit RGB keeps its high byte, as
+PIL opens it).
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # Decoders Ocula lets PIL use on untrusted bytes (no EPS/PostScript, no exotic formats).
 _WANTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
-_SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 class ImageError(Exception):
@@ -159,9 +158,6 @@ def _allowed_formats() -> tuple[str, ...]:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
-    if image.mode in _SIXTEEN_BIT_GRAY_MODES:
-        high_byte = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(high_byte).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         # Same RGB values as convert("RGB"), without PIL's palette-transparency warning.
         return image.convert("RGBA").convert("RGB")

@@ -79,10 +79,15 @@ def test_animated_gif_uses_first_frame():
     assert np.all(np.asarray(decode_image(data, LIMITS)) == [255, 0, 0])
 
 
-def test_sixteen_bit_images_keep_the_high_byte():
+def test_sixteen_bit_images_decode_as_the_reference_does():
+    """Gray: clipped at 255 by convert("RGB"), as the InternVL reference, LightLLM and vLLM
+    decode it; RGB: the high byte, as PIL opens it."""
     values = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(4, 4)
-    gray = decode_image(encode(Image.fromarray(values), "PNG"), LIMITS)
-    assert np.array_equal(np.asarray(gray), np.repeat((values >> 8)[..., None], 3, axis=-1))
+    values[0] = [0, 100, 255, 256]
+    data = encode(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    gray = np.asarray(decode_image(data, LIMITS))
+    assert np.array_equal(gray, np.repeat(np.minimum(values, 255)[..., None], 3, axis=-1))
     rgb16 = np.stack([values, 65535 - values, np.full_like(values, 0x1234)], axis=-1)
     rgb = decode_image(sixteen_bit_rgb_png(rgb16), LIMITS)
     assert np.array_equal(np.asarray(rgb), (rgb16 >> 8).astype(np.uint8))
