@@ -40,6 +40,7 @@ from ocula.distributed.parallel_group import ParallelGroup
 from ocula.engine.engine_core import build_model_runner
 from ocula.engine.model_setup import ModelSetup, resolve_model
 from ocula.engine.step_plan import StepPlan
+from ocula.utils.child_signals import follow_parent_on_signals, loop_watches_parent
 from ocula.utils.device import set_host_threads
 
 logger = logging.getLogger("ocula.engine.tp")
@@ -236,9 +237,9 @@ def check_same_flags(group: ParallelGroup, args: EngineArgs, rank: int) -> None:
 def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
     """Process entry of rank `rank` > 0 (spawned by rank 0, or by `worker_node` on another
     node)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Ctrl-C reaches the whole process group; a follower stops when rank 0 says so or dies.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    follow_parent_on_signals()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         setup = resolve_model(args)
         device = rank_device(setup.device, rank - args.local_ranks()[0])
@@ -263,6 +264,7 @@ def _follow_steps(args: EngineArgs, setup: ModelSetup, rank: int, store: dist.TC
     group = init_rank(store, rank, args.tp, setup.device)
     check_same_flags(group, args, rank)
     runner = build_model_runner(args, setup, group)
+    loop_watches_parent()  # rank 0 stops this rank, or its death fails the next collective
     logger.info("tensor-parallel rank %d ready on %s", rank, setup.device)
     while True:
         message = group.broadcast_object(src=0)

@@ -33,6 +33,7 @@ from ocula.server.from_engine import EngineFailed, EngineReady, RequestFailed, S
 from ocula.server.idle_wait import receive_spinning, spins_when_idle
 from ocula.server.image_payloads import EnginePayloads
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
+from ocula.utils.child_signals import follow_parent_on_signals, loop_watches_parent
 from ocula.utils.device import set_host_threads
 
 logger = logging.getLogger("ocula.engine")
@@ -43,6 +44,7 @@ SHUTDOWN_WAIT_SECONDS = 10.0
 
 def run_engine_process(args: ServerArgs, channel_path: str) -> None:
     """Process entry point (spawned by the front, which listens at `channel_path`)."""
+    follow_parent_on_signals()  # Ctrl-C / a group's SIGTERM: the front drains, then stops us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     channel = EngineSideChannel(channel_path)
     followers: FollowerRanks | None = None
@@ -66,6 +68,7 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
                 spins_when_idle=spin,
             )
         )
+        loop_watches_parent()  # `_serve` checks the front between steps and stops the ranks
         try:
             _serve(core, channel, followers, spin)
         except ChannelClosedError:  # a send found the front gone: as if it said Shutdown

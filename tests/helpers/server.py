@@ -52,10 +52,15 @@ class RunningServer:
 
 
 def start_server(
-    model_dir: Path, log_dir: Path, *flags: str, env: dict[str, str] | None = None
+    model_dir: Path,
+    log_dir: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
 ) -> RunningServer:
     """Starts `python -m ocula.server.api_server` and waits until /health answers 200.
-    `env` adds environment variables for the server process."""
+    `env` adds environment variables for the server process; with `new_session` the server
+    and its children form their own process group (its id: the server's pid)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     log = log_path.open("w")
@@ -70,7 +75,13 @@ def start_server(
         *flags,
     ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        start_new_session=new_session,
+    )
     server = RunningServer(process, port, log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:

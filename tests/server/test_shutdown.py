@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import time
@@ -161,6 +162,40 @@ def test_sigterm_drains_stops_the_rest_and_frees_the_port(
     assert again.port == server.port
     assert httpx.post(again.url + "/generate", json=lightllm(2), timeout=60).status_code == 200
     assert again.stop() == 0, again.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_drains_like_one_to_the_front(
+    long_checkpoint, tmp_path, signum
+) -> None:
+    """A terminal's Ctrl-C and systemd's stop signal every process of the server: the engine
+    must not die under the drain (it did, failing the requests in flight with
+    engine_unavailable and the server with exit 1)."""
+    flags = ("--max_total_token_num", "16384", "--max_req_total_len", "4096")
+    server = start_server(long_checkpoint, tmp_path, *flags, new_session=True)
+    children = server_processes(server)["front"].children(recursive=True)
+
+    async def scenario() -> tuple[int, list]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            started = asyncio.Event()
+            running = asyncio.create_task(
+                stream(client, "/generate_stream", lightllm(LONG_TOKENS), started)
+            )
+            await started.wait()
+            os.killpg(server.process.pid, signum)
+            return await running
+
+    try:
+        status, payloads = asyncio.run(scenario())
+        code = server.process.wait(EXIT_SECONDS)
+    finally:
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+    assert code == 0, server.log()
+    assert status == 200
+    assert_stopped(payloads, "server_shutting_down")
+    assert "stopped 1 request(s) still running" in server.log()
+    assert_all_gone(children)
 
 
 def test_a_killed_engine_fails_requests_in_flight_and_exits_1(long_checkpoint, tmp_path) -> None:

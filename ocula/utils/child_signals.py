@@ -1,0 +1,62 @@
+"""Signals in the server's child processes (the engine, tensor-parallel ranks).
+
+A terminal's Ctrl-C (SIGINT) and a service manager's stop (systemd's SIGTERM to the whole
+control group, `kill -TERM -PGID`) reach every process of the server at once. The front owns
+the shutdown: it drains the requests in flight, then stops the engine, which stops its ranks.
+A child that took the signal's default action would die under the drain and fail every request
+in flight. So a child ignores SIGINT and takes SIGTERM only once its parent is gone; and on
+Linux it asks the kernel for a SIGTERM when its parent dies, so that a child still loading the
+model stops with its parent instead of at its first message to it. Once the child's loop runs
+(`loop_watches_parent`), that loop sees its parent's death itself and leaves in order (rank 0
+stops its ranks first: a rank blocked in a collective runs no Python signal handler), so the
+signal is left to it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import signal
+import sys
+from types import FrameType
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_loop = {"watches_parent": False}
+
+
+def loop_watches_parent() -> None:
+    """From now on this process's loop checks that its parent lives and leaves in order when it
+    does not: a SIGTERM after the parent's death no longer exits at once."""
+    _loop["watches_parent"] = True
+
+
+def follow_parent_on_signals() -> None:
+    """Installs this child process's SIGINT / SIGTERM handling (see the module's docstring).
+    Call it first thing in the child's entry point, from its main thread."""
+    parent = multiprocessing.parent_process()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if _loop["watches_parent"] or (parent is not None and parent.is_alive()):
+            return
+        logger.info("SIGTERM with the parent process gone: exiting")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    _ask_for_sigterm_when_parent_dies()
+    if parent is not None and not parent.is_alive():  # it died before the request above
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+def _ask_for_sigterm_when_parent_dies() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            logger.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError):  # no libc symbol: the parent checks between steps remain
+        pass
