@@ -63,6 +63,19 @@ def _store(host: str, port: int, world_size: int, is_master: bool) -> dist.TCPSt
     )
 
 
+def check_devices_for_ranks(device: torch.device, ranks_here: int) -> None:
+    """Raises ValueError when this machine's ranks (one GPU each) outnumber its CUDA devices:
+    the surplus rank would fail after rank 0 began waiting for the group (30 minutes)."""
+    if device.type != "cuda":
+        return
+    available = torch.cuda.device_count()
+    if ranks_here > available:
+        raise ValueError(
+            f"--tp puts {ranks_here} ranks on this machine, one GPU each, but torch sees "
+            f"{available} CUDA device(s) (CUDA_VISIBLE_DEVICES picks which)"
+        )
+
+
 def rank_device(device: torch.device, local_rank: int) -> torch.device:
     """Each rank its own GPU of its node (`cuda:local_rank`); the CPU is shared."""
     if device.type == "cuda":

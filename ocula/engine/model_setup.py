@@ -14,6 +14,7 @@ import torch
 
 from ocula.config import EngineArgs, resolve_chat_template
 from ocula.models.hf_config import load_text_config, torch_dtype_of
+from ocula.models.registry import supported_architecture
 from ocula.utils.device import pick_device, pick_dtype
 from ocula.utils.tokenizer import load_generation_config, load_tokenizer, resolve_eos_token_ids
 
@@ -47,9 +48,12 @@ def resolve_model(args: EngineArgs) -> ModelSetup:
         model_dir = default_model_dir()
     else:
         model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model_dir {model_dir} does not exist or is not a folder")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: it is not a model folder")
     model_config = load_text_config(model_dir)
+    supported_architecture(model_config)
     device = pick_device(args.device)
     dtype = pick_dtype(args.data_type, torch_dtype_of(model_config), device)
     return ModelSetup(model_dir, model_config, load_generation_config(model_dir), device, dtype)

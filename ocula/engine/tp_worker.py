@@ -172,10 +172,7 @@ class FollowerRanks:
         for process in self.processes.values():
             process.join(max(0.0, deadline - time.monotonic()))
         for process in self.processes.values():
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-            if process.is_alive():
+            if process.is_alive():  # SIGKILL: a rank ignores SIGTERM while rank 0 lives
                 process.kill()
                 process.join(5)
         if asked:

@@ -80,12 +80,10 @@ def run_worker_node(args: EngineArgs) -> int:
 
 
 def _stop_all(processes: dict[int, multiprocessing.process.BaseProcess]) -> None:
-    deadline = time.monotonic() + STOP_SECONDS
+    """Kills the ranks still running (a rank ignores SIGTERM while its parent lives: the group
+    signals of a terminal or service manager are this process's to handle)."""
     for process in processes.values():
-        if process.is_alive():
-            process.terminate()
-    for process in processes.values():
-        process.join(max(0.0, deadline - time.monotonic()))
         if process.is_alive():
             process.kill()
-            process.join(5)
+    for process in processes.values():
+        process.join(STOP_SECONDS)

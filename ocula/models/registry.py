@@ -27,11 +27,18 @@ def supported_architectures() -> list[str]:
 
 def resolve_model_class(config: PretrainedConfig) -> type[nn.Module]:
     """The class that implements the first architecture in `config.architectures` we support."""
+    module_name, class_name = _ALL_MODELS[supported_architecture(config)].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def supported_architecture(config: PretrainedConfig) -> str:
+    """The first architecture in `config.architectures` we support, without importing its
+    model (checked as the config is read, before anything reads the shapes of a model we may
+    not have). Raises ValueError naming the supported ones."""
     architectures = list(getattr(config, "architectures", None) or [])
     for name in architectures:
         if name in _ALL_MODELS:
-            module_name, class_name = _ALL_MODELS[name].split(":")
-            return getattr(importlib.import_module(module_name), class_name)
+            return name
     raise ValueError(
         f"unsupported model architecture {architectures or '(none in config.json)'}; "
         f"supported: {', '.join(supported_architectures())}"

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 
-from ocula.distributed.launch import check_model_splits
+from ocula.distributed.launch import check_devices_for_ranks, check_model_splits
 from ocula.distributed.parallel_group import SINGLE_RANK
 from ocula.engine.engine_core import EngineCore, EngineStats, RequestRejectedError
 from ocula.engine.model_setup import resolve_model
@@ -54,6 +54,7 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
         tp = SINGLE_RANK
         if args.tp > 1:
             check_model_splits(setup.model_config, args.tp, args.effective_visual_tp)
+            check_devices_for_ranks(setup.device, args.ranks_per_node)
             followers = FollowerRanks(args, setup)
             setup, tp = followers.setup, followers.group
         core = EngineCore(args, setup, tp)

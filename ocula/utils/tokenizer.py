@@ -10,7 +10,20 @@ from typing import Any
 def load_tokenizer(
     model_dir: Path, tokenizer_mode: str = "fast", trust_remote_code: bool = False
 ) -> Any:
-    """The checkpoint's tokenizer; `slow` asks for the Python implementation."""
+    """The checkpoint's tokenizer; `slow` asks for the Python implementation. Raises
+    ValueError for a folder without tokenizer files (transformers would build an empty
+    tokenizer from config.json alone, and every prompt would tokenize to nothing)."""
+    tokenizer = _load(model_dir, tokenizer_mode, trust_remote_code)
+    if len(tokenizer) <= 1:
+        raise ValueError(
+            f"{model_dir} holds no usable tokenizer ({len(tokenizer)} token(s)): a model folder "
+            "needs its tokenizer files (tokenizer.json, tokenizer.model, or vocab.json and "
+            "merges.txt, with tokenizer_config.json)"
+        )
+    return tokenizer
+
+
+def _load(model_dir: Path, tokenizer_mode: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     kwargs = {"trust_remote_code": trust_remote_code}

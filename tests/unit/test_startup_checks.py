@@ -1,0 +1,59 @@
+"""What the server checks before it loads anything heavy: a model folder that exists and holds
+a tokenizer, and a GPU for every tensor-parallel rank of this machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ocula.config import EngineArgs
+from ocula.distributed.launch import check_devices_for_ranks
+from ocula.engine.model_setup import resolve_model
+from ocula.utils.tokenizer import load_tokenizer
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tiny_checkpoint, tmp_path) -> None:
+    """transformers builds a one-token tokenizer from config.json alone: every prompt would
+    tokenize to nothing and every request get a misleading 400."""
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_checkpoint("qwen2"), folder)
+    for path in folder.iterdir():
+        if path.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            path.unlink()
+    with pytest.raises(ValueError, match="holds no usable tokenizer"):
+        load_tokenizer(folder)
+    assert len(load_tokenizer(tiny_checkpoint("qwen2"))) > 1
+
+
+def test_a_model_dir_that_does_not_exist_says_so(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist or is not a folder"):
+        resolve_model(EngineArgs(model_dir=str(tmp_path / "missing")))
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        resolve_model(EngineArgs(model_dir=str(tmp_path)))
+
+
+def test_more_ranks_than_gpus_are_refused_before_the_group_waits(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"2 ranks on this machine.*sees 1 CUDA device"):
+        check_devices_for_ranks(torch.device("cuda"), 2)
+    check_devices_for_ranks(torch.device("cuda"), 1)
+    check_devices_for_ranks(torch.device("cpu"), 4)  # CPU ranks share the host
+
+
+@pytest.mark.parametrize(
+    "model_type,architecture",
+    [("qwen2_vl", "Qwen2VLForConditionalGeneration"), ("gpt2", "GPT2LMHeadModel")],
+)
+def test_an_unsupported_architecture_is_named_as_the_config_is_read(
+    tmp_path, model_type, architecture
+) -> None:
+    """Before: an AttributeError on a field such a config lacks (vocab_size, intermediate_size),
+    from the engine, seconds after the start."""
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": model_type, "architectures": [architecture]})
+    )
+    with pytest.raises(ValueError, match=f"unsupported model architecture.*{architecture}"):
+        resolve_model(EngineArgs(model_dir=str(tmp_path)))
