@@ -23,6 +23,8 @@ _VISION = "the ViT runs on the --tp ranks' GPUs (--visual_dp x --visual_tp)"
 _PROCESSES = "Ocula's processes talk over its own channel"
 _GRAPHS = "Ocula captures decode graphs for every batch up to --graph_max_batch_size"
 _ATTENTION = ("auto", "triton", "fa3", "flashinfer")
+_MONITOR = "Ocula serves /metrics for Prometheus to scrape; nothing is pushed"
+_ONLY = "the only value here"
 
 
 def _accepted(default: Any, what: str, why: str, **argparse_kwargs: Any) -> Any:
@@ -85,6 +87,36 @@ class LightLLMTuningFlags:
     hardware_platform: str = _accepted(
         "cuda", "hardware", "Ocula runs on CUDA or the CPU", choices=("cuda",)
     )
+    router_max_new_token_len: int = _accepted(
+        1024, "new tokens the router assumes", "admission reserves what requests ask for"
+    )
+    dp_balancer: str = _accepted(
+        "bs_balancer", "data-parallel balancer", "--dp is 1", choices=("round_robin", "bs_balancer")
+    )
+    embed_cache_storage_size: float = _accepted(
+        4.0, "shared-memory embedding store, GB", "image embeddings live in --image_cache_gb"
+    )
+    # Their default (or only harmless) value; other values are refused by `choices`.
+    run_mode: str = _accepted(
+        "normal", "run mode", "no prefill/decode split here", choices=("normal",)
+    )
+    load_way: str = _accepted("HF", "weight format", _ONLY, choices=("HF",))
+    output_constraint_mode: str = _accepted(
+        "none", "constrained decoding backend", _ONLY, choices=("none",)
+    )
+    llm_kv_type: str = _accepted(
+        "None", "KV cache type", _ONLY + ": the model's dtype", choices=("None",)
+    )
+    vit_quant_type: str = _accepted("none", "ViT quantization", _ONLY, choices=("none",))
+    disable_audio: bool = _accepted(False, "audio switch", "these models take no audio")
+    model_owner: str | None = _accepted(None, "model owner for /v1/models", "Ocula reports ocula")
+    metric_gateway: str | None = _accepted(None, "metrics push gateway", _MONITOR)
+    job_name: str = _accepted("lightllm", "monitor job name", _MONITOR)
+    grouping_key: list[str] = _accepted(
+        [], "monitor grouping key=value", _MONITOR, action="append", nargs=None
+    )
+    push_interval: int = _accepted(10, "metrics push interval", _MONITOR)
+    enable_monitor_auth: bool = _accepted(False, "push gateway authentication", _MONITOR)
 
 
 def ignored_flags_note(args: LightLLMTuningFlags) -> str | None:

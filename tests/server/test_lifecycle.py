@@ -88,6 +88,9 @@ def test_sigterm_stops_every_process_and_frees_the_port(tiny_checkpoint, tmp_pat
         (["--hardware_platform", "musa"], "--hardware_platform: invalid choice"),
         (["--dp", "2"], "--dp 2 is not supported"),
         (["--quant_type", "w8a8"], "--quant_type: invalid choice"),
+        (["--run_mode", "prefill"], "--run_mode: invalid choice"),
+        (["--llm_kv_type", "int8kv"], "--llm_kv_type: invalid choice"),
+        (["--output_constraint_mode", "xgrammar"], "--output_constraint_mode: invalid choice"),
         (["--chat_template", "/no/such.jinja"], "--chat_template: cannot read"),
     ],
 )

@@ -36,6 +36,14 @@ TUNING_FLAGS = (
     "tcp://",
     "--graph_split_batch_size",
     "32",  # LightLLM's default: not named in the log
+    "--run_mode",
+    "normal",  # the one value accepted: not named either
+    "--metric_gateway",
+    "127.0.0.1:9091",
+    "--grouping_key",
+    "team=vision",
+    "--grouping_key",
+    "zone=a",
 )
 
 
@@ -51,7 +59,8 @@ def test_lightllm_tuning_flags_are_named_in_the_log(server) -> None:
     line = next(line for line in server.log().splitlines() if "without effect" in line)
     named = "--router_max_wait_tokens, --llm_decode_att_backend, --disable_custom_allreduce"
     assert named in line and "--visual_gpu_ids" in line and "--zmq_mode" in line
-    assert "--graph_split_batch_size" not in line
+    assert "--graph_split_batch_size" not in line and "--run_mode" not in line
+    assert "--metric_gateway" in line and "--grouping_key" in line
 
 
 def post(server, body: dict) -> httpx.Response:
