@@ -36,8 +36,15 @@ _INTERNLM2_DEFAULT_ROPE_THETA = 10000.0
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+    """The file's JSON object; ValueError naming the file when it is not one."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def internlm2_rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:

@@ -57,3 +57,12 @@ def test_an_unsupported_architecture_is_named_as_the_config_is_read(
     )
     with pytest.raises(ValueError, match=f"unsupported model architecture.*{architecture}"):
         resolve_model(EngineArgs(model_dir=str(tmp_path)))
+
+
+def test_a_config_that_is_not_json_is_named(tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        resolve_model(EngineArgs(model_dir=str(tmp_path)))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not an object"):
+        resolve_model(EngineArgs(model_dir=str(tmp_path)))
