@@ -39,6 +39,11 @@ class ServerArgs(EngineArgs, LightLLMTuningFlags):
         "Longest wait for the next piece of a request body, and for a request's headers from "
         "the connection's start or the request's first byte (408 beyond).",
     )
+    engine_stall_timeout_s: float = option(
+        100.0,
+        "Seconds the engine may send nothing while requests wait on it before /health reports "
+        "it unhealthy (LightLLM's HEALTH_TIMEOUT default; 0: never).",
+    )
     return_all_prompt_logprobs: bool = option(
         False,
         "LightLLM's perplexity mode: every /generate answer also holds its prompt's token ids and "
@@ -86,6 +91,10 @@ class ServerArgs(EngineArgs, LightLLMTuningFlags):
         if self.max_waiting_requests < 0:
             raise ValueError(
                 f"--max_waiting_requests must be >= 0, got {self.max_waiting_requests}"
+            )
+        if not self.engine_stall_timeout_s >= 0:
+            raise ValueError(
+                f"--engine_stall_timeout_s must be >= 0, got {self.engine_stall_timeout_s}"
             )
         if not self.request_body_timeout_s > 0:
             raise ValueError(

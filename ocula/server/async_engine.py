@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing.process
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -94,6 +95,7 @@ class AsyncEngine:
         self.stats: EngineStats | None = None
         self.failure: str | None = None
         self._queues: dict[str, asyncio.Queue[TokenUpdate | Exception]] = {}
+        self._heard_at = time.monotonic()  # the engine's last message, or the start of its work
         self._channel = FrontSideChannel(self._on_message, self._on_channel_closed)
         self._stopping = False
         self._payloads = FrontPayloads()  # which image payloads the engine process holds
@@ -160,8 +162,14 @@ class AsyncEngine:
         if self.failure is None:
             self._fail(f"the engine process exited with code {self._process.exitcode}")
 
+    def stalled_seconds(self) -> float:
+        """How long the engine has sent nothing while requests wait on it (0 when none does):
+        while it has work it reports every step that changes anything."""
+        return time.monotonic() - self._heard_at if self._queues else 0.0
+
     def _on_message(self, message: object) -> None:
         """Every message from the engine, as it arrives (on the event loop)."""
+        self._heard_at = time.monotonic()
         if isinstance(message, StepOutputs):
             self.stats = message.stats
             for listener in self.stats_listeners:
@@ -249,6 +257,8 @@ class AsyncEngine:
         children = fan_out(request_id, params)
         if any(child_id in self._queues for child_id, _ in children):
             raise RequestError(f"request id {request_id!r} is already in use")
+        if not self._queues:  # the engine had no work: its silence so far was no stall
+            self._heard_at = time.monotonic()
         for index, (child_id, child_params) in enumerate(children):
             streams[child_id] = SequenceStream(
                 index,

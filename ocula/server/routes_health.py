@@ -16,6 +16,11 @@ def _health(request: Request) -> JSONResponse:
     if state.draining:  # load balancers stop sending requests; /liveness still answers
         message = "the server is shutting down"
         return JSONResponse({"status": "shutting_down", "message": message}, status_code=503)
+    stalled = engine.stalled_seconds()
+    limit = state.args.engine_stall_timeout_s
+    if engine.healthy and limit > 0 and stalled > limit:  # e.g. a rank stuck in a collective
+        message = f"the engine has sent nothing for {stalled:.0f} s while requests wait on it"
+        return JSONResponse({"status": "unhealthy", "message": message}, status_code=503)
     if engine.healthy:
         return JSONResponse({"status": "ok", "message": "Ok"})
     reason = engine.failure or "the engine is not ready"
