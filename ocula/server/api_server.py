@@ -207,9 +207,16 @@ def run_event_loop(main_coroutine: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main_coroutine)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_config(ServerArgs, argv, "Ocula: serve a (vision-)language model over HTTP.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Outside uvicorn's serving (which drains on SIGTERM), SIGTERM unwinds like Ctrl-C does, so
+    # that the `finally` below stops the engine process and removes its channel.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     note = ignored_flags_note(args)
     if note is not None:
         logger.info(note)

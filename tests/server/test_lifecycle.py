@@ -163,11 +163,14 @@ def test_a_folder_that_is_no_model_stops_the_engine_started_beside_the_front(tmp
     assert set(Path(tempfile.gettempdir()).glob("ocula-*")) <= channels_before
 
 
-def test_ctrl_c_while_starting_leaves_no_engine_behind(tiny_checkpoint) -> None:
-    """SIGINT as soon as the engine process exists (the front still importing; the interrupt
-    lands at its first await): the server exits and stops the engine process itself, which is
-    killed while the channel still listens, never left to find its front gone (a connection
-    refused)."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_starting_leaves_no_engine_behind(tiny_checkpoint, signum) -> None:
+    """SIGINT or SIGTERM as soon as the engine process exists (the front still importing; the
+    signal lands at its first await): the server exits and stops the engine process itself,
+    which is killed while the channel still listens, never left to find its front gone (a
+    connection refused), and its channel's folder is removed. (SIGTERM used to kill the front
+    at once and leave the engine loading.)"""
+    channels_before = set(Path(tempfile.gettempdir()).glob("ocula-*"))
     command = [sys.executable, "-m", "ocula.server.api_server"]
     model = str(tiny_checkpoint("llama"))
     front = subprocess.Popen(
@@ -183,11 +186,12 @@ def test_ctrl_c_while_starting_leaves_no_engine_behind(tiny_checkpoint) -> None:
             children = psutil.Process(front.pid).children(recursive=True)
         time.sleep(0.02)
     assert children, "no engine process was started beside the front"
-    front.send_signal(signal.SIGINT)
+    front.send_signal(signum)
     try:
         output = front.communicate(timeout=30)[0]
     except subprocess.TimeoutExpired:
         front.kill()
-        raise AssertionError("the server did not exit after SIGINT while starting") from None
+        raise AssertionError("the server did not exit after the signal while starting") from None
     assert_all_gone(children, timeout=5)
     assert "ConnectionRefusedError" not in output, output
+    assert set(Path(tempfile.gettempdir()).glob("ocula-*")) <= channels_before
