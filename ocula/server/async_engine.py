@@ -96,6 +96,7 @@ class AsyncEngine:
         self.failure: str | None = None
         self._queues: dict[str, asyncio.Queue[TokenUpdate | Exception]] = {}
         self._heard_at = time.monotonic()  # the engine's last message, or the start of its work
+        self._owed: set[str] = set()  # (child) requests sent whose last token has not come
         self._channel = FrontSideChannel(self._on_message, self._on_channel_closed)
         self._stopping = False
         self._payloads = FrontPayloads()  # which image payloads the engine process holds
@@ -163,9 +164,10 @@ class AsyncEngine:
             self._fail(f"the engine process exited with code {self._process.exitcode}")
 
     def stalled_seconds(self) -> float:
-        """How long the engine has sent nothing while requests wait on it (0 when none does):
-        while it has work it reports every step that changes anything."""
-        return time.monotonic() - self._heard_at if self._queues else 0.0
+        """How long the engine has sent nothing while it owes requests tokens (0 when it owes
+        none): while it has work it reports every step that changes anything. A client that
+        stops reading its stream is no stall: the engine owes it nothing once it finished."""
+        return time.monotonic() - self._heard_at if self._owed else 0.0
 
     def _on_message(self, message: object) -> None:
         """Every message from the engine, as it arrives (on the event loop)."""
@@ -175,10 +177,13 @@ class AsyncEngine:
             for listener in self.stats_listeners:
                 listener(message.stats, message.vit_batch_sizes)
             for update in message.updates:
+                if update.finish_reason is not None:
+                    self._owed.discard(update.request_id)
                 queue = self._queues.get(update.request_id)
                 if queue is not None:
                     queue.put_nowait(update)
         elif isinstance(message, RequestFailed):
+            self._owed.discard(message.request_id)
             queue = self._queues.get(message.request_id)
             if queue is not None:
                 queue.put_nowait(RequestError(message.message))
@@ -257,8 +262,6 @@ class AsyncEngine:
         children = fan_out(request_id, params)
         if any(child_id in self._queues for child_id, _ in children):
             raise RequestError(f"request id {request_id!r} is already in use")
-        if not self._queues:  # the engine had no work: its silence so far was no stall
-            self._heard_at = time.monotonic()
         for index, (child_id, child_params) in enumerate(children):
             streams[child_id] = SequenceStream(
                 index,
@@ -331,4 +334,9 @@ class AsyncEngine:
         """Never blocks, so that it can run in the cleanup of a cancelled stream."""
         if isinstance(message, AddRequest):
             message = self._payloads.strip(message)  # only here: sending order is its contract
+            if not self._owed:  # the engine had no work: its silence so far was no stall
+                self._heard_at = time.monotonic()
+            self._owed.add(message.request_id)
+        elif isinstance(message, AbortRequest):
+            self._owed.discard(message.request_id)
         self._channel.send(message)

@@ -88,6 +88,10 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
         _await_shutdown(channel)
         channel.close()
         sys.exit(1)
+    except BaseException:  # SIGTERM with the front gone, while loading: the ranks go too
+        if followers is not None:
+            followers.stop(graceful=False)  # else exiting joins ranks that ignore SIGTERM
+        raise
     if followers is not None:
         del core, tp  # the group's last references go in `stop` (see `leave_group`)
         followers.stop(graceful=True)

@@ -24,13 +24,12 @@ from types import FrameType
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_loop = {"watches_parent": False}
 
 
 def loop_watches_parent() -> None:
     """From now on this process's loop checks that its parent lives and leaves in order when it
-    does not: a SIGTERM after the parent's death no longer exits at once."""
-    _loop["watches_parent"] = True
+    does not: SIGTERM is ignored from here on."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def follow_parent_on_signals() -> None:
@@ -40,7 +39,7 @@ def follow_parent_on_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        if _loop["watches_parent"] or (parent is not None and parent.is_alive()):
+        if parent is not None and parent.is_alive():
             return
         logger.info("SIGTERM with the parent process gone: exiting")
         raise SystemExit(128 + signum)
