@@ -17,7 +17,9 @@ import time
 from types import FrameType
 
 from ocula.config import EngineArgs
+from ocula.distributed.launch import check_devices_for_ranks
 from ocula.engine.tp_worker import run_follower
+from ocula.utils.device import pick_device
 
 logger = logging.getLogger("ocula.node")
 
@@ -29,6 +31,7 @@ def run_worker_node(args: EngineArgs) -> int:
     """Runs this node's ranks until they leave; returns the node's exit status."""
     if args.node_rank == 0:
         raise ValueError("node 0 runs the server itself, not a worker node")
+    check_devices_for_ranks(pick_device(args.device), args.ranks_per_node)
     spawn = multiprocessing.get_context("spawn")
     processes: dict[int, multiprocessing.process.BaseProcess] = {}
     stopping = False

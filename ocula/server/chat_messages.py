@@ -99,7 +99,7 @@ def template_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]]
     result's `tool_call_id`), and the image sources in the order their tags appear."""
     result = []
     images: list[dict[str, str]] = []
-    text_only_tags = []  # messages without images whose text holds image tags
+    text_only_tags: list[int] = []  # messages without images whose text holds image tags
     for index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
         before = len(images)

@@ -1,5 +1,6 @@
-"""The graceful part of a shutdown: new requests refused, those in flight (and those still
-preparing their images) given time to finish, then stopped."""
+"""The graceful part of a shutdown: new requests refused, those still preparing their images
+cancelled (each would be refused once ready), those in flight given time to finish, then
+stopped."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ async def drain(state: ServerState, grace_seconds: float) -> None:
     event on a stream that has started) and get a moment to send it. Returns when nothing is
     in flight or that moment has passed; the caller then stops the HTTP server."""
     state.draining = True
+    for preparation in list(state.preparations):  # each would be refused when it is ready
+        preparation.cancel()
     if state.in_flight:
         logger.info(
             "shutting down: %d request(s) in flight get up to %g s to finish",

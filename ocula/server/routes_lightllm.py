@@ -30,6 +30,7 @@ from ocula.server.async_engine import (
     PreparedRequest,
     RequestError,
 )
+from ocula.server.eager_streaming import EagerStreamingResponse
 from ocula.server.json_body import read_body
 from ocula.server.lightllm_responses import DetailWriter, generate_response, stream_events
 from ocula.server.lightllm_sampling import fit_max_new_tokens, to_sampling_params
@@ -154,7 +155,7 @@ async def generate(request: Request) -> Response:
 
 
 @router.post("/generate_stream")
-async def generate_stream(request: Request) -> serving.EagerStreamingResponse:
+async def generate_stream(request: Request) -> EagerStreamingResponse:
     return await _generate_stream(request, await read_body(request, GenerateRequest))
 
 
@@ -186,9 +187,7 @@ async def _generate(request: Request, body: GenerateRequest) -> Response:
     return JSONResponse(generate_response(collected, prepared, state.engine.tokenizer, details))
 
 
-async def _generate_stream(
-    request: Request, body: GenerateRequest
-) -> serving.EagerStreamingResponse:
+async def _generate_stream(request: Request, body: GenerateRequest) -> EagerStreamingResponse:
     state = serving.server_state(request)
     if body.parameters.num_sequences > 1:
         raise RequestError(
@@ -204,20 +203,23 @@ async def _generate_stream(
         request, serving.run_request(state, request_id, prepared)
     )
     writer = DetailWriter(state.engine.tokenizer, len(prepared.prompt_token_ids))
-    return serving.EagerStreamingResponse(
-        stream_events(events, writer), media_type="text/event-stream"
-    )
+    return EagerStreamingResponse(stream_events(events, writer), media_type="text/event-stream")
 
 
 @router.api_route("/tokens", methods=["GET", "POST"])  # LightLLM takes both
 async def tokens(request: Request) -> JSONResponse:
     body = await read_body(request, TokensRequest)
     state = serving.server_state(request)
-    ids, _ = await tokenize_with_images(
-        state.engine,
-        body.text,
-        body.multimodal_params,
-        body.parameters.image_max_patch_num,
-        body.parameters.add_special_tokens,
+    ids, _ = await serving.prepare_admitted(  # images load as a generation's would
+        request,
+        state,
+        0,
+        lambda: tokenize_with_images(
+            state.engine,
+            body.text,
+            body.multimodal_params,
+            body.parameters.image_max_patch_num,
+            body.parameters.add_special_tokens,
+        ),
     )
     return JSONResponse({"ntokens": len(ids)})

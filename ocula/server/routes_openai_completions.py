@@ -32,7 +32,7 @@ from ocula.server.routes_openai_events import (
     start_generations,
     whole_response,
 )
-from ocula.server.serving import server_state
+from ocula.server.serving import prepare_admitted, server_state
 from ocula.server.text_encoding import check_token_budget
 
 router = APIRouter()
@@ -105,12 +105,17 @@ async def create_completion(request: Request) -> Response:
     stream_options = check_stream_options(body)
     check_unsupported(body)
     tokenizer = state.engine.tokenizer
-    prompts = await asyncio.to_thread(
-        tokenize_prompts,
-        tokenizer,
-        body.prompt,
-        state.engine.max_prompt_tokens,
-        body.add_special_tokens is not False,
+    prompts = await prepare_admitted(
+        request,
+        state,
+        body.n or 1,  # at least: each prompt runs n
+        lambda: asyncio.to_thread(
+            tokenize_prompts,
+            tokenizer,
+            body.prompt,
+            state.engine.max_prompt_tokens,
+            body.add_special_tokens is not False,
+        ),
     )
     sequences = len(prompts) * (body.n or 1)
     if sequences > state.max_in_flight:  # could never be admitted: not a 503 to retry

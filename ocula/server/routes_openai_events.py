@@ -22,13 +22,12 @@ from ocula.server.async_engine import (
     RequestError,
     StreamEvent,
 )
+from ocula.server.eager_streaming import EagerStreamingResponse, close_stream
 from ocula.server.errors import OverloadedError
 from ocula.server.protocol_openai import PromptTokensDetails, Usage
 from ocula.server.routes_openai_common import OpenAIError
 from ocula.server.serving import (
-    EagerStreamingResponse,
     ServerState,
-    close_stream,
     collect_unless_disconnected,
     primed,
     run_request,

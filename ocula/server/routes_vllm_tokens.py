@@ -26,7 +26,7 @@ from ocula.server.routes_openai_common import (
     openai_endpoint,
     parse_body,
 )
-from ocula.server.serving import server_state
+from ocula.server.serving import prepare_admitted, server_state
 from ocula.server.text_encoding import encode_text
 
 router = APIRouter()
@@ -64,7 +64,8 @@ async def tokenize(request: Request) -> Response:
         chat = ChatCompletionRequest.model_validate(
             body.model_dump(include=set(ChatCompletionRequest.model_fields), exclude_none=True)
         )
-        token_ids, _ = await tokenize_chat(state, chat)
+        # Images load under admission: refused while draining, dropped if the client leaves.
+        token_ids, _ = await prepare_admitted(request, state, 0, lambda: tokenize_chat(state, chat))
     else:
         add_special = body.add_special_tokens is not False
         token_ids = await encode_text(

@@ -8,12 +8,10 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from ocula.server.args import ServerArgs
 from ocula.server.async_engine import AsyncEngine, PreparedRequest, StreamEvent
@@ -40,6 +38,7 @@ class ServerState:
     # but counted by admission so that image work stops once the server is full.
     preparing: int = 0
     sequences_preparing: int = 0
+    preparations: set[asyncio.Future] = field(default_factory=set)  # cancelled by a drain
 
     @property
     def max_in_flight(self) -> int:
@@ -149,12 +148,23 @@ async def prepare_admitted(
     drains or is full refuses before any image work (503), and cancelled if the client leaves
     first (ClientDisconnectedError): a fetch stops, a decoding thread's result is dropped."""
     admit(state, sequences, state.sequences_in_flight + state.sequences_preparing)
+    task = asyncio.ensure_future(prepare())
+    state.preparations.add(task)
     state.preparing += 1
     state.sequences_preparing += sequences
     state.metrics.preparing.inc()
     try:
-        return await unless_disconnected(request, prepare(), _nothing_to_clean)
+        return await unless_disconnected(request, task, _nothing_to_clean)
+    except asyncio.CancelledError:
+        handler = asyncio.current_task()
+        if state.draining and task.cancelled() and (handler is None or not handler.cancelling()):
+            state.metrics.requests.labels(status="shutting_down").inc()  # a drain cancelled it
+            raise ServerShuttingDownError(
+                "the server is shutting down; retry on another replica"
+            ) from None
+        raise
     finally:
+        state.preparations.discard(task)
         state.preparing -= 1
         state.sequences_preparing -= sequences
         state.metrics.preparing.dec()
@@ -190,54 +200,6 @@ async def primed(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEven
             await events.aclose()
 
     return replay()
-
-
-async def close_stream(stream: AsyncIterator[Any]) -> None:
-    """Closes an async generator (running its cleanup: aborting the request); other iterators
-    have nothing to close."""
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-class EagerStreamingResponse(StreamingResponse):
-    """A StreamingResponse that sends its headers and first chunk back to back, before it starts
-    watching for the client's disconnect, instead of sending the headers, then setting up that
-    watch (Starlette's task group), then asking its body for a first chunk. The routes prime
-    their streams (`primed`), so the first chunk is ready at once: the first token leaves
-    sooner. The rest streams as Starlette streams it."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks = aiter(self.body_iterator)
-        try:
-            first = await anext(chunks, None)
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": self.status_code,
-                    "headers": self.raw_headers,
-                }
-            )
-            if first is not None:
-                await send(
-                    {"type": "http.response.body", "body": self._bytes(first), "more_body": True}
-                )
-        except BaseException:  # e.g. the client is gone: close the stream (aborts the request)
-            await close_stream(chunks)
-            raise
-        self.body_iterator = chunks
-        await super().__call__(scope, receive, send)  # streams the rest through stream_response
-
-    async def stream_response(self, send: Send) -> None:
-        """Starlette's, less the headers: `__call__` has sent them."""
-        async for chunk in self.body_iterator:
-            await send(
-                {"type": "http.response.body", "body": self._bytes(chunk), "more_body": True}
-            )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    def _bytes(self, chunk: str | bytes | memoryview) -> bytes | memoryview:
-        return chunk.encode(self.charset) if isinstance(chunk, str) else chunk
 
 
 async def unless_disconnected(

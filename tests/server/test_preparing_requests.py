@@ -6,6 +6,7 @@ and an image site whose /hang answers only when the test lets it."""
 from __future__ import annotations
 
 import http.server
+import signal
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from ocula.server.api_server import SHUTDOWN_GRACE_SECONDS
 from tests.helpers.images import random_png
 from tests.helpers.server import RunningServer, start_server
 from tests.helpers.tiny_internvl import make_hf_internvl
@@ -170,3 +172,33 @@ def test_a_full_server_refuses_before_loading_images(vlm_server, site) -> None:
 
 def site_url(site: ImageSite) -> str:
     return f"http://127.0.0.1:{site.server_address[1]}"
+
+
+def test_a_drain_refuses_requests_still_loading_their_images(site, tmp_path) -> None:
+    """SIGTERM while an image is being fetched: the request gets 503 server_shutting_down at
+    once (it would be refused once ready) instead of holding the drain for its fetch."""
+    site.release.clear()
+    checkpoint = make_hf_internvl(tmp_path / "internvl", "qwen2")
+    flags = ("--enable_multimodal", "--allow_local_media")
+    server = start_server(checkpoint, tmp_path, *flags, env=TILE_TOKENS)
+    answers: list[httpx.Response] = []
+    path = f"/hang-{uuid.uuid4().hex}"
+    loader = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(server.url + "/generate", json=image_request(site_url(site) + path))
+        )
+    )
+    try:
+        loader.start()
+        wait_for(lambda: site.gets.get(path, 0) == 1, "the fetch never started")
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        loader.join(30)
+        assert server.process.wait(30) == 0, server.log()
+    finally:
+        site.release.set()
+        if server.process.poll() is None:
+            server.process.kill()
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json()["error"]["type"] == "server_shutting_down"
+    assert time.monotonic() - signalled < SHUTDOWN_GRACE_SECONDS  # no wait for the fetch
