@@ -235,7 +235,7 @@ def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
     """Process entry of rank `rank` > 0 (spawned by rank 0, or by `worker_node` on another
     node)."""
     # Ctrl-C reaches the whole process group; a follower stops when rank 0 says so or dies.
-    follow_parent_on_signals()
+    follow_parent_on_signals(death_signal=signal.SIGKILL)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         setup = resolve_model(args)
