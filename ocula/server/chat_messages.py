@@ -52,7 +52,7 @@ def message_text(message: ChatMessage, index: int, images: list[dict[str, str]])
     if isinstance(content, str):
         return content
     texts: list[str] = []
-    tags_at: list[int] = []  # where each image part's tag stands in `texts`
+    image_slots: set[int] = set()  # where image parts' tags stand in `texts`
     for part_index, part in enumerate(content):
         where = f"messages[{index}].content[{part_index}]"
         if isinstance(part, str):
@@ -70,7 +70,7 @@ def message_text(message: ChatMessage, index: int, images: list[dict[str, str]])
                     400, f"{where}: an image part needs image_url.url", param="messages"
                 )
             images.append({"type": "url", "data": url})
-            tags_at.append(len(texts))
+            image_slots.add(len(texts))
             texts.append(IMAGE_PLACEHOLDER)
         else:
             raise OpenAIError(
@@ -79,18 +79,19 @@ def message_text(message: ChatMessage, index: int, images: list[dict[str, str]])
                 "or image_url parts",
                 param="messages",
             )
-    written = sum(count_image_tags(texts[i]) for i in range(len(texts)) if i not in tags_at)
-    if written == 0 or not tags_at:
+    written_texts = [text for i, text in enumerate(texts) if i not in image_slots]
+    written = sum(count_image_tags(text) for text in written_texts)
+    if written == 0 or not image_slots:
         return "\n".join(texts)
-    if written > len(tags_at):
+    if written > len(image_slots):
         raise OpenAIError(
             400,
             f"messages[{index}]: the text holds {written} image tags (<image> or <img></img>) "
-            f"for {len(tags_at)} image part(s)",
+            f"for {len(image_slots)} image part(s)",
             param="messages",
         )
-    missing = [IMAGE_PLACEHOLDER] * (len(tags_at) - written)
-    return "\n".join(missing + [text for i, text in enumerate(texts) if i not in tags_at])
+    missing = [IMAGE_PLACEHOLDER] * (len(image_slots) - written)
+    return "\n".join(missing + written_texts)
 
 
 def template_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[dict]]:

@@ -1,5 +1,6 @@
-"""What every generation route shares: admission, metrics, streaming without premature headers,
-and aborting when the client goes away (the drain that starts a shutdown: `draining`)."""
+"""What every generation route shares: admission (a request's images loaded under it), metrics,
+and aborting when the client goes away (streaming without premature headers: `eager_streaming`;
+the drain that starts a shutdown: `draining`)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,15 @@ class ServerState:
     # running and waiting queues hold, so what admission counts.
     sequences_in_flight: int = 0
     draining: bool = False  # set once by `drain`: new requests get 503, /health is unhealthy
-    # Requests (and their sequences) being prepared (`prepare_admitted`): not yet in flight,
-    # but counted by admission so that image work stops once the server is full.
-    preparing: int = 0
+    # Requests being prepared (`prepare_admitted`), and their sequences: not yet in flight,
+    # but counted by admission so that image work stops once the server is full; a drain
+    # cancels them.
+    preparations: set[asyncio.Future] = field(default_factory=set)
     sequences_preparing: int = 0
-    preparations: set[asyncio.Future] = field(default_factory=set)  # cancelled by a drain
+
+    @property
+    def preparing(self) -> int:
+        return len(self.preparations)
 
     @property
     def max_in_flight(self) -> int:
@@ -128,8 +133,7 @@ def admit(state: ServerState, sequences: int, sequences_taken: int) -> None:
     than it ever holds, OverloadedError when `sequences_taken` leave no room for `sequences`;
     each counted as a request of that status."""
     if state.draining:
-        state.metrics.requests.labels(status="shutting_down").inc()
-        raise ServerShuttingDownError("the server is shutting down; retry on another replica")
+        raise shutting_down(state)
     check_fits_at_once(state, sequences)
     if sequences_taken + sequences > state.max_in_flight:
         state.metrics.requests.labels(status="overloaded").inc()
@@ -150,7 +154,6 @@ async def prepare_admitted(
     admit(state, sequences, state.sequences_in_flight + state.sequences_preparing)
     task = asyncio.ensure_future(prepare())
     state.preparations.add(task)
-    state.preparing += 1
     state.sequences_preparing += sequences
     state.metrics.preparing.inc()
     try:
@@ -158,16 +161,19 @@ async def prepare_admitted(
     except asyncio.CancelledError:
         handler = asyncio.current_task()
         if state.draining and task.cancelled() and (handler is None or not handler.cancelling()):
-            state.metrics.requests.labels(status="shutting_down").inc()  # a drain cancelled it
-            raise ServerShuttingDownError(
-                "the server is shutting down; retry on another replica"
-            ) from None
+            raise shutting_down(state) from None  # a drain cancelled it
         raise
     finally:
         state.preparations.discard(task)
-        state.preparing -= 1
         state.sequences_preparing -= sequences
         state.metrics.preparing.dec()
+
+
+def shutting_down(state: ServerState) -> ServerShuttingDownError:
+    """The refusal of a request that arrives, or would start, while the server drains; counted
+    as a request of that status."""
+    state.metrics.requests.labels(status="shutting_down").inc()
+    return ServerShuttingDownError("the server is shutting down; retry on another replica")
 
 
 async def _nothing_to_clean() -> None:
