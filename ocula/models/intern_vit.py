@@ -180,10 +180,6 @@ class InternViTAttention(nn.Module):
 # a constant the benchmarks' `--switches table_activation=off` clear for an A/B.
 TABLE_ACTIVATIONS = {"gelu": F.gelu}
 USE_TABLE_ACTIVATIONS = True
-# Whether fc1 and the table activation run as one GEMM that activates each output tile inside its
-# next tile's main loop (`ocula.kernels.linear_table_activation`, bit-identical). Off: not yet
-# faster on a GPU (the kernel's docstring); the benchmarks' `--switches fused_fc1=on` set it.
-USE_FUSED_FC1 = False
 
 
 def warm_up_table_activations(hidden_act: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -207,30 +203,13 @@ class InternViTMLP(nn.Module):
         self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, True, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.table_act is not None and USE_TABLE_ACTIVATIONS and use_triton(x):
-            fused = self._fused_fc1(x)
-            if fused is not None:
-                return self.fc2(fused)
-            hidden = self.fc1(x)
+        hidden = self.fc1(x)
+        if self.table_act is not None and USE_TABLE_ACTIVATIONS and use_triton(hidden):
             from ocula.kernels.table_activation import table_activation_, worth_a_table
 
             if worth_a_table(hidden):
                 return self.fc2(table_activation_(hidden, self.table_act))
-            return self.fc2(self.act(hidden))
-        return self.fc2(self.act(self.fc1(x)))
-
-    def _fused_fc1(self, x: torch.Tensor) -> torch.Tensor | None:
-        """act(fc1(x)) in one kernel where `fused_applies`, else None."""
-        if not USE_FUSED_FC1:
-            return None
-        from ocula.kernels.linear_table_activation import fused_applies, linear_table_activation
-
-        rows = x.reshape(-1, x.shape[-1])
-        weight = self.fc1.weight
-        if not fused_applies(rows, weight, weight.shape[0]):
-            return None
-        out = linear_table_activation(rows, weight, self.fc1.bias, self.table_act)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return self.fc2(self.act(hidden))
 
 
 class InternViTLayer(nn.Module):
