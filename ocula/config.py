@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocula.layers.attention import ATTENTION_BACKENDS
+from ocula.attention.registry import ATTENTION_BACKENDS
 
 DATA_TYPES = ("auto", "fp16", "float16", "bf16", "bfloat16", "fp32", "float32")
 TOKENIZER_MODES = ("auto", "fast", "slow")

@@ -42,6 +42,7 @@ from ocula.engine.model_setup import ModelSetup, resolve_model
 from ocula.engine.step_plan import StepPlan
 from ocula.utils.child_signals import follow_parent_on_signals, loop_watches_parent
 from ocula.utils.device import set_host_threads
+from ocula.utils.process_exit import freeze_heap_at_exit
 
 logger = logging.getLogger("ocula.engine.tp")
 
@@ -236,6 +237,7 @@ def run_follower(args: EngineArgs, rank: int, host: str, port: int) -> None:
     node)."""
     # Ctrl-C reaches the whole process group; a follower stops when rank 0 says so or dies.
     follow_parent_on_signals(death_signal=signal.SIGKILL)
+    freeze_heap_at_exit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         setup = resolve_model(args)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ocula.attention.reference import paged_attention_reference
+from ocula.attention.registry import ATTENTION_BACKENDS
 from ocula.engine.forward_batch import ForwardBatch
 from ocula.layers.rotary import Rope
 
@@ -61,12 +62,6 @@ class ReferenceBackend:
         covered = sum(batch.query_lens_cpu)  # rows past the batch's tokens stay as they were
         out[:covered] = result[:covered]
         return out
-
-
-ATTENTION_BACKENDS: dict[str, str] = {
-    "reference": "ocula.layers.attention:ReferenceBackend",
-    "triton": "ocula.attention.triton_backend:TritonBackend",
-}
 
 
 def get_attention_backend(name: str = "reference") -> AttentionBackend:

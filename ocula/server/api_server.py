@@ -23,8 +23,8 @@ import uvicorn
 from ocula.cli_args import parse_config
 from ocula.server.args import ServerArgs
 from ocula.server.engine_launch import EngineLaunch
-from ocula.server.http_protocol import guarded_protocol
 from ocula.server.lightllm_flags import ignored_flags_note
+from ocula.utils.process_exit import freeze_heap_at_exit
 
 # The front's own modules (the app, the engine handle, the serving state) are imported by
 # `serve`, after the engine process has started: a module-level import here would also run in
@@ -119,6 +119,7 @@ async def serve_with(
     """`serve` once the engine handle (an `AsyncEngine`) exists: it owns `launch` from here."""
     from ocula.server.app import build_app
     from ocula.server.async_engine import EngineUnavailableError
+    from ocula.server.http_protocol import guarded_protocol
     from ocula.server.idle_wait import FrontSpin
     from ocula.server.stats_log import log_stats_forever
 
@@ -214,6 +215,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_config(ServerArgs, argv, "Ocula: serve a (vision-)language model over HTTP.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    freeze_heap_at_exit()
     # Outside uvicorn's serving (which drains on SIGTERM), SIGTERM unwinds like Ctrl-C does, so
     # that the `finally` below stops the engine process and removes its channel.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

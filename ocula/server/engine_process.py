@@ -35,6 +35,7 @@ from ocula.server.image_payloads import EnginePayloads
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 from ocula.utils.child_signals import follow_parent_on_signals, loop_watches_parent
 from ocula.utils.device import set_host_threads
+from ocula.utils.process_exit import freeze_heap_at_exit
 
 logger = logging.getLogger("ocula.engine")
 
@@ -45,6 +46,7 @@ SHUTDOWN_WAIT_SECONDS = 10.0
 def run_engine_process(args: ServerArgs, channel_path: str) -> None:
     """Process entry point (spawned by the front, which listens at `channel_path`)."""
     follow_parent_on_signals()  # Ctrl-C / a group's SIGTERM: the front drains, then stops us
+    freeze_heap_at_exit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     channel = EngineSideChannel(channel_path)
     followers: FollowerRanks | None = None

@@ -1,10 +1,13 @@
-"""What the server checks before it loads anything heavy: a model folder that exists and holds
-a tokenizer, and a GPU for every tensor-parallel rank of this machine."""
+"""What the server checks before it loads anything heavy: its flags (parsed without importing
+torch), a model folder that exists and holds a tokenizer, and a GPU for every tensor-parallel
+rank of this machine."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,3 +69,34 @@ def test_a_config_that_is_not_json_is_named(tmp_path) -> None:
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not an object"):
         resolve_model(EngineArgs(model_dir=str(tmp_path)))
+
+
+def test_the_server_parses_its_flags_and_opens_the_channel_without_torch(tmp_path) -> None:
+    """The front parses its flags and spawns the engine process before it imports anything
+    heavy (`ocula.server.engine_launch`): both processes then import torch at once, and a bad
+    flag is refused at once. Here any import of torch, transformers or fastapi raises."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'fastapi', 'numpy'):\n"
+        "    sys.modules[name] = None\n"
+        "from ocula.cli_args import parse_config\n"
+        "from ocula.server.api_server import bind_socket\n"
+        "from ocula.server.args import ServerArgs\n"
+        "from ocula.server.channel_listener import ChannelListener\n"
+        "import ocula.server.engine_launch\n"
+        "args = parse_config(ServerArgs, ['--model_dir', sys.argv[1], '--tp', '2',\n"
+        "    '--enable_multimodal', '--visual_dp', '2', '--visual_tp', '1',\n"
+        "    '--attention_backend', 'triton', '--cache_capacity', '100'])\n"
+        "assert args.tp == 2 and args.attention_backend == 'triton'\n"
+        "bind_socket('127.0.0.1', 0).close()\n"
+        "listener = ChannelListener()\n"
+        "assert listener.path.exists()\n"
+        "listener.close()\n"
+        "assert not listener.folder.exists()\n"
+        "parse_config(ServerArgs, ['--attention_backend', 'nope'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--attention_backend must be auto or one of ['reference', 'triton']" in result.stderr
