@@ -113,6 +113,7 @@ def leave_group() -> None:
     a collective when the interpreter exits aborts the process (it dies taking the GIL)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.unfreeze()  # the models and runners of start-up were frozen (`gc_heap`): collect them too
     gc.collect()  # groups kept alive by reference cycles (models, runners) go now
 
 

@@ -42,7 +42,7 @@ from ocula.engine.model_setup import ModelSetup, resolve_model
 from ocula.engine.step_plan import StepPlan
 from ocula.utils.child_signals import follow_parent_on_signals, loop_watches_parent
 from ocula.utils.device import set_host_threads
-from ocula.utils.process_exit import freeze_heap_at_exit
+from ocula.utils.gc_heap import freeze_heap_at_exit, freeze_startup_heap
 
 logger = logging.getLogger("ocula.engine.tp")
 
@@ -263,6 +263,7 @@ def _follow_steps(args: EngineArgs, setup: ModelSetup, rank: int, store: dist.TC
     group = init_rank(store, rank, args.tp, setup.device)
     check_same_flags(group, args, rank)
     runner = build_model_runner(args, setup, group)
+    freeze_startup_heap(f"tensor-parallel rank {rank}")
     loop_watches_parent()  # rank 0 stops this rank, or its death fails the next collective
     logger.info("tensor-parallel rank %d ready on %s", rank, setup.device)
     while True:

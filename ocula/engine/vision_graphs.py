@@ -71,9 +71,11 @@ class VisionGraphs:
         """Captures a graph for every tile count (collective under vision tensor parallelism)."""
         started = time.perf_counter()
         # The largest forward first: its warm-up sizes the output, and the smaller captures
-        # reuse the pool blocks it leaves.
-        for tiles in range(self.max_tiles, 0, -1):
-            self._graphs[tiles] = self._capture(tiles)
+        # reuse the pool blocks it leaves. One collection for all of them: each costs a walk
+        # over the whole heap (0.28 s on an H100 host, 16 of them were 4.5 s of the start).
+        with no_garbage_collection():
+            for tiles in range(self.max_tiles, 0, -1):
+                self._graphs[tiles] = self._capture(tiles)
         replay_once(self._graphs.values())
         logger.info(
             "vision encoder graphs captured for 1-%d tiles in %.2f s",
@@ -92,7 +94,7 @@ class VisionGraphs:
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         pool = next(iter(self._graphs.values())).pool() if self._graphs else None
-        with no_garbage_collection(), torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool):
             # The encoder's own output is freed after the copy; later captures may reuse it.
             self._output[:tiles].copy_(self.encode_images(pixels))
         return graph

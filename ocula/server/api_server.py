@@ -24,7 +24,7 @@ from ocula.cli_args import parse_config
 from ocula.server.args import ServerArgs
 from ocula.server.engine_launch import EngineLaunch
 from ocula.server.lightllm_flags import ignored_flags_note
-from ocula.utils.process_exit import freeze_heap_at_exit
+from ocula.utils.gc_heap import freeze_heap_at_exit, freeze_startup_heap
 
 # The front's own modules (the app, the engine handle, the serving state) are imported by
 # `serve`, after the engine process has started: a module-level import here would also run in
@@ -168,6 +168,7 @@ async def serve_with(
             await asyncio.sleep(0.5)
         server.should_exit = True
 
+    freeze_startup_heap("front")
     if ready.spins_when_idle:
         spin.start()
     logger.info(

@@ -35,7 +35,7 @@ from ocula.server.image_payloads import EnginePayloads
 from ocula.server.to_engine import AbortRequest, AddRequest, Shutdown
 from ocula.utils.child_signals import follow_parent_on_signals, loop_watches_parent
 from ocula.utils.device import set_host_threads
-from ocula.utils.process_exit import freeze_heap_at_exit
+from ocula.utils.gc_heap import freeze_heap_at_exit, freeze_startup_heap
 
 logger = logging.getLogger("ocula.engine")
 
@@ -63,6 +63,7 @@ def run_engine_process(args: ServerArgs, channel_path: str) -> None:
         spin = spins_when_idle(args.idle_wait, setup.device.type)
         if not args.skip_server_warmup:
             warm_up_engine(core, setup.model_config, with_image=args.enable_multimodal)
+        freeze_startup_heap("engine process")
         channel.send(
             EngineReady(
                 kv_capacity=core.allocator.capacity,
