@@ -72,31 +72,45 @@ def test_a_config_that_is_not_json_is_named(tmp_path) -> None:
 
 
 def test_the_server_parses_its_flags_and_opens_the_channel_without_torch(tmp_path) -> None:
-    """The front parses its flags and spawns the engine process before it imports anything
-    heavy (`ocula.server.engine_launch`): both processes then import torch at once, and a bad
-    flag is refused at once. Here any import of torch, transformers or fastapi raises."""
+    """The front parses its flags, binds its port and spawns the engine process before it
+    imports anything heavy (`ocula.server.engine_launch`): both processes then import torch at
+    once, and a bad flag is refused at once. Here any import of torch and the other heavy
+    packages raises, and `main` runs up to the engine's launch (replaced by a stand-in that
+    opens the real channel listener and stops there)."""
     code = (
         "import sys\n"
-        "for name in ('torch', 'transformers', 'fastapi', 'numpy'):\n"
+        "for name in ('torch', 'transformers', 'tokenizers', 'safetensors', 'huggingface_hub',\n"
+        "             'fastapi', 'starlette', 'pydantic', 'numpy', 'PIL'):\n"
         "    sys.modules[name] = None\n"
-        "from ocula.cli_args import parse_config\n"
-        "from ocula.server.api_server import bind_socket\n"
-        "from ocula.server.args import ServerArgs\n"
+        "import ocula.server.api_server as api_server\n"
         "from ocula.server.channel_listener import ChannelListener\n"
-        "import ocula.server.engine_launch\n"
-        "args = parse_config(ServerArgs, ['--model_dir', sys.argv[1], '--tp', '2',\n"
-        "    '--enable_multimodal', '--visual_dp', '2', '--visual_tp', '1',\n"
-        "    '--attention_backend', 'triton', '--cache_capacity', '100'])\n"
-        "assert args.tp == 2 and args.attention_backend == 'triton'\n"
-        "bind_socket('127.0.0.1', 0).close()\n"
-        "listener = ChannelListener()\n"
-        "assert listener.path.exists()\n"
-        "listener.close()\n"
-        "assert not listener.folder.exists()\n"
-        "parse_config(ServerArgs, ['--attention_backend', 'nope'])\n"
+        "class Launched(Exception):\n"
+        "    pass\n"
+        "def launch(args):\n"
+        "    assert args.tp == 2 and args.attention_backend == 'triton', args\n"
+        "    listener = ChannelListener()\n"
+        "    assert listener.path.exists()\n"
+        "    listener.close()\n"
+        "    assert not listener.folder.exists()\n"
+        "    raise Launched\n"
+        "api_server.EngineLaunch = launch\n"
+        "import socket\n"
+        "with socket.socket() as free:\n"
+        "    free.bind(('127.0.0.1', 0))\n"
+        "    port = str(free.getsockname()[1])\n"
+        "try:\n"
+        "    api_server.main(['--model_dir', sys.argv[1], '--port', port, '--tp', '2',\n"
+        "        '--enable_multimodal', '--visual_dp', '2', '--visual_tp', '1',\n"
+        "        '--attention_backend', 'triton', '--cache_capacity', '100',\n"
+        "        '--router_max_wait_tokens', '4'])\n"  # a LightLLM flag: the note is logged
+        "except Launched:\n"
+        "    print('launched')\n"
+        "api_server.main(['--attention_backend', 'nope'])\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
     )
+    assert "launched" in result.stdout, result.stderr
+    assert "LightLLM flags accepted without effect here" in result.stderr
     assert result.returncode == 2, result.stderr
     assert "--attention_backend must be auto or one of ['reference', 'triton']" in result.stderr
