@@ -14,65 +14,40 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from benchmarks.common import log, write_json
+from benchmarks.serving_client import ServerProcess
 
 HEALTH_TIMEOUT_SECONDS = 600
 STOP_TIMEOUT_SECONDS = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_and_stop(
     checkpoint: Path, tree: Path | None, server_args: list[str], log_path: Path
 ) -> dict[str, Any]:
     """One server's start and stop: seconds to healthy (None if it never was), seconds from
-    SIGTERM to exit, and its exit code."""
-    port = _free_port()
-    env = dict(os.environ)
+    SIGTERM to exit, and its exit code (None when it had to be killed)."""
+    env = {}
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(tree.resolve()), env.get("PYTHONPATH")) if p
+            p for p in (str(tree.resolve()), os.environ.get("PYTHONPATH")) if p
         )
-    command = [sys.executable, "-m", "ocula.server.api_server", "--model_dir", str(checkpoint)]
-    command += ["--port", str(port), *server_args]
-    with log_path.open("w") as server_log, tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch:
         started = time.monotonic()
-        process = subprocess.Popen(
-            command, stdout=server_log, stderr=subprocess.STDOUT, env=env, cwd=scratch
-        )
-        healthy = None
-        while process.poll() is None and time.monotonic() - started < HEALTH_TIMEOUT_SECONDS:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    healthy = time.monotonic() - started
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        server = ServerProcess(checkpoint, server_args, log_path, env=env, cwd=Path(scratch))
+        healthy: float | None = None
         try:
-            code: int | str = process.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            code = "killed"
+            server.wait_healthy(HEALTH_TIMEOUT_SECONDS, poll_seconds=0.05)
+            healthy = time.monotonic() - started
+        except (RuntimeError, TimeoutError) as error:
+            log(f"no healthy server: {error}")
+        signalled = time.monotonic()
+        code = server.stop(STOP_TIMEOUT_SECONDS)
     return {
         "healthy_s": None if healthy is None else round(healthy, 3),
         "stop_s": round(time.monotonic() - signalled, 3),

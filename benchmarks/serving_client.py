@@ -39,9 +39,10 @@ class ServerProcess:
         log_path: Path,
         module: str = "ocula.server.api_server",
         env: dict[str, str] | None = None,
+        cwd: Path = REPO_ROOT,
     ) -> None:
         """`module`: what `python -m` runs (the server, or a wrapper of it); `env`: variables
-        added to this process's environment."""
+        added to this process's environment; `cwd`: its folder, first on its import path."""
         self.port = free_port()
         self.log_path = log_path
         self.command = [sys.executable, "-m", module]
@@ -50,7 +51,7 @@ class ServerProcess:
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
             self.command,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -61,8 +62,9 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_healthy(self, timeout: float) -> float:
-        """Seconds until /health answered 200; raises if the server exits or times out."""
+    def wait_healthy(self, timeout: float, poll_seconds: float = 0.5) -> float:
+        """Seconds until /health answered 200, asking every `poll_seconds`; raises if the
+        server exits or times out."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             if self.process.poll() is not None:
@@ -72,7 +74,7 @@ class ServerProcess:
                     return time.monotonic() - start
             except httpx.TransportError:
                 pass
-            time.sleep(0.5)
+            time.sleep(poll_seconds)
         raise TimeoutError(f"server not healthy after {timeout:.0f} s: {self.tail()}")
 
     def tail(self, lines: int = 30) -> str:

@@ -16,6 +16,7 @@ from ocula.config import EngineArgs
 from ocula.distributed.launch import check_devices_for_ranks
 from ocula.engine.model_setup import resolve_model
 from ocula.utils.tokenizer import load_tokenizer
+from tests.helpers.server import free_port
 
 
 def test_a_folder_without_tokenizer_files_is_refused(tiny_checkpoint, tmp_path) -> None:
@@ -94,12 +95,8 @@ def test_the_server_parses_its_flags_and_opens_the_channel_without_torch(tmp_pat
         "    assert not listener.folder.exists()\n"
         "    raise Launched\n"
         "api_server.EngineLaunch = launch\n"
-        "import socket\n"
-        "with socket.socket() as free:\n"
-        "    free.bind(('127.0.0.1', 0))\n"
-        "    port = str(free.getsockname()[1])\n"
         "try:\n"
-        "    api_server.main(['--model_dir', sys.argv[1], '--port', port, '--tp', '2',\n"
+        "    api_server.main(['--model_dir', sys.argv[1], '--port', sys.argv[2], '--tp', '2',\n"
         "        '--enable_multimodal', '--visual_dp', '2', '--visual_tp', '1',\n"
         "        '--attention_backend', 'triton', '--cache_capacity', '100',\n"
         "        '--router_max_wait_tokens', '4'])\n"  # a LightLLM flag: the note is logged
@@ -108,7 +105,10 @@ def test_the_server_parses_its_flags_and_opens_the_channel_without_torch(tmp_pat
         "api_server.main(['--attention_backend', 'nope'])\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code, str(tmp_path), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert "launched" in result.stdout, result.stderr
     assert "LightLLM flags accepted without effect here" in result.stderr
