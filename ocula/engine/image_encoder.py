@@ -120,14 +120,16 @@ def build_image_encoder(
     encode = model.encode_images
     config = model.config
     tile = (config.vision_config.num_channels, config.image_size, config.image_size)
+    if device.type == "cuda" and hasattr(model, "warm_up_kernels"):
+        # Paths only large batches or graph captures take (built before any capture).
+        with torch.inference_mode():
+            model.warm_up_kernels(dtype, device)
     if device.type == "cuda" and not args.disable_cudagraph:
         encode = VisionGraphs(encode, tile, dtype, device, VISION_GRAPH_MAX_TILES)
         encode.capture()
     elif device.type == "cuda":
         with torch.inference_mode():
             encode(torch.zeros((1, *tile), dtype=dtype, device=device))
-            if hasattr(model, "warm_up_kernels"):  # paths a large batch takes
-                model.warm_up_kernels(dtype, device)
     return ImageEncoder(
         encode,
         model.tokens_per_tile,

@@ -37,6 +37,7 @@ from ocula.layers.linear import (
     RowParallelLinear,
 )
 from ocula.layers.norm import RMSNorm
+from ocula.models.intern_vit_linear import fc1_with_table_activation, warm_up_fc1_kernel
 from ocula.models.intern_vit_shards import (
     ChannelShardedRMSNorm,
     load_proj_columns,
@@ -202,7 +203,16 @@ class InternViTMLP(nn.Module):
         self.table_act = TABLE_ACTIVATIONS.get(config.hidden_act)
         self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, True, tp)
 
+    def warm_up_fused_fc1(self) -> None:
+        """Compiles fc1's kernel with its activation table at start-up (`intern_vit_linear`)."""
+        if self.table_act is not None and USE_TABLE_ACTIVATIONS:
+            warm_up_fc1_kernel(self.fc1, self.table_act)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.table_act is not None and USE_TABLE_ACTIVATIONS:
+            activated = fc1_with_table_activation(self.fc1, x, self.table_act)
+            if activated is not None:
+                return self.fc2(activated)
         hidden = self.fc1(x)
         if self.table_act is not None and USE_TABLE_ACTIVATIONS and use_triton(hidden):
             from ocula.kernels.table_activation import table_activation_, worth_a_table

@@ -108,6 +108,8 @@ class InternVLChatModel(nn.Module):
     def warm_up_kernels(self, dtype: torch.dtype, device: torch.device) -> None:
         """Compiles the vision kernels only large batches use (eager start-up)."""
         warm_up_table_activations(self.config.vision_config.hidden_act, dtype, device)
+        for layer in self.vision_model.encoder.layers[:1]:  # every layer has fc1's shape
+            layer.mlp.warm_up_fused_fc1()
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, 3, S, S] -> embeddings [tiles, tokens_per_tile, llm_hidden]."""

@@ -87,3 +87,16 @@ def test_silu_and_mul() -> None:
     x = torch.randn(3, 8)
     expected = torch.nn.functional.silu(x[:, :4]) * x[:, 4:]
     assert torch.equal(SiluAndMul()(x), expected)
+
+
+def test_the_vit_fc1_kernel_path_declines_off_the_gpu() -> None:
+    """On CPU tensors fc1 and its activation stay the layers' own (the ping-pong GEMM is a
+    Hopper kernel, tested in tests/kernels/test_pingpong_linear.py)."""
+    import torch.nn.functional as F
+
+    from ocula.layers.linear import ColumnParallelLinear
+    from ocula.models.intern_vit_linear import MIN_ROWS, fc1_with_table_activation
+
+    fc1 = ColumnParallelLinear(16, 32, True).bfloat16()
+    x = torch.zeros(MIN_ROWS, 16, dtype=torch.bfloat16)
+    assert fc1_with_table_activation(fc1, x, F.gelu) is None
