@@ -88,6 +88,7 @@ KERNEL_SWITCHES = {
     "rotate_in_decode": ("ocula.attention.triton_backend", "ROTATE_IN_DECODE"),
     "short_chunk_blocks": ("ocula.kernels.prefill_attention", "SHORT_CHUNK_BLOCKS"),
     "table_activation": ("ocula.models.intern_vit", "USE_TABLE_ACTIVATIONS"),
+    "pingpong": ("ocula.models.intern_vit_linear", "USE_PINGPONG"),
 }
 
 
