@@ -2,7 +2,7 @@
 graphs and the warm-up request under cProfile, in this one process (what
 `ocula.server.engine_process` does before it tells the front it is ready).
 
-    python -m benchmarks.profile_engine_start --checkpoint DIR [--server_args "--enable_multimodal"]
+    python -m benchmarks.profile_engine_start --checkpoint DIR [--server_args=--enable_multimodal]
 
 Run it in a fresh process: the import times are the point. A first run on a machine also
 pays Triton's compilations (its cache is in ~/.triton); a second shows the warm start.
@@ -31,7 +31,11 @@ def mark(what: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--server_args", default="", help="more server flags, one string")
+    parser.add_argument(
+        "--server_args",
+        default="",
+        help='more server flags, one string, given with "=": --server_args="--enable_multimodal"',
+    )
     parser.add_argument("--top", type=int, default=40, help="rows of each cProfile table")
     args = parser.parse_args()
 

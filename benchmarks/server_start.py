@@ -2,7 +2,7 @@
 (SIGTERM to exit), one server at a time, for one or more source trees taking turns.
 
     python -m benchmarks.server_start --checkpoint DIR --rounds 3 --out start.json \
-        [--tree new=. --tree base=/tmp/base_tree] [--server_args "--enable_multimodal"]
+        [--tree new=. --tree base=/tmp/base_tree] [--server_args=--enable_multimodal]
 
 Each tree is a folder holding an `ocula` package (a `git archive` of another commit, say),
 put first on the server's PYTHONPATH; without `--tree` the installed `ocula` runs. The servers
@@ -70,9 +70,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tree", action="append", default=[], help="label=folder; repeatable")
-    parser.add_argument("--server_args", default="", help="more server flags, one string")
+    parser.add_argument(
+        "--server_args",
+        default="",
+        help='more server flags, one string, given with "=": --server_args="--enable_multimodal"',
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     trees: dict[str, Path | None] = {"installed": None}
     if args.tree:
         trees = {label: Path(folder) for label, folder in (t.split("=", 1) for t in args.tree)}
