@@ -48,7 +48,8 @@ def warm_up_fc1_kernel(
     """Builds the table and compiles the kernel for fc1's shape now (start-up), not in the first
     large batch: one block of zero rows takes the same compiled kernel as any batch."""
     if USE_PINGPONG and fc1.weight.is_cuda:
-        rows = torch.zeros(128, fc1.weight.shape[1], dtype=fc1.weight.dtype, device="cuda")
+        weight = fc1.weight
+        rows = torch.zeros(128, weight.shape[1], dtype=weight.dtype, device=weight.device)
         _fused_fc1(fc1, rows, activation, rows.shape[:-1])
 
 
