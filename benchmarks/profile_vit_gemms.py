@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import log, run_metadata, time_call, write_json
 from benchmarks.hardware import matmul_peak
+from benchmarks.random_weights import random_tensor
 from benchmarks.shapes import INTERNVIT_300M
 
 TOKENS_PER_TILE = 1025  # a 448-px tile: 32 x 32 patches of 14 px and the class token
@@ -124,17 +125,12 @@ def random_vit() -> torch.nn.Module:
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
         image_size=IMAGE_SIZE, patch_size=PATCH, qkv_bias=True,
     )  # fmt: skip
-    torch.manual_seed(0)
     model = InternViT(config, select_layer=-1, tp=SINGLE_RANK)
-    for name, param in model.named_parameters():
-        with torch.no_grad():
-            if name.endswith(("norm1.weight", "norm2.weight")):
-                param.fill_(1.0)
-            elif name.endswith(("ls1", "ls2")):
-                param.fill_(0.1)
-            else:
-                param.normal_(0.0, 0.02)
-    return model.to(device="cuda", dtype=torch.bfloat16).eval()
+    model = model.to(device="cuda", dtype=torch.bfloat16).eval()
+    with torch.no_grad():  # the benchmark checkpoints' values (`benchmarks.random_weights`)
+        for name, param in model.named_parameters():
+            param.copy_(random_tensor(name, tuple(param.shape), param.device, seed=0))
+    return model
 
 
 def vit_flops(tiles: int) -> float:
