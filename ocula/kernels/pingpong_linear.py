@@ -206,6 +206,13 @@ def _is_hopper(device_index: int | None) -> bool:
 
 
 @functools.cache
+def _shared_layout(block: tuple[int, int], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    # Built once per shape: the launch is host-bound at small batches (intern_vit_linear).
+    element = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for(list(block), element)
+
+
+@functools.cache
 def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -232,20 +239,18 @@ def pingpong_linear(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    element = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
 
-    def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-        layout = gl.NVMMASharedLayout.get_default_for(block, element)
-        return TensorDescriptor.from_tensor(t, block, layout)
+    def descriptor(t: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
+        return TensorDescriptor.from_tensor(t, list(block), _shared_layout(block, t.dtype))
 
     num_pid_n = -(-n // BLOCK_N)
     num_tiles = -(-m // BLOCK_M) * num_pid_n
     k_steps = -(-k // BLOCK_K)
     grid = (min(num_tiles, _sm_count(x.device.index)),)
     pingpong_linear_kernel[grid](
-        descriptor(x, [BLOCK_M, BLOCK_K]),
-        descriptor(weight, [BLOCK_N, BLOCK_K]),
-        descriptor(out, [BLOCK_M, BLOCK_N]),
+        descriptor(x, (BLOCK_M, BLOCK_K)),
+        descriptor(weight, (BLOCK_N, BLOCK_K)),
+        descriptor(out, (BLOCK_M, BLOCK_N)),
         bias if bias is not None else out,
         activation_table if activation_table is not None else out,
         n, num_tiles, num_pid_n, k_steps,
