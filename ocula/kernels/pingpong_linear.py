@@ -185,11 +185,13 @@ def pingpong_linear_kernel(
 
 def pingpong_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `pingpong_linear` takes (x [M, K], weight [N, K], bias): a Hopper GPU, 16-bit,
-    contiguous, one dtype, 16-byte aligned starts, K and N positive multiples of 8 (16-byte rows
+    contiguous, one dtype and device, 16-byte aligned starts, K and N positive multiples of 8 (16-byte rows
     for the tensor descriptors)."""
     if not (x.is_cuda and x.dim() == 2 and weight.dim() == 2) or x.dtype not in PINGPONG_DTYPES:
         return False
     if weight.dtype != x.dtype or not (x.is_contiguous() and weight.is_contiguous()):
+        return False
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
         return False
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return False

@@ -8,11 +8,15 @@ other projections the kernel alone was slower than cuBLAS (BENCHMARKS.md, thirti
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
 
 from ocula.layers.linear import ColumnParallelLinear
+
+logger = logging.getLogger(__name__)
 
 # A constant; the benchmarks' `--switches pingpong=off` clears it for an A/B against cuBLAS and
 # the separate table pass.
@@ -34,7 +38,7 @@ def fc1_with_table_activation(
     where that path does not apply (the caller then runs fc1 and the activation itself).
     `activation` computes each element alone (see `ocula.kernels.table_activation`); its table
     must exist before a CUDA graph's capture (`warm_up_fc1_kernel` builds it)."""
-    if not (USE_PINGPONG and x.is_cuda):
+    if not (USE_PINGPONG and x.is_cuda) or _failed_warm_up or not kernel_importable():
         return None
     min_rows = MIN_ROWS if torch.cuda.is_current_stream_capturing() else EAGER_MIN_ROWS
     if x.numel() < min_rows * x.shape[-1]:
@@ -47,10 +51,32 @@ def warm_up_fc1_kernel(
 ) -> None:
     """Builds the table and compiles the kernel for fc1's shape now (start-up), not in the first
     large batch: one block of zero rows takes the same compiled kernel as any batch."""
-    if USE_PINGPONG and fc1.weight.is_cuda:
-        weight = fc1.weight
-        rows = torch.zeros(128, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    global _failed_warm_up
+    if not (USE_PINGPONG and fc1.weight.is_cuda and kernel_importable()):
+        return
+    weight = fc1.weight
+    rows = torch.zeros(128, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    try:
         _fused_fc1(fc1, rows, activation, rows.shape[:-1])
+    except Exception as error:  # an optional kernel: the exact path without it stays
+        _failed_warm_up = f"{type(error).__name__}: {error}"
+        logger.warning("fc1's fused kernel is off (it failed at start-up): %s", _failed_warm_up)
+
+
+# Why the kernel is off for this process, if its warm-up failed.
+_failed_warm_up: str | None = None
+
+
+@functools.cache
+def kernel_importable() -> bool:
+    """Whether this Triton has Gluon with its Hopper API (`triton.experimental.gluon`; the kernel
+    was written against Triton 3.6): without it fc1 and its activation keep cuBLAS and the table
+    pass."""
+    try:
+        import ocula.kernels.pingpong_linear  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _fused_fc1(

@@ -147,3 +147,18 @@ def test_a_graph_capture_takes_it_from_one_tile_after_the_warm_up() -> None:
     finally:
         knobs.runtime.jit_cache_hook = previous
     assert torch.equal(bits(captured), bits(fused_reference(fc1, x)))
+
+
+def test_a_failed_warm_up_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ocula.kernels.pingpong_linear as pingpong_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("this Triton cannot compile it")
+
+    monkeypatch.setattr(pingpong_module, "pingpong_linear", broken)
+    monkeypatch.setattr(intern_vit_linear, "_failed_warm_up", None)
+    fc1 = make_fc1()
+    warm_up_fc1_kernel(fc1, F.gelu)  # logs a warning instead of raising
+    assert "cannot compile" in intern_vit_linear._failed_warm_up
+    x = torch.randn(24, 1025, 256, dtype=torch.bfloat16, device="cuda")
+    assert fc1_with_table_activation(fc1, x, F.gelu) is None  # the layers' own path stays
