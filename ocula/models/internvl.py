@@ -106,7 +106,8 @@ class InternVLChatModel(nn.Module):
         return self.config.tokens_per_tile
 
     def warm_up_kernels(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Compiles the vision kernels only large batches use (eager start-up)."""
+        """Builds the tables and compiles the vision kernels that only large eager batches or
+        CUDA-graph captures take, before either runs (start-up)."""
         warm_up_table_activations(self.config.vision_config.hidden_act, dtype, device)
         for layer in self.vision_model.encoder.layers[:1]:  # every layer has fc1's shape
             layer.mlp.warm_up_fused_fc1()
