@@ -12,6 +12,7 @@ import torch
 
 from ocula import LLM, SamplingParams
 from tests.engine.conftest import PROMPTS, reference_continuations
+from tests.helpers.compiles import recorded_compiles
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -134,8 +135,6 @@ def test_vision_graphs_equal_eager_encoding(tmp_path, monkeypatch) -> None:
 def test_eager_vision_encoder_compiles_at_start_up(tmp_path, monkeypatch) -> None:
     """With --disable_cudagraph the encoder runs eagerly; its kernels are compiled at start-up,
     so the first image compiles nothing."""
-    from triton import knobs
-
     from tests.helpers.tiny_internvl import make_hf_internvl
 
     monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "4")
@@ -150,19 +149,8 @@ def test_eager_vision_encoder_compiles_at_start_up(tmp_path, monkeypatch) -> Non
     runner = llm.engine.core.runner
     assert runner.image_encoder.encode_images == runner.model.encode_images  # no graphs
     size = runner.model.config.image_size
-    compiled: list[str] = []
-
-    def record(*, repr: str, **_: object) -> bool:
-        compiled.append(repr)
-        return False  # compile as usual
-
-    previous = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = record
-    try:
-        with torch.inference_mode():
-            runner.image_encoder.encode_images(torch.randn(1, 3, size, size, device="cuda"))
-    finally:
-        knobs.runtime.jit_cache_hook = previous
+    with recorded_compiles() as compiled, torch.inference_mode():
+        runner.image_encoder.encode_images(torch.randn(1, 3, size, size, device="cuda"))
     assert compiled == []
 
 

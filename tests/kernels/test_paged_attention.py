@@ -22,6 +22,7 @@ from ocula.kernels.decode_attention import decode_attention, decode_num_splits
 from ocula.kernels.prefill_attention import prefill_attention
 from ocula.layers.attention import get_attention_backend
 from ocula.utils.triton_interpreter import runtime_loop_bounds
+from tests.helpers.compiles import recorded_compiles
 
 # The reference runs in float32 on the same (rounded) inputs. fp32: summation order only.
 # fp16/bf16: the kernels round the probabilities to the input dtype before P @ V and round the
@@ -220,23 +221,11 @@ def test_mixed_batch_split_between_the_kernels(device: torch.device) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiles on the GPU")
 def test_a_mixed_batch_runs_the_kernel_compiled_for_prefills(device: torch.device) -> None:
-    from triton import knobs
-
-    compiled: list[str] = []
-
-    def record(*, repr: str, **_: object) -> bool:
-        compiled.append(repr)
-        return False  # compile as usual
-
     q, batch = make_batch(MIXED, 4, 2, 24, torch.float16, device, seed=14)
     run_prefill(q, batch, None, block_m=16, block_n=16)  # prefills only: may compile
-    previous = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = record
-    try:
+    with recorded_compiles() as compiled:
         out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
         run_prefill(q, batch, None, skip_decode_rows=True, out=out, block_m=16, block_n=16)
-    finally:
-        knobs.runtime.jit_cache_hook = previous
     assert not [name for name in compiled if "prefill" in name]
     assert out.isnan().sum() == 2 * out[0].numel()  # the decode rows were still skipped
 

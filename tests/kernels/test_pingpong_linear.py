@@ -18,6 +18,7 @@ from ocula.kernels.table_activation import activation_table, table_activation_
 from ocula.layers.linear import ColumnParallelLinear
 from ocula.models import intern_vit_linear
 from ocula.models.intern_vit_linear import fc1_with_table_activation, warm_up_fc1_kernel
+from tests.helpers.compiles import recorded_compiles
 from tests.kernels.test_gemv import assert_within_bound, make
 from tests.kernels.test_table_activation import bits, every_pattern
 
@@ -123,29 +124,15 @@ def test_the_vit_fc1_takes_it_eagerly_from_24_tiles(monkeypatch: pytest.MonkeyPa
 
 
 def test_a_graph_capture_takes_it_from_one_tile_after_the_warm_up() -> None:
-    from triton import knobs
-
     fc1 = make_fc1(depth=192, features=256)
-    compiled: list[str] = []
-
-    def record(*, repr: str, **_: object) -> bool:
-        compiled.append(repr)
-        return False
-
-    previous = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = record
-    try:
-        warm_up_fc1_kernel(fc1, F.gelu)  # builds the table, compiles the kernel (or finds it)
-        compiled.clear()
-        x = torch.randn(1, 1025, 192, dtype=torch.bfloat16, device="cuda")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = fc1_with_table_activation(fc1, x, F.gelu)
-        assert captured is not None and not compiled  # nothing compiled inside the capture
-        graph.replay()
-        torch.cuda.synchronize()
-    finally:
-        knobs.runtime.jit_cache_hook = previous
+    warm_up_fc1_kernel(fc1, F.gelu)  # builds the table, compiles the kernel (or finds it)
+    x = torch.randn(1, 1025, 192, dtype=torch.bfloat16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with recorded_compiles() as compiled, torch.cuda.graph(graph):
+        captured = fc1_with_table_activation(fc1, x, F.gelu)
+    assert captured is not None and not compiled  # nothing compiled inside the capture
+    graph.replay()
+    torch.cuda.synchronize()
     assert torch.equal(bits(captured), bits(fused_reference(fc1, x)))
 
 
