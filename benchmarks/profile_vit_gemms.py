@@ -171,34 +171,45 @@ def encoder_ab(tiles_list: list[int], rounds: int, peak: float, profile: bool) -
 
 
 @contextlib.contextmanager
-def pingpong_switched(use: bool):
-    from ocula.models import intern_vit_linear
+def constant_switched(module_name: str, attribute: str, use: bool):
+    """Sets a kernel switch (a module constant the model reads per call) inside the block."""
+    import importlib
 
-    before = intern_vit_linear.USE_PINGPONG
-    intern_vit_linear.USE_PINGPONG = use
+    module = importlib.import_module(module_name)
+    before = getattr(module, attribute)
+    setattr(module, attribute, use)
     try:
         yield
     finally:
-        intern_vit_linear.USE_PINGPONG = before
+        setattr(module, attribute, before)
 
 
-def encoder_rounds(model, pixels: torch.Tensor, rounds: int, peak: float) -> list[dict]:
+pingpong_switched = functools.partial(
+    constant_switched, "ocula.models.intern_vit_linear", "USE_PINGPONG"
+)
+
+
+def encoder_rounds(
+    model, pixels: torch.Tensor, rounds: int, peak: float, switch=pingpong_switched,
+    label: str = "pingpong",
+) -> list[dict]:  # fmt: skip
+    """Eager forwards with `switch(True)` and `switch(False)` in turns: median ms of 10 each."""
     tiles = pixels.shape[0]
     outputs = {}
     for use in (False, True):
-        with pingpong_switched(use):
+        with switch(use):
             outputs[use] = model(pixels)
     check = compare(outputs[True], outputs[False])
     rows = []
     for round_index in range(rounds):
         for use in (True, False):
-            with pingpong_switched(use):
+            with switch(use):
                 times = time_call(functools.partial(model, pixels), torch.device("cuda"), 3, 10)
             median = sorted(times)[len(times) // 2]
-            rows.append({"tiles": tiles, "pingpong": use, "round": round_index,
+            rows.append({"tiles": tiles, label: use, "round": round_index,
                          "median_ms": median, "best_ms": min(times),
                          "mfu": vit_flops(tiles) / (median / 1e3) / peak, "on_vs_off": check})  # fmt: skip
-            log(f"encoder {tiles:>2} tiles pingpong={use}: {median:.2f} ms, "
+            log(f"encoder {tiles:>2} tiles {label}={use}: {median:.2f} ms, "
                 f"MFU {rows[-1]['mfu']:.3f} (max diff on/off {check['max_abs_diff']:.3g})")  # fmt: skip
     return rows
 

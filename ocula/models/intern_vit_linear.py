@@ -40,10 +40,16 @@ def fc1_with_table_activation(
     must exist before a CUDA graph's capture (`warm_up_fc1_kernel` builds it)."""
     if not (USE_PINGPONG and x.is_cuda) or _failed_warm_up or not kernel_importable():
         return None
-    min_rows = MIN_ROWS if torch.cuda.is_current_stream_capturing() else EAGER_MIN_ROWS
-    if x.numel() < min_rows * x.shape[-1]:
+    if not gluon_launch_pays(x.numel() // x.shape[-1]):
         return None
     return _fused_fc1(fc1, x.reshape(-1, x.shape[-1]), activation, x.shape[:-1])
+
+
+def gluon_launch_pays(rows: int) -> bool:
+    """Whether a Gluon kernel over `rows` ViT rows is worth its host-side launch here: any batch
+    of MIN_ROWS inside a CUDA graph's capture, eagerly only from EAGER_MIN_ROWS."""
+    capturing = torch.cuda.is_current_stream_capturing()
+    return rows >= (MIN_ROWS if capturing else EAGER_MIN_ROWS)
 
 
 def warm_up_fc1_kernel(
