@@ -21,8 +21,8 @@ from ocula.models.intern_vit_linear import gluon_launch_pays
 logger = logging.getLogger(__name__)
 
 # A constant; the benchmarks' `--switches hopper_attention=on|off` set it for an A/B. Off by
-# default until the kernel is measured faster in the model (BENCHMARKS.md, thirty-first session:
-# its first version took 10.8 ms a 32-tile forward on an H100 against the Triton kernel's 9.2).
+# default: on an H100 the kernel took 10.0 ms of a 32-tile forward against the Triton kernel's
+# 9.0 (BENCHMARKS.md, thirty-first session).
 USE_HOPPER_ATTENTION = False
 
 

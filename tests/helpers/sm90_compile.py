@@ -86,6 +86,8 @@ def compiled_report(source: object, max_registers: int) -> dict[str, object]:
     shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)
     return {
         "wgmma_shapes": sorted(set(shapes)),
+        # one element at a time, on the unit the exponentials use (16 a clock an SM)
+        "scalar_16bit_conversions": len(re.findall(r"cvt\.rn\.b?f16\.f32", ptx)),
         **ptxas_report(ptx),
         "warps": compiled.metadata.num_warps,
         "shared_bytes": compiled.metadata.shared,

@@ -19,6 +19,8 @@ def test_the_vit_attention_kernel() -> None:
     assert report["wgmma_shapes"] == ["m64n128k16", "m64n16k16", "m64n64k16"]
     assert report["spill_bytes"] == 0 and not report["wgmma_serialized"]
     assert report["warps"] == 12  # a loader and two consumer warpgroups
+    # P and the output rounded two at a time (`_rounded`), not as `.to()` lowers them here
+    assert report["scalar_16bit_conversions"] == 0
 
 
 def test_the_pingpong_gemm_with_its_activation_table() -> None:
