@@ -33,14 +33,11 @@ import torch
 from benchmarks.common import log, run_metadata, write_json
 from benchmarks.hardware import matmul_peak
 from benchmarks.profile_vit_gemms import (
-    IMAGE_SIZE,
     TOKENS_PER_TILE,
     bench_ms,
     compare,
     constant_switched,
-    encoder_rounds,
-    kernel_times,
-    random_vit,
+    encoder_ab,
 )
 from benchmarks.shapes import INTERNVIT_300M
 
@@ -127,25 +124,6 @@ def attention_at(tiles: int, stages_list: list[int], peak: float) -> dict[str, A
     return row
 
 
-def encoder_ab(tiles_list: list[int], rounds: int, peak: float, profile: bool) -> dict[str, Any]:
-    model = random_vit()
-    results: dict[str, Any] = {"rows": [], "profile": {}}
-    for tiles in tiles_list:
-        generator = torch.Generator(device="cuda").manual_seed(tiles)
-        pixels = torch.randn(tiles, 3, IMAGE_SIZE, IMAGE_SIZE, device="cuda",
-                             dtype=torch.bfloat16, generator=generator)  # fmt: skip
-        with torch.inference_mode():
-            results["rows"] += encoder_rounds(
-                model, pixels, rounds, peak, hopper_switched, "hopper_attention"
-            )
-            if profile and tiles == max(tiles_list):
-                for use in (True, False):
-                    with hopper_switched(use):
-                        forward = functools.partial(model, pixels)
-                        results["profile"][f"hopper_attention={use}"] = kernel_times(forward)
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -168,7 +146,10 @@ def main() -> None:
         write_json(args.out, result)
     if "encoder" in parts:
         tiles = [int(t) for t in args.encoder_tiles.split(",")]
-        result["encoder"] = encoder_ab(tiles, args.rounds, peak["flops_per_s"], args.profile)
+        result["encoder"] = encoder_ab(
+            tiles, args.rounds, peak["flops_per_s"], args.profile, hopper_switched,
+            "hopper_attention",
+        )  # fmt: skip
     write_json(args.out, result)
 
 

@@ -153,7 +153,14 @@ def kernel_times(forward) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda item: -item[1])[:14])
 
 
-def encoder_ab(tiles_list: list[int], rounds: int, peak: float, profile: bool) -> dict[str, Any]:
+def encoder_ab(
+    tiles_list: list[int], rounds: int, peak: float, profile: bool, switch=None,
+    label: str = "pingpong",
+) -> dict[str, Any]:  # fmt: skip
+    """A random-weight InternViT-300M at each tile count with `switch(True)` and `switch(False)`
+    in turns (`encoder_rounds`; the ping-pong GEMM's switch by default), and with `profile` each
+    kernel's device time in one forward at the largest count, both ways."""
+    switch = switch or pingpong_switched
     model = random_vit()
     results: dict[str, Any] = {"rows": [], "profile": {}}
     for tiles in tiles_list:
@@ -161,12 +168,12 @@ def encoder_ab(tiles_list: list[int], rounds: int, peak: float, profile: bool) -
         pixels = torch.randn(tiles, 3, IMAGE_SIZE, IMAGE_SIZE, device="cuda",
                              dtype=torch.bfloat16, generator=generator)  # fmt: skip
         with torch.inference_mode():
-            results["rows"] += encoder_rounds(model, pixels, rounds, peak)
+            results["rows"] += encoder_rounds(model, pixels, rounds, peak, switch, label)
             if profile and tiles == max(tiles_list):
                 for use in (True, False):
-                    with pingpong_switched(use):
+                    with switch(use):
                         forward = functools.partial(model, pixels)
-                        results["profile"][f"pingpong={use}"] = kernel_times(forward)
+                        results["profile"][f"{label}={use}"] = kernel_times(forward)
     return results
 
 

@@ -33,8 +33,6 @@ blocks (K and N must keep rows 16-byte aligned: multiples of 8).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -47,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ocula.kernels import hopper_or_later
+from ocula.kernels.gluon_hopper import is_hopper, nvmma_layout, sm_count
 
 PINGPONG_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_M = 128
@@ -198,25 +196,7 @@ def pingpong_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     n, k = weight.shape
     aligned = x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
     shapes_fit = x.shape[1] == k and k > 0 and n > 0 and k % 8 == 0 and n % 8 == 0
-    return aligned and shapes_fit and _is_hopper(x.device.index)
-
-
-@functools.cache
-def _is_hopper(device_index: int | None) -> bool:
-    # wgmma is sm_90's; later GPUs have other tensor-core instructions.
-    return hopper_or_later(device_index) and torch.cuda.get_device_capability(device_index)[0] == 9
-
-
-@functools.cache
-def _shared_layout(block: tuple[int, int], dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    # Built once per shape: the launch is host-bound at small batches (intern_vit_linear).
-    element = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return gl.NVMMASharedLayout.get_default_for(list(block), element)
-
-
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return aligned and shapes_fit and is_hopper(x.device.index)
 
 
 def pingpong_linear(
@@ -243,12 +223,12 @@ def pingpong_linear(
         return out
 
     def descriptor(t: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
-        return TensorDescriptor.from_tensor(t, list(block), _shared_layout(block, t.dtype))
+        return TensorDescriptor.from_tensor(t, list(block), nvmma_layout(block, t.dtype))
 
     num_pid_n = -(-n // BLOCK_N)
     num_tiles = -(-m // BLOCK_M) * num_pid_n
     k_steps = -(-k // BLOCK_K)
-    grid = (min(num_tiles, _sm_count(x.device.index)),)
+    grid = (min(num_tiles, sm_count(x.device.index)),)
     pingpong_linear_kernel[grid](
         descriptor(x, (BLOCK_M, BLOCK_K)),
         descriptor(weight, (BLOCK_N, BLOCK_K)),

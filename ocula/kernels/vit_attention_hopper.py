@@ -46,15 +46,13 @@ never stored.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ocula.kernels import hopper_or_later
+from ocula.kernels.gluon_hopper import is_hopper, nvmma_layout, sm_count
 from ocula.kernels.vit_attention_hopper_partitions import consumer_partition, loader_partition
 
 HOPPER_ATTENTION_DTYPES = (torch.bfloat16, torch.float16)
@@ -111,9 +109,9 @@ def hopper_vit_attention_kernel(
         [
             (loader_partition, (descs, smem, bars, num_items, heads, TOKENS, STAGES)),
             (consumer_partition, (out_ptr, out_stride, qk_scale, smem, bars, num_items, heads,
-                         0, TOKENS, STAGES, TURNS)),
+                                  0, TOKENS, STAGES, TURNS)),
             (consumer_partition, (out_ptr, out_stride, qk_scale, smem, bars, num_items, heads,
-                         1, TOKENS, STAGES, TURNS)),
+                                  1, TOKENS, STAGES, TURNS)),
         ],
         [4, 4],
         [CONSUMER_REGISTERS, CONSUMER_REGISTERS],
@@ -142,23 +140,7 @@ def hopper_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     for t in (q, k, v):
         if _as_rows(t) is None or t.data_ptr() % 16 != 0 or (t.stride(1) * t.element_size()) % 16:
             return False
-    return _is_hopper(q.device.index)
-
-
-@functools.cache
-def _is_hopper(device_index: int | None) -> bool:
-    return hopper_or_later(device_index) and torch.cuda.get_device_capability(device_index)[0] == 9
-
-
-@functools.cache
-def _shared_layout(block: tuple[int, int], dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    element = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return gl.NVMMASharedLayout.get_default_for(list(block), element)
-
-
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return is_hopper(q.device.index)
 
 
 def hopper_vit_attention(
@@ -183,12 +165,10 @@ def hopper_vit_attention(
 
     def descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
         block = (rows, head_dim)
-        return TensorDescriptor.from_tensor(
-            _as_rows(t), list(block), _shared_layout(block, t.dtype)
-        )
+        return TensorDescriptor.from_tensor(_as_rows(t), list(block), nvmma_layout(block, t.dtype))
 
     num_items = tiles * heads * -(-tokens // BLOCK_M)
-    grid = (min(num_items, _sm_count(q.device.index)),)
+    grid = (min(num_items, sm_count(q.device.index)),)
     hopper_vit_attention_kernel[grid](
         descriptor(q, BLOCK_M), descriptor(k, BLOCK_N), descriptor(v, BLOCK_N),
         descriptor(k, tail), descriptor(v, tail),

@@ -18,14 +18,17 @@ SCORE_FLOOR = gl.constexpr(float("-inf"))
 
 
 @gluon.jit
-def item_rows(item, heads, TOKENS: gl.constexpr, Q_BLOCKS: gl.constexpr):
-    """(first query row, first key row, head) of work item `item`; items run query block
-    fastest, then head, then tile, so the programs at work share a few tiles' keys in L2."""
-    q_block = item % Q_BLOCKS
-    head = (item // Q_BLOCKS) % heads
-    tile = item // (Q_BLOCKS * heads)
-    key_row = tile * TOKENS
-    return key_row + q_block * 128, key_row, head
+def _item(item, heads, TOKENS: gl.constexpr, BM: gl.constexpr):
+    """Where work item `item` (BM queries of one tile and head) lies: (first query row, first
+    key row, head, items this program ran before it, its Q / tail slot, that slot's phase).
+    Items run query block fastest, then head, then tile, so the programs at work share a few
+    tiles' keys in L2."""
+    q_blocks: gl.constexpr = (TOKENS + BM - 1) // BM
+    q_block = item % q_blocks
+    head = (item // q_blocks) % heads
+    key_row = (item // (q_blocks * heads)) * TOKENS
+    local = (item - gl.program_id(0)) // gl.num_programs(0)
+    return key_row + q_block * BM, key_row, head, local, local % 2, (local // 2) & 1
 
 
 @gluon.jit
@@ -38,14 +41,11 @@ def loader_partition(
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
     FULL_BLOCKS: gl.constexpr = TOKENS // BN
-    Q_BLOCKS: gl.constexpr = (TOKENS + q_desc.block_type.shape[0] - 1) // q_desc.block_type.shape[0]
+    BM: gl.constexpr = q_desc.block_type.shape[0]
     for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        q_row, key_row, head = item_rows(item, heads, TOKENS, Q_BLOCKS)
-        local = (item - gl.program_id(0)) // gl.num_programs(0)  # this program's items before
-        seq = local * FULL_BLOCKS  # and their full key blocks
+        q_row, key_row, head, local, pair, pair_phase = _item(item, heads, TOKENS, BM)
+        seq = local * FULL_BLOCKS  # this program's full key blocks before the item
         column = head * D
-        pair = local % 2
-        pair_phase = (local // 2) & 1
         # Slots start free: the first round waits on the phase before the first.
         mbarrier.wait(q_empty.index(pair), pair_phase ^ 1)
         mbarrier.expect(q_ready.index(pair), q_desc.block_type.nbytes)
@@ -186,7 +186,6 @@ def consumer_partition(
     BM: gl.constexpr = q_slots.shape[1]
     ROWS: gl.constexpr = BM // 2
     FULL_BLOCKS: gl.constexpr = TOKENS // BN
-    Q_BLOCKS: gl.constexpr = (TOKENS + BM - 1) // BM
     EVENTS: gl.constexpr = FULL_BLOCKS + 1 + HAS_TAIL  # tensor-core turns an item
     dtype: gl.constexpr = q_slots.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -202,12 +201,9 @@ def consumer_partition(
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        q_row, key_row, head = item_rows(item, heads, TOKENS, Q_BLOCKS)
-        local = (item - gl.program_id(0)) // gl.num_programs(0)  # this program's items before
-        seq = local * FULL_BLOCKS  # and their full key blocks
+        q_row, key_row, head, local, pair, pair_phase = _item(item, heads, TOKENS, BM)
+        seq = local * FULL_BLOCKS  # this program's full key blocks before the item
         event = local * EVENTS
-        pair = local % 2
-        pair_phase = (local // 2) & 1
         mbarrier.wait(q_ready.index(pair), pair_phase)
         q = q_slots.index(pair).slice(HALF * ROWS, ROWS)
 
