@@ -46,6 +46,8 @@ never stored.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -155,6 +157,8 @@ def hopper_vit_attention(
     `qk_scale` is the softmax scale times log2(e), positive. `stages` and `turns` (the
     consumers' ping-pong) are for benchmarks. Needs `hopper_attention_applies(q, k, v)` (raises
     otherwise)."""
+    if not 0 < qk_scale < math.inf:  # the scaled max is the max scaled only for a positive scale
+        raise ValueError(f"the softmax scale must be positive and finite, got {qk_scale}")
     if not hopper_attention_applies(q, k, v):
         raise ValueError("hopper_vit_attention needs hopper_attention_applies(q, k, v)")
     tiles, tokens, heads, head_dim = q.shape

@@ -35,10 +35,14 @@ def test_tail_keys() -> None:
 
 def test_declines_off_the_gpu() -> None:
     pytest.importorskip("triton.experimental.gluon")
-    from ocula.kernels.vit_attention_hopper import hopper_attention_applies
+    from ocula.kernels.vit_attention_hopper import hopper_attention_applies, hopper_vit_attention
 
     q, k, v = fused_qkv(1, 1025, 2, 64, torch.bfloat16, torch.device("cpu"))
     assert not hopper_attention_applies(q, k, v)
+    with pytest.raises(ValueError, match="hopper_attention_applies"):
+        hopper_vit_attention(q, k, v, 1.0)
+    with pytest.raises(ValueError, match="positive and finite"):
+        hopper_vit_attention(q, k, v, -1.0)
 
 
 @on_hopper
