@@ -90,6 +90,7 @@ KERNEL_SWITCHES = {
     "table_activation": ("ocula.models.intern_vit", "USE_TABLE_ACTIVATIONS"),
     "pingpong": ("ocula.models.intern_vit_linear", "USE_PINGPONG"),
     "hopper_attention": ("ocula.models.intern_vit_attention", "USE_HOPPER_ATTENTION"),
+    "vit_short_tails": ("ocula.kernels.vit_attention", "SHORT_TAILS"),
 }
 
 

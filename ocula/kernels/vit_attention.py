@@ -11,7 +11,9 @@ into the scale, which must be positive), and multiplies with `tl.dot` accumulati
 The token count is a compile-time constant (one compilation per tile size, which a model
 fixes). Token counts need not be a multiple of the blocks (InternViT's 448 px tiles have
 1 + 32 * 32 = 1025 tokens): only the last key block is masked, and query rows past the end are
-neither read nor written.
+neither read nor written. A last query or key block that is mostly padding shrinks to the next
+power of two (at least 16) that holds its tokens (`tail_block`): 1025 tokens leave one past
+64 x 16, and a 64-row block for it did 12% of a tile and head's work on padding.
 
 `vit_attention_reference` is the torch oracle (SDPA) under the same contract.
 """
@@ -26,6 +28,9 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# A constant; the benchmarks' `--switches vit_short_tails=off` clear it for an A/B.
+SHORT_TAILS = True
 
 
 def supports_head_dim(head_dim: int) -> bool:
@@ -51,13 +56,15 @@ def vit_attention(
     scale: float,
     block_m: int | None = None,
     block_n: int | None = None,
+    short_tails: bool | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v per (tile, head), over all tokens of the tile.
 
     q, k, v: [tiles, tokens, heads, head_dim], one dtype (fp16, bf16 or fp32), one device; a last
     stride other than 1 costs a copy. Returns a new contiguous [tiles, tokens, heads * head_dim]
     tensor in that dtype. `block_m` / `block_n` override the block sizes (powers of two, >= 16);
-    leave them None outside tests.
+    leave them None outside tests. `short_tails=False` runs the last query and key blocks at
+    full size (the same function; for tests), None follows `SHORT_TAILS`.
     """
     _check_inputs(q, k, v)
     if not 0 < scale < math.inf:
@@ -68,6 +75,9 @@ def vit_attention(
     if out.numel() == 0:
         return out.view(tiles, tokens, heads * head_dim)
     block_m, block_n, num_warps, num_stages = _launch_config(tokens, head_dim, block_m, block_n)
+    tail_m, tail_n = (tail_block(tokens, block_m), tail_block(tokens, block_n))
+    if not (SHORT_TAILS if short_tails is None else short_tails):
+        tail_m, tail_n = block_m, block_n
     # Query blocks of one (tile, head) run next to each other, so its keys stay in L2.
     grid = (triton.cdiv(tokens, block_m), heads, tiles)
     _vit_attention_kernel[grid](
@@ -84,6 +94,8 @@ def vit_attention(
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        TAIL_M=tail_m,
+        TAIL_N=tail_n,
         # fp32 inputs keep full precision on tensor cores (no tf32); 16-bit inputs ignore it.
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
@@ -122,6 +134,15 @@ def _launch_config(
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 3 if head_dim <= 128 else 2
     return block_m, block_n, num_warps, num_stages
+
+
+def tail_block(tokens: int, block: int) -> int:
+    """The block size for the tokens past the last full `block`: the next power of two, at
+    least 16 (tl.dot's smallest side), at most `block`."""
+    left = tokens % block
+    if left == 0:
+        return block
+    return min(block, max(16, 1 << (left - 1).bit_length()))
 
 
 @triton.jit
@@ -193,64 +214,82 @@ def _vit_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TAIL_M: tl.constexpr,
+    TAIL_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
     head = tl.program_id(1)
     # 64-bit tile offsets: a large batch of tiles can pass 2**31 elements.
     tile = tl.program_id(2).to(tl.int64)
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    q_base = q_ptr + tile * stride_q_tile + head * stride_q_head
+    k_base = k_ptr + tile * stride_k_tile + head * stride_k_head
+    v_base = v_ptr + tile * stride_v_tile + head * stride_v_head
+    o_base = out_ptr + tile * stride_o_tile + head * stride_o_head
+    start_m = block * BLOCK_M
+    # The last query block, when few of its rows are tokens, runs as a TAIL_M-row block.
+    if TAIL_M < BLOCK_M and block == tl.num_programs(0) - 1:
+        _attend_query_block(
+            q_base, k_base, v_base, o_base, qk_scale, start_m,
+            stride_q_token, stride_k_token, stride_v_token, stride_o_token,
+            TOKENS, HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N, INPUT_PRECISION,
+        )  # fmt: skip
+    else:
+        _attend_query_block(
+            q_base, k_base, v_base, o_base, qk_scale, start_m,
+            stride_q_token, stride_k_token, stride_v_token, stride_o_token,
+            TOKENS, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, INPUT_PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def _attend_query_block(
+    q_base,
+    k_base,
+    v_base,
+    o_base,
+    qk_scale,
+    start_m,
+    stride_q_token,
+    stride_k_token,
+    stride_v_token,
+    stride_o_token,
+    TOKENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TAIL_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Output rows [start_m, start_m + BLOCK_M) of one (tile, head), those past TOKENS neither
+    read nor written: full BLOCK_N-key blocks, then the keys left (if any) as one masked
+    TAIL_N-key block (TAIL_N <= BLOCK_N holds them all)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_valid = (offs_m < TOKENS)[:, None]
-
-    q_base = q_ptr + tile * stride_q_tile + head * stride_q_head
     q_ptrs = q_base + offs_m[:, None] * stride_q_token + offs_d[None, :]
     q = tl.load(q_ptrs, mask=rows_valid, other=0.0)
-    k_base = k_ptr + tile * stride_k_tile + head * stride_k_head
-    k_ptrs = k_base + offs_n[:, None] * stride_k_token + offs_d[None, :]
-    v_base = v_ptr + tile * stride_v_tile + head * stride_v_head
-    v_ptrs = v_base + offs_n[:, None] * stride_v_token + offs_d[None, :]
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[:, None] * stride_k_token + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_v_token + offs_d[None, :]
     full_end: tl.constexpr = (TOKENS // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, row_max, row_sum = _attend_key_block(
-            acc,
-            row_max,
-            row_sum,
-            q,
-            k_ptrs,
-            v_ptrs,
-            start_n,
-            TOKENS,
-            stride_k_token,
-            stride_v_token,
-            qk_scale,
-            BLOCK_N,
-            False,
-            INPUT_PRECISION,
-        )
+            acc, row_max, row_sum, q, k_ptrs, v_ptrs, start_n, TOKENS,
+            stride_k_token, stride_v_token, qk_scale, BLOCK_N, False, INPUT_PRECISION,
+        )  # fmt: skip
     if full_end < TOKENS:
+        offs_t = tl.arange(0, TAIL_N)
+        k_tail = k_base + offs_t[:, None] * stride_k_token + offs_d[None, :]
+        v_tail = v_base + offs_t[:, None] * stride_v_token + offs_d[None, :]
         acc, row_max, row_sum = _attend_key_block(
-            acc,
-            row_max,
-            row_sum,
-            q,
-            k_ptrs,
-            v_ptrs,
-            full_end,
-            TOKENS,
-            stride_k_token,
-            stride_v_token,
-            qk_scale,
-            BLOCK_N,
-            True,
-            INPUT_PRECISION,
-        )
+            acc, row_max, row_sum, q, k_tail, v_tail, full_end, TOKENS,
+            stride_k_token, stride_v_token, qk_scale, TAIL_N, True, INPUT_PRECISION,
+        )  # fmt: skip
     out = acc / row_sum[:, None]
-    o_base = out_ptr + tile * stride_o_tile + head * stride_o_head
     o_ptrs = o_base + offs_m[:, None] * stride_o_token + offs_d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows_valid)
+    tl.store(o_ptrs, out.to(o_base.dtype.element_ty), mask=rows_valid)

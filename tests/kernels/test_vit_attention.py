@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from ocula.distributed.parallel_group import SINGLE_RANK
-from ocula.kernels.vit_attention import supports_head_dim, vit_attention, vit_attention_reference
+from ocula.kernels.vit_attention import (
+    supports_head_dim,
+    tail_block,
+    vit_attention,
+    vit_attention_reference,
+)
 from ocula.models import intern_vit
 from ocula.models.internvl_config import InternViTConfig
 
@@ -47,9 +52,10 @@ def assert_matches_sdpa(
     v: torch.Tensor,
     block_m: int | None = None,
     block_n: int | None = None,
+    short_tails: bool | None = None,
 ) -> None:
     scale = q.shape[-1] ** -0.5
-    out = vit_attention(q, k, v, scale, block_m=block_m, block_n=block_n)
+    out = vit_attention(q, k, v, scale, block_m, block_n, short_tails)
     expected = vit_attention_reference(q.float(), k.float(), v.float(), scale)
     tiles, tokens, heads, head_dim = q.shape
     assert out.shape == (tiles, tokens, heads * head_dim) and out.dtype == q.dtype
@@ -58,12 +64,13 @@ def assert_matches_sdpa(
 
 
 @pytest.mark.parametrize("head_dim", [16, 64])
-@pytest.mark.parametrize("tokens", [1, 37, 64, 129, 200])
+@pytest.mark.parametrize("tokens", [1, 37, 64, 81, 129, 200])
 def test_token_counts_on_and_off_the_block(
     device: torch.device, tokens: int, head_dim: int
 ) -> None:
     # Default blocks: 64 keys; 64 queries, or 128 for head_dim 64 at 200 tokens. Every count
-    # but 64 leaves a partial key block and a partial query block.
+    # but 64 leaves a partial key block and a partial query block; 1, 81 and 129 shrink both
+    # to 16 or 32 rows (`tail_block`), 200 the key block only.
     for dtype in dtypes(device):
         assert_matches_sdpa(*fused_qkv(2, tokens, 2, head_dim, dtype, device))
 
@@ -78,12 +85,23 @@ def test_many_key_blocks_with_small_blocks(
         assert_matches_sdpa(q, k, v, block_m, block_n)
 
 
-def test_internvit_tile_of_1025_tokens(device: torch.device) -> None:
-    # 448 px tile: 32 x 32 patches + the class token, one past a multiple of every block.
+@pytest.mark.parametrize("short_tails", [True, False])
+def test_internvit_tile_of_1025_tokens(device: torch.device, short_tails: bool) -> None:
+    # 448 px tile: 32 x 32 patches + the class token, one past a multiple of every block. The
+    # last query and key blocks take 16 rows, or 64 without short tails (the A/B's baseline).
     heads = 16 if device.type == "cuda" else 1
     tiles = 7 if device.type == "cuda" else 1
     for dtype in dtypes(device):
-        assert_matches_sdpa(*fused_qkv(tiles, 1025, heads, 64, dtype, device))
+        assert_matches_sdpa(
+            *fused_qkv(tiles, 1025, heads, 64, dtype, device), None, None, short_tails
+        )
+
+
+def test_tail_blocks_hold_the_tokens_left_in_a_power_of_two() -> None:
+    assert [tail_block(tokens, 64) for tokens in (1, 15, 16, 17, 33, 64, 65, 81, 1025)] == [
+        16, 16, 16, 32, 64, 64, 16, 32, 16,
+    ]  # fmt: skip
+    assert tail_block(1025, 128) == 16 and tail_block(1100, 128) == 128
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="head_dim 128 at full size on the GPU")
