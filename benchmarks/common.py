@@ -89,7 +89,6 @@ KERNEL_SWITCHES = {
     "short_chunk_blocks": ("ocula.kernels.prefill_attention", "SHORT_CHUNK_BLOCKS"),
     "table_activation": ("ocula.models.intern_vit", "USE_TABLE_ACTIVATIONS"),
     "pingpong": ("ocula.models.intern_vit_linear", "USE_PINGPONG"),
-    "hopper_attention": ("ocula.models.intern_vit_attention", "USE_HOPPER_ATTENTION"),
     "vit_short_tails": ("ocula.kernels.vit_attention", "SHORT_TAILS"),
 }
 

@@ -1,6 +1,6 @@
-"""Host-side helpers of the Gluon kernels written for Hopper (`pingpong_linear`,
-`vit_attention_hopper`): whether a device is one, the shared-memory layouts of their tensor
-descriptors, the SM count their persistent grids take."""
+"""Host-side helpers of the Gluon kernels written for Hopper (`pingpong_linear`): whether a
+device is one, the shared-memory layouts of their tensor descriptors, the SM count their
+persistent grids take."""
 
 from __future__ import annotations
 

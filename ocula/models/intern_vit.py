@@ -158,14 +158,13 @@ class InternViTAttention(nn.Module):
 
         scale = self.head_dim**-0.5
         if use_triton(x):
-            # The kernels read q, k, v as strided views of the fused projection and write
+            # The kernel reads q, k, v as strided views of the fused projection and writes
             # [tiles, tokens, heads * head_dim] for proj: no transposes, no copies.
-            from ocula.kernels.vit_attention import supports_head_dim
-            from ocula.models.intern_vit_attention import vision_attention
+            from ocula.kernels.vit_attention import supports_head_dim, vit_attention
 
             if self.head_dim <= 64 and supports_head_dim(self.head_dim):
                 q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
-                return self.proj(vision_attention(q, k, v, scale))
+                return self.proj(vit_attention(q, k, v, scale))
 
         def heads_first(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(tiles, tokens, -1, self.head_dim).transpose(1, 2)
@@ -174,13 +173,6 @@ class InternViTAttention(nn.Module):
             heads_first(q), heads_first(k), heads_first(v), scale=scale
         )
         return self.proj(out.transpose(1, 2).reshape(tiles, tokens, -1))
-
-    def warm_up_kernels(self, tokens: int) -> None:
-        """Compiles the Hopper attention kernel for tiles of `tokens` tokens (start-up)."""
-        from ocula.models.intern_vit_attention import warm_up_hopper_attention
-
-        heads, weight = self.qkv.num_heads_per_rank, self.qkv.weight
-        warm_up_hopper_attention(tokens, heads, self.head_dim, weight.dtype, weight.device)
 
 
 # Activations that torch computes element by element, which a 16-bit tensor on CUDA takes through

@@ -109,10 +109,8 @@ class InternVLChatModel(nn.Module):
         """Builds the tables and compiles the vision kernels that only large eager batches or
         CUDA-graph captures take, before either runs (start-up)."""
         warm_up_table_activations(self.config.vision_config.hidden_act, dtype, device)
-        side = self.config.image_size // self.config.patch_size
         for layer in self.vision_model.encoder.layers[:1]:  # every layer has these shapes
             layer.mlp.warm_up_fused_fc1()
-            layer.attn.warm_up_kernels(side * side + 1)  # the class token and the patches
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, 3, S, S] -> embeddings [tiles, tokens_per_tile, llm_hidden]."""

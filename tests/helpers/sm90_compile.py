@@ -1,10 +1,11 @@
-"""Compiles a Gluon kernel for sm_90 on any machine (no GPU needed) and prints what a test
-checks, as JSON: the wgmma shapes in its PTX, register spills, serialized wgmma, warps.
+"""Compiles a kernel for sm_90 on any machine (no GPU needed) and prints what a test checks,
+as JSON: the wgmma shapes in its PTX, register spills, serialized wgmma, warps.
 
 Run in a process of its own without TRITON_INTERPRET (under the interpreter, which the CPU
-tests set, Gluon's library functions cannot be compiled); `run_compile` does:
+tests set, Gluon's library functions cannot be compiled, nor anything for a GPU); `run_compile`
+does:
 
-    python -m tests.helpers.sm90_compile attention|pingpong
+    python -m tests.helpers.sm90_compile vit_attention|pingpong
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TOKENS = 1025  # InternViT's 448-px tiles: 8 full key blocks and a 16-key tail
+TOKENS = 1025  # InternViT's 448-px tiles: 16 full 64-row blocks and a 16-row tail
 
 
 def descriptor(rows: int, columns: int) -> str:
@@ -28,7 +29,7 @@ def descriptor(rows: int, columns: int) -> str:
 
 
 def run_compile(kernel: str) -> dict[str, object]:
-    """`compile_attention()` or `compile_pingpong()` in a child process without the
+    """`compile_vit_attention()` or `compile_pingpong()` in a child process without the
     interpreter."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -39,23 +40,25 @@ def run_compile(kernel: str) -> dict[str, object]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compile_attention() -> dict[str, object]:
-    from ocula.kernels import vit_attention_hopper as kernel
+def compile_vit_attention() -> dict[str, object]:
+    """The Triton ViT attention kernel as the model launches it for 1025-token tiles, bf16."""
+    from triton.compiler import ASTSource
 
-    tail = kernel.tail_keys(TOKENS)
-    d = kernel.HEAD_DIM
-    signature = {
-        "q_desc": descriptor(kernel.BLOCK_M, d), "k_desc": descriptor(kernel.BLOCK_N, d),
-        "v_desc": descriptor(kernel.BLOCK_N, d), "kt_desc": descriptor(tail, d),
-        "vt_desc": descriptor(tail, d), "out_ptr": "*bf16", "out_stride": "i32", "qk_scale": "fp32",
-        "num_items": "i32", "heads": "i32", "TOKENS": "constexpr", "STAGES": "constexpr",
-        "TURNS": "constexpr",
+    from ocula.kernels import vit_attention as kernel
+
+    block_m, block_n, num_warps, num_stages = kernel._launch_config(TOKENS, 64)
+    signature = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+    signature["qk_scale"] = "fp32"
+    for tensor in ("q", "k", "v", "o"):
+        signature.update({f"stride_{tensor}_{dim}": "i32" for dim in ("tile", "token", "head")})
+    constants = {
+        "TOKENS": TOKENS, "HEAD_DIM": 64, "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "TAIL_M": kernel.tail_block(TOKENS, block_m), "TAIL_N": kernel.tail_block(TOKENS, block_n),
+        "INPUT_PRECISION": "tf32",
     }  # fmt: skip
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    constants = {"TOKENS": TOKENS, "STAGES": kernel.KV_STAGES, "TURNS": kernel.WARPGROUP_TURNS}
-    source = GluonASTSource(kernel.hopper_vit_attention_kernel, signature, constants)
-    return compiled_report(source, kernel.KERNEL_MAX_REGISTERS)
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(kernel._vit_attention_kernel, signature, constants)
+    return compiled_report(source, {"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_pingpong() -> dict[str, object]:
@@ -73,21 +76,18 @@ def compile_pingpong() -> dict[str, object]:
 
     constants = {"STAGES_": kernel.STAGES, "HAS_BIAS": True, "HAS_TABLE": True}
     source = GluonASTSource(kernel.pingpong_linear_kernel, signature, constants)
-    return compiled_report(source, kernel.KERNEL_MAX_REGISTERS)
+    return compiled_report(source, {"num_warps": 4, "maxnreg": kernel.KERNEL_MAX_REGISTERS})
 
 
-def compiled_report(source: object, max_registers: int) -> dict[str, object]:
+def compiled_report(source: object, options: dict[str, int]) -> dict[str, object]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
 
-    options = {"num_warps": 4, "maxnreg": max_registers}
     compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
     shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)
     return {
         "wgmma_shapes": sorted(set(shapes)),
-        # one element at a time, on the unit the exponentials use (16 a clock an SM)
-        "scalar_16bit_conversions": len(re.findall(r"cvt\.rn\.b?f16\.f32", ptx)),
         **ptxas_report(ptx),
         "warps": compiled.metadata.num_warps,
         "shared_bytes": compiled.metadata.shared,
@@ -117,5 +117,5 @@ def ptxas_report(ptx: str) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    compile_kernel = {"attention": compile_attention, "pingpong": compile_pingpong}[sys.argv[1]]
-    print(json.dumps(compile_kernel()))
+    compile_kernel = {"vit_attention": compile_vit_attention, "pingpong": compile_pingpong}
+    print(json.dumps(compile_kernel[sys.argv[1]]()))
