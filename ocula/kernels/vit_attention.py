@@ -125,7 +125,9 @@ def _launch_config(
     are kept. Measured on an H100 (bf16, 8-32 tiles): 64 x 64 blocks, 4 warps, 3 stages were the
     best or within 3% of it for head_dim 128 and for 1025 tokens; 128-query blocks with 8 warps
     won (by about 7%) only for head_dim 64 with token counts whose 128-block tail is over half
-    full (1024 tokens); at 1025 the last 128-block would hold a single query.
+    full (1024 tokens); at 1025 the last 128-block would hold a single query. With that query
+    in a 16-row tail block (`tail_block`), 128-query blocks still lost at 1025 tokens: 0.398
+    against 0.367 ms at 32 tiles (H100, 2026-12-07).
     """
     tail = tokens % 128
     wide = head_dim <= 64 and tokens > 64 and (tail == 0 or tail > 64)
