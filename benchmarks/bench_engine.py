@@ -46,7 +46,6 @@ from benchmarks.common import (
     run_part,
     sync,
     time_call,
-    time_sustained,
     write_json,
 )
 from benchmarks.engine_agreement import agreement_prompts, greedy_tokens
@@ -57,7 +56,12 @@ from benchmarks.engine_driver import (
     timed_steps,
 )
 from benchmarks.gpu_idle import profile_busy
-from benchmarks.hardware import bandwidth_of, matmul_flops_of, sustained_matmul_flops_of
+from benchmarks.hardware import (
+    bandwidth_of,
+    matmul_flops_of,
+    sustained_matmul_flops_of,
+    time_sustained,
+)
 from benchmarks.workloads import token_prompts
 
 FULL = {

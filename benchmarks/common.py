@@ -170,36 +170,6 @@ def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, reps: in
     return times
 
 
-def time_sustained(fn: Callable[[], Any], device: torch.device, seconds: float) -> list[float]:
-    """Milliseconds of each call of `fn` in the second half of `seconds` of back-to-back calls.
-    A GPU at its power limit lowers its clock within tens of milliseconds of a heavy load, so
-    a best-of-a-few time (`time_call`) can catch it at a boost clock that a longer load does
-    not keep; this is the steady state under the cap. CUDA events on a GPU, wall clock
-    elsewhere; at least one call."""
-    fn()
-    sync(device)
-    timed: list[tuple[float, Any]] = []
-    began = time.monotonic()
-    while not timed or time.monotonic() - began < seconds:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            timed.append((time.monotonic() - began, (start, end)))
-            if len(timed) % 8 == 0:  # keep the queue short, so elapsed time tracks the device's
-                end.synchronize()
-        else:
-            t0 = time.perf_counter()
-            fn()
-            timed.append((time.monotonic() - began, (time.perf_counter() - t0) * 1e3))
-    sync(device)
-    half = [value for at, value in timed if at >= seconds / 2] or [timed[-1][1]]
-    if device.type == "cuda":
-        return [start.elapsed_time(end) for start, end in half]
-    return half
-
-
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0..100) with linear interpolation; None for no values."""
     if not values:

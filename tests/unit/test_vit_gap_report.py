@@ -1,11 +1,11 @@
 """The ViT gap profile's arithmetic (benchmarks/profile_vit_gaps.gap_report) and the sustained
-timing helper the matmul's sustained rate comes from (benchmarks/common.time_sustained)."""
+timing helper the matmul's sustained rate comes from (benchmarks/hardware.time_sustained)."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.common import time_sustained
+from benchmarks.hardware import time_sustained
 from benchmarks.profile_vit_gaps import gap_report
 
 
