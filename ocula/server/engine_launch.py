@@ -33,23 +33,30 @@ def _run_engine(args: Any, channel_path: str) -> None:
 
 class EngineLaunch:
     """A started engine process and the socket it connects to; `AsyncEngine.start` adopts both.
-    `abandon` stops and removes them when the front fails before that."""
+    `abandon` stops and removes them when the front fails before that. With `start=False` the
+    process starts on `start()`: the front's signal handler holds the launch before the spawn."""
 
-    def __init__(self, args: Any) -> None:
+    def __init__(self, args: Any, start: bool = True) -> None:
         self.listener = ChannelListener()
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(
             target=_run_engine, args=(args, str(self.listener.path)), name="ocula-engine"
         )
+        if start:
+            self.start()
+
+    def start(self) -> None:
         try:
             self.process.start()
-        except BaseException:
-            self.listener.close()
+        except BaseException:  # cut short once the engine was spawned: stop it too
+            self.abandon()
             raise
 
     def abandon(self) -> None:
-        """Kills the engine process (it has not been told anything yet) and removes the socket."""
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(KILL_WAIT_SECONDS)
+        """Kills the engine process (it has not been told anything yet) and removes the socket;
+        safe before the start, during it and more than once."""
+        if self.process.pid is not None:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(KILL_WAIT_SECONDS)
         self.listener.close()

@@ -165,11 +165,12 @@ def test_a_folder_that_is_no_model_stops_the_engine_started_beside_the_front(tmp
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_starting_leaves_no_engine_behind(tiny_checkpoint, signum) -> None:
-    """SIGINT or SIGTERM as soon as the engine process exists (the front still importing; the
-    signal lands at its first await): the server exits and stops the engine process itself,
-    which is killed while the channel still listens, never left to find its front gone (a
-    connection refused), and its channel's folder is removed. (SIGTERM used to kill the front
-    at once and leave the engine loading.)"""
+    """SIGINT or SIGTERM as soon as the engine process exists (the front still importing): the
+    server exits at once with 128 + the signal and stops the engine process itself, which is
+    killed while the channel still listens, never left to find its front gone (a connection
+    refused), and its channel's folder is removed. (SIGTERM used to kill the front at once and
+    leave the engine loading; SIGINT used to wait for the front's imports, and a KeyboardInterrupt
+    that landed in a weakref callback was swallowed: the server started and served on.)"""
     channels_before = set(Path(tempfile.gettempdir()).glob("ocula-*"))
     command = [sys.executable, "-m", "ocula.server.api_server"]
     model = str(tiny_checkpoint("llama"))
@@ -192,6 +193,7 @@ def test_a_signal_while_starting_leaves_no_engine_behind(tiny_checkpoint, signum
     except subprocess.TimeoutExpired:
         front.kill()
         raise AssertionError("the server did not exit after the signal while starting") from None
+    assert front.returncode == 128 + signum, output
     assert_all_gone(children, timeout=5)
     assert "ConnectionRefusedError" not in output, output
     assert set(Path(tempfile.gettempdir()).glob("ocula-*")) <= channels_before

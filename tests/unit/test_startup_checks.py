@@ -87,7 +87,7 @@ def test_the_server_parses_its_flags_and_opens_the_channel_without_torch(tmp_pat
         "from ocula.server.channel_listener import ChannelListener\n"
         "class Launched(Exception):\n"
         "    pass\n"
-        "def launch(args):\n"
+        "def launch(args, start=True):\n"
         "    assert args.tp == 2 and args.attention_backend == 'triton', args\n"
         "    listener = ChannelListener()\n"
         "    assert listener.path.exists()\n"
