@@ -16,6 +16,10 @@ import torch
 # defined, so it must be set before any test module imports `ocula.kernels`.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.helpers import triton_interpreter
+
+    triton_interpreter.install()
 
 from tests.helpers.tiny_models import make_tiny_checkpoint
 
