@@ -4,9 +4,9 @@ Triton 3.6's interpreter patches `triton.language` for the interpreter once per 
 (`GridExecutor.__call__`, undone when the launch ends), and again on every call of a
 `@triton.jit` helper from inside the kernel (`InterpretedFunction.__call__`). That second patch
 walks `tl`, `tl.math` and `tl.tensor` with `inspect.getmembers` (~0.2 ms a call on the 2-core CI
-machine) and installs the same interpreted builtins the launch already installed; it is never
-undone, the launch's own restore puts the originals back. Helpers called in loops made it a
-third of the folded-norm decode tests' time.
+machine) and installs the same interpreted builtins the launch already installed. That patch
+is never undone (the launch's restore puts back only what the launch itself patched). Helpers
+called in loops made it a third of the folded-norm decode tests' time.
 
 `install()` skips that second patch when every language module the helper's globals name was
 patched earlier in the same launch, by the launch itself or by an earlier helper call (whose
