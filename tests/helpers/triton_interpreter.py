@@ -18,6 +18,7 @@ patch. Only the interpreter version this was read against is touched.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 from typing import Any
 
@@ -29,8 +30,10 @@ _launch_languages: contextvars.ContextVar[set[int] | None] = contextvars.Context
 )
 
 
+@functools.cache
 def _language_modules(fn: Any, tl: Any) -> frozenset[int]:
-    """What `_patch_lang(fn)` would patch: the triton.language modules in fn's globals."""
+    """What `_patch_lang(fn)` would patch: the triton.language modules in fn's globals (asked
+    on every helper call; a module's imports of them do not change)."""
     return frozenset(
         id(value)
         for value in fn.__globals__.values()
